@@ -1,0 +1,216 @@
+"""Sending email: `SmtpMailer` (aiosmtplib) for real, `FakeMailer` for unit tests.
+
+Every failure comes out as one exception type, `MailDeliveryError`, that tells the caller the only thing
+it needs to decide: retry later (`retryable=True`: server unreachable, timed out, 4xx) or give up and
+record the failure (`retryable=False`: 5xx, a message the server can never accept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from email.message import EmailMessage
+from typing import Protocol, runtime_checkable
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPNotSupported,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+
+from cancelflow.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class MailDeliveryError(Exception):
+    """A message was not handed over to the SMTP server.
+
+    `retryable`: sending the same message again later may work. `smtp_code`: the server's reply code,
+    when the server answered at all.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, smtp_code: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.smtp_code = smtp_code
+
+    def __repr__(self) -> str:
+        return f"MailDeliveryError({str(self)!r}, retryable={self.retryable}, smtp_code={self.smtp_code})"
+
+
+@runtime_checkable
+class AbstractMailer(Protocol):
+    async def send(self, msg: EmailMessage) -> None:
+        """Hand `msg` to the mail server (From/To taken from its headers); raise MailDeliveryError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _retryable_code(code: int) -> bool:
+    # SMTP: 4xx transient ("try again later"), 5xx permanent. Anything else (aiosmtplib uses -1 for
+    # a garbled reply) says nothing about the message itself, so trying again is the safe choice.
+    return not 500 <= code <= 599
+
+
+class SmtpMailer:
+    """Sends over one SMTP connection, reused across sends and reopened when it was dropped.
+
+    Sends are serialized (an SMTP session carries one transaction at a time); `timeout` bounds each
+    send, connecting included. Use `async with SmtpMailer(...)` or call `close()` at shutdown.
+    """
+
+    def __init__(
+        self,
+        hostname: str = "127.0.0.1",
+        port: int = 1025,
+        *,
+        timeout: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
+        use_tls: bool = False,
+        start_tls: bool | None = None,
+        validate_certs: bool = True,
+    ) -> None:
+        self.hostname = hostname
+        self.port = port
+        self.timeout = timeout
+        self._options = {
+            "username": username, "password": password, "use_tls": use_tls, "start_tls": start_tls,
+            "validate_certs": validate_certs,
+        }
+        self.connections_opened = 0  # observability: a number that keeps growing means no reuse
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp_loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: object, **kwargs: object) -> SmtpMailer:
+        """From cancelflow settings: SMTP_HOST/SMTP_PORT, or the embedded sink when SMTP_HOST is unset."""
+        hostname, port = settings.smtp_address  # type: ignore[attr-defined]
+        return cls(hostname, port, **kwargs)  # type: ignore[arg-type]
+
+    async def __aenter__(self) -> SmtpMailer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def _where(self) -> str:
+        return f"{self.hostname}:{self.port}"
+
+    async def send(self, msg: EmailMessage) -> None:
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._send(msg)
+            except asyncio.CancelledError:
+                self._discard()  # cancelled mid-transaction: the session's state is unknown
+                raise
+            except TimeoutError as exc:  # ours or aiosmtplib's (SMTPTimeoutError is a TimeoutError)
+                # The session may be mid-command; it cannot be trusted for the next message.
+                self._discard()
+                raise MailDeliveryError(f"SMTP {self._where}: timed out after {self.timeout}s",
+                                        retryable=True) from exc
+            except SMTPRecipientsRefused as exc:
+                codes = [r.code for r in exc.recipients]
+                raise MailDeliveryError(
+                    f"SMTP {self._where}: all recipients refused: "
+                    + "; ".join(f"{r.code} {r.message}" for r in exc.recipients),
+                    retryable=any(_retryable_code(c) for c in codes), smtp_code=codes[0] if codes else None,
+                ) from exc
+            except SMTPResponseException as exc:
+                if exc.code == 421:  # "service closing transmission channel": this session is over
+                    self._discard()
+                raise MailDeliveryError(f"SMTP {self._where}: server replied {exc.code} {exc.message}",
+                                        retryable=_retryable_code(exc.code), smtp_code=exc.code) from exc
+            except SMTPNotSupported as exc:  # e.g. non-ASCII address and no SMTPUTF8: same next time
+                raise MailDeliveryError(f"SMTP {self._where}: {exc.message}", retryable=False) from exc
+            except ValueError as exc:  # no From/To header, malformed address: the message is at fault
+                raise MailDeliveryError(f"message cannot be sent: {exc}", retryable=False) from exc
+            except (SMTPException, OSError) as exc:  # refused, reset, unreachable, disconnected
+                self._discard()
+                raise MailDeliveryError(f"SMTP {self._where}: {exc}", retryable=True) from exc
+
+    async def _send(self, msg: EmailMessage) -> None:
+        smtp, fresh = await self._connection()
+        try:
+            refused, _ = await smtp.send_message(msg)
+        except (SMTPServerDisconnected, ConnectionError):
+            self._discard()
+            if fresh:
+                raise
+            # A reused session can have been closed by the server while idle (idle timeout, restart)
+            # without us noticing yet; the transaction did not complete, so one more try on a new
+            # connection is the expected behaviour, not a duplicate.
+            smtp, _ = await self._connection()
+            refused, _ = await smtp.send_message(msg)
+        if refused:
+            # Accepted for some recipients: the message went out, so this is not a failed send.
+            log.warning("mailer.some_recipients_refused", refused=len(refused),
+                        codes=sorted({r.code for r in refused.values()}))
+
+    async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """The open session, or a new one; the flag says whether it was opened just now."""
+        loop = asyncio.get_running_loop()
+        if self._smtp is not None and (self._smtp_loop is not loop or not self._smtp.is_connected):
+            self._discard()
+        if self._smtp is not None:
+            return self._smtp, False
+        smtp = aiosmtplib.SMTP(hostname=self.hostname, port=self.port, timeout=self.timeout,
+                               **self._options)  # type: ignore[arg-type]
+        await smtp.connect()
+        self._smtp, self._smtp_loop = smtp, loop
+        self.connections_opened += 1
+        return smtp, True
+
+    def _discard(self) -> None:
+        smtp, self._smtp, self._smtp_loop = self._smtp, None, None
+        if smtp is not None:
+            smtp.close()
+
+    async def close(self) -> None:
+        """Say QUIT politely if the session is alive, then close it. Never raises."""
+        smtp = self._smtp
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected and self._smtp_loop is asyncio.get_running_loop():
+                await smtp.quit(timeout=min(self.timeout, 2.0))
+        except (SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            self._discard()
+
+
+class FakeMailer:
+    """In-memory mailer for unit tests: records what was sent, fails on demand."""
+
+    def __init__(self) -> None:
+        self.sent: list[EmailMessage] = []
+        self.attempts = 0
+        self.closed = False
+        self._failures: deque[MailDeliveryError] = deque()
+
+    def fail_next(self, error: MailDeliveryError | None = None, times: int = 1) -> None:
+        """Make the next `times` sends raise `error` (default: a retryable outage)."""
+        error = error or MailDeliveryError("fake SMTP outage", retryable=True)
+        self._failures.extend([error] * times)
+
+    async def send(self, msg: EmailMessage) -> None:
+        self.attempts += 1
+        if self._failures:
+            raise self._failures.popleft()
+        self.sent.append(msg)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def of_kind(self, kind: str) -> list[EmailMessage]:
+        """Sent messages whose X-Cancelflow-Kind header is `kind`."""
+        return [m for m in self.sent if m.get("X-Cancelflow-Kind") == kind]

@@ -1,0 +1,487 @@
+"""The payment gateway's API: refunds that can never be issued twice, schedules, charges.
+
+A refund carries an idempotency key derived from the request, and every retry re-sends the same key, so
+the gateway replays instead of refunding again. When a call times out or the connection drops, the
+refund may exist without us knowing, so the key is looked up before sending again (and once more when
+the budget is spent): a refund found there is the answer. What stays unresolved comes back `unknown`,
+never as a failure the caller might "fix" with a new key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from cancelflow.sandboxes import gateway as gateway_sandbox
+from cancelflow.sandboxes.common import Reply, run_action
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
+
+T = TypeVar("T")
+CENT = Decimal("0.01")
+
+
+class GatewayError(Exception):
+    """The gateway could not answer a read (or refused a capture) within the budget."""
+
+    def __init__(
+        self, code: str, message: str, *, http_status: int | None = None, retryable: bool = True
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.http_status, self.retryable = code, message, http_status, retryable
+
+
+@dataclass(frozen=True)
+class RefundOutcome:
+    status: Literal["succeeded", "failed", "unknown"]
+    idempotency_key: str
+    code: str  # ok | the gateway's error code (amount_exceeds_refundable, ...) | gateway_timeout | gateway_unavailable
+    message: str
+    http_status: int | None = None
+    attempts: int = 1
+    refund_id: str | None = None
+    amount: Decimal | None = None
+    currency: str | None = None
+    kind: str | None = None  # reversal | refund: the gateway decides
+    created_at: str | None = None
+    replayed: bool = False  # the gateway answered from an earlier call with the same key
+    found_by_lookup: bool = False  # the answer was lost; the refund was found under its key
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == "unknown"
+
+
+@dataclass(frozen=True)
+class GatewayOutcome:
+    ok: bool
+    already_done: bool
+    http_status: int | None
+    code: str
+    message: str
+    retryable: bool
+    attempts: int = 1
+
+
+# --- one exchange and what it means --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """One HTTP exchange: the answer, or why there was none (`timeout`, `dropped`, `unreachable`)."""
+
+    status: int | None
+    body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    failure: str | None = None
+    detail: str = ""
+
+    @classmethod
+    def of(cls, reply: Reply) -> _Exchange:
+        return cls(reply.status, reply.body, _lower_keys(reply.headers))
+
+    @property
+    def answer_lost(self) -> bool:
+        """The request may have reached the gateway and taken effect without us hearing back."""
+        return self.failure in ("timeout", "dropped")
+
+    @property
+    def worth_retrying(self) -> bool:
+        return self.failure is not None or (self.status or 0) >= 500
+
+    def error(self) -> tuple[str, str]:
+        if self.failure:
+            return ("gateway_timeout" if self.failure == "timeout" else "gateway_unavailable"), self.detail
+        return self.body.get("error") or f"http_{self.status}", self.body.get(
+            "message"
+        ) or f"HTTP {self.status}"
+
+
+def refund_outcome(key: str, exchange: _Exchange) -> RefundOutcome:
+    if exchange.status in (200, 201):
+        return _succeeded(key, exchange)
+    code, message = exchange.error()
+    status = "unknown" if exchange.worth_retrying else "failed"
+    return RefundOutcome(status, key, code, message, exchange.status)
+
+
+def _succeeded(key: str, exchange: _Exchange) -> RefundOutcome:
+    body = exchange.body
+    return RefundOutcome(
+        "succeeded",
+        key,
+        "ok",
+        "",
+        exchange.status,
+        refund_id=body.get("refund_id"),
+        amount=Decimal(body["amount"]) if body.get("amount") is not None else None,
+        currency=body.get("currency"),
+        kind=body.get("kind"),
+        created_at=body.get("created_at"),
+        replayed=exchange.headers.get("idempotent-replayed") == "true",
+    )
+
+
+def schedule_outcome(exchange: _Exchange) -> GatewayOutcome:
+    if exchange.status == 200:
+        already = bool(exchange.body.get("already_stopped"))
+        return GatewayOutcome(True, already, 200, "ok", "", False)
+    code, message = exchange.error()
+    return GatewayOutcome(False, False, exchange.status, code, message, exchange.worth_retrying)
+
+
+def _money(amount: Decimal) -> str:
+    # Two places on the wire; a finer amount is sent as it is for the gateway to refuse, never rounded here.
+    cents = amount.quantize(CENT)
+    return str(cents) if cents == amount else str(amount)
+
+
+def _refund_body(
+    gateway_charge_id: str, amount: Decimal, currency: str, reason: str, request_id: str, subscription_id: str
+) -> dict[str, Any]:
+    return {
+        "gateway_charge_id": gateway_charge_id,
+        "amount": _money(amount),
+        "currency": currency,
+        "reason": reason,
+        "request_id": request_id,
+        "subscription_id": subscription_id,
+    }
+
+
+def _capture_body(
+    amount: Decimal,
+    currency: str,
+    account_id: str,
+    subscription_id: str,
+    captured_at: datetime | None,
+    gateway_charge_id: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "amount": _money(amount),
+        "currency": currency,
+        "account_id": account_id,
+        "subscription_id": subscription_id,
+    }
+    if captured_at is not None:
+        body["captured_at"] = captured_at.isoformat()
+    if gateway_charge_id is not None:
+        body["gateway_charge_id"] = gateway_charge_id
+    return body
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+class AbstractGatewayClient(Protocol):
+    async def refund(
+        self,
+        key: str,
+        *,
+        gateway_charge_id: str,
+        amount: Decimal,
+        currency: str,
+        reason: str,
+        request_id: str,
+        subscription_id: str,
+    ) -> RefundOutcome: ...
+
+    async def lookup_refund(self, key: str) -> RefundOutcome | None: ...
+
+    async def stop_schedule(self, subscription_id: str, *, request_id: str) -> GatewayOutcome: ...
+
+    async def get_charge(self, gateway_charge_id: str) -> dict[str, Any] | None: ...
+
+    async def capture(
+        self,
+        *,
+        amount: Decimal,
+        currency: str,
+        account_id: str,
+        subscription_id: str,
+        captured_at: datetime | None = None,
+        gateway_charge_id: str | None = None,
+    ) -> dict[str, Any]: ...
+
+
+class GatewayClient:
+    """One aiohttp session per client: `async with GatewayClient(url) as gateway`, or `start()`/`close()`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 4,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 2.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> GatewayClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # refunds
+
+    async def refund(
+        self,
+        key: str,
+        *,
+        gateway_charge_id: str,
+        amount: Decimal,
+        currency: str,
+        reason: str,
+        request_id: str,
+        subscription_id: str,
+    ) -> RefundOutcome:
+        body = _refund_body(gateway_charge_id, amount, currency, reason, request_id, subscription_id)
+
+        async def once() -> RefundOutcome:
+            exchange = await self._exchange("POST", "/v1/refunds", body, headers={"Idempotency-Key": key})
+            if exchange.answer_lost:
+                found = await self._find_refund(key)
+                if found is not None:
+                    return replace(found, found_by_lookup=True)
+            return refund_outcome(key, exchange)
+
+        outcome, attempts = await self._with_retries(once, lambda outcome: outcome.status == "unknown")
+        return replace(outcome, attempts=attempts)
+
+    async def lookup_refund(self, key: str) -> RefundOutcome | None:
+        """The refund created with `key`, None when there is none; GatewayError when the gateway can't say."""
+        exchange, _ = await self._with_retries(
+            lambda: self._exchange("GET", _refund_path(key)), lambda exchange: exchange.worth_retrying
+        )
+        if exchange.status == 404:
+            return None
+        if exchange.status == 200:
+            return _succeeded(key, exchange)
+        raise GatewayError(*exchange.error(), http_status=exchange.status)
+
+    async def _find_refund(self, key: str) -> RefundOutcome | None:
+        """One look-up inside a refund's own budget; no answer counts as not found (the key stays safe)."""
+        exchange = await self._exchange("GET", _refund_path(key))
+        return _succeeded(key, exchange) if exchange.status == 200 else None
+
+    # schedules and charges
+
+    async def stop_schedule(self, subscription_id: str, *, request_id: str) -> GatewayOutcome:
+        path = f"/v1/schedules/{quote(subscription_id, safe='')}/cancel"
+        body = {"subscription_id": subscription_id, "request_id": request_id}
+        exchange, attempts = await self._with_retries(
+            lambda: self._exchange("POST", path, body), lambda exchange: exchange.worth_retrying
+        )
+        return replace(schedule_outcome(exchange), attempts=attempts)
+
+    async def get_charge(self, gateway_charge_id: str) -> dict[str, Any] | None:
+        """The charge as the gateway sees it now (state, refunded, refundable); None when unknown."""
+        path = f"/v1/charges/{quote(gateway_charge_id, safe='')}"
+        exchange, _ = await self._with_retries(
+            lambda: self._exchange("GET", path), lambda exchange: exchange.worth_retrying
+        )
+        if exchange.status == 404:
+            return None
+        if exchange.status == 200:
+            return exchange.body
+        raise GatewayError(*exchange.error(), http_status=exchange.status)
+
+    async def capture(
+        self,
+        *,
+        amount: Decimal,
+        currency: str,
+        account_id: str,
+        subscription_id: str,
+        captured_at: datetime | None = None,
+        gateway_charge_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Capture money (loaders and tests). Retried only with a charge id: without one, a lost answer
+        sent again could capture twice."""
+        body = _capture_body(amount, currency, account_id, subscription_id, captured_at, gateway_charge_id)
+        exchange, _ = await self._with_retries(
+            lambda: self._exchange("POST", "/v1/charges", body),
+            lambda exchange: gateway_charge_id is not None and exchange.worth_retrying,
+        )
+        if exchange.status in (200, 201):
+            return exchange.body
+        raise GatewayError(*exchange.error(), http_status=exchange.status, retryable=exchange.worth_retrying)
+
+    # plumbing
+
+    async def _with_retries(
+        self, once: Callable[[], Awaitable[T]], retry_when: Callable[[T], bool]
+    ) -> tuple[T, int]:
+        """Run `once` until `retry_when` is false or the budget is spent; the last result and the count."""
+        attempts = 0
+
+        async def counted() -> T:
+            nonlocal attempts
+            attempts += 1
+            return await once()
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            # Full jitter, so callers retrying the same gateway at once spread out.
+            wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_cap),
+            retry=retry_if_result(retry_when),
+            retry_error_callback=lambda state: state.outcome.result(),  # out of budget: keep the last answer
+        )
+        return await retrying(counted), attempts
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Exchange:
+        await self.start()
+        assert self._session is not None
+        try:
+            async with self._session.request(
+                method, self.base_url + path, json=body, headers=headers
+            ) as response:
+                answer = _json_object(await response.text())
+                return _Exchange(response.status, answer, _lower_keys(response.headers))
+        except TimeoutError:
+            return _Exchange(
+                None, failure="timeout", detail=f"The gateway did not answer within {self.timeout:g} s"
+            )
+        except aiohttp.ClientConnectorError as exc:
+            return _Exchange(None, failure="unreachable", detail=f"Cannot reach the gateway: {exc}")
+        except aiohttp.ClientError as exc:
+            detail = f"The connection to the gateway was lost before it answered ({type(exc).__name__})"
+            return _Exchange(None, failure="dropped", detail=detail)
+
+
+def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
+    # Header names are case-insensitive (and lower-case over HTTP/2).
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def _refund_path(key: str) -> str:
+    return f"/v1/refunds/{quote(key, safe='')}"
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"message": text[:500]}
+
+
+# --- the fake ------------------------------------------------------------------------------------
+
+
+class FakeGatewayClient:
+    """In-memory gateway for handler tests.
+
+    It runs the gateway sandbox's own rules (idempotency keys, refundable amounts, disputes, reversal or
+    refund), so it answers as the real one does; `script_refund()` queues outcomes returned instead.
+    """
+
+    def __init__(self) -> None:
+        self.state = gateway_sandbox.empty_state()
+        self.calls: list[dict[str, Any]] = []
+        self.effects: list[dict[str, Any]] = []
+        self._scripted: deque[RefundOutcome] = deque()
+
+    def script_refund(self, *outcomes: RefundOutcome) -> None:
+        self._scripted.extend(outcomes)
+
+    def force_state(self, gateway_charge_id: str, state: str) -> None:
+        """Make the gateway report a charge as `disputed`, `settled`, ... (as the sandbox hook does)."""
+        self._run(gateway_sandbox.force_charge_state, gateway_charge_id, {"state": state})
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def refund(
+        self,
+        key: str,
+        *,
+        gateway_charge_id: str,
+        amount: Decimal,
+        currency: str,
+        reason: str,
+        request_id: str,
+        subscription_id: str,
+    ) -> RefundOutcome:
+        body = _refund_body(gateway_charge_id, amount, currency, reason, request_id, subscription_id)
+        self.calls.append({"call": "refund", "idempotency_key": key, **body})
+        if self._scripted:
+            return self._scripted.popleft()
+        return refund_outcome(key, self._run(gateway_sandbox.refund, key, body))
+
+    async def lookup_refund(self, key: str) -> RefundOutcome | None:
+        self.calls.append({"call": "lookup_refund", "idempotency_key": key})
+        exchange = self._run(gateway_sandbox.get_refund, key, {})
+        return _succeeded(key, exchange) if exchange.status == 200 else None
+
+    async def stop_schedule(self, subscription_id: str, *, request_id: str) -> GatewayOutcome:
+        body = {"subscription_id": subscription_id, "request_id": request_id}
+        self.calls.append({"call": "stop_schedule", **body})
+        return schedule_outcome(self._run(gateway_sandbox.stop_schedule, subscription_id, body))
+
+    async def get_charge(self, gateway_charge_id: str) -> dict[str, Any] | None:
+        self.calls.append({"call": "get_charge", "gateway_charge_id": gateway_charge_id})
+        exchange = self._run(gateway_sandbox.get_charge, gateway_charge_id, {})
+        return exchange.body if exchange.status == 200 else None
+
+    async def capture(
+        self,
+        *,
+        amount: Decimal,
+        currency: str,
+        account_id: str,
+        subscription_id: str,
+        captured_at: datetime | None = None,
+        gateway_charge_id: str | None = None,
+    ) -> dict[str, Any]:
+        body = _capture_body(amount, currency, account_id, subscription_id, captured_at, gateway_charge_id)
+        exchange = _Exchange.of(self._apply(gateway_sandbox.capture, body))
+        if exchange.status in (200, 201):
+            return exchange.body
+        raise GatewayError(*exchange.error(), http_status=exchange.status, retryable=False)
+
+    def _run(self, action: Callable[..., Reply], value: str | None, body: dict[str, Any]) -> _Exchange:
+        return _Exchange.of(self._apply(lambda state, b: action(state, value, b), body))
+
+    def _apply(
+        self, action: Callable[[dict[str, Any], dict[str, Any]], Reply], body: dict[str, Any]
+    ) -> Reply:
+        reply = run_action(action, self.state, body)
+        self.effects.extend(reply.effects)
+        return reply

@@ -1,0 +1,126 @@
+"""The money step: stop auto-renew at the gateway, then refund the unused part of the period.
+
+Every refund is recorded as `pending` with its idempotency key and reserved against the charge's
+balance (the guard) before the gateway is called. A redelivery after a crash finds the same key and
+asks the gateway again with it: the gateway returns the first result, so no refund happens twice.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from cancelflow import metrics
+from cancelflow.events import (
+    ChargeCaptured,
+    Failed,
+    PlatformCommitted,
+    RefundIssued,
+    RefundLine,
+    Source,
+)
+from cancelflow.logging import get_logger
+from cancelflow.messaging.codec import Message
+from cancelflow.messaging.consumer import TransientError
+from cancelflow.messaging.uow import UnitOfWork
+from payment_gateway import domain
+from payment_gateway.adapters.gateway import AbstractGatewayClient
+from payment_gateway.ledger import Ledger
+
+log = get_logger(__name__)
+
+
+class PaymentHandlers:
+    def __init__(self, gateway: AbstractGatewayClient) -> None:
+        self.gateway = gateway
+
+    async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
+        await Ledger(uow.session).record_charge(msg.payload)  # type: ignore[arg-type]
+
+    async def platform_committed(self, msg: Message, uow: UnitOfWork) -> None:
+        event: PlatformCommitted = msg.payload  # type: ignore[assignment]
+        ledger = Ledger(uow.session)
+        request_id = str(event.request_id)
+        stopped = await self._stop_auto_renew(uow, ledger, event) if event.full else False
+        if not event.refund_due:
+            uow.emit(RefundIssued(request_id=event.request_id, subscription_id=event.subscription_id,
+                                  amount=Decimal("0"), currency=event.currency, status="not_due",
+                                  auto_renew_stopped=stopped))
+            return
+        records = await ledger.refunds_for(request_id)
+        if not records:
+            records = await self._plan_refunds(uow, ledger, event)
+        lines = [await self._issue(uow, ledger, record, event) for record in records]
+        self._conclude(uow, event, lines, stopped)
+
+    async def _stop_auto_renew(self, uow: UnitOfWork, ledger: Ledger, event: PlatformCommitted) -> bool:
+        if await ledger.schedule_stopped(event.subscription_id):
+            return True
+        outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))
+        if not outcome.ok:
+            # Stopping a schedule is idempotent at the gateway: retry the record until it answers.
+            raise TransientError(f"gateway could not stop the recurring schedule: {outcome.message}")
+        await ledger.record_schedule_stop(event.subscription_id, str(event.request_id))
+        return True
+
+    async def _plan_refunds(self, uow: UnitOfWork, ledger: Ledger, event: PlatformCommitted) -> list[dict]:
+        balances = await ledger.period_charges(event.account_id, event.subscription_id, event.period_start,
+                                               event.currency)
+        paid = sum((b.refundable for b in balances), Decimal("0"))
+        amount = domain.prorated_refund(
+            paid=paid, period_start=event.period_start, period_end=event.period_end,
+            effective_date=event.effective_date, removed=event.quantity_before - event.quantity_after,
+            quantity=event.quantity_before)
+        request_id = str(event.request_id)
+        for charge, part in domain.allocate(amount, balances):
+            if not await ledger.reserve(charge.charge_id, part):
+                raise TransientError(f"charge {charge.charge_id} balance changed while planning; replanning")
+            await ledger.add_refund(key=domain.refund_key(request_id, charge.charge_id), request_id=request_id,
+                                    charge=charge, amount=part)
+        # Committed before any gateway call: the intent and the reservation survive a crash.
+        await uow.checkpoint()
+        return await ledger.refunds_for(request_id)
+
+    async def _issue(self, uow: UnitOfWork, ledger: Ledger, record: dict, event: PlatformCommitted) -> RefundLine:
+        key = record["idempotency_key"]
+        if record["status"] == "pending":
+            outcome = await self.gateway.refund(
+                key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(record["amount"]),
+                currency=record["currency"], reason="prorated refund of a cancellation",
+                request_id=record["request_id"], subscription_id=event.subscription_id)
+            if outcome.status == "unknown":
+                # The gateway may or may not have refunded: keep the reservation and the key, and
+                # ask again later with the same key (it answers with the first result).
+                raise TransientError(f"refund {key} outcome unknown: {outcome.message}")
+            if outcome.status == "succeeded":
+                await ledger.settle_refund(key, status="succeeded", kind=outcome.kind, refund_id=outcome.refund_id)
+                metrics.REFUNDS.labels("succeeded").inc()
+                metrics.REFUND_AMOUNT.labels(record["currency"]).inc(float(record["amount"]))
+            else:
+                await ledger.settle_refund(key, status="failed", error=f"{outcome.code}: {outcome.message}")
+                await ledger.release(record["charge_id"], Decimal(record["amount"]))
+                metrics.REFUNDS.labels("failed").inc()
+            record = {**record, "status": outcome.status, "kind": outcome.kind, "refund_id": outcome.refund_id,
+                      "error": None if outcome.status == "succeeded" else f"{outcome.code}: {outcome.message}"}
+        return RefundLine(charge_id=record["charge_id"], gateway_charge_id=record["gateway_charge_id"],
+                          amount=record["amount"], currency=record["currency"], idempotency_key=key,
+                          kind=record.get("kind"), outcome=record["status"], refund_id=record.get("refund_id"),
+                          error=record.get("error"))
+
+    @staticmethod
+    def _conclude(uow: UnitOfWork, event: PlatformCommitted, lines: list[RefundLine], stopped: bool) -> None:
+        failed = [line for line in lines if line.outcome == "failed"]
+        if failed:
+            # The cancellation stays committed; a person finishes the refund (state manual_review).
+            uow.emit(Failed(
+                request_id=event.request_id, source=Source.payment, code="refund_failed",
+                message="The gateway refused the refund: " + "; ".join(line.error or "" for line in failed),
+                retryable=False,
+                details={"account_id": event.account_id, "subscription_id": event.subscription_id,
+                         "refunds": [line.model_dump(mode="json") for line in lines],
+                         "auto_renew_stopped": stopped},
+            ))
+            return
+        total = sum((line.amount for line in lines), Decimal("0"))
+        uow.emit(RefundIssued(request_id=event.request_id, subscription_id=event.subscription_id, amount=total,
+                              currency=event.currency, status="succeeded" if total > 0 else "not_due",
+                              lines=lines, auto_renew_stopped=stopped))

@@ -1,0 +1,71 @@
+"""Provisioning: asks the vendor to cancel (or reduce licenses) and reports what it said.
+
+The operation is recorded as `pending` and committed before the vendor is called. A crash after
+the call finds the pending row on redelivery and calls again: the vendor treats a repeated
+cancellation as "already canceled", which counts as success, so the effect happens once.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import insert, select, update
+
+from cancelflow.events import VendorCancellationFailed, VendorCancellationRequested, VendorProvisioned, utcnow
+from cancelflow.logging import get_logger
+from cancelflow.messaging.codec import Message
+from cancelflow.messaging.uow import UnitOfWork
+from provisioning import orm
+from provisioning.adapters.vendor import AbstractVendorClient, VendorOutcome
+
+log = get_logger(__name__)
+ops = orm.vendor_operations
+
+
+class ProvisioningHandlers:
+    def __init__(self, vendor: AbstractVendorClient) -> None:
+        self.vendor = vendor
+
+    async def vendor_cancellation_requested(self, msg: Message, uow: UnitOfWork) -> None:
+        command: VendorCancellationRequested = msg.payload  # type: ignore[assignment]
+        request_id = str(command.request_id)
+        op = (await uow.session.execute(select(ops).where(ops.c.request_id == request_id))).mappings().first()
+        if op is not None and op["status"] != "pending":
+            return  # answered already; the answer was published with it
+        if op is None:
+            await uow.session.execute(insert(ops).values(
+                request_id=request_id, subscription_id=command.subscription_id, vendor=command.vendor,
+                vendor_subscription_id=command.vendor_subscription_id,
+                operation="cancel" if command.new_quantity == 0 else "set_quantity",
+                effective_date=command.effective_date, current_quantity=command.current_quantity,
+                new_quantity=command.new_quantity, status="pending", attempts=0, started_at=utcnow(),
+            ))
+            await uow.checkpoint()
+        outcome = await self._call_vendor(command)
+        await uow.session.execute(update(ops).where(ops.c.request_id == request_id).values(
+            status="succeeded" if outcome.ok else "failed", already_applied=outcome.already_done,
+            code=outcome.code, message=outcome.message, http_status=outcome.http_status,
+            attempts=ops.c.attempts + outcome.attempts, finished_at=utcnow(),
+        ))
+        uow.emit(self._answer(command, outcome))
+
+    async def _call_vendor(self, command: VendorCancellationRequested) -> VendorOutcome:
+        if command.new_quantity == 0:
+            return await self.vendor.cancel(
+                command.vendor_subscription_id, subscription_id=command.subscription_id,
+                request_id=str(command.request_id), effective_date=command.effective_date)
+        return await self.vendor.set_quantity(
+            command.vendor_subscription_id, subscription_id=command.subscription_id,
+            request_id=str(command.request_id), quantity=command.new_quantity,
+            current_quantity=command.current_quantity)
+
+    @staticmethod
+    def _answer(command: VendorCancellationRequested,
+                outcome: VendorOutcome) -> VendorProvisioned | VendorCancellationFailed:
+        if outcome.ok:
+            return VendorProvisioned(
+                request_id=command.request_id, subscription_id=command.subscription_id, vendor=command.vendor,
+                vendor_subscription_id=command.vendor_subscription_id, new_quantity=command.new_quantity,
+                already_applied=outcome.already_done, attempts=outcome.attempts)
+        return VendorCancellationFailed(
+            request_id=command.request_id, subscription_id=command.subscription_id, vendor=command.vendor,
+            vendor_subscription_id=command.vendor_subscription_id, code=outcome.code, message=outcome.message,
+            http_status=outcome.http_status, retryable=outcome.retryable, attempts=outcome.attempts)

@@ -1,0 +1,164 @@
+"""Folding saga events into a request's view (CONTRACT.md section 6). Pure: no I/O.
+
+`apply(view, event, at)` returns the new view, or None when the event changes nothing. A terminal
+state is never left: later events (emails) only add history.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from cancelflow.events import (
+    TERMINAL_STATES,
+    CancellationReceived,
+    EmailSent,
+    Failed,
+    Payload,
+    PlatformCommitted,
+    RefundIssued,
+    Source,
+    State,
+    SubscriptionSnapshot,
+    VendorCancellationFailed,
+    VendorCancellationRequested,
+    VendorProvisioned,
+)
+
+View = dict[str, Any]
+
+LEGAL: dict[State, frozenset[State]] = {
+    State.received: frozenset({State.pending_approval, State.in_progress, State.scheduled, State.rejected,
+                               State.declined, State.manual_review}),
+    State.pending_approval: frozenset({State.in_progress, State.scheduled, State.declined, State.rejected}),
+    State.scheduled: frozenset({State.in_progress, State.failed, State.manual_review}),
+    State.in_progress: frozenset({State.completed, State.failed, State.manual_review}),
+}
+
+FAILED_STATE = {
+    Source.validation: State.rejected,
+    Source.vendor: State.failed,
+    Source.platform: State.failed,
+    Source.payment: State.manual_review,
+}
+
+
+def empty_view(request_id: str) -> View:
+    return {
+        "request_id": request_id, "account_id": None, "target": None, "subscription_id": None,
+        "charge_ids": [], "mode": None, "state": None, "stage": None, "subscription_status": None,
+        "provisioning_status": None, "effective_date": None, "access_end_date": None, "refund": None,
+        "error": None, "history": [],
+    }
+
+
+def is_legal(before: State | None, after: State) -> bool:
+    if before is None:
+        return after in (State.received, State.rejected)
+    return before == after or after in LEGAL.get(before, frozenset())
+
+
+def apply(view: View, event: Payload, at: datetime) -> View | None:
+    new = {**view, "history": list(view["history"])}
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        return None
+    handler(new, event, at)
+    before = State(view["state"]) if view["state"] else None
+    after = State(new["state"]) if new["state"] else None
+    if after is None or (before in TERMINAL_STATES and after != before) or not is_legal(before, after):
+        # Never leave a terminal state, never jump illegally: keep only the history the event adds.
+        new = {**view, "history": new["history"]}
+    return None if new == view else new
+
+
+def _say(view: View, at: datetime, message: str) -> None:
+    view["history"].append({"at": at.isoformat(), "message": message})
+
+
+def _snapshot(view: View, snapshot: SubscriptionSnapshot | None) -> None:
+    if snapshot is None:
+        return
+    view["subscription_status"] = snapshot.subscription_status
+    view["provisioning_status"] = snapshot.provisioning_status
+    if snapshot.effective_date is not None:
+        view["effective_date"] = snapshot.effective_date.isoformat()
+    if snapshot.access_end_date is not None:
+        view["access_end_date"] = snapshot.access_end_date.isoformat()
+
+
+def _received(view: View, e: CancellationReceived, at: datetime) -> None:
+    view.update(account_id=e.account_id, target=e.target, subscription_id=e.subscription_id,
+                charge_ids=list(e.charge_ids), mode=e.mode.value)
+    if view["state"] is None:
+        view.update(state=State.received.value, stage=Source.validation.value)
+        who = f"{e.requested_by.role} {e.requested_by.user_id} via {e.requested_by.channel}"
+        what = "charges " + ", ".join(e.charge_ids) if e.target == "charges" else f"subscription {e.subscription_id}"
+        _say(view, at, f"Cancellation of {what} ({e.mode.value}) requested by {who}")
+
+
+def _vendor_requested(view: View, e: VendorCancellationRequested, at: datetime) -> None:
+    view.update(state=State.in_progress.value, stage=Source.vendor.value)
+    _snapshot(view, e.snapshot)
+    _say(view, at, "Provisioning status is set to In Progress")
+
+
+def _vendor_provisioned(view: View, e: VendorProvisioned, at: datetime) -> None:
+    view.update(stage=Source.platform.value)
+    detail = " (it was already canceled there)" if e.already_applied else ""
+    action = "the cancellation" if e.new_quantity == 0 else f"the reduction to {e.new_quantity} licenses"
+    _say(view, at, f"Vendor {e.vendor} confirmed {action}{detail}")
+
+
+def _vendor_failed(view: View, e: VendorCancellationFailed, at: datetime) -> None:
+    _say(view, at, f"Vendor {e.vendor} error: {e.message}")
+
+
+def _committed(view: View, e: PlatformCommitted, at: datetime) -> None:
+    view.update(stage=Source.payment.value)
+    _snapshot(view, e.snapshot)
+    _say(view, at, e.history)
+
+
+def _refund(view: View, e: RefundIssued, at: datetime) -> None:
+    view.update(state=State.completed.value, stage=Source.notification.value, error=None,
+                refund={"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status})
+    if e.auto_renew_stopped:
+        _say(view, at, "Auto-renew stopped at the payment gateway")
+    for line in e.lines:
+        _say(view, at, f"Refund of {line.amount:.2f} {line.currency} issued to charge {line.charge_id}"
+                       f" ({line.kind or 'refund'})")
+    if e.status == "not_due":
+        _say(view, at, "No refund is due")
+
+
+def _failed(view: View, e: Failed, at: datetime) -> None:
+    if e.source is Source.notification:
+        _say(view, at, f"Notification problem: {e.message}")
+        return
+    view.update(state=FAILED_STATE[e.source].value, stage=e.source.value,
+                error={"source": e.source.value, "code": e.code, "message": e.message})
+    _snapshot(view, e.snapshot)
+    if e.source is Source.payment:
+        refunds = e.details.get("refunds") or []
+        if refunds:
+            total = sum(float(r["amount"]) for r in refunds)
+            view["refund"] = {"amount": f"{total:.2f}", "currency": refunds[0]["currency"], "status": "failed"}
+    _say(view, at, e.history or f"{e.source.value} error ({e.code}): {e.message}")
+
+
+def _email(view: View, e: EmailSent, at: datetime) -> None:
+    _say(view, at, f"Email \"{e.subject}\" sent to {'the customer' if e.audience == 'customer' else 'support'}")
+
+
+_HANDLERS = {
+    CancellationReceived: _received,
+    VendorCancellationRequested: _vendor_requested,
+    VendorProvisioned: _vendor_provisioned,
+    VendorCancellationFailed: _vendor_failed,
+    PlatformCommitted: _committed,
+    RefundIssued: _refund,
+    Failed: _failed,
+    EmailSent: _email,
+}
+SAGA_EVENT_TYPES = [cls.event_type for cls in _HANDLERS]

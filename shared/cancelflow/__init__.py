@@ -1,0 +1,1 @@
+"""cancelflow: the shared library every service imports (events, messaging, storage, settings)."""

@@ -1,0 +1,94 @@
+"""Turning record bytes into envelopes and payloads, and back; every way a record can be bad."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from cancelflow.events import REGISTRY, Envelope, Payload
+
+MAX_RECORD_BYTES = 1024 * 1024  # CONTRACT.md section 7
+
+
+class BadRecord(Exception):
+    """A record that no handler may see. `reason` is a short code, `detail` reads as a sentence."""
+
+    def __init__(self, reason: str, detail: str, *, request_id: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded record: the envelope, its typed payload, and where it came from."""
+
+    envelope: Envelope
+    payload: Payload
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+
+    @property
+    def event_id(self) -> str:
+        return str(self.envelope.event_id)
+
+    @property
+    def event_type(self) -> str:
+        return self.envelope.event_type
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:3]]
+    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more
+
+
+def _guess_request_id(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    payload = data.get("payload")
+    candidate = payload.get("request_id") if isinstance(payload, dict) else None
+    return candidate if isinstance(candidate, str) and 0 < len(candidate) <= 64 else None
+
+
+def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int = 0,
+           key: bytes | None = None) -> Message:
+    if value is None:
+        raise BadRecord("empty", "the record has no value (tombstone or empty)")
+    if len(value) > MAX_RECORD_BYTES:
+        raise BadRecord("too_large", f"the record is {len(value)} bytes, over the 1 MiB limit")
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadRecord("not_json", f"the record is not JSON: {exc}") from None
+    request_id = _guess_request_id(data)
+    try:
+        envelope = Envelope.model_validate(data)
+    except ValidationError as exc:
+        raise BadRecord("not_an_envelope", _first_error(exc), request_id=request_id) from None
+    model = REGISTRY.get((envelope.event_type, envelope.schema_version))
+    if model is None:
+        known = any(t == envelope.event_type for t, _ in REGISTRY)
+        reason = "unknown_schema_version" if known else "unknown_event_type"
+        detail = (f"{envelope.event_type} version {envelope.schema_version} is not known"
+                  if known else f"event type {envelope.event_type!r} is not known")
+        raise BadRecord(reason, detail, request_id=request_id)
+    if model.topic != topic:
+        raise BadRecord("wrong_topic", f"{envelope.event_type} does not belong on {topic}",
+                        request_id=request_id)
+    try:
+        payload = model.model_validate(envelope.payload)
+    except ValidationError as exc:
+        raise BadRecord("invalid_payload", _first_error(exc), request_id=request_id) from None
+    return Message(envelope, payload, topic, partition, offset, key.decode("utf-8", "replace") if key else None)
+
+
+def encode(envelope: Envelope) -> bytes:
+    return orjson.dumps(envelope.model_dump(mode="json"))

@@ -1,0 +1,179 @@
+"""The consume loop: record -> decode -> inbox check -> handler -> one transaction -> offsets.
+
+Offsets are committed only after the batch's transactions committed. A bad record is dead-lettered
+(by the topic's owning service) and never stops the partition; a handler that keeps raising is
+retried, then dead-lettered too, so the records behind it flow on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from cancelflow import metrics, topics
+from cancelflow.events import Failed, RecordDeadLettered, Source, ValidationCode
+from cancelflow.logging import get_logger
+from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode
+from cancelflow.messaging.uow import UnitOfWork
+
+log = get_logger(__name__)
+
+Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
+
+
+@dataclass
+class Route:
+    """What a service does with one topic: handlers by event type, and whether it owns the DLQ duty
+    for the topic (one service per topic dead-letters bad records, so each lands there once)."""
+
+    topic: str
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    dead_letter: bool = False
+
+
+class TransientError(Exception):
+    """Raised by a handler when the outside world is away (retry the record, do not dead-letter)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientError | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class ConsumeLoop:
+    MAX_HANDLER_ATTEMPTS = 3
+
+    def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
+                 new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str) -> None:
+        self._consumer = consumer
+        self._routes = {r.topic: r for r in routes}
+        self._new_uow = new_uow
+        self._service = service
+        self._group_id = group_id
+
+    async def run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=1000)
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in batch.items():
+                for record in records:
+                    await self.process(record)
+                offsets[tp] = records[-1].offset + 1
+            if offsets:
+                await self._consumer.commit(offsets)
+                self._report_lag(offsets)
+
+    def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, position in offsets.items():
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
+
+    async def process(self, record: ConsumerRecord) -> None:
+        route = self._routes[record.topic]
+        try:
+            message = decode(record.value, topic=record.topic, partition=record.partition,
+                             offset=record.offset, key=record.key)
+        except BadRecord as bad:
+            if route.dead_letter:
+                await self._dead_letter(record, bad.reason, bad.detail, bad.request_id)
+            return
+        handler = route.handlers.get(message.event_type)
+        if handler is None:
+            return  # a known event for another service
+        with structlog.contextvars.bound_contextvars(
+            event_type=message.event_type, event_id=message.event_id,
+            correlation_id=message.envelope.correlation_id,
+        ):
+            await self._handle(record, route, message, handler)
+
+    async def _handle(self, record: ConsumerRecord, route: Route, message: Message, handler: Handler) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                async with self._new_uow(message) as uow:
+                    if await uow.already_processed(message.event_id):
+                        metrics.INBOX_DUPLICATES.labels(record.topic).inc()
+                        log.info("duplicate skipped")
+                        return
+                    await handler(message, uow)
+                    await uow.commit()
+                metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
+                metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.HANDLER_ERRORS.labels(message.event_type).inc()
+                if _is_transient(exc):
+                    # The database or a dependency is away: wait and retry without bound (the
+                    # partition waits, nothing is lost); /readyz reports it meanwhile.
+                    log.warning("transient error, retrying", attempt=attempt, error=str(exc))
+                    await asyncio.sleep(min(10.0, 0.2 * 2 ** min(attempt, 6)))
+                    continue
+                if attempt < self.MAX_HANDLER_ATTEMPTS:
+                    log.warning("handler failed, retrying", attempt=attempt, error=repr(exc))
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                log.error("handler failed repeatedly, dead-lettering", error=repr(exc), exc_info=exc)
+                await self._dead_letter(record, "handler_error",
+                                        f"{self._service} could not handle {message.event_type}: {exc!r}",
+                                        str(getattr(message.payload, "request_id", "")) or None,
+                                        message=message)
+                return
+
+    async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str, request_id: str | None,
+                           *, message: Message | None = None) -> None:
+        value = record.value or b""
+        marker = f"dlq:{record.topic}:{record.partition}:{record.offset}"
+        dead = RecordDeadLettered(
+            reason=reason,
+            detail=detail,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            original_key=record.key.decode("utf-8", "replace") if record.key else None,
+            consumer_group=self._group_id,
+            original_size=len(value),
+            original_sha256=hashlib.sha256(value).hexdigest(),
+            original_base64=base64.b64encode(value).decode() if len(value) <= MAX_RECORD_BYTES else None,
+            request_id=request_id,
+        )
+        async with self._new_uow(message) as uow:
+            if await uow.already_processed(marker):
+                return
+            uow.emit(dead, correlation_id=request_id or marker)
+            if request_id and record.topic == topics.REQUESTED:
+                # Section 7: a readable request id gets a `rejected` status (via the tracker).
+                uow.emit(Failed(request_id=request_id, source=Source.validation,
+                                code=ValidationCode.bad_input, message=f"{reason}: {detail}"),
+                         correlation_id=request_id)
+            elif request_id and message is not None:
+                uow.emit(Failed(request_id=request_id, source=_SOURCE_OF.get(self._service, Source.platform),
+                                code="internal_error", message=detail,
+                                details={"dead_lettered": marker}),
+                         correlation_id=request_id)
+            await uow.commit(mark_processed=marker)
+        metrics.DEAD_LETTERED.labels(record.topic, reason).inc()
+        log.warning("record dead-lettered", topic=record.topic, partition=record.partition,
+                    offset=record.offset, reason=reason, detail=detail)
+
+
+_SOURCE_OF = {
+    "billing": Source.platform,
+    "provisioning": Source.vendor,
+    "payment_gateway": Source.payment,
+    "dispute": Source.payment,
+    "notification": Source.notification,
+}

@@ -1,0 +1,80 @@
+"""The outbox relay: publishes committed outbox rows in insertion order, then deletes them.
+
+A row is deleted only after the broker acknowledged it, so a crash between the two republishes it;
+consumers drop the copy by its event_id (at-least-once delivery, exactly-once effect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cancelflow import metrics
+from cancelflow.logging import get_logger
+from cancelflow.messaging.store import MessagingTables
+
+log = get_logger(__name__)
+
+
+class OutboxRelay:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables,
+                 producer: AIOKafkaProducer, *, batch_size: int = 500, idle_poll_s: float = 0.5) -> None:
+        self._sessions = sessions
+        self._outbox = tables.outbox
+        self._producer = producer
+        self._batch_size = batch_size
+        self._idle_poll_s = idle_poll_s
+        self._wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        """Called after a commit that added outbox rows, so publishing does not wait for the poll."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                published = await self.publish_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker or database away: keep the rows, try again shortly
+                log.warning("outbox relay could not publish", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            if published < self._batch_size:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self._idle_poll_s)
+                except TimeoutError:
+                    pass
+
+    async def publish_pending(self) -> int:
+        async with self._sessions() as session:
+            rows = (await session.execute(
+                select(self._outbox).order_by(self._outbox.c.id).limit(self._batch_size)
+            )).all()
+        if not rows:
+            metrics.OUTBOX_BACKLOG.set(0)
+            return 0
+        # send() keeps per-partition order; awaiting every future before deleting keeps the
+        # at-least-once guarantee.
+        futures = [
+            await self._producer.send(
+                row.topic,
+                value=row.value,
+                key=row.key.encode() if row.key is not None else None,
+                headers=[(k, v.encode()) for k, v in (row.headers or {}).items()],
+            )
+            for row in rows
+        ]
+        await asyncio.gather(*futures)
+        for row in rows:
+            metrics.EVENTS_PRODUCED.labels(row.topic, row.event_type).inc()
+        async with self._sessions() as session, session.begin():
+            # by id, not by range: on PostgreSQL a lower id may commit after a higher one
+            await session.execute(delete(self._outbox).where(self._outbox.c.id.in_([r.id for r in rows])))
+            backlog = (await session.execute(select(func.count()).select_from(self._outbox))).scalar_one()
+        metrics.OUTBOX_BACKLOG.set(backlog)
+        return len(rows)

@@ -1,0 +1,42 @@
+"""The inbox and the outbox, as tables inside each service's own database.
+
+A handler's state change, the events it emits (outbox) and the id of the event it processed (inbox)
+commit in one transaction. The relay publishes the outbox afterwards, in insertion order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table
+
+
+@dataclass(frozen=True)
+class MessagingTables:
+    inbox: Table
+    outbox: Table
+
+
+def messaging_tables(metadata: MetaData) -> MessagingTables:
+    inbox = Table(
+        "inbox",
+        metadata,
+        # event_id for valid records; "dlq:<topic>:<partition>:<offset>" for dead-lettered ones
+        Column("message_id", String(200), primary_key=True),
+        Column("topic", String(200), nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("offset", BigInteger, nullable=False),
+        Column("processed_at", DateTime(timezone=True), nullable=False),
+    )
+    outbox = Table(
+        "outbox",
+        metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("topic", String(200), nullable=False),
+        Column("key", String(200), nullable=True),
+        Column("value", LargeBinary, nullable=False),
+        Column("headers", JSON, nullable=True),
+        Column("event_type", String(100), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    return MessagingTables(inbox, outbox)

@@ -1,0 +1,98 @@
+"""The unit of work a handler runs in: one session, one transaction, the outbox and the inbox."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cancelflow.events import Envelope, Payload, envelope_for, utcnow
+from cancelflow.messaging.codec import Message, encode
+from cancelflow.messaging.store import MessagingTables
+
+
+class UnitOfWork:
+    """`async with uow:` opens a transaction; `emit` adds to the outbox; `commit` records the inbox.
+
+    Handlers that call the outside world (vendor, gateway, SMTP) first record their intent and
+    `checkpoint()` it, so a crash after the call is found and resolved on redelivery.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables, *,
+                 producer: str, message: Message | None = None,
+                 on_commit: Callable[[], None] | None = None) -> None:
+        self._sessions = sessions
+        self._tables = tables
+        self._producer = producer
+        self.message = message
+        self._on_commit = on_commit
+        self.emitted: list[Envelope] = []
+        self._outbox_rows: list[dict[str, Any]] = []
+        self.session: AsyncSession
+
+    async def __aenter__(self) -> UnitOfWork:
+        self.session = self._sessions()
+        await self.session.begin()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # Whatever was not committed explicitly is rolled back (including on exceptions).
+        await self.session.rollback()
+        await self.session.close()
+
+    async def already_processed(self, message_id: str) -> bool:
+        inbox = self._tables.inbox
+        found = await self.session.execute(select(inbox.c.message_id).where(inbox.c.message_id == message_id))
+        return found.first() is not None
+
+    def emit(self, payload: Payload, *, correlation_id: str | None = None, key: str | None = None,
+             headers: dict[str, str] | None = None) -> Envelope:
+        causation = self.message.event_id if self.message else None
+        correlation = correlation_id or (self.message.envelope.correlation_id if self.message else None)
+        if correlation is None:
+            correlation = str(getattr(payload, "request_id", "")) or payload.record_key()
+        envelope = envelope_for(payload, producer=self._producer, correlation_id=correlation,
+                                causation_id=causation)
+        self.emit_envelope(envelope, topic=payload.topic, key=key or payload.record_key(), headers=headers)
+        return envelope
+
+    def emit_envelope(self, envelope: Envelope, *, topic: str, key: str | None,
+                      headers: dict[str, str] | None = None) -> None:
+        self._outbox_rows.append({
+            "topic": topic, "key": key, "value": encode(envelope), "headers": headers,
+            "event_type": envelope.event_type, "created_at": utcnow(),
+        })
+        self.emitted.append(envelope)
+
+    async def _flush_outbox(self) -> None:
+        if self._outbox_rows:
+            await self.session.execute(insert(self._tables.outbox), self._outbox_rows)
+            self._outbox_rows.clear()
+
+    async def checkpoint(self) -> None:
+        """Commit what is done so far (state and outbox), without marking the message processed."""
+        await self._flush_outbox()
+        await self.session.commit()
+        # No explicit begin: the next statement starts a transaction, so none (and on SQLite no
+        # write lock) is held while the handler waits on the vendor, the gateway or SMTP.
+        if self._on_commit:
+            self._on_commit()
+
+    async def commit(self, *, mark_processed: str | None = None) -> None:
+        await self._flush_outbox()
+        if mark_processed is None and self.message is not None:
+            mark_processed = self.message.event_id
+        if mark_processed is not None:
+            msg = self.message
+            await self.session.execute(insert(self._tables.inbox).values(
+                message_id=mark_processed,
+                topic=msg.topic if msg else "",
+                partition=msg.partition if msg else -1,
+                offset=msg.offset if msg else -1,
+                processed_at=utcnow(),
+            ))
+        await self.session.commit()
+        if self._on_commit:
+            self._on_commit()

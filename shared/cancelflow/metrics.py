@@ -1,0 +1,22 @@
+"""Prometheus metrics every service exposes on /metrics (labels never carry customer data)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_CONSUMED = Counter("cancelflow_events_consumed_total", "Records handled", ["topic", "event_type"])
+EVENTS_PRODUCED = Counter("cancelflow_events_produced_total", "Records published from the outbox",
+                          ["topic", "event_type"])
+HANDLER_SECONDS = Histogram("cancelflow_handler_seconds", "Handler latency", ["event_type"],
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+INBOX_DUPLICATES = Counter("cancelflow_inbox_duplicates_total", "Redelivered events skipped", ["topic"])
+DEAD_LETTERED = Counter("cancelflow_dead_lettered_total", "Records sent to the DLQ", ["topic", "reason"])
+HANDLER_ERRORS = Counter("cancelflow_handler_errors_total", "Handler attempts that raised", ["event_type"])
+OUTBOX_BACKLOG = Gauge("cancelflow_outbox_backlog", "Outbox rows not yet published")
+CONSUMER_LAG = Gauge("cancelflow_consumer_lag", "Records behind the partition end", ["topic", "partition"])
+OUTCOMES = Counter("cancelflow_outcomes_total", "Saga outcomes seen by this service", ["state", "source"])
+EXTERNAL_CALL_SECONDS = Histogram("cancelflow_external_call_seconds", "Vendor/gateway/SMTP call latency",
+                                  ["target", "operation", "outcome"])
+REFUNDS = Counter("cancelflow_refunds_total", "Refunds by outcome", ["outcome"])
+REFUND_AMOUNT = Counter("cancelflow_refund_amount_total", "Refunded amount", ["currency"])
+EMAILS = Counter("cancelflow_emails_total", "Emails by kind and outcome", ["kind", "outcome"])

@@ -1,0 +1,151 @@
+"""A service process: its database, the consume loop, the outbox relay and its HTTP port.
+
+A service's bootstrap builds a `ServiceRuntime`, adds its routes (topic -> handlers), HTTP routes
+and background tasks, and calls `run_service`. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import MetaData
+
+from cancelflow import db, logging as cf_logging
+from cancelflow.logging import get_logger
+from cancelflow.messaging.codec import Message
+from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.kafka import make_consumer, make_producer
+from cancelflow.messaging.relay import OutboxRelay
+from cancelflow.messaging.store import MessagingTables
+from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.settings import ServiceSettings
+
+log = get_logger(__name__)
+
+Task = Callable[[], Awaitable[None]]
+
+
+class ServiceRuntime:
+    def __init__(self, name: str, settings: ServiceSettings, metadata: MetaData, tables: MessagingTables) -> None:
+        self.name = name
+        self.settings = settings
+        self.metadata = metadata
+        self.tables = tables
+        self.engine = db.make_engine(settings.database_url())
+        self.sessions = db.session_factory(self.engine)
+        self.producer = make_producer(settings, client_id=f"cancelflow-{name}")
+        self.relay = OutboxRelay(self.sessions, tables, self.producer)
+        self.routes: list[Route] = []
+        self.http = web.Application()
+        self.tasks: list[Task] = []
+        self.on_start: list[Task] = []
+        self.on_stop: list[Task] = []
+        self.after_commit: list[Callable[[], None]] = [self.relay.notify]
+        self.group_id = f"cancelflow-{name}"
+        self.http.router.add_get("/healthz", self._healthz)
+        self.http.router.add_get("/readyz", self._readyz)
+        self.http.router.add_get("/metrics", self._metrics)
+
+    def new_uow(self, message: Message | None = None) -> UnitOfWork:
+        return UnitOfWork(self.sessions, self.tables, producer=self.name, message=message,
+                          on_commit=self._committed)
+
+    def _committed(self) -> None:
+        for callback in self.after_commit:
+            callback()
+
+    def add_route(self, route: Route) -> None:
+        self.routes.append(route)
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": self.name})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        problems: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(db.ping(self.engine), 3)
+        except Exception as exc:
+            problems["database"] = repr(exc)
+        try:
+            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 3)
+        except Exception as exc:
+            problems["broker"] = repr(exc)
+        status = 503 if problems else 200
+        return web.json_response({"ready": not problems, "service": self.name, "problems": problems},
+                                 status=status)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await db.create_schema(self.engine, self.metadata)
+        await self.producer.start()
+        topics = [r.topic for r in self.routes]
+        consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
+                                 client_id=f"cancelflow-{self.name}") if topics else None
+        runner = web.AppRunner(self.http, access_log=None)
+        await runner.setup()
+        # Loopback by default; production sets CANCELFLOW_HTTP_HOST=0.0.0.0 in its containers.
+        await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
+        for hook in self.on_start:
+            await hook()
+        workers: list[asyncio.Task[None]] = [asyncio.create_task(self.relay.run(), name="relay")]
+        if consumer is not None:
+            await consumer.start()
+            loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name, group_id=self.group_id)
+            workers.append(asyncio.create_task(loop.run(), name="consume"))
+        workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task")) for task in self.tasks]
+        log.info("service started", http_port=self.settings.http_port, topics=topics)
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *workers], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in [stopper, *workers]:
+                task.cancel()
+            await asyncio.gather(*workers, stopper, return_exceptions=True)
+            for hook in self.on_stop:
+                with contextlib.suppress(Exception):
+                    await hook()
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            with contextlib.suppress(Exception):
+                await self.relay.publish_pending()
+            await self.producer.stop()
+            await runner.cleanup()
+            await self.engine.dispose()
+            log.info("service stopped")
+
+
+def run_service(name: str, build: Callable[[], ServiceRuntime]) -> None:
+    """The `python -m <service>` entry: logging, signals, run until SIGTERM/SIGINT."""
+
+    async def main() -> None:
+        runtime = build()
+        cf_logging.configure(name, level=runtime.settings.log_level, json=runtime.settings.log_json)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await runtime.run(stop)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # the supervisor restarts us; say why we died
+        get_logger(name).error("service crashed", error=repr(exc), exc_info=exc)
+        sys.exit(1)

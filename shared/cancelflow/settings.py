@@ -1,0 +1,109 @@
+"""Settings from the environment, with the names of CONTRACT.md section 9.
+
+One `Settings` class per service (see `service_settings`); all of them fail fast on bad values.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# service name -> (env prefix, default HTTP port)
+SERVICES: dict[str, tuple[str, int]] = {
+    "billing": ("BILLING", 8081),
+    "provisioning": ("PROVISIONING", 8082),
+    "payment_gateway": ("PAYMENT_GATEWAY", 8083),
+    "dispute": ("DISPUTE", 8084),
+    "notification": ("NOTIFICATION", 8085),
+    "status_tracker": ("STATUS", 8080),
+}
+
+
+class CommonSettings(BaseSettings):
+    """What every process of the stack reads."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(Path("./var"), validation_alias="CANCELFLOW_DATA_DIR")
+    broker_port: int = Field(9092, validation_alias="CANCELFLOW_BROKER_PORT")
+    kafka_bootstrap_servers: str | None = Field(None, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    # The embedded broker long-polls for the full wait, so keep it short there; Kafka is fine either way.
+    fetch_max_wait_ms: int = Field(25, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
+    smtp_host: str | None = Field(None, validation_alias="SMTP_HOST")
+    smtp_port: int = Field(1025, validation_alias="SMTP_PORT")
+    support_email: str = Field("support@localhost", validation_alias="SUPPORT_EMAIL")
+    mail_from: str = Field("Billing <billing@localhost>", validation_alias="MAIL_FROM")
+    vendor_api_url: str | None = Field(None, validation_alias="VENDOR_API_URL")
+    gateway_api_url: str | None = Field(None, validation_alias="GATEWAY_API_URL")
+    vendor_sandbox_port: int = Field(8090, validation_alias="VENDOR_SANDBOX_PORT")
+    gateway_sandbox_port: int = Field(8091, validation_alias="GATEWAY_SANDBOX_PORT")
+    duplicate_window_hours: int = Field(72, ge=0, validation_alias="DUPLICATE_WINDOW_HOURS")
+    # Outbound calls: a timeout per call and a bounded retry budget for 5xx/timeouts.
+    vendor_timeout_s: float = Field(5.0, gt=0, validation_alias="VENDOR_TIMEOUT_SECONDS")
+    vendor_attempts: int = Field(4, ge=1, le=20, validation_alias="VENDOR_ATTEMPTS")
+    gateway_timeout_s: float = Field(5.0, gt=0, validation_alias="GATEWAY_TIMEOUT_SECONDS")
+    gateway_attempts: int = Field(4, ge=1, le=20, validation_alias="GATEWAY_ATTEMPTS")
+    # Sandboxes and fault hooks: on in the embedded stack (`cancelflow up` sets it), off otherwise.
+    enable_fault_hooks: bool = Field(False, validation_alias="CANCELFLOW_ENABLE_FAULT_HOOKS")
+    log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")
+    log_json: bool = Field(False, validation_alias="CANCELFLOW_LOG_JSON")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.broker_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def vendor_url(self) -> str:
+        return (self.vendor_api_url or f"http://127.0.0.1:{self.vendor_sandbox_port}").rstrip("/")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def gateway_url(self) -> str:
+        return (self.gateway_api_url or f"http://127.0.0.1:{self.gateway_sandbox_port}").rstrip("/")
+
+    @property
+    def embedded_smtp(self) -> bool:
+        return self.smtp_host is None
+
+    @property
+    def smtp_address(self) -> tuple[str, int]:
+        return (self.smtp_host or "127.0.0.1", self.smtp_port)
+
+
+class ServiceSettings(CommonSettings):
+    """A service's own settings: its database and its HTTP port (prefix from `SERVICES`)."""
+
+    service: str = "service"
+    http_host: str = Field("127.0.0.1", validation_alias="CANCELFLOW_HTTP_HOST")
+    database_url_env: str | None = None
+    http_port: int = 0
+
+    def database_url(self) -> str:
+        if self.database_url_env:
+            return self.database_url_env
+        path = (self.data_dir / f"{self.service}.db").resolve()
+        return f"sqlite+aiosqlite:///{path}"
+
+
+@cache
+def service_settings_class(service: str) -> type[ServiceSettings]:
+    prefix, port = SERVICES[service]
+    return type(
+        f"{prefix.title().replace('_', '')}Settings",
+        (ServiceSettings,),
+        {
+            "__annotations__": {"database_url_env": str | None, "http_port": int, "service": str},
+            "service": service,
+            "database_url_env": Field(None, validation_alias=AliasChoices(f"{prefix}_DATABASE_URL")),
+            "http_port": Field(port, validation_alias=AliasChoices(f"{prefix}_HTTP_PORT")),
+        },
+    )
+
+
+def service_settings(service: str, **overrides: object) -> ServiceSettings:
+    return service_settings_class(service)(**overrides)

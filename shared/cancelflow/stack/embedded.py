@@ -1,0 +1,296 @@
+"""The embedded stack of CONTRACT section 9: what `cancelflow up` runs in the foreground.
+
+The broker (unless KAFKA_BOOTSTRAP_SERVERS names one), the sandboxes and SMTP sink (unless their URLs are
+given), and the six services, each its own process under the `Supervisor`. While it runs,
+DATA/stack.json says where everything listens, so other commands can find the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.stack.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
+from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
+
+STACK_FILE = "stack.json"
+LOCALHOST = "127.0.0.1"
+
+OnReady = Callable[[dict[str, Any]], Awaitable[None] | None]
+
+
+def _data_dir(settings: CommonSettings) -> Path:
+    return settings.data_dir.resolve()
+
+
+def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` plus every common setting spelled out, so children agree with us even on overrides."""
+    out = dict(env)
+    for name, field in CommonSettings.model_fields.items():
+        alias = field.validation_alias
+        if not isinstance(alias, str):
+            continue
+        value = getattr(settings, name)
+        if value is None:
+            out.pop(alias, None)
+        else:
+            out[alias] = str(int(value)) if isinstance(value, bool) else str(value)
+    out.update(
+        KAFKA_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+        CANCELFLOW_DATA_DIR=str(_data_dir(settings)),
+        CANCELFLOW_ENABLE_FAULT_HOOKS="1",  # the embedded stack is for trying things out and testing
+        PYTHONUNBUFFERED="1",  # log lines reach the log files as they happen
+    )
+    return out
+
+
+def service_port(service: str, env: Mapping[str, str]) -> int:
+    prefix, default = SERVICES[service]
+    return int(env.get(f"{prefix}_HTTP_PORT", default))
+
+
+def _log(settings: CommonSettings, name: str) -> Path:
+    return _data_dir(settings) / "logs" / f"{name}.log"
+
+
+def stack_specs(settings: CommonSettings, env: Mapping[str, str]) -> list[ProcessSpec]:
+    """Every process of the stack, in start order (they stop in reverse)."""
+    data, py, children_env = _data_dir(settings), sys.executable, child_env(settings, env)
+
+    def spec(name: str, argv: list[str], ready_url: str) -> ProcessSpec:
+        return ProcessSpec(name, [py, "-m", *argv], children_env, ready_url, _log(settings, name))
+
+    specs = []
+    for kind, external, port in (
+        ("vendor", settings.vendor_api_url, settings.vendor_sandbox_port),
+        ("gateway", settings.gateway_api_url, settings.gateway_sandbox_port),
+    ):
+        if external is None:
+            argv = [
+                "cancelflow.sandboxes",
+                kind,
+                "--host",
+                LOCALHOST,
+                "--port",
+                str(port),
+                "--state-file",
+                str(data / "sandboxes" / f"{kind}.json"),
+            ]
+            specs.append(spec(f"{kind}-sandbox", argv, f"http://{LOCALHOST}:{port}/healthz"))
+    if settings.embedded_smtp:
+        argv = [
+            "cancelflow.smtp_sink",
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(settings.smtp_port),
+            "--dir",
+            str(data / "mail"),
+        ]
+        specs.append(spec("smtp-sink", argv, f"tcp://{LOCALHOST}:{settings.smtp_port}"))
+    for service in SERVICES:
+        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/healthz"))
+    return specs
+
+
+def describe_stack(
+    settings: CommonSettings, env: Mapping[str, str], specs: list[ProcessSpec]
+) -> dict[str, Any]:
+    """What stack.json holds: our pid and where every component listens (external ones included)."""
+    components: dict[str, dict[str, str | None]] = {}
+
+    def add(name: str, address: str, log_file: Path | None) -> None:
+        components[name] = {"address": address, "log_file": str(log_file) if log_file else None}
+
+    embedded_broker = settings.kafka_bootstrap_servers is None
+    add("broker", settings.bootstrap_servers, _log(settings, "broker") if embedded_broker else None)
+    if settings.vendor_api_url:
+        add("vendor-api", settings.vendor_url, None)
+    if settings.gateway_api_url:
+        add("gateway-api", settings.gateway_url, None)
+    if not settings.embedded_smtp:
+        host, port = settings.smtp_address
+        add("smtp", f"smtp://{host}:{port}", None)
+    for s in specs:
+        address = s.ready_url.removesuffix("/healthz").replace("tcp://", "smtp://") if s.ready_url else "-"
+        add(s.name, address, s.log_file)
+    return {
+        "pid": os.getpid(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data_dir": str(_data_dir(settings)),
+        "embedded_broker": embedded_broker,
+        "bootstrap_servers": settings.bootstrap_servers,
+        "status_url": f"http://{LOCALHOST}:{service_port('status_tracker', env)}",
+        "vendor_url": settings.vendor_url,
+        "gateway_url": settings.gateway_url,
+        "mail_dir": str(_data_dir(settings) / "mail") if settings.embedded_smtp else None,
+        "components": components,
+    }
+
+
+def running_stack(settings: CommonSettings) -> dict[str, Any] | None:
+    """The stack.json of a live stack on this data dir: its pid is alive and the status service answers."""
+    try:
+        info = json.loads((_data_dir(settings) / STACK_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with no_proxy.open(f"{info['status_url']}/healthz", timeout=2) as response:
+            return info if response.status == 200 else None
+    except (OSError, KeyError):
+        return None
+
+
+async def run_stack(
+    settings: CommonSettings,
+    *,
+    on_ready: OnReady | None = None,
+    env: Mapping[str, str] | None = None,
+    console: Console | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run the stack until SIGINT/SIGTERM (or `stop` is set); return the exit code."""
+    env = dict(os.environ if env is None else env)
+    console = console or Console()
+    stop = stop or asyncio.Event()
+    data = _data_dir(settings)
+    for sub in ("logs", "sandboxes", "mail"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    if running := running_stack(settings):
+        console.print(f"[red]a stack already runs on {data} (pid {running['pid']})[/]")
+        return 1
+
+    specs = stack_specs(settings, env)
+    broker = None
+    if settings.kafka_bootstrap_servers is None:
+        broker = EmbeddedBroker(LOCALHOST, settings.broker_port, log_file=_log(settings, "broker"))
+    if busy := _busy_ports(settings, specs):
+        console.print(f"[red]cannot start: already in use: {', '.join(busy)}[/]")
+        return 1
+    supervisor = Supervisor(specs, console=console)
+    stack_file = data / STACK_FILE
+    exit_code = 0
+    with _stop_on_signals(stop):
+        try:
+            if not await _until_stopped(_start(settings, broker, supervisor, console), stop):
+                return 0
+            info = describe_stack(settings, env, specs)
+            _write_json(stack_file, info)
+            _print_ready(console, info, broker is not None)
+            if on_ready is not None and inspect.isawaitable(result := on_ready(info)):
+                await result
+            broker_exit = asyncio.create_task(broker.wait()) if broker else None
+            if await _until_stopped(broker_exit, stop) and broker_exit is not None:
+                console.print(f"[red]the embedded broker exited ({broker_exit.result()}); stopping[/]")
+                exit_code = 1
+        except (BrokerError, NotReadyError, OSError) as exc:
+            console.print(f"[red]cannot start the stack:[/] {escape(str(exc))}")
+            exit_code = 1
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(stack_file.read_text()).get("pid") == os.getpid():
+                    stack_file.unlink()
+            console.print("stopping ...")
+            await supervisor.stop()
+            if broker is not None:
+                await broker.stop()
+            console.print("stopped")
+    return exit_code
+
+
+async def _start(
+    settings: CommonSettings, broker: EmbeddedBroker | None, supervisor: Supervisor, console: Console
+) -> None:
+    if broker is not None:
+        console.print(f"starting the embedded broker on {broker.bootstrap} ...")
+        await broker.start()
+    created = await create_topics(settings.bootstrap_servers)
+    if created:
+        console.print(f"created topics: {', '.join(created)}", soft_wrap=True)
+    console.print(f"starting {len(supervisor.names)} processes ...")
+    await supervisor.start()
+
+
+async def _until_stopped(work: Awaitable[Any] | None, stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first; True when `work` finished (its errors propagate)."""
+    task = asyncio.ensure_future(work) if work is not None else None
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopper, *([task] if task else [])}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (stopper, task):
+        if pending is not None and pending not in done:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+    if task is not None and task in done:
+        task.result()
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+def _busy_ports(settings: CommonSettings, specs: list[ProcessSpec]) -> list[str]:
+    """Ports we are about to listen on that something already answers on (a stale stack, another app)."""
+    wanted = [("broker", settings.broker_port)] if settings.kafka_bootstrap_servers is None else []
+    wanted += [(s.name, urlsplit(s.ready_url).port) for s in specs if s.ready_url]
+    return [f"{name} port {port}" for name, port in wanted if port and port_in_use(LOCALHOST, port)]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _print_ready(console: Console, info: dict[str, Any], embedded_broker: bool) -> None:
+    table = Table(title="cancelflow is up")
+    table.add_column("component", no_wrap=True)
+    table.add_column("address", no_wrap=True)
+    table.add_column("log file", overflow="fold")
+    data = Path(info["data_dir"])
+    for name, component in info["components"].items():
+        log_file = Path(component["log_file"]) if component["log_file"] else None
+        shown = str(log_file.relative_to(data)) if log_file and log_file.is_relative_to(data) else log_file
+        table.add_row(name, component["address"], str(shown or "(external)"))
+    console.print(table)
+    console.print(f"data dir (log files are relative to it): {data}", soft_wrap=True)
+    console.print(f"status API and dashboard: {info['status_url']}", soft_wrap=True)
+    if embedded_broker:
+        console.print(
+            "[dim]note: the embedded broker keeps topics in memory: they start empty on every `up`; "
+            "the service databases in the data dir persist, so a second `up` resumes from them.[/]"
+        )
+    console.print("Ctrl-C stops the stack.")

@@ -1,0 +1,45 @@
+"""Every topic cancelflow reads or writes, with its partitions and configs.
+
+The public ones (contract section 2) keep their contract names; `cancellations.saga` is internal:
+every saga event of a request, keyed by `request_id`, so one partition holds a request's whole story
+in the order it happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    partitions: int
+    key: str
+    written_by: str
+    read_by: str
+    public: bool = True
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+PLATFORM_SUBSCRIPTIONS = "platform.subscriptions"
+PAYMENTS_CHARGES = "payments.charges"
+REQUESTED = "cancellations.requested"
+SAGA = "cancellations.saga"
+STATUS = "cancellations.status"
+DLQ = "cancellations.dlq"
+
+TOPICS: tuple[Topic, ...] = (
+    Topic(PLATFORM_SUBSCRIPTIONS, 3, "subscription_id", "upstream platform",
+          "billing, notification"),
+    Topic(PAYMENTS_CHARGES, 3, "account_id", "upstream platform / gateway webhooks",
+          "payment-gateway, dispute"),
+    Topic(REQUESTED, 4, "subscription_id or account_id", "upstream apps (storefront, BSS)",
+          "billing (intake: validates, dead-letters, routes charge disputes)"),
+    Topic(SAGA, 4, "request_id", "billing, provisioning, payment-gateway, dispute, notification",
+          "every service (each handles its own event types)", public=False),
+    Topic(STATUS, 4, "request_id", "status-tracker only", "support dashboards, the CLI",
+          configs={"cleanup.policy": "compact"}),
+    Topic(DLQ, 1, "key of the rejected record", "every service", "operators"),
+)
+
+BY_NAME = {t.name: t for t in TOPICS}
