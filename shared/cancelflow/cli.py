@@ -75,4 +75,157 @@ def topics(
     console.print(table)
 
 
-# Further commands (cancel, status, demo, ...) are added below as `@app.command()` functions.
+def _endpoints():  # type: ignore[no-untyped-def]
+    from cancelflow.ops import Endpoints
+
+    return Endpoints.from_env(_settings())
+
+
+def print_status(status: dict) -> None:
+    """A request's status record as support reads it: the view, then its history."""
+    error = status.get("error")
+    refund = status.get("refund")
+    view = Table(show_header=False, title=f"request {status['request_id']}")
+    view.add_column("field", style="bold")
+    view.add_column("value")
+    rows = [
+        ("state", status["state"] + (f" (stage {status['stage']})" if status.get("stage") else "")),
+        ("account", status.get("account_id")),
+        ("target", status.get("subscription_id") or ", ".join(status.get("charge_ids") or [])),
+        ("mode", status.get("mode")),
+        ("subscription status", status.get("subscription_status")),
+        ("provisioning status", status.get("provisioning_status")),
+        ("effective date", status.get("effective_date")),
+        ("access ends", status.get("access_end_date")),
+        ("refund", f"{refund['amount']} {refund['currency']} ({refund['status']})" if refund else "-"),
+        ("error", f"{error['source']} / {error['code']}: {error['message']}" if error else "-"),
+        ("version", str(status.get("version"))),
+    ]
+    for name, value in rows:
+        view.add_row(name, str(value) if value is not None else "-")
+    console.print(view)
+    history = Table(title="history")
+    history.add_column("at", no_wrap=True)
+    history.add_column("message")
+    for entry in status.get("history", []):
+        history.add_row(entry["at"], entry["message"])
+    console.print(history)
+
+
+@app.command()
+def cancel(
+    account: str = typer.Option(..., "--account", help="The account asking (must own the target)."),
+    subscription: str | None = typer.Option(None, "--subscription", help="Target subscription id."),
+    charge: list[str] = typer.Option([], "--charge", help="A disputed charge id (repeat); target = charges."),
+    mode: str = typer.Option("immediate", "--mode", help="immediate | past_dated | end_of_term"),
+    effective_date: str | None = typer.Option(None, "--effective-date", help="YYYY-MM-DD, for past_dated."),
+    quantity: int | None = typer.Option(None, "--quantity", help="Licenses to remove (partial cancellation)."),
+    reason: str = typer.Option("", "--reason"),
+    role: str = typer.Option("customer", "--role", help="customer | operator"),
+    channel: str = typer.Option("storefront", "--channel", help="storefront | bss"),
+    user: str = typer.Option("cli", "--user", help="requested_by.user_id"),
+    requires_approval: bool = typer.Option(False, "--requires-approval"),
+    opt_out: bool = typer.Option(False, "--opt-out-of-emails"),
+    request_id: str | None = typer.Option(None, "--request-id", help="Reuse an id (a repeat has no new effect)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the outcome and print it."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait with --wait."),
+) -> None:
+    """Publish a CancellationRequested on cancellations.requested, as an upstream app would."""
+    import uuid
+    from datetime import date
+
+    from pydantic import ValidationError
+
+    from cancelflow.ops import StackClient, StatusWatcher
+
+    if not subscription and not charge:
+        console.print("[red]give --subscription or at least one --charge[/]")
+        raise typer.Exit(2)
+
+    async def send() -> dict | None:
+        endpoints = _endpoints()
+        async with StackClient(endpoints, producer_name=channel) as stack:
+            watcher = StatusWatcher(endpoints.bootstrap) if wait else None
+            if watcher:
+                await watcher.__aenter__()
+            try:
+                rid = await stack.request_cancellation(
+                    account_id=account, subscription_id=subscription, mode=mode,
+                    effective_date=date.fromisoformat(effective_date) if effective_date else None,
+                    quantity=quantity, charge_ids=charge, user_id=user, role=role, channel=channel,
+                    reason=reason, requires_approval=requires_approval, opt_out_of_emails=opt_out,
+                    request_id=uuid.UUID(request_id) if request_id else None)
+                console.print(f"published CancellationRequested [bold]{rid}[/]")
+                return await watcher.terminal(rid, timeout=timeout) if watcher else None
+            finally:
+                if watcher:
+                    await watcher.__aexit__(None, None, None)
+
+    try:
+        status = asyncio.run(send())
+    except (ValidationError, ValueError) as exc:
+        console.print(f"[red]not a valid request:[/] {exc}")
+        raise typer.Exit(2) from None
+    except TimeoutError as exc:
+        console.print(f"[yellow]{exc}[/]")
+        raise typer.Exit(3) from None
+    if status is not None:
+        print_status(status)
+
+
+@app.command()
+def status(request_id: str = typer.Argument(..., help="The cancellation request id.")) -> None:
+    """Print a request's current status and history (from the status service)."""
+    from cancelflow.ops import StackClient
+
+    async def fetch() -> dict | None:
+        async with StackClient(_endpoints()) as stack:
+            return await stack.status(request_id)
+
+    try:
+        found = asyncio.run(fetch())
+    except OSError as exc:
+        console.print(f"[red]the status service does not answer: {exc}[/] (is `cancelflow up` running?)")
+        raise typer.Exit(1) from None
+    if found is None:
+        console.print(f"[yellow]no request {request_id}[/]")
+        raise typer.Exit(1)
+    print_status(found)
+
+
+@app.command()
+def demo(
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Data dir of the stack to use or start."),
+    timeout: float = typer.Option(90.0, "--timeout", help="Seconds to wait for each outcome."),
+) -> None:
+    """Run the seed release note's three scenarios and a past-dated cancellation, then show the outcomes.
+
+    Uses the stack running on the data dir, or starts one for the demo and stops it afterwards."""
+    from cancelflow.demo import expected_outcomes_met, run_demo
+    from cancelflow.stack.embedded import run_stack, running_stack
+
+    settings = _settings(data_dir=data_dir)
+    endpoints = _endpoints()
+    if running_stack(settings):
+        plan = asyncio.run(run_demo(endpoints, console, timeout=timeout))
+    else:
+        console.print("no stack runs on this data dir: starting one for the demo")
+        outcome: dict = {}
+
+        async def start_and_run() -> int:
+            stop = asyncio.Event()
+
+            async def on_ready(_info: dict) -> None:
+                try:
+                    outcome["plan"] = await run_demo(endpoints, console, timeout=timeout)
+                finally:
+                    stop.set()
+
+            return await run_stack(settings, on_ready=on_ready, console=console, stop=stop)
+
+        code = asyncio.run(start_and_run())
+        if "plan" not in outcome:
+            raise typer.Exit(code or 1)
+        plan = outcome["plan"]
+    if not expected_outcomes_met(plan, console):
+        raise typer.Exit(1)

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import MetaData
@@ -31,6 +32,12 @@ log = get_logger(__name__)
 Task = Callable[[], Awaitable[None]]
 
 
+def json_response(value: object, status: int = 200) -> web.Response:
+    """JSON for the read endpoints: dates, decimals and UUIDs as strings; SQLAlchemy row keys allowed."""
+    body = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
 class ServiceRuntime:
     def __init__(self, name: str, settings: ServiceSettings, metadata: MetaData, tables: MessagingTables) -> None:
         self.name = name
@@ -48,6 +55,7 @@ class ServiceRuntime:
         self.on_stop: list[Task] = []
         self.after_commit: list[Callable[[], None]] = [self.relay.notify]
         self.group_id = f"cancelflow-{name}"
+        self.started = False
         self.http.router.add_get("/healthz", self._healthz)
         self.http.router.add_get("/readyz", self._readyz)
         self.http.router.add_get("/metrics", self._metrics)
@@ -88,46 +96,61 @@ class ServiceRuntime:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        await db.create_schema(self.engine, self.metadata)
-        await self.producer.start()
-        topics = [r.topic for r in self.routes]
-        consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
-                                 client_id=f"cancelflow-{self.name}") if topics else None
+        """Start everything, work until `stop` is set or a worker dies, then shut down in order.
+
+        Startup itself is cancellable: a SIGTERM while the broker is still being reached stops
+        the process at once (the caller cancels this coroutine).
+        """
+        consumer = None
         runner = web.AppRunner(self.http, access_log=None)
-        await runner.setup()
-        # Loopback by default; production sets CANCELFLOW_HTTP_HOST=0.0.0.0 in its containers.
-        await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
-        for hook in self.on_start:
-            await hook()
-        workers: list[asyncio.Task[None]] = [asyncio.create_task(self.relay.run(), name="relay")]
-        if consumer is not None:
-            await consumer.start()
-            loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name, group_id=self.group_id)
-            workers.append(asyncio.create_task(loop.run(), name="consume"))
-        workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task")) for task in self.tasks]
-        log.info("service started", http_port=self.settings.http_port, topics=topics)
-        stopper = asyncio.create_task(stop.wait(), name="stop")
+        workers: list[asyncio.Task[None]] = []
         try:
+            await db.create_schema(self.engine, self.metadata)
+            await runner.setup()
+            # Loopback by default; containers set CANCELFLOW_HTTP_HOST=0.0.0.0.
+            await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()
+            await self.producer.start()
+            for hook in self.on_start:
+                await hook()
+            workers.append(asyncio.create_task(self.relay.run(), name="relay"))
+            topics = [r.topic for r in self.routes]
+            if topics:
+                consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
+                                         client_id=f"cancelflow-{self.name}")
+                await consumer.start()
+                loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
+                                   group_id=self.group_id)
+                workers.append(asyncio.create_task(loop.run(), name="consume"))
+            workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))
+                        for task in self.tasks]
+            self.started = True
+            log.info("service started", http_port=self.settings.http_port, topics=topics)
+            stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait([stopper, *workers], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
-            for task in [stopper, *workers]:
+            for task in workers:
                 task.cancel()
-            await asyncio.gather(*workers, stopper, return_exceptions=True)
-            for hook in self.on_stop:
-                with contextlib.suppress(Exception):
-                    await hook()
-            if consumer is not None:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await self._shutdown(consumer, runner)
+
+    async def _shutdown(self, consumer: object, runner: web.AppRunner) -> None:
+        for hook in self.on_stop:
             with contextlib.suppress(Exception):
-                await self.relay.publish_pending()
+                await hook()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.relay.publish_pending(), 5)
+        with contextlib.suppress(Exception):
             await self.producer.stop()
-            await runner.cleanup()
-            await self.engine.dispose()
-            log.info("service stopped")
+        await runner.cleanup()
+        await self.engine.dispose()
+        log.info("service stopped")
 
 
 def run_service(name: str, build: Callable[[], ServiceRuntime]) -> None:
@@ -137,10 +160,19 @@ def run_service(name: str, build: Callable[[], ServiceRuntime]) -> None:
         runtime = build()
         cf_logging.configure(name, level=runtime.settings.log_level, json=runtime.settings.log_json)
         stop = asyncio.Event()
+        running = asyncio.create_task(runtime.run(stop))
+
+        def on_signal() -> None:
+            stop.set()
+            # Still starting (e.g. waiting for the broker): nothing to drain, stop right away.
+            if not runtime.started:
+                running.cancel()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await runtime.run(stop)
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
 
     try:
         asyncio.run(main())

@@ -98,8 +98,11 @@ def _message_id_of(raw: bytes) -> str | None:
 
 
 def parse_message(raw: bytes) -> EmailMessage:
-    """Parse raw RFC 5322 bytes into an `EmailMessage` (the modern API: get_body, get_content, ...)."""
-    message = BytesParser(policy=policy.default).parsebytes(raw)
+    """Parse raw RFC 5322 bytes into an `EmailMessage` (the modern API: get_body, get_content, ...).
+
+    Wire line endings (CRLF) become "\n" first, so that bodies read back as ordinary Python text.
+    """
+    message = BytesParser(policy=policy.default).parsebytes(raw.replace(b"\r\n", b"\n"))
     assert isinstance(message, EmailMessage)  # guaranteed by policy.default
     return message
 
@@ -243,6 +246,7 @@ async def serve(host: str, port: int, directory: str | os.PathLike[str]) -> None
 
 def main(argv: list[str] | None = None) -> None:
     # Defaults follow the stack's settings, so `python -m cancelflow.smtp_sink` alone does the right thing.
+    from cancelflow.logging import configure as configure_logging
     from cancelflow.settings import CommonSettings
 
     settings = CommonSettings()
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=mail_dir(settings.data_dir),
                         help="where to write the .eml files (default: $CANCELFLOW_DATA_DIR/mail)")
     args = parser.parse_args(argv)
+    configure_logging("smtp_sink", level=settings.log_level, json=settings.log_json)
     try:
         asyncio.run(serve(args.host, args.port, args.dir))
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from billing.handlers import BillingHandlers
 from billing.repository import BillingRepository
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
-from cancelflow.service import ServiceRuntime
+from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 
 
@@ -62,12 +62,6 @@ def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
             if row is None:
                 return web.json_response({"error": "unknown subscription"}, status=404)
             history = await repo.history(row["subscription_id"])
-        return web.json_response({"subscription": row, "history": history}, dumps=_dumps)
+        return json_response({"subscription": row, "history": history})
 
     return view
-
-
-def _dumps(value: object) -> str:
-    import orjson
-
-    return orjson.dumps(value, default=str).decode()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from aiohttp import web
+from sqlalchemy import select
+
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
@@ -26,7 +29,38 @@ def build() -> ServiceRuntime:
         "RefundIssued": handlers.refund_issued,
         "Failed": handlers.failed,
     }))
+    runtime.http.router.add_get("/contacts/{subscription_id}", _contact_known(runtime))
+    runtime.http.router.add_get("/requests/{request_id}/emails", _emails_of(runtime))
     runtime.after_commit.append(sender.notify)
     runtime.tasks.append(sender.run)
     runtime.on_stop.append(mailer.close)
     return runtime
+
+
+def _contact_known(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+    """Whether we can reach the subscription's customer; never the address itself (no PII over HTTP)."""
+
+    async def known(request: web.Request) -> web.Response:
+        table = orm.contacts
+        async with runtime.sessions() as session:
+            row = (await session.execute(select(table.c.account_id).where(
+                table.c.subscription_id == request.match_info["subscription_id"]))).first()
+        return web.json_response({"known": row is not None}, status=200 if row else 404)
+
+    return known
+
+
+def _emails_of(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+    """The emails a request owes and their delivery status (kind, audience, subject; no addresses)."""
+
+    async def emails(request: web.Request) -> web.Response:
+        table = orm.emails
+        async with runtime.sessions() as session:
+            rows = (await session.execute(select(
+                table.c.kind, table.c.audience, table.c.subject, table.c.status, table.c.attempts,
+                table.c.message_id, table.c.sent_at,
+            ).where(table.c.request_id == request.match_info["request_id"]).order_by(table.c.id))).mappings().all()
+        return web.json_response({"emails": [{**r, "sent_at": r["sent_at"] and r["sent_at"].isoformat()}
+                                             for r in rows]})
+
+    return emails

@@ -42,7 +42,8 @@ class EmailKind:
 KINDS: dict[str, EmailKind] = {
     "completed": EmailKind(
         "Subscription Cancellation Request Completed",  # exact wording: CONTRACT.md section 5
-        ("request_id", "product_name", "subscription_id", "effective_date", "access_end_date"),
+        # product_name is not required: an unknown product must not stop the outcome email.
+        ("request_id", "subscription_id", "effective_date", "access_end_date"),
         "customer",
     ),
     "failed_vendor": EmailKind("Subscription Cancellation Failed", ("request_id", "subscription_id"),

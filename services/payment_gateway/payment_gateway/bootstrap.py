@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from aiohttp import web
+from sqlalchemy import select
+
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
-from cancelflow.service import ServiceRuntime
+from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
@@ -20,6 +23,25 @@ def build() -> ServiceRuntime:
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
                             dead_letter=True))
     runtime.add_route(Route(topics.SAGA, {"PlatformCommitted": handlers.platform_committed}))
+    runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     runtime.on_start.append(gateway.start)
     runtime.on_stop.append(gateway.close)
     return runtime
+
+
+def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+    """Read-only: a charge with its refund guard balance and the refunds issued against it."""
+
+    async def view(request: web.Request) -> web.Response:
+        charge_id = request.match_info["charge_id"]
+        async with runtime.sessions() as session:
+            row = (await session.execute(select(orm.charges).where(orm.charges.c.charge_id == charge_id))).mappings().first()
+            if row is None:
+                return web.json_response({"error": "unknown charge"}, status=404)
+            refunds = (await session.execute(select(orm.refunds).where(
+                orm.refunds.c.charge_id == charge_id).order_by(orm.refunds.c.created_at))).mappings().all()
+        body = {"charge": dict(row), "refundable": str(row["amount"] - row["refunded_amount"]),
+                "refunds": [dict(r) for r in refunds]}
+        return json_response(body)
+
+    return view

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 from sqlalchemy import select
 
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
-from cancelflow.service import ServiceRuntime
+from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 from status_tracker import fold, orm
 from status_tracker.handlers import TrackerHandlers, load_view
@@ -26,10 +25,6 @@ def build() -> ServiceRuntime:
     return runtime
 
 
-def _json(value: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(value, default=str), status=status, content_type="application/json")
-
-
 def _status(row: dict) -> dict:
     return {**row["view"], "version": row["version"], "updated_at": row["updated_at"]}
 
@@ -39,8 +34,8 @@ def _one(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
         async with runtime.sessions() as session:
             row = await load_view(session, request.match_info["request_id"])
         if row is None:
-            return _json({"error": "unknown request_id"}, 404)
-        return _json(_status(row))
+            return json_response({"error": "unknown request_id"}, 404)
+        return json_response(_status(row))
 
     return one
 
@@ -55,6 +50,6 @@ def _list(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
         offset = int(request.query.get("offset", "0"))
         async with runtime.sessions() as session:
             rows = (await session.execute(query.limit(limit).offset(offset))).mappings().all()
-        return _json({"items": [_status(dict(r)) for r in rows], "limit": limit, "offset": offset})
+        return json_response({"items": [_status(dict(r)) for r in rows], "limit": limit, "offset": offset})
 
     return listing

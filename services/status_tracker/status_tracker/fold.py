@@ -66,8 +66,9 @@ def apply(view: View, event: Payload, at: datetime) -> View | None:
     handler(new, event, at)
     before = State(view["state"]) if view["state"] else None
     after = State(new["state"]) if new["state"] else None
-    if after is None or (before in TERMINAL_STATES and after != before) or not is_legal(before, after):
-        # Never leave a terminal state, never jump illegally: keep only the history the event adds.
+    if after is None or before in TERMINAL_STATES or not is_legal(before, after):
+        # Never leave a terminal state (nor change its stage, snapshot, refund or error), never jump
+        # illegally: keep only the history the event adds.
         new = {**view, "history": new["history"]}
     return None if new == view else new
 

@@ -182,8 +182,10 @@ class RecordingSMTPServer:
 
     # ---- waiting ---------------------------------------------------------------------------------
 
+    # A timeout parameter (ASYNC109) on purpose: every wait in a test must be bounded, and a default
+    # keeps call sites short; asyncio.timeout around each call would be easy to forget.
     async def wait_until(self, predicate: Callable[[list[EmailMessage]], bool],
-                         timeout: float = 10.0) -> list[EmailMessage]:
+                         timeout: float = 10.0) -> list[EmailMessage]:  # noqa: ASYNC109
         """Wait until `predicate(all messages so far)` holds; return those messages.
 
         Raises TimeoutError (with the subjects received so far) after `timeout` seconds.
@@ -207,12 +209,13 @@ class RecordingSMTPServer:
                 self._async_waiters.discard(waiter)
 
     async def wait_for(self, predicate: Callable[[EmailMessage], bool],
-                       timeout: float = 10.0) -> EmailMessage:
+                       timeout: float = 10.0) -> EmailMessage:  # noqa: ASYNC109
         """Wait for a message matching `predicate` (already received or arriving); return the first."""
         messages = await self.wait_until(lambda ms: any(predicate(m) for m in ms), timeout)
         return next(m for m in messages if predicate(m))
 
-    async def wait_for_count(self, count: int, timeout: float = 10.0) -> list[EmailMessage]:
+    async def wait_for_count(self, count: int,
+                             timeout: float = 10.0) -> list[EmailMessage]:  # noqa: ASYNC109
         """Wait until at least `count` messages were received; return all of them."""
         return await self.wait_until(lambda ms: len(ms) >= count, timeout)
 

@@ -8,6 +8,7 @@ record the failure (`retryable=False`: 5xx, a message the server can never accep
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from email.message import EmailMessage
 from typing import Protocol, runtime_checkable
@@ -20,8 +21,8 @@ from aiosmtplib import (
     SMTPResponseException,
     SMTPServerDisconnected,
 )
-
 from cancelflow.logging import get_logger
+from cancelflow.metrics import EXTERNAL_CALL_SECONDS
 
 log = get_logger(__name__)
 
@@ -105,6 +106,18 @@ class SmtpMailer:
         return f"{self.hostname}:{self.port}"
 
     async def send(self, msg: EmailMessage) -> None:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            await self._send_classified(msg)
+        except MailDeliveryError as exc:
+            outcome = "retryable" if exc.retryable else "permanent"
+            raise
+        finally:
+            EXTERNAL_CALL_SECONDS.labels("smtp", "send", outcome).observe(time.perf_counter() - started)
+
+    async def _send_classified(self, msg: EmailMessage) -> None:
+        """Send, turning every failure into a MailDeliveryError."""
         async with self._lock:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -172,7 +185,10 @@ class SmtpMailer:
     def _discard(self) -> None:
         smtp, self._smtp, self._smtp_loop = self._smtp, None, None
         if smtp is not None:
-            smtp.close()
+            try:
+                smtp.close()
+            except RuntimeError:  # its event loop is already closed (a mailer outliving a test's loop)
+                pass
 
     async def close(self) -> None:
         """Say QUIT politely if the session is alive, then close it. Never raises."""

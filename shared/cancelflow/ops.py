@@ -1,0 +1,280 @@
+"""Driving a running stack from the outside: where it listens, loading facts, sending requests and
+following their status. The CLI, the demo, the benchmark and the end-to-end tests use this."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from cancelflow import topics
+from cancelflow.events import (
+    TERMINAL_STATES,
+    CancellationRequested,
+    ChargeCaptured,
+    State,
+    SubscriptionActivated,
+)
+from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.upstream import UpstreamPublisher
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    bootstrap: str
+    status: str
+    billing: str
+    payment_gateway: str
+    notification: str
+    vendor: str
+    gateway: str
+
+    @classmethod
+    def from_env(cls, settings: CommonSettings | None = None, env: dict[str, str] | None = None) -> Endpoints:
+        import os
+
+        settings = settings or CommonSettings()
+        env = dict(os.environ if env is None else env)
+
+        def port(service: str) -> int:
+            prefix, default = SERVICES[service]
+            return int(env.get(f"{prefix}_HTTP_PORT", default))
+
+        return cls(
+            bootstrap=settings.bootstrap_servers,
+            status=f"http://127.0.0.1:{port('status_tracker')}",
+            billing=f"http://127.0.0.1:{port('billing')}",
+            payment_gateway=f"http://127.0.0.1:{port('payment_gateway')}",
+            notification=f"http://127.0.0.1:{port('notification')}",
+            vendor=settings.vendor_url,
+            gateway=settings.gateway_url,
+        )
+
+
+@dataclass(frozen=True)
+class SampleSubscription:
+    facts: SubscriptionActivated
+    charges: list[ChargeCaptured]
+
+
+def sample_subscription(*, account_id: str, subscription_id: str, today: date, price: str = "30.00",
+                        quantity: int = 1, days_into_period: int = 10, period_days: int = 30,
+                        status: str = "active", email: str = "customer@example.com",
+                        name: str = "Alex Customer", product: str = "Total AV Internet Security",
+                        vendor: str = "totalav") -> SampleSubscription:
+    start = today - timedelta(days=days_into_period)
+    end = start + timedelta(days=period_days)
+    facts = SubscriptionActivated(
+        subscription_id=subscription_id, account_id=account_id, customer={"email": email, "name": name},
+        product_name=product, vendor=vendor, vendor_subscription_id=f"{vendor}-{subscription_id}",
+        billing_period="monthly", unit_price=price, currency="USD", quantity=quantity, status=status,
+        current_period_start=start, current_period_end=end, auto_renew=True)
+    amount = Decimal(price) * quantity
+    charge = ChargeCaptured(
+        charge_id=f"ch-{subscription_id}", account_id=account_id, subscription_id=subscription_id,
+        amount=str(amount), currency="USD",
+        captured_at=datetime.combine(start, datetime.min.time(), tzinfo=UTC) + timedelta(hours=1),
+        gateway_charge_id=f"gw-{subscription_id}", period_start=start, period_end=end)
+    return SampleSubscription(facts, [] if status == "trial" else [charge])
+
+
+class StackClient:
+    """HTTP and Kafka access to a running stack (`async with StackClient(endpoints) as stack`)."""
+
+    def __init__(self, endpoints: Endpoints, settings: CommonSettings | None = None,
+                 producer_name: str = "storefront") -> None:
+        self.endpoints = endpoints
+        self.settings = settings or CommonSettings(KAFKA_BOOTSTRAP_SERVERS=endpoints.bootstrap)
+        self._publisher = UpstreamPublisher(self.settings, producer_name=producer_name)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> StackClient:
+        await self._publisher.__aenter__()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), trust_env=False)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._publisher.__aexit__(None, None, None)
+        if self._http:
+            await self._http.close()
+
+    @property
+    def publisher(self) -> UpstreamPublisher:
+        return self._publisher
+
+    async def get_json(self, url: str) -> tuple[int, Any]:
+        assert self._http is not None
+        async with self._http.get(url) as response:
+            if response.content_type != "application/json":
+                return response.status, await response.text()
+            return response.status, await response.json()
+
+    async def post_json(self, url: str, body: Any, *, expect: tuple[int, ...] = (200, 201)) -> Any:
+        assert self._http is not None
+        async with self._http.post(url, data=orjson.dumps(body),
+                                   headers={"Content-Type": "application/json"}) as response:
+            data = await response.json(content_type=None)
+            if response.status not in expect:
+                raise RuntimeError(f"POST {url} -> {response.status}: {data}")
+            return data
+
+    async def delete(self, url: str) -> None:
+        assert self._http is not None
+        async with self._http.delete(url) as response:
+            await response.read()
+
+    # --- facts -------------------------------------------------------------------------------
+
+    async def load(self, samples: list[SampleSubscription], *, timeout: float = 60) -> None:
+        """Capture the charges at the gateway, publish the facts, and wait until every service that
+        keeps a copy has it (requests sent earlier would find nothing to cancel)."""
+        for sample in samples:
+            for charge in sample.charges:
+                await self.post_json(f"{self.endpoints.gateway}/v1/charges", {
+                    "amount": f"{charge.amount:.2f}", "currency": charge.currency, "account_id": charge.account_id,
+                    "subscription_id": charge.subscription_id, "gateway_charge_id": charge.gateway_charge_id,
+                    "captured_at": charge.captured_at.isoformat()})
+            await self._publisher.publish(sample.facts, correlation_id=sample.facts.subscription_id, wait=False)
+            for charge in sample.charges:
+                await self._publisher.publish(charge, correlation_id=charge.charge_id, wait=False)
+        await self._publisher.flush()
+        urls = [f"{self.endpoints.billing}/subscriptions/{s.facts.subscription_id}" for s in samples]
+        urls += [f"{self.endpoints.notification}/contacts/{s.facts.subscription_id}" for s in samples]
+        urls += [f"{self.endpoints.payment_gateway}/charges/{c.charge_id}" for s in samples for c in s.charges]
+        await self._until_all_found(urls, timeout)
+
+    async def _until_all_found(self, urls: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(urls)
+        while pending:
+            status, _ = await self.get_json(pending[0])
+            if status == 200:
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"facts not ingested within {timeout}s: {pending[0]}")
+            await asyncio.sleep(0.05)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def request_cancellation(self, *, account_id: str, subscription_id: str | None = None,
+                                   mode: str = "immediate", effective_date: date | None = None,
+                                   quantity: int | None = None, charge_ids: list[str] | None = None,
+                                   user_id: str = "cli", role: str = "customer", channel: str = "storefront",
+                                   reason: str = "", requires_approval: bool = False,
+                                   opt_out_of_emails: bool = False, request_id: uuid.UUID | None = None) -> str:
+        request = CancellationRequested(
+            request_id=request_id or uuid.uuid4(), account_id=account_id,
+            requested_by={"user_id": user_id, "role": role, "channel": channel},
+            target="charges" if charge_ids else "subscription", subscription_id=subscription_id, mode=mode,
+            effective_date=effective_date, quantity=quantity, charge_ids=charge_ids or [], reason=reason,
+            requires_approval=requires_approval, opt_out_of_emails=opt_out_of_emails)
+        await self._publisher.publish(request)
+        return str(request.request_id)
+
+    async def status(self, request_id: str) -> dict[str, Any] | None:
+        code, body = await self.get_json(f"{self.endpoints.status}/requests/{request_id}")
+        return body if code == 200 else None
+
+    async def emails(self, request_id: str) -> list[dict[str, Any]]:
+        code, body = await self.get_json(f"{self.endpoints.notification}/requests/{request_id}/emails")
+        return body["emails"] if code == 200 else []
+
+
+class StatusWatcher:
+    """Follows `cancellations.status` (what a support dashboard reads) and wakes waiters per record."""
+
+    def __init__(self, bootstrap: str, *, from_beginning: bool = True) -> None:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                          fetch_max_wait_ms=25, group_id=None)
+        self._from_beginning = from_beginning
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.records: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StatusWatcher:
+        await self._consumer.start()
+        await self._consumer.topics()  # fetches cluster metadata, so the partitions are known
+        partitions = self._consumer.partitions_for_topic(topics.STATUS) or set()
+        if not partitions:
+            raise RuntimeError(f"topic {topics.STATUS} does not exist (run `cancelflow topics`)")
+        assigned = [TopicPartition(topics.STATUS, p) for p in sorted(partitions)]
+        self._consumer.assign(assigned)
+        if self._from_beginning:
+            await self._consumer.seek_to_beginning(*assigned)
+        else:
+            await self._consumer.seek_to_end(*assigned)
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=500)
+            if not batch:
+                continue
+            async with self._changed:
+                for records in batch.values():
+                    for record in records:
+                        envelope = orjson.loads(record.value)
+                        status = envelope["payload"]
+                        self.records.append(status)
+                        self.latest[status["request_id"]] = status
+                self._changed.notify_all()
+
+    async def wait_for(self, request_id: str, predicate: Callable[[dict[str, Any]], bool],
+                       timeout: float = 60) -> dict[str, Any]:
+        async def until() -> dict[str, Any]:
+            async with self._changed:
+                while True:
+                    status = self.latest.get(request_id)
+                    if status is not None and predicate(status):
+                        return status
+                    await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            last = self.latest.get(request_id)
+            raise TimeoutError(f"request {request_id} did not get there in {timeout}s; last: "
+                               f"{last and (last['state'], last['history'][-1:])}") from None
+
+    async def terminal(self, request_id: str, *, emails: int = 0, timeout: float = 60) -> dict[str, Any]:
+        """The request's record once it is terminal and `emails` deliveries are in its history."""
+        return await self.wait_for(request_id, lambda s: is_terminal(s) and email_count(s) >= emails, timeout)
+
+    def history_of(self, request_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["request_id"] == request_id]
+
+
+def is_terminal(status: dict[str, Any]) -> bool:
+    return State(status["state"]) in TERMINAL_STATES
+
+
+def email_count(status: dict[str, Any]) -> int:
+    return sum(1 for h in status["history"] if h["message"].startswith("Email "))
+
+
+# How many emails each outcome owes (customer + support), CONTRACT.md section 5.
+EMAILS_OWED = {("completed", None): 1, ("failed", "vendor"): 1, ("failed", "platform"): 2,
+               ("manual_review", "payment"): 2, ("rejected", "validation"): 0}
+
+
+def emails_owed(status: dict[str, Any]) -> int:
+    error = status.get("error") or {}
+    return EMAILS_OWED.get((status["state"], error.get("source")), 0)

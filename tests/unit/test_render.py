@@ -1,0 +1,256 @@
+"""Email rendering: exact subjects, the facts each kind must state, escaping, required context keys."""
+
+from __future__ import annotations
+
+import html as htmllib
+import re
+from email import policy
+from email.parser import BytesParser
+
+import pytest
+from notification.render import KINDS, audience, build_message, message_id_for, render
+
+SEED_VENDOR = ("Subscription failed to cancel due to Provisioning Error. "
+               "Please try to cancel the subscription again.")
+SEED_PLATFORM = ("The subscription cancellation process has encountered an error on our Platform. "
+                 "Please contact your administrator")
+
+FULL = {
+    "request_id": "4c1f0e7a-req",
+    "customer_name": "Jane Doe",
+    "customer_email": "jane@example.com",
+    "product_name": "Acme CRM",
+    "subscription_id": "sub-42",
+    "account_id": "acc-7",
+    "mode": "immediate",
+    "effective_date": "2026-11-21",
+    "access_end_date": "2026-11-21",
+    "refund": {"amount": "24.98", "currency": "USD", "status": "issued", "charge_id": "ch_1",
+               "idempotency_key": "refund-4c1f0e7a-ch_1", "gateway_error": "card_expired"},
+    "error_source": "vendor",
+    "error_code": "VENDOR_409",
+    "error_message": "Subscription is locked by another operation",
+    "vendor": "acme",
+    "vendor_subscription_id": "V-9001",
+    "reason": "Charge ch_9 is not a duplicate of an earlier charge",
+    "decided_by": "op-17",
+    "note": "The contract requires 30 days notice",
+    "charges": [
+        {"charge_id": "ch_2", "amount": "49.95", "currency": "USD", "kind": "refund"},
+        {"charge_id": "ch_3", "amount": "49.95", "currency": "USD", "kind": "reversal"},
+    ],
+    "history": [{"at": "2026-11-21T10:00:00Z", "message": "Provisioning status is set to In Progress"}],
+    "transactions": [{"transaction_id": "tx-1", "type": "refund", "amount": "24.98"}],
+    "state": "in_progress",
+    "stage": "vendor",
+    "updated_at": "2026-11-21T10:00:00Z",
+    "stuck_for": "45 minutes",
+}
+
+SUBJECTS = {
+    "completed": "Subscription Cancellation Request Completed",
+    "failed_vendor": "Subscription Cancellation Failed",
+    "failed_platform": "Subscription Cancellation Failed",
+    "manual_review": "Your Cancellation Request Is Under Review",
+    "declined": "Subscription Cancellation Request Declined",
+    "charges_refunded": "Duplicate Charges Refunded",
+    "support_platform_failure": "[cancelflow] Platform failure after vendor cancellation: sub-42",
+    "support_manual_review": "[cancelflow] Manual review needed: 4c1f0e7a-req",
+    "support_stuck": "[cancelflow] Request stuck: 4c1f0e7a-req",
+}
+
+# What each email must say (checked in the text and in the visible text of the HTML).
+FACTS = {
+    "completed": ["Hello Jane Doe", "Acme CRM", "sub-42", "2026-11-21", "24.98 USD", "4c1f0e7a-req"],
+    "failed_vendor": ["Hello Jane Doe", "Subscription is locked by another operation", SEED_VENDOR,
+                      "Nothing has changed", "safe to submit the cancellation again", "4c1f0e7a-req"],
+    "failed_platform": ["Hello Jane Doe", SEED_PLATFORM, "support team has already been alerted",
+                        "4c1f0e7a-req"],
+    "manual_review": ["Hello Jane Doe", "passed to our support team for review",
+                      "Charge ch_9 is not a duplicate of an earlier charge", "4c1f0e7a-req"],
+    "declined": ["Hello Jane Doe", "declined", "op-17", "The contract requires 30 days notice", "4c1f0e7a-req"],
+    "charges_refunded": ["Hello Jane Doe", "ch_2", "ch_3", "49.95 USD", "Refund", "Reversal",
+                         "Total refunded", "99.90 USD", "4c1f0e7a-req"],
+    "support_platform_failure": ["4c1f0e7a-req", "acc-7", "sub-42", "acme", "V-9001", "CANCELED",
+                                 "Subscription is locked by another operation", "2026-11-21",
+                                 "Steps to finish by hand", "Synchronized",
+                                 "Status is set to canceled with effective date 2026-11-21"],
+    "support_manual_review": ["4c1f0e7a-req", "acc-7", "sub-42", "Charge ch_9 is not a duplicate",
+                              "vendor", "VENDOR_409", "Subscription is locked by another operation",
+                              "24.98 USD", "ch_1", "refund-4c1f0e7a-ch_1", "card_expired", "tx-1",
+                              "Provisioning status is set to In Progress"],
+    "support_stuck": ["4c1f0e7a-req", "in_progress", "vendor", "45 minutes", "2026-11-21T10:00:00Z"],
+}
+
+
+def visible(html: str) -> str:
+    """What a reader of the HTML sees, as one line of text."""
+    return " ".join(htmllib.unescape(re.sub(r"<[^>]+>", " ", html)).split())
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_every_kind_is_covered():
+    assert set(SUBJECTS) == set(KINDS) == set(FACTS)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_subject_and_facts(kind):
+    subject, text, html = render(kind, FULL)
+    assert subject == SUBJECTS[kind]
+    for fact in FACTS[kind]:
+        assert fact in flat(text), f"{kind} text lacks {fact!r}"
+        assert fact in visible(html), f"{kind} HTML lacks {fact!r}"
+    assert "None" not in text and "Undefined" not in text
+    assert "None" not in visible(html)
+    assert html.lstrip().startswith("<!DOCTYPE html>")
+    assert "<img" not in html  # no tracking pixels, no remote content
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_required_keys_alone_render_cleanly(kind):
+    base = {"request_id": "r-1", "product_name": "Acme CRM", "subscription_id": "sub-1", "account_id": "acc-1",
+            "effective_date": "2026-11-21", "access_end_date": "2026-12-01", "charges": FULL["charges"]}
+    context = {key: base[key] for key in KINDS[kind].required}
+    subject, text, html = render(kind, context)
+    assert "r-1" in text and "r-1" in html
+    for junk in ("None", "Undefined", "  ,", " ."):
+        assert junk not in text, f"{kind}: {junk!r} in text"
+    assert "None" not in visible(html)
+    if KINDS[kind].audience == "customer":
+        assert text.startswith("Hello,\n")  # no name known: still a proper greeting
+
+
+@pytest.mark.parametrize(("kind", "key"), [(k, key) for k, spec in KINDS.items() for key in spec.required])
+def test_missing_required_key_raises_naming_it(kind, key):
+    context = dict(FULL)
+    del context[key]
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        render(kind, context)
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        render(kind, {**FULL, key: None})
+
+
+def test_unknown_kind_raises():
+    with pytest.raises(ValueError, match="unknown email kind"):
+        render("nope", FULL)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_html_is_escaped_and_text_is_verbatim(kind):
+    evil = "<script>alert('x')</script> & Co"
+    context = {**FULL, **{key: evil for key in ("customer_name", "product_name", "reason", "note",
+                                                 "error_message", "decided_by")}}
+    _, text, html = render(kind, context)
+    assert "<script>" not in html
+    if kind not in ("support_stuck",):  # the stuck alert shows none of these fields
+        assert "&lt;script&gt;" in html
+        assert evil in flat(text)
+
+
+def test_completed_without_refund_says_none_is_due():
+    _, text, html = render("completed", {**FULL, "refund": None})
+    assert "No refund is due" in text and "No refund is due" in visible(html)
+    assert "24.98" not in text
+    # A zero refund is no refund.
+    _, text, _ = render("completed", {**FULL, "refund": {"amount": "0.00", "currency": "USD", "status": "none"}})
+    assert "No refund is due" in text
+
+
+def test_completed_end_of_term_states_when_access_ends():
+    _, text, _ = render("completed", {**FULL, "refund": None, "effective_date": "2026-12-31",
+                                      "access_end_date": "2027-01-01"})
+    assert "You keep access to Acme CRM until 2027-01-01" in flat(text)
+
+
+def test_completed_partial_says_licenses_reduced_not_canceled():
+    _, text, html = render("completed", {**FULL, "new_quantity": 3, "removed_quantity": 2})
+    for body in (flat(text), visible(html)):
+        assert "3 licenses" in body and "2 licenses removed" in body
+        assert "has been canceled" not in body
+    _, text, _ = render("completed", {**FULL, "new_quantity": 1, "removed_quantity": 1})
+    assert "1 license (1 license removed)" in flat(text)
+
+
+def test_charges_totals_per_currency():
+    charges = [{"charge_id": "a", "amount": "10", "currency": "EUR", "kind": "refund"},
+               {"charge_id": "b", "amount": "5.5", "currency": "USD", "kind": "refund"},
+               {"charge_id": "c", "amount": "2.25", "currency": "EUR", "kind": "refund"}]
+    _, text, _ = render("charges_refunded", {"request_id": "r", "charges": charges})
+    assert "12.25 EUR" in text and "5.50 USD" in text
+    assert "Reversal" not in text and "reversal" not in text
+
+
+def test_text_lines_are_wrapped():
+    _, text, _ = render("support_manual_review", {**FULL, "reason": "word " * 60})
+    assert max(len(line) for line in text.splitlines()) <= 76
+
+
+def test_audience():
+    assert audience("completed") == "customer"
+    assert audience("support_stuck") == "support"
+
+
+def test_build_message_structure_and_headers():
+    msg = build_message("completed", FULL, sender="Billing <billing@example.com>",
+                        to="Jane Doe <jane@example.com>", message_id="abc.123@cancelflow.local")
+    assert msg["Message-ID"] == "<abc.123@cancelflow.local>"
+    assert msg["Subject"] == SUBJECTS["completed"]
+    assert msg["X-Cancelflow-Kind"] == "completed"
+    assert msg["X-Cancelflow-Request-Id"] == "4c1f0e7a-req"
+    assert msg["Date"]
+    assert msg.get_content_type() == "multipart/alternative"
+    # Survives the wire: serialise and parse back.
+    parsed = BytesParser(policy=policy.default).parsebytes(msg.as_bytes())
+    assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
+    assert "Acme CRM" in parsed.get_body(("plain",)).get_content()
+    assert "&lt;" not in parsed.get_body(("plain",)).get_content()
+    assert "<h1>" in parsed.get_body(("html",)).get_content()
+    assert parsed["To"] == "Jane Doe <jane@example.com>"
+
+
+def test_build_message_non_ascii_and_several_recipients():
+    msg = build_message("declined", {"request_id": "r", "customer_name": "Zoë Ångström"},
+                        sender="billing@example.com", to=["a@example.com", "Zoë <z@example.com>"],
+                        message_id="<m@x>")
+    parsed = BytesParser(policy=policy.default).parsebytes(msg.as_bytes())
+    assert "Hello Zoë Ångström," in parsed.get_body(("plain",)).get_content()
+    assert [a.addr_spec for a in parsed["To"].addresses] == ["a@example.com", "z@example.com"]
+
+
+def test_data_cannot_inject_headers():
+    context = {**FULL, "subscription_id": "sub-1\r\nBcc: victim@example.com",
+               "request_id": "r-1\nX-Evil: 1"}
+    msg = build_message("support_platform_failure", context, sender="cf@example.com",
+                        to="support@example.com", message_id="<m@x>")
+    headers = msg.as_bytes().split(b"\n\n", 1)[0]
+    assert b"\nBcc:" not in headers and b"\nX-Evil:" not in headers
+    parsed = BytesParser(policy=policy.default).parsebytes(msg.as_bytes())
+    assert parsed["Bcc"] is None and parsed["X-Evil"] is None
+    assert parsed["X-Cancelflow-Request-Id"] == "r-1 X-Evil: 1"
+    assert msg["Subject"] == "[cancelflow] Platform failure after vendor cancellation: sub-1 Bcc: victim@example.com"
+
+
+def test_build_message_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        build_message("completed", FULL, sender="a@x", to=[], message_id="<m@x>")
+    with pytest.raises(ValueError):
+        build_message("completed", FULL, sender="a@x", to="b@x", message_id="two words@x")
+
+
+def test_message_id_for_is_deterministic_and_distinct():
+    assert message_id_for("r-1", "completed") == message_id_for("r-1", "completed")
+    assert message_id_for("r-1", "completed") != message_id_for("r-1", "support_manual_review")
+    assert re.fullmatch(r"<[^<>\s@]+@[^<>\s@]+>", message_id_for("r 1/x", "completed"))
+
+
+def test_manual_review_after_refund_failure_says_the_cancellation_stands():
+    context = {"request_id": "r", "subscription_id": "sub-1", "error_source": "payment",
+               "refund": {"amount": "5", "currency": "EUR", "status": "failed"}, "reason": "card_expired"}
+    _, text, html = render("manual_review", context)
+    for body in (flat(text), visible(html)):
+        assert "Your cancellation has been completed, but the refund of 5.00 EUR could not be issued" in body
+    _, text, _ = render("manual_review", {"request_id": "r", "charge_ids": ["ch_1"], "reason": "not a duplicate"})
+    assert "could not be completed automatically" in flat(text) and "ch_1" in text

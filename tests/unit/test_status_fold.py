@@ -1,0 +1,327 @@
+"""status_tracker.fold: saga events folded into the support view of CONTRACT.md section 6."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from cancelflow.events import (
+    CancellationReceived,
+    EmailSent,
+    Failed,
+    Payload,
+    PlatformCommitted,
+    RefundIssued,
+    RefundLine,
+    Source,
+    State,
+    SubscriptionSnapshot,
+    VendorCancellationFailed,
+    VendorCancellationRequested,
+    VendorProvisioned,
+)
+from status_tracker.fold import apply, empty_view, is_legal
+
+RID = uuid.UUID("4c1f0e7a-0000-4000-8000-000000000001")
+T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+EFFECTIVE = date(2026, 11, 21)
+SEED_VENDOR = ("Subscription failed to cancel due to Provisioning Error. "
+               "Please try to cancel the subscription again.")
+SEED_PLATFORM = ("The subscription cancellation process has encountered an error on our Platform. "
+                 "Please contact your administrator")
+COMMITTED = "Status is set to canceled with effective date 2026-11-21"
+
+
+def received() -> CancellationReceived:
+    return CancellationReceived(
+        request_id=RID, account_id="acc-1", target="subscription", subscription_id="sub-1", mode="immediate",
+        requested_by={"user_id": "u-1", "role": "customer", "channel": "storefront"})
+
+
+def vendor_requested() -> VendorCancellationRequested:
+    return VendorCancellationRequested(
+        request_id=RID, account_id="acc-1", subscription_id="sub-1", vendor="acme", vendor_subscription_id="V-1",
+        effective_date=EFFECTIVE, current_quantity=1, new_quantity=0,
+        snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="In Progress",
+                                      effective_date=EFFECTIVE, access_end_date=EFFECTIVE))
+
+
+def provisioned() -> VendorProvisioned:
+    return VendorProvisioned(request_id=RID, subscription_id="sub-1", vendor="acme",
+                             vendor_subscription_id="V-1", new_quantity=0)
+
+
+def vendor_failed(message: str = "Subscription is locked") -> VendorCancellationFailed:
+    return VendorCancellationFailed(request_id=RID, subscription_id="sub-1", vendor="acme",
+                                    vendor_subscription_id="V-1", code="vendor_rejected", message=message,
+                                    http_status=409, retryable=False)
+
+
+def committed() -> PlatformCommitted:
+    return PlatformCommitted(
+        request_id=RID, account_id="acc-1", subscription_id="sub-1", mode="immediate", full=True, trial=False,
+        effective_date=EFFECTIVE, access_end_date=EFFECTIVE, period_start=date(2026, 11, 1),
+        period_end=date(2026, 12, 1), quantity_before=1, quantity_after=0, currency="USD", refund_due=True,
+        history=COMMITTED,
+        snapshot=SubscriptionSnapshot(subscription_status="canceled", provisioning_status="Synchronized",
+                                      effective_date=EFFECTIVE, access_end_date=EFFECTIVE))
+
+
+def refunded() -> RefundIssued:
+    line = RefundLine(charge_id="c1", gateway_charge_id="gw-1", amount="16.65", currency="USD",
+                      idempotency_key="cf-refund-x-c1", kind="refund", outcome="succeeded", refund_id="re_1")
+    return RefundIssued(request_id=RID, subscription_id="sub-1", amount="16.65", currency="USD",
+                        status="succeeded", lines=[line], auto_renew_stopped=True)
+
+
+def email() -> EmailSent:
+    return EmailSent(request_id=RID, kind="completed", audience="customer",
+                     subject="Subscription Cancellation Request Completed", message_id="<m1@cancelflow>")
+
+
+def failed(source: Source, **extra: Any) -> Failed:
+    values: dict[str, Any] = dict(request_id=RID, source=source, code=f"{source.value}_error",
+                                  message=f"{source.value} went wrong")
+    values.update(extra)
+    return Failed(**values)
+
+
+def fold(*events: Payload) -> list[dict[str, Any]]:
+    """Every intermediate view; an event that changes nothing repeats the previous view."""
+    view = empty_view(str(RID))
+    views = []
+    for i, event in enumerate(events):
+        new = apply(view, event, T0 + timedelta(seconds=i))
+        view = new if new is not None else view
+        views.append(view)
+    return views
+
+
+def messages(view: dict[str, Any]) -> list[str]:
+    return [h["message"] for h in view["history"]]
+
+
+# --- the success path -------------------------------------------------------------------------------
+
+
+def test_success_sequence_states_and_stages() -> None:
+    views = fold(received(), vendor_requested(), provisioned(), committed(), refunded(), email())
+    assert [(v["state"], v["stage"]) for v in views] == [
+        ("received", "validation"),
+        ("in_progress", "vendor"),
+        ("in_progress", "platform"),
+        ("in_progress", "payment"),
+        ("completed", "notification"),
+        ("completed", "notification"),
+    ]
+    # Each step adds history; the email only adds history.
+    lengths = [len(v["history"]) for v in views]
+    assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)
+    final = views[-1]
+    assert final["error"] is None
+    assert final["refund"] == {"amount": "16.65", "currency": "USD", "status": "succeeded"}
+    assert final["subscription_status"] == "canceled"
+    assert final["provisioning_status"] == "Synchronized"
+    assert final["effective_date"] == "2026-11-21"
+    assert final["account_id"] == "acc-1" and final["subscription_id"] == "sub-1" and final["mode"] == "immediate"
+    assert COMMITTED in messages(final)
+    assert any("Subscription Cancellation Request Completed" in m for m in messages(final))
+    assert all(h["at"].endswith("+00:00") for h in final["history"])
+
+
+def test_in_progress_snapshot_is_taken_from_the_vendor_request() -> None:
+    view = fold(received(), vendor_requested())[-1]
+    assert view["provisioning_status"] == "In Progress"
+    assert view["subscription_status"] == "active"
+
+
+def test_not_due_refund_completes_and_says_so() -> None:
+    not_due = RefundIssued(request_id=RID, subscription_id="sub-1", amount="0.00", currency="USD", status="not_due")
+    view = fold(received(), vendor_requested(), provisioned(), committed(), not_due)[-1]
+    assert view["state"] == "completed"
+    assert view["refund"] == {"amount": "0.00", "currency": "USD", "status": "not_due"}
+    assert "No refund is due" in messages(view)
+
+
+# --- failures ---------------------------------------------------------------------------------------
+
+
+def test_vendor_failure() -> None:
+    history = f"{SEED_VENDOR} Vendor error: Subscription is locked"
+    fail = failed(Source.vendor, code="vendor_rejected", message="Subscription is locked", history=history,
+                  snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized"))
+    views = fold(received(), vendor_requested(), vendor_failed(), fail)
+    assert views[2]["state"] == "in_progress"  # the vendor's answer alone does not end the request
+    view = views[-1]
+    assert view["state"] == "failed"
+    assert view["stage"] == "vendor"
+    assert view["error"] == {"source": "vendor", "code": "vendor_rejected", "message": "Subscription is locked"}
+    assert messages(view)[-1] == history
+    assert messages(view)[-1].startswith(SEED_VENDOR)
+    assert view["subscription_status"] == "active"
+    assert view["provisioning_status"] == "Synchronized"
+
+
+def test_platform_failure() -> None:
+    fail = failed(Source.platform, code="platform_commit_failed", message=SEED_PLATFORM, history=SEED_PLATFORM)
+    view = fold(received(), vendor_requested(), provisioned(), fail)[-1]
+    assert view["state"] == "failed"
+    assert view["error"]["source"] == "platform"
+    assert view["stage"] == "platform"
+    assert messages(view)[-1] == SEED_PLATFORM
+
+
+def test_payment_failure_is_manual_review() -> None:
+    line = {"charge_id": "c1", "amount": "16.65", "currency": "USD", "outcome": "failed"}
+    fail = failed(Source.payment, code="refund_failed", details={"refunds": [line]})
+    view = fold(received(), vendor_requested(), provisioned(), committed(), fail)[-1]
+    assert view["state"] == "manual_review"
+    assert view["error"]["source"] == "payment"
+    assert view["refund"] == {"amount": "16.65", "currency": "USD", "status": "failed"}
+    # The cancellation itself stays committed.
+    assert view["subscription_status"] == "canceled"
+
+
+def test_validation_failure_is_rejected() -> None:
+    fail = failed(Source.validation, code="not_owner", message="The subscription does not belong to this account.")
+    view = fold(received(), fail)[-1]
+    assert view["state"] == "rejected"
+    assert view["error"] == {"source": "validation", "code": "not_owner",
+                             "message": "The subscription does not belong to this account."}
+
+
+def test_rejection_without_received_first() -> None:
+    # A dead-lettered request only ever gets a Failed(validation).
+    view = fold(failed(Source.validation, code="bad_input"))[-1]
+    assert view["state"] == "rejected"
+
+
+def test_notification_failure_only_adds_history() -> None:
+    views = fold(received(), vendor_requested(), provisioned(), committed(), refunded(),
+                 failed(Source.notification, message="SMTP down"))
+    assert views[-1]["state"] == "completed"
+    assert views[-1]["error"] is None
+    assert "Notification problem: SMTP down" in messages(views[-1])
+
+
+# --- terminal states are never left --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("late", [vendor_requested, provisioned, committed, refunded,
+                                  lambda: failed(Source.vendor), lambda: failed(Source.payment)],
+                         ids=["vendor_requested", "provisioned", "committed", "refunded", "failed_vendor",
+                              "failed_payment"])
+def test_completed_is_never_left(late: Any) -> None:
+    done = fold(received(), vendor_requested(), provisioned(), committed(), refunded())[-1]
+    after = apply(done, late(), T0 + timedelta(minutes=5))
+    if after is None:
+        return
+    for key in done:
+        if key != "history":
+            assert after[key] == done[key], key
+    assert after["history"][:len(done["history"])] == done["history"]
+
+
+def test_email_after_completed_adds_history_only() -> None:
+    done = fold(received(), vendor_requested(), provisioned(), committed(), refunded())[-1]
+    after = apply(done, email(), T0 + timedelta(minutes=5))
+    assert after is not None
+    assert after["state"] == "completed"
+    assert len(after["history"]) == len(done["history"]) + 1
+
+
+def test_failed_is_never_left_by_a_late_success() -> None:
+    fail = failed(Source.vendor, history=SEED_VENDOR)
+    views = fold(received(), vendor_requested(), fail, provisioned(), committed(), refunded())
+    ended, view = views[2], views[-1]
+    assert view["state"] == "failed"
+    assert view["error"]["source"] == "vendor"
+    assert view["refund"] is None
+    # Nothing but history moves once the request ended: not the stage, not the subscription's statuses.
+    assert view["stage"] == ended["stage"] == "vendor"
+    assert view["subscription_status"] == ended["subscription_status"] == "active"
+    assert view["provisioning_status"] == ended["provisioning_status"]
+    assert len(view["history"]) > len(ended["history"])
+
+
+def test_rejected_is_never_left() -> None:
+    view = fold(received(), failed(Source.validation, code="provisioning_in_progress"), vendor_requested())[-1]
+    assert view["state"] == "rejected"
+    assert view["stage"] == "validation"
+
+
+# --- events that change nothing ----------------------------------------------------------------------
+
+
+def test_repeated_received_returns_none() -> None:
+    view = fold(received())[-1]
+    assert apply(view, received(), T0 + timedelta(seconds=30)) is None
+
+
+def test_unknown_payload_returns_none() -> None:
+    from cancelflow.events import CancellationApproved
+
+    view = fold(received())[-1]
+    assert apply(view, CancellationApproved(request_id=RID, decided_by="op-1"), T0) is None
+
+
+def test_apply_does_not_mutate_its_input() -> None:
+    view = fold(received())[-1]
+    snapshot = {**view, "history": list(view["history"])}
+    apply(view, vendor_requested(), T0 + timedelta(seconds=1))
+    assert view == snapshot
+
+
+# --- the transition table ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("before", "after", "legal"), [
+    (None, State.received, True),
+    (None, State.rejected, True),
+    (None, State.in_progress, False),
+    (None, State.completed, False),
+    (State.received, State.in_progress, True),
+    (State.received, State.rejected, True),
+    (State.received, State.pending_approval, True),
+    (State.received, State.scheduled, True),
+    (State.received, State.completed, False),
+    (State.received, State.failed, False),
+    (State.pending_approval, State.in_progress, True),
+    (State.pending_approval, State.declined, True),
+    (State.pending_approval, State.completed, False),
+    (State.scheduled, State.in_progress, True),
+    (State.scheduled, State.completed, False),
+    (State.in_progress, State.in_progress, True),
+    (State.in_progress, State.completed, True),
+    (State.in_progress, State.failed, True),
+    (State.in_progress, State.manual_review, True),
+    (State.in_progress, State.received, False),
+    (State.in_progress, State.rejected, False),
+    (State.completed, State.completed, True),
+    (State.completed, State.failed, False),
+    (State.completed, State.in_progress, False),
+    (State.failed, State.completed, False),
+    (State.rejected, State.in_progress, False),
+    (State.manual_review, State.completed, False),
+    (State.declined, State.in_progress, False),
+])
+def test_is_legal(before: State | None, after: State, legal: bool) -> None:
+    assert is_legal(before, after) is legal
+
+
+def test_every_terminal_state_has_no_way_out() -> None:
+    from cancelflow.events import TERMINAL_STATES
+
+    for terminal in TERMINAL_STATES:
+        for other in State:
+            assert is_legal(terminal, other) is (other == terminal)
+
+
+def test_refund_amount_keeps_two_places() -> None:
+    whole = RefundIssued(request_id=RID, subscription_id="sub-1", amount=Decimal("20"), currency="USD",
+                         status="succeeded")
+    view = fold(received(), vendor_requested(), provisioned(), committed(), whole)[-1]
+    assert view["refund"]["amount"] == "20.00"
