@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cancelflow.settings import CommonSettings
@@ -102,13 +103,13 @@ def print_status(status: dict) -> None:
         ("version", str(status.get("version"))),
     ]
     for name, value in rows:
-        view.add_row(name, str(value) if value is not None else "-")
+        view.add_row(name, escape(str(value)) if value is not None else "-")
     console.print(view)
     history = Table(title="history")
     history.add_column("at", no_wrap=True)
     history.add_column("message")
     for entry in status.get("history", []):
-        history.add_row(entry["at"], entry["message"])
+        history.add_row(entry["at"], escape(entry["message"]))
     console.print(history)
 
 

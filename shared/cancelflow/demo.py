@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cancelflow.ops import Endpoints, StackClient, StatusWatcher, emails_owed, sample_subscription
@@ -76,23 +77,31 @@ async def _arrange(stack: StackClient, scenario: Scenario, sample: Any) -> None:
 
 
 def render_outcomes(console: Console, plan: list[Scenario]) -> None:
-    table = Table(title="cancelflow demo: outcomes", show_lines=True)
-    for column in ("scenario", "state", "subscription / provisioning", "refund", "history (subscription records)",
-                   "emails sent"):
-        table.add_column(column, overflow="fold")
+    summary = Table(title="cancelflow demo: outcomes", show_lines=True)
+    for column in ("scenario", "state", "subscription / provisioning", "refund", "emails"):
+        summary.add_column(column, overflow="fold")
     for s in plan:
         status = s.status
         error = status.get("error")
-        state = status["state"] + (f"\n({error['source']}: {error['code']})" if error else "")
         refund = status.get("refund")
-        refund_text = f"{refund['amount']} {refund['currency']}\n{refund['status']}" if refund else "-"
-        records = "\n".join(f"- {h['message']}" for h in status["history"]
-                            if not h["message"].startswith(("Email ", "Cancellation of ")))
-        mails = "\n".join(f"{m['audience']}: {m['subject']} [{m['status']}]" for m in s.emails) or "-"
-        table.add_row(f"{s.name}\n{s.request_id}", state,
-                      f"{status.get('subscription_status')} / {status.get('provisioning_status')}",
-                      refund_text, records, mails)
-    console.print(table)
+        summary.add_row(
+            s.name,
+            status["state"] + (f"\n{error['source']}: {error['code']}" if error else ""),
+            f"{status.get('subscription_status')} / {status.get('provisioning_status')}",
+            f"{refund['amount']} {refund['currency']} {refund['status']}" if refund else "-",
+            str(sum(1 for m in s.emails if m["status"] == "sent")),
+        )
+    console.print(summary)
+    for s in plan:
+        console.rule(f"{s.name}  (request {s.request_id})")
+        history = Table(show_header=True, box=None, pad_edge=False)
+        history.add_column("time", no_wrap=True, style="dim")
+        history.add_column("history")
+        for entry in s.status["history"]:
+            history.add_row(entry["at"][11:19], escape(entry["message"]))
+        console.print(history)
+        for mail in s.emails:
+            console.print(f"  email to {mail['audience']}: [bold]{escape(mail['subject'])}[/] ({mail['status']})")
 
 
 EXPECTED = [("completed", None), ("failed", "vendor"), ("failed", "platform"), ("completed", None)]

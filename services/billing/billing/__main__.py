@@ -1,4 +1,5 @@
-from billing.bootstrap import build
 from cancelflow.service import run_service
+
+from billing.bootstrap import build
 
 run_service("billing", build)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from aiohttp import web
-
-from billing import orm
-from billing.handlers import BillingHandlers
-from billing.repository import BillingRepository
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
+
+from billing import orm
+from billing.handlers import BillingHandlers
+from billing.repository import BillingRepository
 
 
 def today():  # type: ignore[no-untyped-def]

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import date
 
-from billing import domain
-from billing.repository import BillingRepository
 from cancelflow.events import (
     CancellationReceived,
     CancellationRequested,
@@ -27,6 +25,9 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+
+from billing import domain
+from billing.repository import BillingRepository
 
 log = get_logger(__name__)
 
@@ -129,6 +130,7 @@ class BillingHandlers:
         else:
             await repo.update_subscription(subscription_id, quantity=saga["new_quantity"],
                                            effective_date=effective, provisioning_status=domain.SYNCHRONIZED)
+            await repo.reprice_scheduled_billings(subscription_id, row["unit_price"] * saga["new_quantity"])
         await repo.add_history(subscription_id, saga["request_id"], history)
         await repo.set_cancellation(saga["request_id"], state="committed")
         if inject_fault:  # after the writes, so the savepoint really has something to undo

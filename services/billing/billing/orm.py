@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cancelflow.messaging.store import messaging_tables
 from sqlalchemy import (
     Boolean,
     Column,
@@ -14,8 +15,6 @@ from sqlalchemy import (
     Table,
     Text,
 )
-
-from cancelflow.messaging.store import messaging_tables
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from datetime import date
+from decimal import Decimal
 from typing import Any
 
+from cancelflow.events import SubscriptionActivated, SubscriptionSnapshot, utcnow
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import orm
 from billing.domain import SubscriptionFacts
-from cancelflow.events import SubscriptionActivated, SubscriptionSnapshot, utcnow
 
 
 class BillingRepository:
@@ -88,6 +89,14 @@ class BillingRepository:
         result = await self.session.execute(update(table).where(
             (table.c.subscription_id == subscription_id) & (table.c.status == "scheduled")
         ).values(status="canceled"))
+        return result.rowcount or 0
+
+    async def reprice_scheduled_billings(self, subscription_id: str, amount: Decimal) -> int:
+        """A partial cancellation: the next renewal bills only the licenses that are left."""
+        table = orm.scheduled_billings
+        result = await self.session.execute(update(table).where(
+            (table.c.subscription_id == subscription_id) & (table.c.status == "scheduled")
+        ).values(amount=amount))
         return result.rowcount or 0
 
     async def cancellation(self, request_id: str) -> dict[str, Any] | None:

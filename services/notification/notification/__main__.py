@@ -1,4 +1,5 @@
 from cancelflow.service import run_service
+
 from notification.bootstrap import build
 
 run_service("notification", build)

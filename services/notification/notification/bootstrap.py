@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from aiohttp import web
-from sqlalchemy import select
-
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
+from sqlalchemy import select
+
 from notification import orm
 from notification.adapters.mailer import SmtpMailer
 from notification.handlers import NotificationHandlers

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import insert, select, update
-
 from cancelflow.events import (
     CancellationReceived,
     Failed,
@@ -24,6 +22,8 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+from sqlalchemy import insert, select, update
+
 from notification import orm, render
 
 log = get_logger(__name__)

@@ -1,4 +1,5 @@
 from cancelflow.service import run_service
+
 from payment_gateway.bootstrap import build
 
 run_service("payment_gateway", build)

@@ -11,7 +11,6 @@ from decimal import Decimal
 
 from cancelflow import metrics
 from cancelflow.events import (
-    ChargeCaptured,
     Failed,
     PlatformCommitted,
     RefundIssued,
@@ -22,6 +21,7 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import TransientError
 from cancelflow.messaging.uow import UnitOfWork
+
 from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient
 from payment_gateway.ledger import Ledger

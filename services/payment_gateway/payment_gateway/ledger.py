@@ -5,10 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from cancelflow.events import ChargeCaptured, utcnow
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cancelflow.events import ChargeCaptured, utcnow
 from payment_gateway import orm
 from payment_gateway.domain import ChargeBalance
 
@@ -41,11 +41,22 @@ class Ledger:
                               Decimal(r["amount"]) - Decimal(r["refunded_amount"]), r["currency"]) for r in rows]
 
     async def reserve(self, charge_id: str, amount: Decimal) -> bool:
-        """Take `amount` from the charge's refundable balance, atomically; False when it has not enough."""
-        result = await self.session.execute(update(charges).where(
-            (charges.c.charge_id == charge_id) & (charges.c.amount - charges.c.refunded_amount >= amount)
-        ).values(refunded_amount=charges.c.refunded_amount + amount))
-        return result.rowcount == 1
+        """Take `amount` from the charge's refundable balance, atomically; False when it has not enough.
+
+        The balance is compared in Decimal here, not in SQL: SQLite keeps NUMERIC as binary floats, where
+        0.30 - 0.10 >= 0.20 is false. The row lock (PostgreSQL) or BEGIN IMMEDIATE (SQLite) keeps the
+        read and the write one step."""
+        row = (await self.session.execute(
+            select(charges.c.amount, charges.c.refunded_amount).where(charges.c.charge_id == charge_id)
+            .with_for_update())).first()
+        if row is None:
+            return False
+        refunded = Decimal(row.refunded_amount)
+        if Decimal(row.amount) - refunded < amount:
+            return False
+        await self.session.execute(update(charges).where(charges.c.charge_id == charge_id)
+                                   .values(refunded_amount=refunded + amount))
+        return True
 
     async def release(self, charge_id: str, amount: Decimal) -> None:
         await self.session.execute(update(charges).where(charges.c.charge_id == charge_id)

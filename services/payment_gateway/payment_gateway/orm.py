@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, DateTime, MetaData, Numeric, String, Table, Text
-
 from cancelflow.messaging.store import messaging_tables
+from sqlalchemy import Column, Date, DateTime, MetaData, Numeric, String, Table, Text
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)

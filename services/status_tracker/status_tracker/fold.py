@@ -7,6 +7,7 @@ state is never left: later events (emails) only add history.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from cancelflow.events import (
@@ -143,7 +144,7 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
     if e.source is Source.payment:
         refunds = e.details.get("refunds") or []
         if refunds:
-            total = sum(float(r["amount"]) for r in refunds)
+            total = sum((Decimal(r["amount"]) for r in refunds), Decimal("0"))
             view["refund"] = {"amount": f"{total:.2f}", "currency": refunds[0]["currency"], "status": "failed"}
     _say(view, at, e.history or f"{e.source.value} error ({e.code}): {e.message}")
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
-
 from cancelflow.messaging.store import messaging_tables
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)

@@ -1,0 +1,3 @@
+from cancelflow.cli import app
+
+app(prog_name="cancelflow")

@@ -1,0 +1,74 @@
+"""`StackProcess`: the whole embedded stack (`python -m cancelflow up`) as a child process on free
+ports and a private data dir, for end-to-end tests, the benchmark and chaos runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cancelflow.ops import Endpoints
+from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.stack.broker import free_port
+from cancelflow.stack.embedded import running_stack
+
+
+class StackProcess:
+    def __init__(self, data_dir: Path, *, extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_DATABASE_URL")}
+        env.update({
+            "CANCELFLOW_DATA_DIR": str(data_dir),
+            "CANCELFLOW_BROKER_PORT": str(free_port()),
+            "VENDOR_SANDBOX_PORT": str(free_port()),
+            "GATEWAY_SANDBOX_PORT": str(free_port()),
+            "SMTP_PORT": str(free_port()),
+            "CANCELFLOW_FETCH_MAX_WAIT_MS": "25",
+        })
+        for prefix, _ in SERVICES.values():
+            env[f"{prefix}_HTTP_PORT"] = str(free_port())
+        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        env.update(extra_env or {})
+        self.env = env
+        self.settings = CommonSettings(_env_file=None, **{k: v for k, v in env.items()})  # type: ignore[arg-type]
+        self.endpoints = Endpoints.from_env(self.settings, env)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = data_dir / "up.log"
+
+    def start(self, timeout: float = 120) -> StackProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "cancelflow", "up"], env=self.env,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while running_stack(self.settings) is None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cancelflow up exited with {self.process.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"stack not up within {timeout}s:\n{self.log.read_text()}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def service_log(self, name: str) -> str:
+        path = self.data_dir / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def __enter__(self) -> StackProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,72 @@
+"""End-to-end fixtures: the whole stack as processes (`cancelflow up`), on SQLite stores and on
+PostgreSQL stores, with a recording SMTP server standing in for the mail server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+
+import pytest
+from cancelflow.ops import StackClient, StatusWatcher
+from cancelflow.settings import SERVICES
+from cancelflow.testing.smtp import RecordingSMTPServer
+from cancelflow.testing.stack import StackProcess
+
+SUPPORT = "support@cancelflow.test"
+
+
+def _pg_urls(pg_server, tag: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    host = pg_server.get_uri().split("host=", 1)[1]
+    urls = {}
+    for service, (prefix, _) in SERVICES.items():
+        name = f"e2e_{tag}_{service}"
+        pg_server.psql(f"CREATE DATABASE {name};")
+        urls[f"{prefix}_DATABASE_URL"] = f"postgresql+asyncpg://postgres@/{name}?host={host}"
+    return urls
+
+
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[RecordingSMTPServer]:
+    with RecordingSMTPServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("pg", marks=pytest.mark.pg)])
+def stack(request, tmp_path_factory, smtp) -> Iterator[StackProcess]:  # type: ignore[no-untyped-def]
+    env = {
+        "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "SUPPORT_EMAIL": SUPPORT,
+        # Short vendor/gateway budgets keep the failure scenarios quick.
+        "VENDOR_TIMEOUT_SECONDS": "1", "VENDOR_ATTEMPTS": "3",
+        "GATEWAY_TIMEOUT_SECONDS": "1", "GATEWAY_ATTEMPTS": "3",
+    }
+    if request.param == "pg":
+        env.update(_pg_urls(request.getfixturevalue("pg_server"), uuid.uuid4().hex[:8]))
+    process = StackProcess(tmp_path_factory.mktemp(f"stack-{request.param}"), extra_env=env)
+    process.start()
+    yield process
+    code = process.stop()
+    assert code == 0, f"cancelflow up did not stop cleanly ({code}):\n{process.log.read_text()[-3000:]}"
+
+
+@pytest.fixture
+async def client(stack: StackProcess) -> AsyncIterator[StackClient]:
+    async with StackClient(stack.endpoints, stack.settings) as c:
+        yield c
+
+
+@pytest.fixture
+async def watcher(stack: StackProcess) -> AsyncIterator[StatusWatcher]:
+    async with StatusWatcher(stack.endpoints.bootstrap) as w:
+        yield w
+
+
+@pytest.fixture
+def ids() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {"account": f"acct-{tag}", "other_account": f"acct-other-{tag}", "tag": tag}
+
+
+@pytest.fixture
+def today():  # type: ignore[no-untyped-def]
+    return datetime.now(UTC).date()
