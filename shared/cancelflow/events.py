@@ -291,6 +291,49 @@ class SubscriptionSnapshot(BaseModel):
 
 
 @register
+class ApprovalPending(SagaEvent):
+    """A valid storefront request waits for an operator (no side effect until approved)."""
+
+    event_type: ClassVar[str] = "ApprovalPending"
+
+    subscription_id: str
+    snapshot: SubscriptionSnapshot
+
+
+@register
+class RequestDeclined(SagaEvent):
+    """An operator declined a request that was pending approval; the customer is told."""
+
+    event_type: ClassVar[str] = "RequestDeclined"
+
+    subscription_id: str | None = None
+    decided_by: str
+    note: str = ""
+
+
+@register
+class CancellationScheduled(SagaEvent):
+    """End-of-term: auto-renew is off now; the vendor-first steps run when the period ends."""
+
+    event_type: ClassVar[str] = "CancellationScheduled"
+
+    account_id: str
+    subscription_id: str
+    run_on: date
+    history: str
+    snapshot: SubscriptionSnapshot
+
+
+@register
+class AutoRenewStopped(SagaEvent):
+    """The gateway's recurring schedule for the subscription is stopped."""
+
+    event_type: ClassVar[str] = "AutoRenewStopped"
+
+    subscription_id: str
+
+
+@register
 class VendorCancellationRequested(SagaEvent):
     """Billing locked the subscription (provisioning `In Progress`) and asks provisioning to go to the vendor."""
 

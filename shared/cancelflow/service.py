@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -75,7 +76,7 @@ class ServiceRuntime:
     # --- HTTP --------------------------------------------------------------------------------
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "service": self.name})
+        return web.json_response({"status": "ok", "service": self.name, "pid": os.getpid()})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         problems: dict[str, str] = {}

@@ -46,6 +46,10 @@ class CommonSettings(BaseSettings):
     vendor_attempts: int = Field(4, ge=1, le=20, validation_alias="VENDOR_ATTEMPTS")
     gateway_timeout_s: float = Field(5.0, gt=0, validation_alias="GATEWAY_TIMEOUT_SECONDS")
     gateway_attempts: int = Field(4, ge=1, le=20, validation_alias="GATEWAY_ATTEMPTS")
+    # Billing: how often the end-of-term scheduler looks for periods that ended; and a clock offset
+    # in days that only tests and demos set (production never does).
+    scheduler_interval_s: float = Field(30.0, gt=0, validation_alias="SCHEDULER_INTERVAL_SECONDS")
+    clock_offset_days: int = Field(0, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
     # Sandboxes and fault hooks: on in the embedded stack (`cancelflow up` sets it), off otherwise.
     enable_fault_hooks: bool = Field(False, validation_alias="CANCELFLOW_ENABLE_FAULT_HOOKS")
     log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
+
 from cancelflow.ops import StackClient, StatusWatcher
 from cancelflow.settings import SERVICES
 from cancelflow.testing.smtp import RecordingSMTPServer

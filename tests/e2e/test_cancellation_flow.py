@@ -16,12 +16,12 @@ from decimal import Decimal
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from billing.domain import HISTORY_PLATFORM_ERROR, HISTORY_VENDOR_ERROR
 from cancelflow import topics
 from cancelflow.events import CancellationRequested, envelope_for
 from cancelflow.messaging.codec import encode
 from cancelflow.ops import emails_owed, sample_subscription
-
 from tests.e2e.conftest import SUPPORT
 
 pytestmark = pytest.mark.e2e

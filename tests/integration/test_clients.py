@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+
 from cancelflow.sandboxes.gateway import build_gateway_app
 from cancelflow.sandboxes.vendor import build_vendor_app
 from payment_gateway.adapters.gateway import (

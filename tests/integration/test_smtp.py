@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+
 from cancelflow.smtp_sink import SmtpSink, read_mailbox, safe_message_id
 from cancelflow.testing.smtp import PERMANENT_FAILURE, TEMPORARY_FAILURE, RecordingSMTPServer
 from notification.adapters.mailer import AbstractMailer, FakeMailer, MailDeliveryError, SmtpMailer

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from typer.testing import CliRunner
+
 from cancelflow.cli import app
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.stack import embedded
@@ -25,7 +27,6 @@ from cancelflow.stack.broker import (
 from cancelflow.stack.embedded import running_stack, stack_specs
 from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
 from cancelflow.topics import STATUS, TOPICS
-from typer.testing import CliRunner
 
 # A child that answers 200 to every GET on the port given as its argument.
 HTTP_CHILD = """

@@ -7,6 +7,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import pytest
+
 from billing import domain
 from billing.domain import Plan, Rejection, SubscriptionFacts, validate
 from cancelflow.events import CancellationRequested, Mode, ValidationCode

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
 from cancelflow.settings import SERVICES, service_settings
 
 ROOT = Path(__file__).resolve().parents[2]

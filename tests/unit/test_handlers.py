@@ -11,6 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from billing import orm as billing_orm
 from billing.handlers import BillingHandlers
 from billing.repository import BillingRepository
@@ -38,8 +41,6 @@ from payment_gateway.ledger import Ledger
 from provisioning import orm as provisioning_orm
 from provisioning.adapters.vendor import FakeVendorClient, VendorOutcome
 from provisioning.handlers import ProvisioningHandlers
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 TODAY = date(2026, 11, 21)
 PERIOD_START = date(2026, 11, 1)
@@ -134,12 +135,20 @@ def provisioned(request_id: uuid.UUID, new_quantity: int = 0) -> VendorProvision
                              vendor_subscription_id="V-1", new_quantity=new_quantity)
 
 
+class FixedClock:
+    def __init__(self, today: date) -> None:
+        self._today = today
+
+    def today(self) -> date:
+        return self._today
+
+
 class Billing:
     """One billing database and the handlers, driven as the consume loop would drive them."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.handlers = BillingHandlers(today=lambda: TODAY)
+        self.handlers = BillingHandlers(FixedClock(TODAY))  # type: ignore[arg-type]
 
     async def send(self, payload: Payload, msg: Message | None = None) -> list[dict[str, Any]]:
         """Handle one record; the outbox rows it added."""

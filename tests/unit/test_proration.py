@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from payment_gateway.domain import ChargeBalance, allocate, prorated_refund, refund_key
 
 START = date(2026, 11, 1)

@@ -8,6 +8,7 @@ from email import policy
 from email.parser import BytesParser
 
 import pytest
+
 from notification.render import KINDS, audience, build_message, message_id_for, render
 
 SEED_VENDOR = ("Subscription failed to cancel due to Provisioning Error. "

@@ -12,6 +12,7 @@ from types import ModuleType
 
 import jsonschema
 import pytest
+
 from cancelflow.events import (
     REGISTRY,
     CancellationRequested,

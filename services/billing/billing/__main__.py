@@ -1,5 +1,4 @@
-from cancelflow.service import run_service
-
 from billing.bootstrap import build
+from cancelflow.service import run_service
 
 run_service("billing", build)

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from aiohttp import web
+
+from billing import orm
+from billing.clock import Clock
+from billing.handlers import BillingHandlers
+from billing.repository import BillingRepository
+from billing.scheduler import EndOfTermScheduler
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 
-from billing import orm
-from billing.handlers import BillingHandlers
-from billing.repository import BillingRepository
-
-
-def today():  # type: ignore[no-untyped-def]
-    return datetime.now(UTC).date()
-
 
 def build() -> ServiceRuntime:
     settings = service_settings("billing")
     runtime = ServiceRuntime("billing", settings, orm.metadata, orm.messaging)
-    handlers = BillingHandlers(today=today)
+    clock = Clock(settings.clock_offset_days)
+    handlers = BillingHandlers(clock)
+    scheduler = EndOfTermScheduler(runtime.new_uow, handlers.start_scheduled, clock,
+                                   interval_s=settings.scheduler_interval_s)
+    handlers.on_scheduled = scheduler.notify
+    runtime.on_start.append(lambda: clock.load(runtime.sessions))
+    runtime.tasks.append(scheduler.run)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {
         "SubscriptionActivated": handlers.subscription_activated,
     }, dead_letter=True))
     runtime.add_route(Route(topics.REQUESTED, {
         "CancellationRequested": handlers.cancellation_requested,
+        "CancellationApproved": handlers.cancellation_approved,
+        "CancellationDeclined": handlers.cancellation_declined,
     }, dead_letter=True))
     runtime.add_route(Route(topics.SAGA, {
         "VendorProvisioned": handlers.vendor_provisioned,
@@ -36,6 +40,7 @@ def build() -> ServiceRuntime:
     runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
     if settings.enable_fault_hooks:
         runtime.http.router.add_post("/_faults", _arm_fault(runtime))
+        runtime.http.router.add_post("/_clock", _set_clock(runtime, clock, scheduler))
     return runtime
 
 
@@ -50,6 +55,21 @@ def _arm_fault(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
         return web.json_response({"armed": {"subscription_id": subscription_id, "stage": stage}}, status=201)
 
     return arm
+
+
+def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermScheduler):  # type: ignore[no-untyped-def]
+    """Test/demo hook: move billing's today by `offset_days` (end-of-term runs without waiting a month)."""
+
+    async def set_clock(request: web.Request) -> web.Response:
+        body = await request.json()
+        offset = body.get("offset_days")
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            return web.json_response({"error": "need an integer offset_days"}, status=400)
+        await clock.set_offset(runtime.sessions, offset)
+        scheduler.notify()
+        return web.json_response({"today": clock.today().isoformat(), "offset_days": offset})
+
+    return set_clock
 
 
 def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]

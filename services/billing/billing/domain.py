@@ -19,6 +19,7 @@ HISTORY_COMMITTED = "Status is set to {status} with effective date {effective_da
 HISTORY_QUANTITY = "Quantity is set to {quantity} with effective date {effective_date}"
 HISTORY_VENDOR_ERROR = ("Subscription failed to cancel due to Provisioning Error. "
                         "Please try to cancel the subscription again.")
+HISTORY_SCHEDULED = "Auto-renew is set to off; the subscription will be canceled with effective date {effective_date}"
 HISTORY_PLATFORM_ERROR = ("The subscription cancellation process has encountered an error on our "
                           "Platform. Please contact your administrator")
 
@@ -47,14 +48,18 @@ class Plan:
     effective_date: date
     access_end_date: date
     new_quantity: int  # 0: the whole subscription
+    run_on: date | None = None  # end_of_term: the day the vendor-first steps run
 
     @property
     def full(self) -> bool:
         return self.new_quantity == 0
 
 
-def validate(request: CancellationRequested, sub: SubscriptionFacts | None, today: date) -> Rejection | Plan:
-    """CONTRACT.md section 5, in an order that reveals nothing about another account's subscription."""
+def validate(request: CancellationRequested, sub: SubscriptionFacts | None, today: date, *,
+             other_in_flight: bool = False) -> Rejection | Plan:
+    """CONTRACT.md section 5, in an order that reveals nothing about another account's subscription.
+
+    `other_in_flight`: another request for this subscription is scheduled or under way."""
     if sub is None:
         return Rejection(ValidationCode.unknown_subscription, "No such subscription for this account.")
     if sub.account_id != request.account_id:
@@ -74,11 +79,13 @@ def validate(request: CancellationRequested, sub: SubscriptionFacts | None, toda
                 f"(the subscription has {sub.quantity}; to remove all, cancel the whole subscription).",
             )
         new_quantity = sub.quantity - request.quantity
-    if sub.provisioning_status == IN_PROGRESS:
+    if sub.provisioning_status == IN_PROGRESS or other_in_flight:
         return Rejection(ValidationCode.provisioning_in_progress,
                          "A provisioning action for this subscription is ongoing; try again when it ends.")
-    access_end = sub.current_period_end if request.mode is Mode.end_of_term else effective
-    return Plan(effective_date=effective, access_end_date=access_end, new_quantity=new_quantity)
+    if request.mode is Mode.end_of_term:
+        return Plan(effective_date=effective, access_end_date=sub.current_period_end, new_quantity=new_quantity,
+                    run_on=sub.current_period_end)
+    return Plan(effective_date=effective, access_end_date=effective, new_quantity=new_quantity)
 
 
 def _effective_date(request: CancellationRequested, sub: SubscriptionFacts, today: date) -> date | Rejection:

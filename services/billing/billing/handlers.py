@@ -7,17 +7,25 @@ record commit together (see cancelflow.messaging).
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date
 
+from billing import domain
+from billing.clock import Clock
+from billing.repository import BillingRepository
 from cancelflow.events import (
+    ApprovalPending,
+    CancellationApproved,
+    CancellationDeclined,
     CancellationReceived,
     CancellationRequested,
+    CancellationScheduled,
     Failed,
     Mode,
     PlatformCommitted,
+    RequestDeclined,
     Source,
     SubscriptionActivated,
     SubscriptionSnapshot,
+    ValidationCode,
     VendorCancellationFailed,
     VendorCancellationRequested,
     VendorProvisioned,
@@ -26,21 +34,21 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
 
-from billing import domain
-from billing.repository import BillingRepository
-
 log = get_logger(__name__)
 
 
 class BillingHandlers:
-    def __init__(self, today: Callable[[], date]) -> None:
-        self.today = today
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.on_scheduled: Callable[[], None] = lambda: None
 
     async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
         facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
         repo = BillingRepository(uow.session)
         await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED)
         await repo.schedule_renewal(facts)
+
+    # --- intake ------------------------------------------------------------------------------
 
     async def cancellation_requested(self, msg: Message, uow: UnitOfWork) -> None:
         request: CancellationRequested = msg.payload  # type: ignore[assignment]
@@ -57,45 +65,143 @@ class BillingHandlers:
                                         state="routed_to_dispute")
             return
         row = await repo.subscription(request.subscription_id or "")
-        verdict = domain.validate(request, repo.facts(row) if row else None, self.today())
+        verdict = await self._validate(repo, request, row)
         if isinstance(verdict, domain.Rejection):
-            await self._reject(uow, repo, request, verdict, row)
+            await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
+                                        account_id=request.account_id, mode=request.mode.value, state="rejected")
+            uow.emit(self._rejection(request, verdict, row))
             return
-        await self._lock_and_ask_vendor(uow, repo, request, verdict, row)  # type: ignore[arg-type]
-
-    async def _reject(self, uow: UnitOfWork, repo: BillingRepository, request: CancellationRequested,
-                      rejection: domain.Rejection, row: dict | None) -> None:
-        request_id = str(request.request_id)
-        await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
-                                    account_id=request.account_id, mode=request.mode.value, state="rejected")
-        owner = row is not None and row["account_id"] == request.account_id
-        uow.emit(Failed(
-            request_id=request.request_id, source=Source.validation, code=rejection.code.value,
-            message=rejection.message, retryable=rejection.code.value == "provisioning_in_progress",
-            snapshot=repo.snapshot(row) if owner else None,
-        ))
-
-    async def _lock_and_ask_vendor(self, uow: UnitOfWork, repo: BillingRepository,
-                                   request: CancellationRequested, plan: domain.Plan, row: dict) -> None:
-        request_id = str(request.request_id)
-        if request.mode is Mode.end_of_term or request.requires_approval:
-            raise NotImplementedError("end_of_term and approval are handled by the modes issue")
+        assert row is not None
         await repo.add_cancellation(
             request_id=request_id, subscription_id=row["subscription_id"], account_id=request.account_id,
-            mode=request.mode.value, state="awaiting_vendor", effective_date=plan.effective_date,
-            access_end_date=plan.access_end_date, new_quantity=plan.new_quantity,
-            prior_status=row["status"], prior_provisioning_status=row["provisioning_status"],
+            mode=request.mode.value, state="received", request=request.model_dump(mode="json"),
+            **_plan_columns(verdict))
+        saga = await repo.cancellation(request_id)
+        assert saga is not None
+        if request.requires_approval:
+            await repo.set_cancellation(request_id, state="pending_approval")
+            uow.emit(ApprovalPending(request_id=request.request_id, subscription_id=row["subscription_id"],
+                                     snapshot=repo.snapshot(row)))
+            parked = await repo.take_parked_decision(request_id)
+            if parked is not None:
+                await self._decide(uow, repo, {**saga, "state": "pending_approval"}, **parked)
+            return
+        await self._proceed(uow, repo, saga, row)
+
+    async def _validate(self, repo: BillingRepository, request: CancellationRequested,
+                        row: dict | None) -> domain.Rejection | domain.Plan:
+        other_in_flight = False
+        if row is not None and row["account_id"] == request.account_id:
+            other_in_flight = await repo.in_flight(row["subscription_id"], exclude=str(request.request_id))
+        return domain.validate(request, repo.facts(row) if row else None, self.clock.today(),
+                               other_in_flight=other_in_flight)
+
+    @staticmethod
+    def _rejection(request: CancellationRequested, rejection: domain.Rejection, row: dict | None) -> Failed:
+        owner = row is not None and row["account_id"] == request.account_id
+        return Failed(
+            request_id=request.request_id, source=Source.validation, code=rejection.code.value,
+            message=rejection.message, retryable=rejection.code is ValidationCode.provisioning_in_progress,
+            snapshot=BillingRepository.snapshot(row) if owner and row else None,
         )
+
+    # --- operator decisions ------------------------------------------------------------------
+
+    async def cancellation_approved(self, msg: Message, uow: UnitOfWork) -> None:
+        decision: CancellationApproved = msg.payload  # type: ignore[assignment]
+        await self._on_decision(uow, str(decision.request_id), "approved", decision.decided_by, decision.note)
+
+    async def cancellation_declined(self, msg: Message, uow: UnitOfWork) -> None:
+        decision: CancellationDeclined = msg.payload  # type: ignore[assignment]
+        await self._on_decision(uow, str(decision.request_id), "declined", decision.decided_by, decision.note)
+
+    async def _on_decision(self, uow: UnitOfWork, request_id: str, decision: str, decided_by: str,
+                           note: str) -> None:
+        repo = BillingRepository(uow.session)
+        saga = await repo.cancellation(request_id)
+        if saga is None:
+            # Decisions travel on other partitions than their request: keep it until the request arrives.
+            await repo.park_decision(request_id, decision=decision, decided_by=decided_by, note=note)
+            return
+        if saga["state"] != "pending_approval":
+            log.warning("decision for a request that is not pending approval: ignored",
+                        request_id=request_id, state=saga["state"], decision=decision)
+            return
+        await self._decide(uow, repo, saga, decision=decision, decided_by=decided_by, note=note)
+
+    async def _decide(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, *, decision: str,
+                      decided_by: str, note: str) -> None:
+        request_id = saga["request_id"]
+        if decision == "declined":
+            await repo.set_cancellation(request_id, state="declined", decided_by=decided_by)
+            uow.emit(RequestDeclined(request_id=request_id, subscription_id=saga["subscription_id"],
+                                     decided_by=decided_by, note=note))
+            return
+        # Approved: the world may have moved on while the request waited, so validate again.
+        request = CancellationRequested.model_validate(saga["request"])
+        row = await repo.subscription(saga["subscription_id"])
+        verdict = await self._validate(repo, request, row)
+        if isinstance(verdict, domain.Rejection):
+            await repo.set_cancellation(request_id, state="rejected", decided_by=decided_by)
+            uow.emit(self._rejection(request, verdict, row))
+            return
+        assert row is not None
+        await repo.set_cancellation(request_id, decided_by=decided_by, **_plan_columns(verdict))
+        saga = await repo.cancellation(request_id)
+        assert saga is not None
+        await self._proceed(uow, repo, saga, row)
+
+    # --- scheduling and the vendor step ---------------------------------------------------------
+
+    async def _proceed(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, row: dict) -> None:
+        if saga["mode"] == Mode.end_of_term.value and saga["run_on"] > self.clock.today():
+            await self._schedule(uow, repo, saga, row)
+        else:
+            await self._lock_and_ask_vendor(uow, repo, saga, row)
+
+    async def _schedule(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, row: dict) -> None:
+        """End of term: auto-renew stops now (billing here, the gateway's schedule via the event)."""
+        subscription_id = row["subscription_id"]
+        history = domain.HISTORY_SCHEDULED.format(effective_date=saga["run_on"].isoformat())
+        await repo.update_subscription(subscription_id, auto_renew=False)
+        await repo.cancel_scheduled_billings(subscription_id)
+        await repo.add_history(subscription_id, saga["request_id"], history)
+        await repo.set_cancellation(saga["request_id"], state="scheduled")
+        after = await repo.subscription(subscription_id)
+        assert after is not None
+        uow.emit(CancellationScheduled(
+            request_id=saga["request_id"], account_id=row["account_id"], subscription_id=subscription_id,
+            run_on=saga["run_on"], history=history,
+            snapshot=repo.snapshot(after, effective_date=saga["effective_date"],
+                                   access_end_date=saga["access_end_date"])))
+        self.on_scheduled()
+
+    async def start_scheduled(self, uow: UnitOfWork, request_id: str) -> bool:
+        """Called by the scheduler when a scheduled cancellation's period has ended."""
+        repo = BillingRepository(uow.session)
+        saga = await repo.cancellation(request_id)
+        if saga is None or saga["state"] != "scheduled":
+            return False
+        row = await repo.subscription(saga["subscription_id"])
+        if row is None or row["provisioning_status"] == domain.IN_PROGRESS:
+            return False  # something else holds the lock: next round
+        await self._lock_and_ask_vendor(uow, repo, saga, row)
+        return True
+
+    async def _lock_and_ask_vendor(self, uow: UnitOfWork, repo: BillingRepository, saga: dict,
+                                   row: dict) -> None:
+        await repo.set_cancellation(saga["request_id"], state="awaiting_vendor", prior_status=row["status"],
+                                    prior_provisioning_status=row["provisioning_status"])
         await repo.update_subscription(row["subscription_id"], provisioning_status=domain.IN_PROGRESS)
         uow.emit(VendorCancellationRequested(
-            request_id=request.request_id, account_id=request.account_id,
+            request_id=saga["request_id"], account_id=row["account_id"],
             subscription_id=row["subscription_id"], vendor=row["vendor"],
-            vendor_subscription_id=row["vendor_subscription_id"], effective_date=plan.effective_date,
-            current_quantity=row["quantity"], new_quantity=plan.new_quantity,
+            vendor_subscription_id=row["vendor_subscription_id"], effective_date=saga["effective_date"],
+            current_quantity=row["quantity"], new_quantity=saga["new_quantity"],
             snapshot=SubscriptionSnapshot(subscription_status=row["status"],
                                           provisioning_status=domain.IN_PROGRESS,
-                                          effective_date=plan.effective_date,
-                                          access_end_date=plan.access_end_date),
+                                          effective_date=saga["effective_date"],
+                                          access_end_date=saga["access_end_date"]),
         ))
 
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
@@ -187,6 +293,11 @@ class BillingHandlers:
             details={"vendor": event.vendor, "vendor_subscription_id": event.vendor_subscription_id,
                      "http_status": event.http_status, "attempts": event.attempts},
         ))
+
+
+def _plan_columns(plan: domain.Plan) -> dict:
+    return {"effective_date": plan.effective_date, "access_end_date": plan.access_end_date,
+            "new_quantity": plan.new_quantity, "run_on": plan.run_on}
 
 
 def _received(request: CancellationRequested) -> CancellationReceived:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cancelflow.messaging.store import messaging_tables
 from sqlalchemy import (
+    JSON,
     Boolean,
     Column,
     Date,
@@ -15,6 +15,8 @@ from sqlalchemy import (
     Table,
     Text,
 )
+
+from cancelflow.messaging.store import messaging_tables
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)
@@ -65,11 +67,15 @@ cancellations = Table(
     Column("subscription_id", String(100), nullable=True, index=True),
     Column("account_id", String(100), nullable=False),
     Column("mode", String(20), nullable=False),
-    # received -> awaiting_vendor -> committed | reverted ; or rejected
+    # pending_approval -> (scheduled ->) awaiting_vendor -> committed | reverted_vendor | reverted_platform;
+    # or rejected, declined, routed_to_dispute
     Column("state", String(30), nullable=False),
     Column("effective_date", Date, nullable=True),
     Column("access_end_date", Date, nullable=True),
     Column("new_quantity", Integer, nullable=True),
+    Column("run_on", Date, nullable=True),  # end_of_term: when the vendor-first steps run
+    Column("request", JSON, nullable=True),  # the request as received, re-validated on approval
+    Column("decided_by", String(200), nullable=True),
     Column("prior_status", String(20), nullable=True),
     Column("prior_provisioning_status", String(30), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
@@ -82,4 +88,21 @@ armed_faults = Table(
     Column("subscription_id", String(100), primary_key=True),
     Column("stage", String(20), nullable=False),
     Column("armed_at", DateTime(timezone=True), nullable=False),
+)
+
+# An operator's decision that arrived before its request (different partitions): applied on arrival.
+parked_decisions = Table(
+    "parked_decisions", metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("decision", String(20), nullable=False),  # approved | declined
+    Column("decided_by", String(200), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+# Test and demo hook (POST /_clock with fault hooks on): days added to today; kept across restarts.
+clock = Table(
+    "clock", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("offset_days", Integer, nullable=False),
 )

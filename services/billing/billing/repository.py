@@ -6,12 +6,12 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from cancelflow.events import SubscriptionActivated, SubscriptionSnapshot, utcnow
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import orm
 from billing.domain import SubscriptionFacts
+from cancelflow.events import SubscriptionActivated, SubscriptionSnapshot, utcnow
 
 
 class BillingRepository:
@@ -33,10 +33,12 @@ class BillingRepository:
         )
 
     @staticmethod
-    def snapshot(row: dict[str, Any], *, access_end_date: date | None = None) -> SubscriptionSnapshot:
+    def snapshot(row: dict[str, Any], *, effective_date: date | None = None,
+                 access_end_date: date | None = None) -> SubscriptionSnapshot:
         return SubscriptionSnapshot(subscription_status=row["status"],
                                     provisioning_status=row["provisioning_status"],
-                                    effective_date=row["effective_date"], access_end_date=access_end_date)
+                                    effective_date=effective_date or row["effective_date"],
+                                    access_end_date=access_end_date)
 
     async def upsert_subscription(self, facts: SubscriptionActivated, *, provisioning_status: str) -> None:
         values = dict(
@@ -112,6 +114,29 @@ class BillingRepository:
         table = orm.cancellations
         await self.session.execute(update(table).where(table.c.request_id == request_id)
                                    .values(updated_at=utcnow(), **values))
+
+    async def in_flight(self, subscription_id: str, *, exclude: str) -> bool:
+        """Another request for the subscription is scheduled or at the vendor (it holds the lock)."""
+        table = orm.cancellations
+        found = await self.session.execute(select(table.c.request_id).where(
+            (table.c.subscription_id == subscription_id) & (table.c.request_id != exclude)
+            & table.c.state.in_(("scheduled", "awaiting_vendor"))).limit(1))
+        return found.first() is not None
+
+    async def park_decision(self, request_id: str, *, decision: str, decided_by: str, note: str) -> None:
+        table = orm.parked_decisions
+        if (await self.session.execute(select(table.c.request_id).where(table.c.request_id == request_id))).first():
+            return  # the first decision stands
+        await self.session.execute(insert(table).values(request_id=request_id, decision=decision,
+                                                        decided_by=decided_by, note=note, at=utcnow()))
+
+    async def take_parked_decision(self, request_id: str) -> dict[str, str] | None:
+        table = orm.parked_decisions
+        row = (await self.session.execute(select(table).where(table.c.request_id == request_id))).mappings().first()
+        if row is None:
+            return None
+        await self.session.execute(table.delete().where(table.c.request_id == request_id))
+        return {"decision": row["decision"], "decided_by": row["decided_by"], "note": row["note"]}
 
     async def take_fault(self, subscription_id: str, stage: str) -> bool:
         """Disarm and report a fault armed for this subscription's next `stage`."""

@@ -6,7 +6,6 @@ from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
-
 from dispute import orm
 from dispute.handlers import DisputeHandlers
 

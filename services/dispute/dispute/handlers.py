@@ -3,11 +3,11 @@ case goes to support for manual review, so no request is left without an outcome
 
 from __future__ import annotations
 
+from sqlalchemy import insert, select
+
 from cancelflow.events import CancellationReceived, ChargeCaptured, Failed, Source, utcnow
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
-from sqlalchemy import insert, select
-
 from dispute import orm
 
 

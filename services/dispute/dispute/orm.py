@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cancelflow.messaging.store import messaging_tables
 from sqlalchemy import Column, Date, DateTime, MetaData, Numeric, String, Table, Text
+
+from cancelflow.messaging.store import messaging_tables
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from aiohttp import web
+from sqlalchemy import select
+
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
-from sqlalchemy import select
-
 from notification import orm
 from notification.adapters.mailer import SmtpMailer
 from notification.handlers import NotificationHandlers
@@ -28,6 +28,7 @@ def build() -> ServiceRuntime:
         "PlatformCommitted": handlers.platform_committed,
         "RefundIssued": handlers.refund_issued,
         "Failed": handlers.failed,
+        "RequestDeclined": handlers.request_declined,
     }))
     runtime.http.router.add_get("/contacts/{subscription_id}", _contact_known(runtime))
     runtime.http.router.add_get("/requests/{request_id}/emails", _emails_of(runtime))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import insert, select, update
+
 from cancelflow.events import (
     CancellationReceived,
     Failed,
     PlatformCommitted,
     RefundIssued,
+    RequestDeclined,
     Source,
     SubscriptionActivated,
     VendorCancellationRequested,
@@ -22,8 +25,6 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
-from sqlalchemy import insert, select, update
-
 from notification import orm, render
 
 log = get_logger(__name__)
@@ -83,6 +84,10 @@ class NotificationHandlers:
         e: RefundIssued = msg.payload  # type: ignore[assignment]
         refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
         await self._owe(uow, str(e.request_id), ("completed",), refund=refund)
+
+    async def request_declined(self, msg: Message, uow: UnitOfWork) -> None:
+        e: RequestDeclined = msg.payload  # type: ignore[assignment]
+        await self._owe(uow, str(e.request_id), ("declined",), decided_by=e.decided_by, note=e.note or None)
 
     async def failed(self, msg: Message, uow: UnitOfWork) -> None:
         e: Failed = msg.payload  # type: ignore[assignment]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from cancelflow.messaging.store import messaging_tables
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -16,6 +15,8 @@ from sqlalchemy import (
     Table,
     Text,
 )
+
+from cancelflow.messaging.store import messaging_tables
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)

@@ -12,12 +12,12 @@ import email.policy
 from collections.abc import Callable
 from datetime import timedelta
 
+from sqlalchemy import select, update
+
 from cancelflow import metrics
 from cancelflow.events import EmailSent, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
-from sqlalchemy import select, update
-
 from notification import orm
 from notification.adapters.mailer import AbstractMailer, MailDeliveryError
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from aiohttp import web
+from sqlalchemy import select
+
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
-from sqlalchemy import select
-
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
 from payment_gateway.handlers import PaymentHandlers
@@ -22,7 +22,10 @@ def build() -> ServiceRuntime:
     handlers = PaymentHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
                             dead_letter=True))
-    runtime.add_route(Route(topics.SAGA, {"PlatformCommitted": handlers.platform_committed}))
+    runtime.add_route(Route(topics.SAGA, {
+        "PlatformCommitted": handlers.platform_committed,
+        "CancellationScheduled": handlers.cancellation_scheduled,
+    }))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     runtime.on_start.append(gateway.start)
     runtime.on_stop.append(gateway.close)

@@ -11,6 +11,8 @@ from decimal import Decimal
 
 from cancelflow import metrics
 from cancelflow.events import (
+    AutoRenewStopped,
+    CancellationScheduled,
     Failed,
     PlatformCommitted,
     RefundIssued,
@@ -21,7 +23,6 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import TransientError
 from cancelflow.messaging.uow import UnitOfWork
-
 from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient
 from payment_gateway.ledger import Ledger
@@ -52,7 +53,14 @@ class PaymentHandlers:
         lines = [await self._issue(uow, ledger, record, event) for record in records]
         self._conclude(uow, event, lines, stopped)
 
-    async def _stop_auto_renew(self, uow: UnitOfWork, ledger: Ledger, event: PlatformCommitted) -> bool:
+    async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
+        """End of term: the recurring schedule stops now, the cancellation itself runs later."""
+        event: CancellationScheduled = msg.payload  # type: ignore[assignment]
+        if await self._stop_auto_renew(uow, Ledger(uow.session), event):
+            uow.emit(AutoRenewStopped(request_id=event.request_id, subscription_id=event.subscription_id))
+
+    async def _stop_auto_renew(self, uow: UnitOfWork, ledger: Ledger,
+                               event: PlatformCommitted | CancellationScheduled) -> bool:
         if await ledger.schedule_stopped(event.subscription_id):
             return True
         outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from cancelflow.events import ChargeCaptured, utcnow
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cancelflow.events import ChargeCaptured, utcnow
 from payment_gateway import orm
 from payment_gateway.domain import ChargeBalance
 

@@ -1,5 +1,4 @@
 from cancelflow.service import run_service
-
 from provisioning.bootstrap import build
 
 run_service("provisioning", build)

@@ -6,7 +6,6 @@ from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
-
 from provisioning import orm
 from provisioning.adapters.vendor import VendorClient
 from provisioning.handlers import ProvisioningHandlers

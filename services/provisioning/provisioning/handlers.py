@@ -7,12 +7,12 @@ cancellation as "already canceled", which counts as success, so the effect happe
 
 from __future__ import annotations
 
+from sqlalchemy import insert, select, update
+
 from cancelflow.events import VendorCancellationFailed, VendorCancellationRequested, VendorProvisioned, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
-from sqlalchemy import insert, select, update
-
 from provisioning import orm
 from provisioning.adapters.vendor import AbstractVendorClient, VendorOutcome
 

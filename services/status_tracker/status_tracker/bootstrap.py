@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from aiohttp import web
+from sqlalchemy import select
+
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
-from sqlalchemy import select
-
 from status_tracker import fold, orm
 from status_tracker.handlers import TrackerHandlers, load_view
 

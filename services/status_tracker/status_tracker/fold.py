@@ -12,12 +12,16 @@ from typing import Any
 
 from cancelflow.events import (
     TERMINAL_STATES,
+    ApprovalPending,
+    AutoRenewStopped,
     CancellationReceived,
+    CancellationScheduled,
     EmailSent,
     Failed,
     Payload,
     PlatformCommitted,
     RefundIssued,
+    RequestDeclined,
     Source,
     State,
     SubscriptionSnapshot,
@@ -99,6 +103,27 @@ def _received(view: View, e: CancellationReceived, at: datetime) -> None:
         _say(view, at, f"Cancellation of {what} ({e.mode.value}) requested by {who}")
 
 
+def _pending(view: View, e: ApprovalPending, at: datetime) -> None:
+    view.update(state=State.pending_approval.value, stage=Source.validation.value)
+    _snapshot(view, e.snapshot)
+    _say(view, at, "Waiting for an operator to approve the cancellation")
+
+
+def _declined(view: View, e: RequestDeclined, at: datetime) -> None:
+    view.update(state=State.declined.value, stage=None)
+    _say(view, at, f"Declined by {e.decided_by}" + (f": {e.note}" if e.note else ""))
+
+
+def _scheduled(view: View, e: CancellationScheduled, at: datetime) -> None:
+    view.update(state=State.scheduled.value, stage=None)
+    _snapshot(view, e.snapshot)
+    _say(view, at, e.history)
+
+
+def _auto_renew_stopped(view: View, e: AutoRenewStopped, at: datetime) -> None:
+    _say(view, at, "Auto-renew stopped at the payment gateway")
+
+
 def _vendor_requested(view: View, e: VendorCancellationRequested, at: datetime) -> None:
     view.update(state=State.in_progress.value, stage=Source.vendor.value)
     _snapshot(view, e.snapshot)
@@ -155,6 +180,10 @@ def _email(view: View, e: EmailSent, at: datetime) -> None:
 
 _HANDLERS = {
     CancellationReceived: _received,
+    ApprovalPending: _pending,
+    RequestDeclined: _declined,
+    CancellationScheduled: _scheduled,
+    AutoRenewStopped: _auto_renew_stopped,
     VendorCancellationRequested: _vendor_requested,
     VendorProvisioned: _vendor_provisioned,
     VendorCancellationFailed: _vendor_failed,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import insert, select, update
+
 from cancelflow import metrics
 from cancelflow.events import TERMINAL_STATES, CancellationStatusChanged, State, utcnow
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
-from sqlalchemy import insert, select, update
-
 from status_tracker import fold, orm
 
 views = orm.views

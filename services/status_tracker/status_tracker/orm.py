@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cancelflow.messaging.store import messaging_tables
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
+
+from cancelflow.messaging.store import messaging_tables
 
 metadata = MetaData()
 messaging = messaging_tables(metadata)

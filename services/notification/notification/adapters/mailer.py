@@ -21,6 +21,7 @@ from aiosmtplib import (
     SMTPResponseException,
     SMTPServerDisconnected,
 )
+
 from cancelflow.logging import get_logger
 from cancelflow.metrics import EXTERNAL_CALL_SECONDS
 

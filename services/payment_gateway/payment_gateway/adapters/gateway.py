@@ -19,9 +19,10 @@ from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
+
 from cancelflow.sandboxes import gateway as gateway_sandbox
 from cancelflow.sandboxes.common import Reply, run_action
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
 
 T = TypeVar("T")
 CENT = Decimal("0.01")

@@ -16,10 +16,11 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
+
 from cancelflow.sandboxes import vendor as vendor_sandbox
 from cancelflow.sandboxes.common import run_action
 from cancelflow.sandboxes.vendor import SubscriptionAction
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
 
 T = TypeVar("T")
 

@@ -1,0 +1,64 @@
+"""Runs end-of-term cancellations when their period ends.
+
+Durable by construction: a scheduled cancellation is a row in billing's database; starting it
+(lock, vendor request in the outbox, state `awaiting_vendor`) is one transaction. A restart finds
+what is still `scheduled` and runs it; what already started is never started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import select
+
+from billing import orm
+from billing.clock import Clock
+from cancelflow.logging import get_logger
+from cancelflow.messaging.uow import UnitOfWork
+
+log = get_logger(__name__)
+Start = Callable[[UnitOfWork, str], Awaitable[bool]]
+
+
+class EndOfTermScheduler:
+    def __init__(self, new_uow: Callable[[], UnitOfWork], start: Start, clock: Clock, *,
+                 interval_s: float = 30.0) -> None:
+        self.new_uow = new_uow
+        self.start = start
+        self.clock = clock
+        self.interval_s = interval_s
+        self._wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be away; try again next round
+                log.warning("scheduler round failed", error=repr(exc))
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+
+    async def run_due(self) -> int:
+        table = orm.cancellations
+        async with self.new_uow() as uow:
+            due = (await uow.session.execute(select(table.c.request_id).where(
+                (table.c.state == "scheduled") & (table.c.run_on <= self.clock.today())
+            ).order_by(table.c.run_on, table.c.created_at).limit(200))).scalars().all()
+        started = 0
+        for request_id in due:
+            async with self.new_uow() as uow:
+                if await self.start(uow, request_id):
+                    await uow.commit(mark_processed=None)
+                    started += 1
+        if started:
+            log.info("end-of-term cancellations started", count=started)
+        return started
