@@ -32,6 +32,10 @@ class CommonSettings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(None, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
     # The embedded broker long-polls for the full wait, so keep it short there; Kafka is fine either way.
     fetch_max_wait_ms: int = Field(25, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
+    # How long the broker waits for a silent group member. Tansu completes a group join only after
+    # about half of it and forgets a killed member only when it expires, so the embedded stack runs
+    # with a short one (restarted services resume in seconds); Kafka's usual 30-45 s suits production.
+    session_timeout_ms: int = Field(30_000, ge=1_000, le=300_000, validation_alias="KAFKA_SESSION_TIMEOUT_MS")
     smtp_host: str | None = Field(None, validation_alias="SMTP_HOST")
     smtp_port: int = Field(1025, validation_alias="SMTP_PORT")
     support_email: str = Field("support@localhost", validation_alias="SUPPORT_EMAIL")

@@ -39,7 +39,7 @@ def stack(request, tmp_path_factory, smtp) -> Iterator[StackProcess]:  # type: i
         "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "SUPPORT_EMAIL": SUPPORT,
         # Short vendor/gateway budgets keep the failure scenarios quick.
         "VENDOR_TIMEOUT_SECONDS": "1", "VENDOR_ATTEMPTS": "3",
-        "GATEWAY_TIMEOUT_SECONDS": "1", "GATEWAY_ATTEMPTS": "3",
+        "GATEWAY_TIMEOUT_SECONDS": "1", "GATEWAY_ATTEMPTS": "3", "SCHEDULER_INTERVAL_SECONDS": "1",
     }
     if request.param == "pg":
         env.update(_pg_urls(request.getfixturevalue("pg_server"), uuid.uuid4().hex[:8]))

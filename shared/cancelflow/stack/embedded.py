@@ -51,6 +51,9 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
             out.pop(alias, None)
         else:
             out[alias] = str(int(value)) if isinstance(value, bool) else str(value)
+    if settings.kafka_bootstrap_servers is None and "KAFKA_SESSION_TIMEOUT_MS" not in env:
+        # On the embedded broker a short session lets a restarted service resume within seconds.
+        out["KAFKA_SESSION_TIMEOUT_MS"] = "6000"
     out.update(
         KAFKA_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
         CANCELFLOW_DATA_DIR=str(_data_dir(settings)),

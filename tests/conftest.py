@@ -1,0 +1,364 @@
+"""Fixtures shared by the whole suite.
+
+- `broker` (session): the real embedded broker (Tansu) with every topic created; `.bootstrap`.
+- `pg_server` (session): a PostgreSQL server from pgserver (skips the test when it cannot start);
+  `pg_database_url(pg_server, name)` creates a fresh database and returns its asyncpg URL.
+- `store` (parametrized `sqlite` / `pg`, the latter marked `pg`): `store("billing")` gives the URL of
+  a new, empty database for one service; `store.kind` says which.
+- `services`: runs `ServiceRuntime`s in-process as asyncio tasks against `broker`
+  (`await services.start_service("billing", store("billing"))`, or `await services.start(runtime)` for
+  a runtime built by the test), and stops whatever is still running when the test ends.
+- `topic_reader`: `reader = await topic_reader(topics.SAGA)` reads a topic from its beginning, without
+  a consumer group; `await reader.wait_for(predicate)` returns the first envelope matching.
+- `publisher`: an `UpstreamPublisher` on `broker`, to publish as upstream apps do.
+- `eventually(condition)`: polls a (sync or async) condition until it holds, for state read over
+  HTTP or from a database; never a bare sleep.
+
+Tests share one broker and its fixed topic names, so every test uses fresh uuid-based ids and only
+asserts on records about them. Each runtime started by `services` joins a consumer group of its own
+(unless the test passes `group_id`), so it reads its topics from the beginning: records left by
+earlier tests are handled too, under their own ids, and never disturb the current test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import importlib
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from pydantic import ValidationError
+
+import cancelflow.service
+from cancelflow.events import Envelope
+from cancelflow.messaging import kafka
+from cancelflow.service import ServiceRuntime
+from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
+from cancelflow.upstream import UpstreamPublisher
+
+# Tansu finishes a group join after about half the session timeout and forgets a member that left
+# only when its session expires: with the services' 30 s a runtime would need ~15 s to start
+# consuming. Tests run their consumers with a short session (see messaging/kafka.py).
+TEST_CONSUMER_OPTIONS = {"session_timeout_ms": 2_000, "heartbeat_interval_ms": 500}
+
+
+def _run_blocking(coro: Awaitable[Any]) -> Any:
+    """Run a coroutine to completion from a sync (session) fixture, on a loop of its own."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# --- broker ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    running = EmbeddedBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("broker"))
+    running.start_blocking()
+    try:
+        _run_blocking(create_topics(running.bootstrap))
+        yield running
+    finally:
+        running.stop_blocking()
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    try:
+        import pgserver
+
+        server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+        server.psql("SELECT 1;")
+    except Exception as exc:  # no binary, no permissions, no shared memory, ...
+        pytest.skip(f"PostgreSQL (pgserver) could not start: {exc!r}")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def pg_database_url(pg_server: Any, name: str) -> str:
+    """Create a new database (a unique name derived from `name`) and return its asyncpg URL."""
+    database = "".join(c if c.isalnum() else "_" for c in name.lower())[:40] + "_" + uuid.uuid4().hex[:8]
+    pg_server.psql(f'CREATE DATABASE "{database}";')
+    socket_dir = parse_qs(urlsplit(pg_server.get_uri()).query)["host"][0]
+    return f"postgresql+asyncpg://postgres@/{database}?host={socket_dir}"
+
+
+@dataclass
+class DatabaseFactory:
+    """`factory(name)` -> the URL of a new, empty database for one service on this store."""
+
+    kind: str
+    make: Callable[[str], str]
+
+    def __call__(self, name: str) -> str:
+        return self.make(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("pg", marks=pytest.mark.pg)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> DatabaseFactory:
+    if request.param == "pg":
+        server = request.getfixturevalue("pg_server")
+        return DatabaseFactory("pg", functools.partial(pg_database_url, server))
+
+    def sqlite_url(name: str) -> str:
+        return f"sqlite+aiosqlite:///{tmp_path / f'{name}-{uuid.uuid4().hex[:8]}.db'}"
+
+    return DatabaseFactory("sqlite", sqlite_url)
+
+
+# --- polling ---------------------------------------------------------------------------------------
+
+
+async def eventually(condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05,
+                     message: str = "condition") -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not met within {timeout:g}s (last value: {value!r})")
+        await asyncio.sleep(interval)
+
+
+# --- services in-process ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunningService:
+    runtime: ServiceRuntime
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.runtime.settings.http_port}"
+
+    @property
+    def group_id(self) -> str:
+        return self.runtime.group_id
+
+
+class ServiceRunner:
+    """Starts runtimes as tasks of the test's event loop, each stopped cleanly (stop event)."""
+
+    def __init__(self, broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+        self.broker = broker
+        self.monkeypatch = monkeypatch
+        self.running: list[RunningService] = []
+        monkeypatch.setattr(cancelflow.service, "make_consumer",
+                            functools.partial(kafka.make_consumer, **TEST_CONSUMER_OPTIONS))
+        # What every service reads, whatever the test: the test broker, short fetch waits, no ./var.
+        monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap)
+        monkeypatch.setenv("CANCELFLOW_FETCH_MAX_WAIT_MS", "25")
+        monkeypatch.setenv("CANCELFLOW_DATA_DIR", str(data_dir))
+        monkeypatch.setenv("CANCELFLOW_ENABLE_FAULT_HOOKS", "1")
+
+    def configure(self, service: str, database_url: str, **env: str) -> int:
+        """Set the environment `build()` reads for `service`; return the HTTP port it will listen on.
+
+        `env` adds or replaces variables: VENDOR_API_URL, GATEWAY_API_URL, SMTP_HOST, SMTP_PORT, ...
+        """
+        prefix, _ = SERVICES[service]
+        port = free_port()
+        self.monkeypatch.setenv(f"{prefix}_DATABASE_URL", database_url)
+        self.monkeypatch.setenv(f"{prefix}_HTTP_PORT", str(port))
+        for name, value in env.items():
+            self.monkeypatch.setenv(name, value)
+        return port
+
+    async def start_service(self, service: str, database_url: str, *, group_id: str | None = None,
+                            **env: str) -> RunningService:
+        """Build `<service>.bootstrap.build()` with the test's settings and start it."""
+        self.configure(service, database_url, **env)
+        build = importlib.import_module(f"{service}.bootstrap").build
+        return await self.start(build(), group_id=group_id)
+
+    async def start(self, runtime: ServiceRuntime, *, group_id: str | None = None,
+                    timeout: float = 60.0) -> RunningService:
+        """Run `runtime` until `stop()`; returns once it consumes (its group joined).
+
+        Without `group_id` the runtime gets a consumer group of its own (fresh: from the beginning).
+        """
+        runtime.group_id = group_id or f"{runtime.group_id}-{uuid.uuid4().hex[:8]}"
+        stop_event = asyncio.Event()
+        task = asyncio.create_task(runtime.run(stop_event), name=f"service-{runtime.name}")
+        running = RunningService(runtime, task, stop_event)
+        self.running.append(running)
+        deadline = time.monotonic() + timeout
+        while not runtime.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise AssertionError(f"{runtime.name} stopped while starting")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{runtime.name} did not start within {timeout:g}s")
+            await asyncio.sleep(0.02)
+        return running
+
+    async def stop(self, running: RunningService, timeout: float = 30.0) -> None:
+        """Set the stop event and wait for a clean shutdown; re-raise what the runtime died of."""
+        running.stop_event.set()
+        if running in self.running:
+            self.running.remove(running)
+        await asyncio.wait_for(running.task, timeout)
+
+    async def stop_all(self) -> None:
+        errors = []
+        for running in list(self.running):
+            try:
+                await self.stop(running)
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+async def services(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch,
+                   tmp_path: Path) -> AsyncIterator[ServiceRunner]:
+    runner = ServiceRunner(broker, monkeypatch, tmp_path / "var")
+    try:
+        yield runner
+    finally:
+        await runner.stop_all()
+
+
+# --- reading topics --------------------------------------------------------------------------------
+
+
+@dataclass
+class TopicReader:
+    """Every envelope on a topic, from its first record on (no consumer group, all partitions).
+
+    Records that are not envelopes are kept in `undecodable`. Waiting is event-driven: `wait_for`
+    wakes up whenever new records arrive.
+    """
+
+    topic: str
+    bootstrap: str
+    envelopes: list[Envelope] = field(default_factory=list)
+    records: dict[str, ConsumerRecord] = field(default_factory=dict)  # by event_id
+    undecodable: list[ConsumerRecord] = field(default_factory=list)
+    _consumer: AIOKafkaConsumer | None = None
+    _task: asyncio.Task[None] | None = None
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def start(self) -> TopicReader:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+            fetch_max_wait_ms=25, max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await self._consumer.start()
+        await self._consumer.topics()  # fetches the metadata partitions_for_topic reads
+        partitions = self._consumer.partitions_for_topic(self.topic) or set()
+        assert partitions, f"topic {self.topic} has no partitions"
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._read(), name=f"reader-{self.topic}")
+        return self
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            if not batch:
+                continue
+            for records in batch.values():
+                for record in records:
+                    self._keep(record)
+            async with self._arrived:
+                self._arrived.notify_all()
+
+    def _keep(self, record: ConsumerRecord) -> None:
+        try:
+            envelope = Envelope.model_validate(orjson.loads(record.value or b""))
+        except (orjson.JSONDecodeError, ValidationError):
+            self.undecodable.append(record)
+            return
+        self.envelopes.append(envelope)
+        self.records[str(envelope.event_id)] = record
+
+    def matching(self, predicate: Callable[[Envelope], bool]) -> list[Envelope]:
+        return [e for e in self.envelopes if predicate(e)]
+
+    def record_of(self, envelope: Envelope) -> ConsumerRecord:
+        """The Kafka record an envelope came in (partition, offset, key, value)."""
+        return self.records[str(envelope.event_id)]
+
+    async def wait_for(self, predicate: Callable[[Envelope], bool], *, timeout: float = 20.0) -> Envelope:
+        """The first envelope matching `predicate` (already read or still to come)."""
+        return (await self.wait_for_count(predicate, 1, timeout=timeout))[0]
+
+    async def wait_for_count(self, predicate: Callable[[Envelope], bool], count: int, *,
+                             timeout: float = 20.0) -> list[Envelope]:
+        """Wait until at least `count` envelopes match; return all that match."""
+
+        async def enough() -> list[Envelope]:
+            async with self._arrived:
+                while len(found := self.matching(predicate)) < count:
+                    if self._task is not None and self._task.done():
+                        self._task.result()
+                    await self._arrived.wait()
+                return found
+
+        try:
+            return await asyncio.wait_for(enough(), timeout)
+        except TimeoutError:
+            recent = [f"{e.event_type}({e.correlation_id})" for e in self.envelopes[-15:]]
+            raise AssertionError(
+                f"{self.topic}: {len(self.matching(predicate))} of {count} matching envelopes within "
+                f"{timeout:g}s; {len(self.envelopes)} read, the last: {recent}"
+            ) from None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+@pytest.fixture
+async def topic_reader(broker: EmbeddedBroker) -> AsyncIterator[Callable[[str], Awaitable[TopicReader]]]:
+    readers: list[TopicReader] = []
+
+    async def open_reader(topic: str) -> TopicReader:
+        reader = TopicReader(topic, broker.bootstrap)
+        readers.append(reader)
+        return await reader.start()
+
+    try:
+        yield open_reader
+    finally:
+        for reader in readers:
+            await reader.stop()
+
+
+@pytest.fixture
+async def publisher(broker: EmbeddedBroker) -> AsyncIterator[UpstreamPublisher]:
+    settings = CommonSettings(kafka_bootstrap_servers=broker.bootstrap)
+    async with UpstreamPublisher(settings, producer_name="tests") as pub:
+        yield pub
