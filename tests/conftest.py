@@ -41,9 +41,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
-import cancelflow.service
 from cancelflow.events import Envelope
-from cancelflow.messaging import kafka
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
@@ -51,8 +49,8 @@ from cancelflow.upstream import UpstreamPublisher
 
 # Tansu finishes a group join after about half the session timeout and forgets a member that left
 # only when its session expires: with the services' 30 s a runtime would need ~15 s to start
-# consuming. Tests run their consumers with a short session (see messaging/kafka.py).
-TEST_CONSUMER_OPTIONS = {"session_timeout_ms": 2_000, "heartbeat_interval_ms": 500}
+# consuming (and ~55 s to resume under the same group). Test runtimes use a short session.
+TEST_SESSION_TIMEOUT_MS = "2000"
 
 
 def _run_blocking(coro: Awaitable[Any]) -> Any:
@@ -167,11 +165,11 @@ class ServiceRunner:
         self.broker = broker
         self.monkeypatch = monkeypatch
         self.running: list[RunningService] = []
-        monkeypatch.setattr(cancelflow.service, "make_consumer",
-                            functools.partial(kafka.make_consumer, **TEST_CONSUMER_OPTIONS))
-        # What every service reads, whatever the test: the test broker, short fetch waits, no ./var.
+        # What every service reads, whatever the test: the test broker, short fetch waits and group
+        # sessions, no ./var.
         monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap)
         monkeypatch.setenv("CANCELFLOW_FETCH_MAX_WAIT_MS", "25")
+        monkeypatch.setenv("KAFKA_SESSION_TIMEOUT_MS", TEST_SESSION_TIMEOUT_MS)
         monkeypatch.setenv("CANCELFLOW_DATA_DIR", str(data_dir))
         monkeypatch.setenv("CANCELFLOW_ENABLE_FAULT_HOOKS", "1")
 

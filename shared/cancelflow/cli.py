@@ -49,6 +49,13 @@ def topics(
         "--bootstrap",
         help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS or the embedded broker).",
     ),
+    replication_factor: int = typer.Option(
+        1, "--replication-factor", min=1, envvar="KAFKA_TOPIC_REPLICATION_FACTOR",
+        help="Replicas of each new topic: 1 for one broker, 3 for a production cluster.",
+    ),
+    retry_for: float = typer.Option(
+        10.0, "--wait", min=0, help="Seconds to wait for the broker to answer (it may still be starting).",
+    ),
 ) -> None:
     """Create every topic (idempotent) and show them with their partitions and configs."""
     from cancelflow.stack.broker import BrokerError, create_topics, describe_topics
@@ -56,7 +63,7 @@ def topics(
     bootstrap = bootstrap or _settings().bootstrap_servers
 
     async def create() -> tuple[list[str], dict[str, int]]:
-        created = await create_topics(bootstrap)
+        created = await create_topics(bootstrap, retry_for=retry_for, replication_factor=replication_factor)
         return created, await describe_topics(bootstrap, [t.name for t in TOPICS])
 
     try:
@@ -74,6 +81,11 @@ def topics(
             t.name, str(partitions.get(t.name, "?")), configs, t.key, "yes" if t.name in created else ""
         )
     console.print(table)
+    # Existing topics are left as they are: say when one has fewer partitions than declared (less
+    # parallelism; adding partitions moves keys, so that is an operator's decision).
+    short = [t.name for t in TOPICS if partitions.get(t.name, t.partitions) < t.partitions]
+    if short:
+        console.print(f"[yellow]fewer partitions than declared: {', '.join(short)}[/]")
 
 
 def _endpoints():  # type: ignore[no-untyped-def]

@@ -20,3 +20,16 @@ EXTERNAL_CALL_SECONDS = Histogram("cancelflow_external_call_seconds", "Vendor/ga
 REFUNDS = Counter("cancelflow_refunds_total", "Refunds by outcome", ["outcome"])
 REFUND_AMOUNT = Counter("cancelflow_refund_amount_total", "Refunded amount", ["currency"])
 EMAILS = Counter("cancelflow_emails_total", "Emails by kind and outcome", ["kind", "outcome"])
+# Requests not yet terminal, from the status tracker's views (refreshed every few seconds): how many
+# per state, and how long the oldest of each state has gone without a change ("stuck" requests).
+REQUESTS_OPEN = Gauge("cancelflow_requests_open", "Requests not in a terminal state", ["state"])
+OLDEST_OPEN_SECONDS = Gauge("cancelflow_request_oldest_open_seconds",
+                            "Seconds since the least recently changed open request changed", ["state"])
+
+
+def call_outcome(status: int | None, failure: str | None = None) -> str:
+    """The `outcome` label of an HTTP call in EXTERNAL_CALL_SECONDS: `2xx`, `4xx`, `5xx`, or why there
+    was no answer (`timeout`, `unreachable`, `dropped`)."""
+    if failure:
+        return failure
+    return f"{(status or 0) // 100}xx"

@@ -28,11 +28,11 @@ from cancelflow.events import (
     VendorCancellationFailed,
     VendorCancellationRequested,
     VendorProvisioned,
-    envelope_for,
 )
-from cancelflow.messaging.codec import Message, decode, encode
+from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import TransientError
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.testing.messages import handle, message
 from payment_gateway import orm as payment_orm
 from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome
 from payment_gateway.domain import refund_key
@@ -54,23 +54,6 @@ Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
 
 
 # --- plumbing -----------------------------------------------------------------------------------------
-
-
-def message(payload: Payload, *, correlation_id: str | None = None) -> Message:
-    """A record as the consume loop would hand it over (encoded and decoded on the payload's topic)."""
-    correlation = correlation_id or str(getattr(payload, "request_id", "") or payload.record_key())
-    envelope = envelope_for(payload, producer="upstream", correlation_id=correlation, causation_id=None)
-    return decode(encode(envelope), topic=payload.topic, key=payload.record_key().encode())
-
-
-async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message) -> bool:
-    """What the consume loop does: skip a processed event id, else handle and commit. True when handled."""
-    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test", message=msg) as uow:
-        if await uow.already_processed(msg.event_id):
-            return False
-        await handler(msg, uow)
-        await uow.commit()
-    return True
 
 
 async def outbox(engine: AsyncEngine, orm: ModuleType) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import structlog
 from sqlalchemy import select
 
 from billing import orm
@@ -55,10 +56,11 @@ class EndOfTermScheduler:
             ).order_by(table.c.run_on, table.c.created_at).limit(200))).scalars().all()
         started = 0
         for request_id in due:
-            async with self.new_uow() as uow:
-                if await self.start(uow, request_id):
-                    await uow.commit(mark_processed=None)
-                    started += 1
+            with structlog.contextvars.bound_contextvars(request_id=request_id, correlation_id=request_id):
+                async with self.new_uow() as uow:
+                    if await self.start(uow, request_id):
+                        await uow.commit(mark_processed=None)
+                        started += 1
         if started:
             log.info("end-of-term cancellations started", count=started)
         return started

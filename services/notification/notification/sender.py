@@ -12,6 +12,7 @@ import email.policy
 from collections.abc import Callable
 from datetime import timedelta
 
+import structlog
 from sqlalchemy import select, update
 
 from cancelflow import metrics
@@ -67,6 +68,11 @@ class EmailSender:
         return delivered
 
     async def _deliver(self, row: dict) -> bool:
+        with structlog.contextvars.bound_contextvars(request_id=row["request_id"],
+                                                     correlation_id=row["request_id"]):
+            return await self._deliver_one(row)
+
+    async def _deliver_one(self, row: dict) -> bool:
         message = email.message_from_bytes(row["raw"], policy=email.policy.default)
         try:
             await self.mailer.send(message)  # type: ignore[arg-type]

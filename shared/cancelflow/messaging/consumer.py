@@ -85,14 +85,22 @@ class ConsumeLoop:
                              offset=record.offset, key=record.key)
         except BadRecord as bad:
             if route.dead_letter:
-                await self._dead_letter(record, bad.reason, bad.detail, bad.request_id)
+                with structlog.contextvars.bound_contextvars(
+                    topic=record.topic, request_id=bad.request_id, correlation_id=bad.request_id,
+                ):
+                    await self._dead_letter(record, bad.reason, bad.detail, bad.request_id)
             return
         handler = route.handlers.get(message.event_type)
         if handler is None:
             return  # a known event for another service
+        # Every line logged while handling it (ours, the handler's, the adapters') names the request.
+        # For requests and saga events request_id is the envelope's correlation_id (CONTRACT section 1);
+        # upstream facts (subscriptions, charges) belong to no request.
+        request_id = getattr(message.payload, "request_id", None)
         with structlog.contextvars.bound_contextvars(
             event_type=message.event_type, event_id=message.event_id,
             correlation_id=message.envelope.correlation_id,
+            request_id=str(request_id) if request_id is not None else None,
         ):
             await self._handle(record, route, message, handler)
 
@@ -159,8 +167,8 @@ class ConsumeLoop:
                 uow.emit(Failed(request_id=request_id, source=Source.validation,
                                 code=ValidationCode.bad_input, message=f"{reason}: {detail}"),
                          correlation_id=request_id)
-            elif request_id and message is not None:
-                uow.emit(Failed(request_id=request_id, source=_SOURCE_OF.get(self._service, Source.platform),
+            elif request_id and message is not None and self._reports_step_failures(message):
+                uow.emit(Failed(request_id=request_id, source=_SOURCE_OF[self._service],
                                 code="internal_error", message=detail,
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
@@ -168,6 +176,15 @@ class ConsumeLoop:
         metrics.DEAD_LETTERED.labels(record.topic, reason).inc()
         log.warning("record dead-lettered", topic=record.topic, partition=record.partition,
                     offset=record.offset, reason=reason, detail=detail)
+
+    def _reports_step_failures(self, message: Message) -> bool:
+        """Whether a saga event this service could not handle fails the request at its step.
+
+        Only services that own a saga step do (the status tracker only observes: its failure to
+        fold an event says nothing about the cancellation). And a `Failed` event never causes another
+        one: the tracker and notification read every `Failed`, so it would feed back forever.
+        """
+        return self._service in _SOURCE_OF and message.event_type != Failed.event_type
 
 
 _SOURCE_OF = {

@@ -78,17 +78,18 @@ async def wait_for_broker(bootstrap: str, timeout: float = 15.0) -> None:  # noq
 
 
 async def create_topics(
-    bootstrap: str, topics: Iterable[Topic] = TOPICS, *, retry_for: float = 10.0
+    bootstrap: str, topics: Iterable[Topic] = TOPICS, *, retry_for: float = 10.0, replication_factor: int = 1
 ) -> list[str]:
     """Create every topic with its partitions and configs; existing topics are left alone.
 
-    Returns the names actually created (empty when they all existed).
+    Returns the names actually created (empty when they all existed). `replication_factor` is 1 for
+    the embedded broker and a one-node Kafka; a production cluster wants 3.
     """
     topics = list(topics)
     admin = await _admin_when_ready(bootstrap, retry_for)
     try:
         response = await admin.create_topics(
-            [NewTopic(t.name, t.partitions, 1, topic_configs=dict(t.configs)) for t in topics]
+            [NewTopic(t.name, t.partitions, replication_factor, topic_configs=dict(t.configs)) for t in topics]
         )
     finally:
         await admin.close()

@@ -10,6 +10,7 @@ never as a failure the caller might "fix" with a new key.
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from urllib.parse import quote
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
 
+from cancelflow import metrics
 from cancelflow.sandboxes import gateway as gateway_sandbox
 from cancelflow.sandboxes.common import Reply, run_action
 
@@ -364,6 +366,21 @@ class GatewayClient:
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> _Exchange:
+        """One HTTP exchange, timed in cancelflow_external_call_seconds{target="gateway"}."""
+        started = time.perf_counter()
+        exchange = await self._send(method, path, body, headers)
+        metrics.EXTERNAL_CALL_SECONDS.labels(
+            "gateway", _operation(method, path), metrics.call_outcome(exchange.status, exchange.failure)
+        ).observe(time.perf_counter() - started)
+        return exchange
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Exchange:
         await self.start()
         assert self._session is not None
         try:
@@ -381,6 +398,17 @@ class GatewayClient:
         except aiohttp.ClientError as exc:
             detail = f"The connection to the gateway was lost before it answered ({type(exc).__name__})"
             return _Exchange(None, failure="dropped", detail=detail)
+
+
+def _operation(method: str, path: str) -> str:
+    """A metrics label for a call (never the ids in its path)."""
+    if path.startswith("/v1/refunds"):
+        return "refund" if method == "POST" else "lookup_refund"
+    if path.startswith("/v1/schedules"):
+        return "stop_schedule"
+    if path.startswith("/v1/charges"):
+        return "capture" if method == "POST" else "get_charge"
+    return "other"
 
 
 def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:

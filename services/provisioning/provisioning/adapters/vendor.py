@@ -8,6 +8,7 @@ is simply sent again within a small budget. A 4xx is the vendor's decision and i
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
 
+from cancelflow import metrics
 from cancelflow.sandboxes import vendor as vendor_sandbox
 from cancelflow.sandboxes.common import run_action
 from cancelflow.sandboxes.vendor import SubscriptionAction
@@ -209,6 +211,16 @@ class VendorClient:
         return await retrying(counted), attempts
 
     async def _exchange(self, path: str, body: dict[str, Any]) -> _Exchange:
+        """One HTTP exchange, timed in cancelflow_external_call_seconds{target="vendor"}."""
+        started = time.perf_counter()
+        exchange = await self._send(path, body)
+        operation = "cancel" if path.endswith("/cancel") else "set_quantity"
+        metrics.EXTERNAL_CALL_SECONDS.labels(
+            "vendor", operation, metrics.call_outcome(exchange.status, exchange.failure)
+        ).observe(time.perf_counter() - started)
+        return exchange
+
+    async def _send(self, path: str, body: dict[str, Any]) -> _Exchange:
         await self.start()
         assert self._session is not None
         try:

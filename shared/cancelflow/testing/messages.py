@@ -1,0 +1,32 @@
+"""Handing records to handlers as the consume loop does, without a broker: for handler-level tests."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cancelflow.db import session_factory
+from cancelflow.events import Payload, envelope_for
+from cancelflow.messaging.codec import Message, decode, encode
+from cancelflow.messaging.uow import UnitOfWork
+
+Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
+
+
+def message(payload: Payload, *, correlation_id: str | None = None) -> Message:
+    """A record as the consume loop would hand it over (encoded and decoded on the payload's topic)."""
+    correlation = correlation_id or str(getattr(payload, "request_id", "") or payload.record_key())
+    envelope = envelope_for(payload, producer="upstream", correlation_id=correlation, causation_id=None)
+    return decode(encode(envelope), topic=payload.topic, key=payload.record_key().encode())
+
+
+async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message) -> bool:
+    """What the consume loop does: skip a processed event id, else handle and commit. True when handled."""
+    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test", message=msg) as uow:
+        if await uow.already_processed(msg.event_id):
+            return False
+        await handler(msg, uow)
+        await uow.commit()
+    return True
