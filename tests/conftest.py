@@ -9,15 +9,18 @@
   (`await services.start_service("billing", store("billing"))`, or `await services.start(runtime)` for
   a runtime built by the test), and stops whatever is still running when the test ends.
 - `topic_reader`: `reader = await topic_reader(topics.SAGA)` reads a topic from its beginning, without
-  a consumer group; `await reader.wait_for(predicate)` returns the first envelope matching.
+  a consumer group; `await reader.wait_for(predicate)` returns the first envelope matching, and
+  `await reader.caught_up()` returns once everything published so far has been read.
 - `publisher`: an `UpstreamPublisher` on `broker`, to publish as upstream apps do.
 - `eventually(condition)`: polls a (sync or async) condition until it holds, for state read over
   HTTP or from a database; never a bare sleep.
 
 Tests share one broker and its fixed topic names, so every test uses fresh uuid-based ids and only
 asserts on records about them. Each runtime started by `services` joins a consumer group of its own
-(unless the test passes `group_id`), so it reads its topics from the beginning: records left by
-earlier tests are handled too, under their own ids, and never disturb the current test.
+that starts at the end of its topics (committed there before it joins): it handles what the test
+publishes after starting it, however long the session's history. `at_end=False` makes it read the
+history too: records left by earlier tests are then handled under their own ids, and a test must
+not count on them being absent.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import importlib
 import inspect
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +83,11 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR is not set
+            import pgserver
 
-        server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+            server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
         server.psql("SELECT 1;")
     except Exception as exc:  # no binary, no permissions, no shared memory, ...
         pytest.skip(f"PostgreSQL (pgserver) could not start: {exc!r}")
@@ -187,19 +193,24 @@ class ServiceRunner:
         return port
 
     async def start_service(self, service: str, database_url: str, *, group_id: str | None = None,
-                            **env: str) -> RunningService:
+                            at_end: bool | None = None, **env: str) -> RunningService:
         """Build `<service>.bootstrap.build()` with the test's settings and start it."""
         self.configure(service, database_url, **env)
         build = importlib.import_module(f"{service}.bootstrap").build
-        return await self.start(build(), group_id=group_id)
+        return await self.start(build(), group_id=group_id, at_end=at_end)
 
-    async def start(self, runtime: ServiceRuntime, *, group_id: str | None = None,
+    async def start(self, runtime: ServiceRuntime, *, group_id: str | None = None, at_end: bool | None = None,
                     timeout: float = 60.0) -> RunningService:
         """Run `runtime` until `stop()`; returns once it consumes (its group joined).
 
-        Without `group_id` the runtime gets a consumer group of its own (fresh: from the beginning).
+        Without `group_id` the runtime gets a consumer group of its own. `at_end` (the default for a
+        group of its own) first commits the group's offsets at the end of the runtime's topics, so it
+        handles only what is published after this returns; `at_end=False` reads the topics' history
+        (other tests' records included); a given `group_id` resumes from its committed offsets.
         """
         runtime.group_id = group_id or f"{runtime.group_id}-{uuid.uuid4().hex[:8]}"
+        if at_end if at_end is not None else group_id is None:
+            await _commit_at_end(self.broker.bootstrap, runtime.group_id, [r.topic for r in runtime.routes])
         stop_event = asyncio.Event()
         task = asyncio.create_task(runtime.run(stop_event), name=f"service-{runtime.name}")
         running = RunningService(runtime, task, stop_event)
@@ -230,6 +241,21 @@ class ServiceRunner:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+async def _commit_at_end(bootstrap: str, group_id: str, topic_names: list[str]) -> None:
+    """Commit `group_id`'s offsets at the current end of every partition of the topics (the group
+    must have no members: the commit is made from outside it)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(t, p) for t in topic_names for p in consumer.partitions_for_topic(t) or ()]
+        if tps:
+            consumer.assign(tps)
+            await consumer.commit(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
 
 
 @pytest.fixture
@@ -329,6 +355,20 @@ class TopicReader:
                 f"{self.topic}: {len(self.matching(predicate))} of {count} matching envelopes within "
                 f"{timeout:g}s; {len(self.envelopes)} read, the last: {recent}"
             ) from None
+
+    async def caught_up(self, *, timeout: float = 20.0) -> None:
+        """Wait until every record on the topic right now has been read: after it, what the reader
+        has not seen was not there (for "nothing else was published" checks)."""
+        assert self._consumer is not None
+        tps = list(self._consumer.assignment())
+        ends = await self._consumer.end_offsets(tps)
+
+        async def reached() -> bool:
+            assert self._consumer is not None
+            positions = [await self._consumer.position(tp) for tp in ends]
+            return all(position >= end for position, end in zip(positions, ends.values(), strict=True))
+
+        await eventually(reached, timeout=timeout, message=f"{self.topic} read to its end")
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -88,6 +88,61 @@ def topics(
         console.print(f"[yellow]fewer partitions than declared: {', '.join(short)}[/]")
 
 
+@app.command()
+def migrate(
+    service: list[str] = typer.Option(
+        [], "--service", help="Only this service (repeat); default: all six."
+    ),
+    sql: bool = typer.Option(
+        False, "--sql", help="Print the SQL that takes an empty database to the latest revision; run nothing."
+    ),
+) -> None:
+    """Upgrade each service's PostgreSQL database (<SERVICE>_DATABASE_URL) to its latest migration.
+
+    Services also do this when they start; run it first when the services' database users may not
+    change the schema. SQLite stores (the embedded default) are created by the services themselves."""
+    import importlib
+
+    from cancelflow import db, migrations
+    from cancelflow.settings import SERVICES, service_settings
+
+    unknown = sorted(set(service) - set(SERVICES))
+    if unknown:
+        console.print(f"[red]unknown service(s): {', '.join(unknown)}[/] (one of {', '.join(SERVICES)})")
+        raise typer.Exit(2)
+    chosen = [s for s in SERVICES if not service or s in service]
+    if sql:
+        for name in chosen:
+            package = migrations.package_for(name)
+            if package is not None:
+                print(f"-- {name}\n{migrations.upgrade_sql(package)}")
+        return
+
+    async def upgrade(name: str, url: str) -> str | None:
+        engine = db.make_engine(url)
+        try:
+            orm = importlib.import_module(f"{name}.orm")
+            return await migrations.upgrade_to_head(engine, f"{name}.migrations", orm.metadata)
+        finally:
+            await engine.dispose()
+
+    table = Table(title="database migrations")
+    table.add_column("service")
+    table.add_column("revision")
+    for name in chosen:
+        url = service_settings(name).database_url()
+        if db.is_sqlite(url) or migrations.package_for(name) is None:
+            table.add_row(name, "SQLite: created by the service on start")
+            continue
+        try:
+            revision = asyncio.run(upgrade(name, url))
+        except Exception as exc:
+            console.print(f"[red]{name}: migration failed: {escape(repr(exc))}[/]")
+            raise typer.Exit(1) from None
+        table.add_row(name, revision or "-")
+    console.print(table)
+
+
 def _endpoints():  # type: ignore[no-untyped-def]
     from cancelflow.ops import Endpoints
 
@@ -242,3 +297,55 @@ def demo(
         plan = outcome["plan"]
     if not expected_outcomes_met(plan, console):
         raise typer.Exit(1)
+
+
+def print_dispute(found: dict) -> None:
+    """A charges dispute as support reads it: the case, each listed charge's outcome, the audit trail."""
+    case = found["dispute"]
+    view = Table(show_header=False, title=f"dispute {case['request_id']}")
+    view.add_column("field", style="bold")
+    view.add_column("value")
+    for name, value in [("state", case["state"]), ("account", case["account_id"]),
+                        ("requested by", case["requested_by"]), ("reason", case.get("reason")),
+                        ("duplicate window", f"{case['window_hours']} h"), ("error", case.get("error_code")),
+                        ("opened", case["created_at"]), ("updated", case["updated_at"])]:
+        view.add_row(name, escape(str(value)) if value is not None else "-")
+    console.print(view)
+    charges = Table(title="listed charges")
+    for column in ("charge", "amount", "captured at", "duplicate", "gateway", "outcome", "refund", "reason"):
+        charges.add_column(column, no_wrap=column in ("charge", "amount"))
+    for line in found["charges"]:
+        amount = f"{line['amount']} {line['currency']}" if line.get("amount") is not None else "-"
+        refund = " ".join(str(v) for v in (line.get("refund_kind"), line.get("refund_id")) if v) or "-"
+        reason = line["detail"] if line["outcome"] != "refunded" else f"duplicate of {line.get('related_charge_id')}"
+        charges.add_row(*(escape(str(v)) if v is not None else "-" for v in (
+            line["charge_id"], amount, line.get("captured_at"), line["duplicate"], line.get("gateway_state"),
+            line["outcome"], refund, reason)))
+    console.print(charges)
+    trail = Table(title="audit trail")
+    for column in ("at", "step", "actor", "charge", "message"):
+        trail.add_column(column, no_wrap=column in ("at", "step"))
+    for entry in found["audit"]:
+        trail.add_row(*(escape(str(v)) if v is not None else "-" for v in (
+            entry["at"], entry["step"], entry["actor"], entry.get("charge_id"), entry["message"])))
+    console.print(trail)
+
+
+@app.command()
+def dispute(request_id: str = typer.Argument(..., help="The request id of a charges dispute.")) -> None:
+    """Print a duplicate-charge dispute: each listed charge's outcome and the audit trail of every step."""
+    from cancelflow.ops import StackClient
+
+    async def fetch() -> dict | None:
+        async with StackClient(_endpoints()) as stack:
+            return await stack.dispute(request_id)
+
+    try:
+        found = asyncio.run(fetch())
+    except OSError as exc:
+        console.print(f"[red]the dispute service does not answer: {exc}[/] (is `cancelflow up` running?)")
+        raise typer.Exit(1) from None
+    if found is None:
+        console.print(f"[yellow]no dispute {request_id}[/]")
+        raise typer.Exit(1)
+    print_dispute(found)

@@ -457,6 +457,105 @@ class EmailSent(SagaEvent):
     message_id: str
 
 
+# --- the multiple-charge flow (target `charges`): dispute <-> payment-gateway ----------------------
+
+
+class DisputedCharge(BaseModel):
+    """A charge a dispute asks about, as the dispute service knows it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    charge_id: str
+    gateway_charge_id: str
+    amount: Money
+    currency: Currency
+
+
+@register
+class ChargesVerificationRequested(SagaEvent):
+    """Dispute found listed charges that look duplicated and asks payment-gateway to confirm their state
+    with the gateway (captured, settled, refunded, disputed) before anything is refunded."""
+
+    event_type: ClassVar[str] = "ChargesVerificationRequested"
+
+    account_id: str
+    charges: list[DisputedCharge]
+
+
+class ChargeVerification(BaseModel):
+    """What the gateway says of one charge now, and what our refund guard has left of it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    charge_id: str
+    gateway_charge_id: str
+    found: bool = Field(description="false when the gateway does not know the charge (or could not say)")
+    state: str | None = Field(None, description="captured | settled | partially_refunded | refunded | disputed")
+    amount: Money | None = None
+    currency: str | None = None
+    refunded: Money | None = None
+    refundable: Money | None = Field(None, description="what the gateway would still refund")
+    guard_refundable: Money | None = Field(None, description="what the refund guard has left (reservations "
+                                                             "of refunds in flight deducted)")
+    captured_at: str | None = None
+    error: str | None = None
+
+
+@register
+class ChargesVerified(SagaEvent):
+    """Payment-gateway's answer to ChargesVerificationRequested: the gateway's view of each charge."""
+
+    event_type: ClassVar[str] = "ChargesVerified"
+
+    charges: list[ChargeVerification]
+
+
+class DuplicateRefundLine(BaseModel):
+    """One confirmed duplicate to refund in full, under the key derived from the request and the charge."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    charge_id: str
+    gateway_charge_id: str
+    amount: Money
+    currency: Currency
+    idempotency_key: str = Field(description="cf-dispute-<request_id>-<charge_id>")
+    duplicate_of: str | None = None
+
+
+@register
+class DuplicateRefundRequested(SagaEvent):
+    """Dispute asks payment-gateway to refund confirmed duplicates, through the same refund guard and
+    idempotency keys as cancellation refunds (the gateway decides reversal or refund)."""
+
+    event_type: ClassVar[str] = "DuplicateRefundRequested"
+
+    account_id: str
+    lines: list[DuplicateRefundLine]
+
+
+@register
+class DuplicateRefundsIssued(SagaEvent):
+    """Payment-gateway's outcome per duplicate: succeeded (reversal or refund) or failed (the guard found
+    too little left of the charge, or the gateway refused) with the error."""
+
+    event_type: ClassVar[str] = "DuplicateRefundsIssued"
+
+    lines: list[RefundLine]
+
+
+@register
+class DisputeStepRecorded(SagaEvent):
+    """One audit record of a dispute (detected, validated, gateway_verified, refund_requested,
+    refund_issued, refund_failed, escalated): kept in the dispute service's database and added to the
+    request's status history."""
+
+    event_type: ClassVar[str] = "DisputeStepRecorded"
+
+    step: str
+    actor: str
+    charge_id: str | None = None
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 # --- outputs -----------------------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ class Endpoints:
     notification: str
     vendor: str
     gateway: str
+    dispute: str = ""
 
     @classmethod
     def from_env(cls, settings: CommonSettings | None = None, env: dict[str, str] | None = None) -> Endpoints:
@@ -57,6 +58,7 @@ class Endpoints:
             notification=f"http://127.0.0.1:{port('notification')}",
             vendor=settings.vendor_url,
             gateway=settings.gateway_url,
+            dispute=f"http://127.0.0.1:{port('dispute')}",
         )
 
 
@@ -151,6 +153,17 @@ class StackClient:
         urls += [f"{self.endpoints.notification}/contacts/{s.facts.subscription_id}" for s in samples]
         urls += [f"{self.endpoints.payment_gateway}/charges/{c.charge_id}" for s in samples for c in s.charges]
         await self._until_all_found(urls, timeout)
+
+    async def load_for_dispute(self, samples: list[SampleSubscription], *, timeout: float = 60) -> None:
+        """`load`, then wait until the dispute service has its copy of every charge too."""
+        await self.load(samples, timeout=timeout)
+        await self._until_all_found(
+            [f"{self.endpoints.dispute}/charges/{c.charge_id}" for s in samples for c in s.charges], timeout)
+
+    async def dispute(self, request_id: str) -> dict[str, Any] | None:
+        """The dispute case of a charges request: each listed charge's outcome and the audit trail."""
+        code, body = await self.get_json(f"{self.endpoints.dispute}/disputes/{request_id}")
+        return body if code == 200 else None
 
     async def _until_all_found(self, urls: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import MetaData
 
-from cancelflow import db
+from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
@@ -57,6 +57,8 @@ class ServiceRuntime:
         self.on_stop: list[Task] = []
         self.after_commit: list[Callable[[], None]] = [self.relay.notify]
         self.group_id = f"cancelflow-{name}"
+        # "<service>.migrations" when the service has an Alembic environment (used on PostgreSQL).
+        self.migrations = migrations.package_for(name)
         self.started = False
         self.http.router.add_get("/healthz", self._healthz)
         self.http.router.add_get("/readyz", self._readyz)
@@ -97,6 +99,14 @@ class ServiceRuntime:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    async def prepare_schema(self) -> None:
+        """The service's tables: Alembic migrations to head on PostgreSQL (when the service has an
+        environment, see cancelflow.migrations); create_all on SQLite, the embedded default."""
+        if self.migrations is not None and not db.is_sqlite(self.settings.database_url()):
+            await migrations.upgrade_to_head(self.engine, self.migrations, self.metadata)
+        else:
+            await db.create_schema(self.engine, self.metadata)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, work until `stop` is set or a worker dies, then shut down in order.
 
@@ -107,7 +117,7 @@ class ServiceRuntime:
         runner = web.AppRunner(self.http, access_log=None)
         workers: list[asyncio.Task[None]] = []
         try:
-            await db.create_schema(self.engine, self.metadata)
+            await self.prepare_schema()
             await runner.setup()
             # Loopback by default; containers set CANCELFLOW_HTTP_HOST=0.0.0.0.
             await web.TCPSite(runner, self.settings.http_host, self.settings.http_port).start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import uuid
+from datetime import date
 from typing import Any
 
 import orjson
@@ -25,7 +26,12 @@ from cancelflow.events import (
     CancellationReceived,
     CancellationRequested,
     Envelope,
+    Failed,
     RequestedBy,
+    Source,
+    SubscriptionSnapshot,
+    VendorCancellationRequested,
+    VendorProvisioned,
     envelope_for,
 )
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, Message
@@ -159,12 +165,15 @@ async def test_same_envelope_twice_has_one_effect(broker, store, services, publi
     assert len(await effect_rows(running.runtime, request_id)) == 1
     assert tiny.calls.count(request_id) == 1, "the inbox must stop the copy before the handler"
     assert inbox_duplicates() - duplicates_before >= 1
+    await eventually(lambda: _outbox_empty(running.runtime), message="outbox emptied")
+    await saga.caught_up()
     assert len(saga.matching(received_for(request_id))) == 1
 
 
 async def test_bad_records_are_dead_lettered_and_the_partition_flows(broker, store, services, topic_reader, sub):
     tiny = TinyService()
-    running = await services.start(tiny.runtime(broker, store("msgtest")))
+    # From the beginning: earlier tests' records (bad ones included) come first and change nothing here.
+    running = await services.start(tiny.runtime(broker, store("msgtest")), at_end=False)
     dlq = await topic_reader(topics.DLQ)
     saga = await topic_reader(topics.SAGA)
     rid = {name: str(uuid.uuid4()) for name in ("envelope", "type", "version", "field", "large")}
@@ -261,6 +270,62 @@ async def test_failing_handler_is_retried_then_dead_lettered(broker, store, serv
     assert len(saga.matching(received_for(bad_id))) == 0
 
 
+class FailingSagaService:
+    """A service named `name` whose `event_type` handler raises for one request (and ignores others)."""
+
+    def __init__(self, name: str, event_type: str, request_id: str) -> None:
+        self.name, self.event_type, self.request_id = name, event_type, request_id
+
+    async def handle(self, msg: Message, uow: UnitOfWork) -> None:
+        if str(msg.payload.request_id) == self.request_id:  # type: ignore[attr-defined]
+            raise RuntimeError(f"{self.name} cannot handle {self.event_type}")
+
+    def runtime(self, broker: Any, database_url: str) -> ServiceRuntime:
+        settings = ServiceSettings(service=self.name, database_url_env=database_url, http_port=free_port(),
+                                   kafka_bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=25)
+        runtime = ServiceRuntime(self.name, settings, METADATA, MESSAGING)
+        runtime.add_route(Route(topics.SAGA, {self.event_type: self.handle}))
+        return runtime
+
+
+async def test_saga_events_a_service_cannot_handle(broker, store, services, publisher, topic_reader, sub):
+    """A saga step that keeps failing fails the request at its step; an observer (the status tracker)
+    does not, and a `Failed` event is never answered with another one (that fed back forever)."""
+    rid = {name: str(uuid.uuid4()) for name in ("step", "observer", "failed")}
+    step = FailingSagaService("provisioning", "VendorCancellationRequested", rid["step"])
+    observer = FailingSagaService("msgtest", "VendorProvisioned", rid["observer"])
+    answering = FailingSagaService("notification", "Failed", rid["failed"])
+    running = {s.name: await services.start(s.runtime(broker, store(s.name))) for s in (step, observer, answering)}
+    dlq = await topic_reader(topics.DLQ)
+    saga = await topic_reader(topics.SAGA)
+
+    await publisher.publish(VendorCancellationRequested(
+        request_id=rid["step"], account_id="acct-1", subscription_id=sub, vendor="acme",
+        vendor_subscription_id=f"v-{sub}", effective_date=date.today(), current_quantity=1, new_quantity=0,
+        snapshot=SubscriptionSnapshot()))
+    await publisher.publish(VendorProvisioned(request_id=rid["observer"], subscription_id=sub, vendor="acme",
+                                              vendor_subscription_id=f"v-{sub}", new_quantity=0))
+    await publisher.publish(Failed(request_id=rid["failed"], source=Source.vendor, code="vendor_rejected",
+                                   message="no"))
+
+    for service in (step, observer, answering):
+        entry = await dlq.wait_for(lambda e, s=service: e.event_type == "RecordDeadLettered"
+                                   and e.payload["consumer_group"] == running[s.name].group_id
+                                   and e.payload["request_id"] == s.request_id)
+        assert (entry.payload["reason"], entry.payload["topic"]) == ("handler_error", topics.SAGA)
+    failed = await saga.wait_for(lambda e: e.event_type == "Failed" and e.payload["request_id"] == rid["step"])
+    assert (failed.producer, failed.payload["source"], failed.payload["code"]) == (
+        "provisioning", "vendor", "internal_error")
+    assert failed.payload["details"]["dead_lettered"].startswith(f"dlq:{topics.SAGA}:")
+
+    for service in (observer, answering):
+        await eventually(lambda s=service: _outbox_empty(running[s.name].runtime), message="outbox emptied")
+    await saga.caught_up()
+    assert not saga.matching(lambda e: e.event_type == "Failed" and e.payload["request_id"] == rid["observer"])
+    answers = saga.matching(lambda e: e.event_type == "Failed" and e.payload["request_id"] == rid["failed"])
+    assert [e.producer for e in answers] == ["tests"]  # only the one published
+
+
 async def _committed(bootstrap: str, group: str, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
     """The group's committed offsets (read as a consumer of the group that does not join it)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
@@ -289,7 +354,7 @@ async def test_offsets_are_committed_and_a_restart_handles_nothing_twice(broker,
     group = f"cancelflow-msgtest-{uuid.uuid4().hex[:8]}"
     saga = await topic_reader(topics.SAGA)
     first = TinyService()
-    running = await services.start(first.runtime(broker, database_url), group_id=group)
+    running = await services.start(first.runtime(broker, database_url), group_id=group, at_end=True)
     requests = [a_request(sub) for _ in range(3)]
     for request in requests:
         await publisher.publish(request)

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
 from cancelflow import topics
 from cancelflow.events import (
@@ -292,3 +293,30 @@ async def test_status_tracker_folds_the_saga_into_versioned_records(store, servi
     assert (body["state"], body["version"], body["subscription_id"]) == ("completed", 5, ids["sub"])
     code, body = await get_json(http, f"{running.http_url}/requests/{uuid.uuid4()}")
     assert code == 404
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "status_tracker folds a saga event for a request it never saw received into a view with state None, "
+    "so CancellationStatusChanged fails validation and the event is retried then dead-lettered"))
+async def test_status_tracker_takes_an_event_for_an_unknown_request_in_its_stride(store, services, publisher,
+                                                                                  topic_reader, ids):
+    running = await services.start_service("status_tracker", store("status_tracker"))
+    saga = await topic_reader(topics.SAGA)
+    status = await topic_reader(topics.STATUS)
+    request_id = ids["request"]
+    # The request's first record is gone (retention, a tracker rebuilt on an empty database, ...).
+    orphan = await publisher.publish(VendorProvisioned(
+        request_id=request_id, subscription_id=ids["sub"], vendor="acme",
+        vendor_subscription_id=ids["vendor_sub"], new_quantity=0))
+    await publisher.publish(CancellationReceived(
+        request_id=request_id, account_id=ids["account"], target="subscription", subscription_id=ids["sub"],
+        mode=Mode.immediate, requested_by=CUSTOMER))
+
+    # Same key, same partition: once the second one is folded, the first one was handled.
+    await status.wait_for(lambda e: e.payload["request_id"] == request_id and e.payload["state"] == "received")
+    record = saga.record_of(await saga.wait_for(lambda e: e.event_id == orphan.event_id))
+    inbox = running.runtime.tables.inbox
+    async with running.runtime.sessions() as session:
+        dead = (await session.execute(select(inbox.c.message_id).where(
+            inbox.c.message_id == f"dlq:{topics.SAGA}:{record.partition}:{record.offset}"))).all()
+    assert dead == [], "the tracker dead-lettered a valid saga event"

@@ -1,7 +1,9 @@
-"""docker-compose.yml, the Dockerfile and the PostgreSQL init script agree with cancelflow.settings."""
+"""docker-compose.yml, the Dockerfile, the PostgreSQL init script and the monitoring files (Prometheus,
+Grafana) agree with cancelflow.settings, CONTRACT.md section 9 and cancelflow.metrics."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -10,6 +12,15 @@ import pytest
 import yaml
 
 from cancelflow.settings import SERVICES, service_settings
+from tests.contract import (
+    HTTP_PORTS,
+    PRODUCTION_REQUIRED,
+    SECTION_9,
+    database_url_var,
+    http_port_var,
+    known_variables,
+)
+from tests.metric_names import exported_metric_names, metric_names_in
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
@@ -175,3 +186,104 @@ def test_dockerfile() -> None:
     assert users and users[-1] not in {"root", "0"}
     assert not re.search(r"^(CMD|ENTRYPOINT)\b", DOCKERFILE, re.M)
     assert "CANCELFLOW_HTTP_HOST=0.0.0.0" in DOCKERFILE
+
+
+# --- CONTRACT.md section 9, logs, monitoring -------------------------------------------------------
+
+PROMETHEUS = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
+GRAFANA = ROOT / "deploy" / "grafana"
+
+
+def _mounts(name: str) -> dict[str, str]:
+    """A compose service's bind mounts, container path -> host path (relative to the repository)."""
+    mounts = {}
+    for volume in SERVICES_YAML[name].get("volumes", []):
+        host, container, *_ = volume.split(":")
+        if host.startswith("./"):
+            mounts[container] = host
+    return mounts
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_service_env_matches_contract_section_9(service: str) -> None:
+    env = env_of(service)
+    port_var, port = HTTP_PORTS[service]
+    assert env[port_var] == str(port)
+    assert database_url_var(service) in env
+    assert PRODUCTION_REQUIRED <= set(env), PRODUCTION_REQUIRED - set(env)
+    assert env["DUPLICATE_WINDOW_HOURS"] == SECTION_9["DUPLICATE_WINDOW_HOURS"]
+    # Nothing misspelt: every name is one the contract or the settings know.
+    unknown = set(env) - known_variables(service)
+    assert not unknown, f"{service}: variables no setting reads: {unknown}"
+    # Production settings: JSON logs, no sandboxes' fault hooks, no embedded broker or SMTP sink.
+    assert env["CANCELFLOW_LOG_JSON"].lower() in {"1", "true"}
+    assert "CANCELFLOW_ENABLE_FAULT_HOOKS" not in env
+    assert "CANCELFLOW_DATA_DIR" not in env or env["CANCELFLOW_DATA_DIR"].startswith("/")
+
+
+def test_settings_ports_are_the_contract_defaults() -> None:
+    for service, (variable, port) in HTTP_PORTS.items():
+        assert http_port_var(service) == variable
+        assert SERVICES[service][1] == port
+
+
+def test_every_image_is_pinned() -> None:
+    for name, spec in SERVICES_YAML.items():
+        image = spec["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: {image}"
+
+
+def test_monitoring_images_and_ports() -> None:
+    assert SERVICES_YAML["prometheus"]["image"].startswith("prom/prometheus:v")
+    assert SERVICES_YAML["grafana"]["image"].startswith("grafana/grafana:")
+    assert "9090:9090" in SERVICES_YAML["prometheus"]["ports"]
+    assert "3000:3000" in SERVICES_YAML["grafana"]["ports"]
+    assert SERVICES_YAML["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_prometheus_scrapes_every_service(service: str) -> None:
+    _, port = SERVICES[service]
+    [job] = [j for j in PROMETHEUS["scrape_configs"] if j["job_name"] == "cancelflow"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    scraped = {target: group.get("labels", {}).get("service")
+               for group in job["static_configs"] for target in group["targets"]}
+    assert scraped.get(f"{compose_name(service)}:{port}") == service
+
+
+def test_prometheus_mounts_its_config_and_the_alert_rules() -> None:
+    mounts = _mounts("prometheus")
+    command = " ".join(SERVICES_YAML["prometheus"]["command"])
+    config = re.search(r"--config\.file=(\S+)", command).group(1)
+    assert mounts[config] == "./deploy/prometheus/prometheus.yml"
+    for rule_file in PROMETHEUS["rule_files"]:
+        assert mounts[rule_file] == "./deploy/prometheus/alerts.yml"
+    for host in mounts.values():
+        assert (ROOT / host).exists(), host
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_dashboard() -> None:
+    mounts = _mounts("grafana")
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    dashboards_dir = "/var/lib/grafana/dashboards"
+    assert mounts[dashboards_dir] == "./deploy/grafana/dashboards"
+    [datasource] = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "cancelflow.yml").read_text())["providers"]
+    assert provider["options"]["path"] == dashboards_dir
+    dashboard = json.loads((GRAFANA / "dashboards" / "cancelflow.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert {p["datasource"]["uid"] for p in panels} == {datasource["uid"]}
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    # What the issue asks the dashboard to show: outcomes, latency, refunds, DLQ, lag.
+    for metric in ("cancelflow_outcomes_total", "cancelflow_handler_seconds_bucket",
+                   "cancelflow_external_call_seconds_bucket", "cancelflow_refunds_total",
+                   "cancelflow_refund_amount_total", "cancelflow_dead_lettered_total",
+                   "cancelflow_consumer_lag", "cancelflow_outbox_backlog"):
+        assert metric in exprs, metric
+    unknown = metric_names_in(exprs) - exported_metric_names()
+    assert not unknown, f"the dashboard uses metrics nobody exports: {unknown}"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

@@ -82,6 +82,9 @@ class NotificationHandlers:
 
     async def refund_issued(self, msg: Message, uow: UnitOfWork) -> None:
         e: RefundIssued = msg.payload  # type: ignore[assignment]
+        if await self._is_charges_request(uow, str(e.request_id)):
+            await self.charges_refunded(msg, uow)
+            return
         refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
         await self._owe(uow, str(e.request_id), ("completed",), refund=refund)
 
@@ -91,6 +94,9 @@ class NotificationHandlers:
 
     async def failed(self, msg: Message, uow: UnitOfWork) -> None:
         e: Failed = msg.payload  # type: ignore[assignment]
+        if e.source is Source.payment and e.details.get("dispute"):
+            await self.dispute_review(msg, uow)
+            return
         kinds = FAILURE_EMAILS.get(e.source)
         if not kinds:
             return  # rejected requests get their answer from the status, not by email
@@ -106,6 +112,31 @@ class NotificationHandlers:
                         error_message=e.message, reason=e.message, refund=refund,
                         transactions=refunds or None, **{k: v for k, v in details.items()
                                                          if k in ("vendor", "vendor_subscription_id")})
+
+    # --- the multiple-charge flow (target charges) ------------------------------------------------
+
+    async def charges_refunded(self, msg: Message, uow: UnitOfWork) -> None:
+        """Every listed duplicate was refunded: one email listing each refunded charge and amount."""
+        e: RefundIssued = msg.payload  # type: ignore[assignment]
+        charges = [{"charge_id": line.charge_id, "amount": f"{line.amount:.2f}", "currency": line.currency,
+                    "kind": line.kind or "refund", "status": "refunded"}
+                   for line in e.lines if line.outcome == "succeeded"]
+        refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
+        await self._owe(uow, str(e.request_id), ("charges_refunded",), charges=charges, refund=refund)
+
+    async def dispute_review(self, msg: Message, uow: UnitOfWork) -> None:
+        """Some listed charges are not provably duplicates: the customer is told it is under review (with
+        what was refunded already), support gets the case with the reason and every transaction."""
+        e: Failed = msg.payload  # type: ignore[assignment]
+        details = e.details
+        # The message is the per-charge reasons: shown once, as the reason.
+        await self._owe(uow, str(e.request_id), FAILURE_EMAILS[Source.payment], error_source=e.source.value,
+                        error_code=e.code, reason=e.message,
+                        charges=details.get("charges") or None, transactions=details.get("transactions") or None)
+
+    async def _is_charges_request(self, uow: UnitOfWork, request_id: str) -> bool:
+        request = await self._request(uow, request_id)
+        return request is not None and request["target"] == "charges"
 
     # --- helpers --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import select, update
 
 from cancelflow import metrics
+from cancelflow.crashpoints import crash_point
 from cancelflow.events import EmailSent, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
@@ -79,6 +80,7 @@ class EmailSender:
         except MailDeliveryError as exc:
             await self._failed(row, exc)
             return False
+        crash_point("notification.after_smtp_send")
         async with self.new_uow() as uow:
             await uow.session.execute(update(emails).where(emails.c.id == row["id"]).values(
                 status="sent", sent_at=utcnow(), attempts=emails.c.attempts + 1, last_error=None))

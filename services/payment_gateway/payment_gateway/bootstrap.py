@@ -11,6 +11,7 @@ from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
+from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
 
 
@@ -20,11 +21,14 @@ def build() -> ServiceRuntime:
     gateway = GatewayClient(settings.gateway_url, timeout=settings.gateway_timeout_s,
                             attempts=settings.gateway_attempts)
     handlers = PaymentHandlers(gateway)
+    disputes = DisputeRefundHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
                             dead_letter=True))
     runtime.add_route(Route(topics.SAGA, {
         "PlatformCommitted": handlers.platform_committed,
         "CancellationScheduled": handlers.cancellation_scheduled,
+        "ChargesVerificationRequested": disputes.charges_verification_requested,
+        "DuplicateRefundRequested": disputes.duplicate_refund_requested,
     }))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     runtime.on_start.append(gateway.start)

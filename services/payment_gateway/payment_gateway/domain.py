@@ -47,3 +47,14 @@ def allocate(amount: Decimal, charges: list[ChargeBalance]) -> list[tuple[Charge
 def refund_key(request_id: str, charge_id: str) -> str:
     """Derived from the request and the charge: a redelivery or a retry reuses it, never a new one."""
     return f"cf-refund-{request_id}-{charge_id}"
+
+
+def dispute_refund_key(request_id: str, charge_id: str) -> str:
+    """The key of a duplicate charge's refund (the multiple-charge flow): one per request and charge.
+    The dispute service derives the same; a line carrying another key is refused."""
+    return f"cf-dispute-{request_id}-{charge_id}"
+
+
+# The error a refund line gets when the guard finds too little left of the charge (already refunded,
+# or reserved by a refund in flight); the dispute service reads it as "already refunded".
+INSUFFICIENT_BALANCE = "insufficient_refundable_balance"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from cancelflow import metrics
+from cancelflow.crashpoints import crash_point
 from cancelflow.events import (
     AutoRenewStopped,
     CancellationScheduled,
@@ -95,6 +96,7 @@ class PaymentHandlers:
                 key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(record["amount"]),
                 currency=record["currency"], reason="prorated refund of a cancellation",
                 request_id=record["request_id"], subscription_id=event.subscription_id)
+            crash_point("payment_gateway.after_refund_call")
             if outcome.status == "unknown":
                 # The gateway may or may not have refunded: keep the reservation and the key, and
                 # ask again later with the same key (it answers with the first result).

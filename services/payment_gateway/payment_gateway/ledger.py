@@ -85,3 +85,15 @@ class Ledger:
     async def record_schedule_stop(self, subscription_id: str, request_id: str) -> None:
         await self.session.execute(insert(orm.schedule_stops).values(
             subscription_id=subscription_id, request_id=request_id, stopped_at=utcnow()))
+
+
+async def charge_row(session: AsyncSession, charge_id: str) -> dict[str, Any] | None:
+    """The charge as the guard keeps it (amount, refunded_amount, ...), None when unknown."""
+    row = (await session.execute(select(charges).where(charges.c.charge_id == charge_id))).mappings().first()
+    return dict(row) if row else None
+
+
+async def refund_record(session: AsyncSession, key: str) -> dict[str, Any] | None:
+    """The refund recorded under an idempotency key, None when there is none."""
+    row = (await session.execute(select(refunds).where(refunds.c.idempotency_key == key))).mappings().first()
+    return dict(row) if row else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import insert, select, update
 
+from cancelflow.crashpoints import crash_point
 from cancelflow.events import VendorCancellationFailed, VendorCancellationRequested, VendorProvisioned, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
@@ -40,6 +41,7 @@ class ProvisioningHandlers:
             ))
             await uow.checkpoint()
         outcome = await self._call_vendor(command)
+        crash_point("provisioning.after_vendor_call")
         await uow.session.execute(update(ops).where(ops.c.request_id == request_id).values(
             status="succeeded" if outcome.ok else "failed", already_applied=outcome.already_done,
             code=outcome.code, message=outcome.message, http_status=outcome.http_status,

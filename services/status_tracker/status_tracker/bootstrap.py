@@ -9,7 +9,7 @@ from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
-from status_tracker import fold, orm
+from status_tracker import fold, gauges, orm
 from status_tracker.handlers import TrackerHandlers, load_view
 
 
@@ -20,6 +20,7 @@ def build() -> ServiceRuntime:
     # The tracker owns dead-lettering on the internal topic (every service reads it; one reports).
     runtime.add_route(Route(topics.SAGA, {t: handlers.saga_event for t in fold.SAGA_EVENT_TYPES},
                             dead_letter=True))
+    runtime.tasks.append(gauges.refresher(runtime.sessions))  # open requests on /metrics
     runtime.http.router.add_get("/requests", _list(runtime))
     runtime.http.router.add_get("/requests/{request_id}", _one(runtime))
     return runtime

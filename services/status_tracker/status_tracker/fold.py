@@ -16,6 +16,7 @@ from cancelflow.events import (
     AutoRenewStopped,
     CancellationReceived,
     CancellationScheduled,
+    DisputeStepRecorded,
     EmailSent,
     Failed,
     Payload,
@@ -178,6 +179,19 @@ def _email(view: View, e: EmailSent, at: datetime) -> None:
     _say(view, at, f"Email \"{e.subject}\" sent to {'the customer' if e.audience == 'customer' else 'support'}")
 
 
+def _dispute_step(view: View, e: DisputeStepRecorded, at: datetime) -> None:
+    """An audit step of a charges dispute: a history line; validation moves it on to the money step,
+    and each refund the gateway issued adds to the refund shown (a mixed outcome keeps it)."""
+    if e.step == "validated" and view["state"] == State.received.value:
+        view.update(state=State.in_progress.value, stage=Source.payment.value)
+    if e.step == "refund_issued" and e.data.get("amount") is not None:
+        before = view["refund"] or {}
+        total = Decimal(before.get("amount") or "0") + Decimal(str(e.data["amount"]))
+        view["refund"] = {"amount": f"{total:.2f}", "currency": e.data.get("currency") or before.get("currency"),
+                          "status": "succeeded"}
+    _say(view, at, e.message)
+
+
 _HANDLERS = {
     CancellationReceived: _received,
     ApprovalPending: _pending,
@@ -191,5 +205,6 @@ _HANDLERS = {
     RefundIssued: _refund,
     Failed: _failed,
     EmailSent: _email,
+    DisputeStepRecorded: _dispute_step,
 }
 SAGA_EVENT_TYPES = [cls.event_type for cls in _HANDLERS]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cancelflow import metrics, topics
@@ -69,7 +70,13 @@ class ConsumeLoop:
                     await self.process(record)
                 offsets[tp] = records[-1].offset + 1
             if offsets:
-                await self._consumer.commit(offsets)
+                try:
+                    await self._consumer.commit(offsets)
+                except (CommitFailedError, IllegalStateError) as exc:
+                    # A rebalance took the partitions away mid-batch: the new owner gets these records
+                    # again and its inbox drops what we already committed in our database.
+                    log.warning("offset commit lost to a rebalance", error=str(exc))
+                    continue
                 self._report_lag(offsets)
 
     def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:

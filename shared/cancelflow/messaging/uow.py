@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from cancelflow.crashpoints import crash_point
 from cancelflow.events import Envelope, Payload, envelope_for, utcnow
 from cancelflow.messaging.codec import Message, encode
 from cancelflow.messaging.store import MessagingTables
@@ -94,5 +95,6 @@ class UnitOfWork:
                 processed_at=utcnow(),
             ))
         await self.session.commit()
+        crash_point(f"{self._producer}.after_commit")
         if self._on_commit:
             self._on_commit()

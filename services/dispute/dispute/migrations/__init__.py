@@ -1,0 +1,1 @@
+"""Alembic migrations of the dispute database (PostgreSQL); see cancelflow.migrations."""

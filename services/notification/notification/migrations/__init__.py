@@ -1,0 +1,1 @@
+"""Alembic migrations of the notification database (PostgreSQL); see cancelflow.migrations."""

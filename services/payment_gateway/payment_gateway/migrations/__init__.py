@@ -1,0 +1,1 @@
+"""Alembic migrations of the payment_gateway database (PostgreSQL); see cancelflow.migrations."""

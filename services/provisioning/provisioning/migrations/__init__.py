@@ -1,0 +1,1 @@
+"""Alembic migrations of the provisioning database (PostgreSQL); see cancelflow.migrations."""

@@ -1,0 +1,61 @@
+"""Open requests for /metrics: how many are in each non-terminal state, and how long the least recently
+changed one of each state has been waiting (the "stuck requests" alert reads it).
+
+The tracker holds every request's current view, so it is the one place that can say this; the numbers
+are refreshed every `interval_s` from its database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cancelflow import metrics
+from cancelflow.events import TERMINAL_STATES, State
+from cancelflow.logging import get_logger
+from status_tracker import orm
+
+log = get_logger(__name__)
+
+OPEN_STATES = tuple(s.value for s in State if s not in TERMINAL_STATES)
+
+
+async def refresh(sessions: async_sessionmaker[AsyncSession], now: datetime | None = None) -> dict[str, tuple[int, float]]:
+    """Set the gauges from the database; returns {state: (count, oldest age in seconds)}."""
+    views = orm.views
+    now = now or datetime.now(UTC)
+    async with sessions() as session:
+        rows = (await session.execute(
+            select(views.c.state, func.count(), func.min(views.c.updated_at))
+            .where(views.c.state.in_(OPEN_STATES)).group_by(views.c.state)
+        )).all()
+    found: dict[str, tuple[int, float]] = {}
+    for state, count, oldest in rows:
+        if oldest is not None and oldest.tzinfo is None:  # SQLite gives naive UTC
+            oldest = oldest.replace(tzinfo=UTC)
+        found[state] = (count, max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+    for state in OPEN_STATES:
+        count, age = found.get(state, (0, 0.0))
+        metrics.REQUESTS_OPEN.labels(state).set(count)
+        metrics.OLDEST_OPEN_SECONDS.labels(state).set(age)
+    return found
+
+
+def refresher(sessions: async_sessionmaker[AsyncSession], interval_s: float = 15.0) -> Callable[[], Awaitable[None]]:
+    """A runtime task that keeps the gauges fresh until cancelled."""
+
+    async def open_request_gauges() -> None:
+        while True:
+            try:
+                await refresh(sessions)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be away; /readyz says so, try again later
+                log.warning("open-request gauges not refreshed", error=repr(exc))
+            await asyncio.sleep(interval_s)
+
+    return open_request_gauges

@@ -1,0 +1,1 @@
+"""Alembic migrations of the status_tracker database (PostgreSQL); see cancelflow.migrations."""
