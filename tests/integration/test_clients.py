@@ -495,3 +495,36 @@ async def test_fake_gateway_follows_the_sandbox_rules() -> None:
     assert found is not None and found.refund_id == first.refund_id
     assert await fake.lookup_refund("k2") is None
     assert len([e for e in fake.effects if e["type"] in ("refund", "reversal")]) == 1
+
+
+# --- metrics: every attempt is timed, by operation and outcome ----------------------------------------
+
+
+def call_count(target: str, operation: str, outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"target": target, "operation": operation, "outcome": outcome}
+    return REGISTRY.get_sample_value("cancelflow_external_call_seconds_count", labels) or 0.0
+
+
+async def test_vendor_calls_are_timed_by_outcome(
+    vendor: VendorClient, vendor_url: str, http: aiohttp.ClientSession, closed_port_url: str
+) -> None:
+    before = {o: call_count("vendor", "cancel", o) for o in ("2xx", "5xx", "unreachable")}
+    await add_rule(http, vendor_url, {"vendor_subscription_id": "v-m"}, {"status": 503, "error": "x"}, 1)
+    await cancel(vendor, "v-m")
+    async with VendorClient(closed_port_url, **FAST) as unreachable:
+        await cancel(unreachable)
+    moved = {o: call_count("vendor", "cancel", o) - before[o] for o in before}
+    assert moved == {"2xx": 1, "5xx": 1, "unreachable": FAST["attempts"]}
+
+
+async def test_gateway_calls_are_timed_by_operation(gateway: GatewayClient) -> None:
+    operations = ("capture", "refund", "lookup_refund", "stop_schedule", "get_charge")
+    before = {op: call_count("gateway", op, "2xx") for op in operations}
+    charge_id = await charge(gateway)
+    await refund(gateway, "refund:req-m:1", charge_id)
+    await gateway.lookup_refund("refund:req-m:1")
+    await gateway.stop_schedule("sub-m", request_id="req-m")
+    await gateway.get_charge(charge_id)
+    assert {op: call_count("gateway", op, "2xx") - before[op] for op in operations} == dict.fromkeys(operations, 1)

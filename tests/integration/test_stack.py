@@ -92,6 +92,19 @@ def test_topics_command_is_idempotent(broker: EmbeddedBroker) -> None:
         assert STATUS in result.output
 
 
+def test_topics_command_reads_replication_factor_and_wait(broker: EmbeddedBroker,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # What compose and the Kubernetes Job pass: the broker from the environment, an explicit factor.
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap)
+    monkeypatch.setenv("KAFKA_TOPIC_REPLICATION_FACTOR", "1")
+    result = CliRunner().invoke(app, ["topics", "--wait", "5"])
+    assert result.exit_code == 0, result.output
+    assert all(t.name in result.output for t in TOPICS)
+    assert "fewer partitions" not in result.output
+    refused = CliRunner().invoke(app, ["topics", "--replication-factor", "0"])
+    assert refused.exit_code == 2
+
+
 async def test_second_broker_on_a_busy_port_is_refused(broker: EmbeddedBroker, tmp_path: Path) -> None:
     with pytest.raises(BrokerError, match="already in use"):
         await EmbeddedBroker(port=broker.port, data_dir=tmp_path).start()
