@@ -457,6 +457,18 @@ class EmailSent(SagaEvent):
     message_id: str
 
 
+@register
+class RequestStuck(SagaEvent):
+    """A request made no progress at `stage` since `since` and is not terminal: support is alerted
+    and the customer is told it is being reviewed (one of each per request)."""
+
+    event_type: ClassVar[str] = "RequestStuck"
+
+    stage: str
+    since: AwareDatetime
+    stuck_for_seconds: float = Field(ge=0)
+
+
 # --- the multiple-charge flow (target `charges`): dispute <-> payment-gateway ----------------------
 
 

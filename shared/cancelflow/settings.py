@@ -40,6 +40,8 @@ class CommonSettings(BaseSettings):
     smtp_port: int = Field(1025, validation_alias="SMTP_PORT")
     support_email: str = Field("support@localhost", validation_alias="SUPPORT_EMAIL")
     mail_from: str = Field("Billing <billing@localhost>", validation_alias="MAIL_FROM")
+    # Notification: the longest wait between two delivery attempts while the mail server is away.
+    smtp_retry_max_s: float = Field(60.0, gt=0, validation_alias="SMTP_RETRY_MAX_SECONDS")
     vendor_api_url: str | None = Field(None, validation_alias="VENDOR_API_URL")
     gateway_api_url: str | None = Field(None, validation_alias="GATEWAY_API_URL")
     vendor_sandbox_port: int = Field(8090, validation_alias="VENDOR_SANDBOX_PORT")

@@ -51,11 +51,17 @@ emails = Table(
     Column("subject", Text, nullable=False),
     # Derived from (request, kind): the unique key that makes an owed email exist once.
     Column("message_id", String(300), nullable=False, unique=True),
-    Column("status", String(20), nullable=False),  # pending | sent | failed | suppressed
+    # pending -> sending -> sent (or failed: refused for good); awaiting_contact -> pending once the
+    # customer's address is known; suppressed: the account opted out (sender.py, handlers.py).
+    Column("status", String(20), nullable=False),
     Column("raw", LargeBinary, nullable=True),
+    # The render context of an email owed to a customer whose address is not known yet.
+    Column("context", JSON, nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
     Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    # When the last handover to SMTP started (status `sending`): recorded before the send.
+    Column("attempted_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("sent_at", DateTime(timezone=True), nullable=True),
 )

@@ -9,20 +9,15 @@ never as a failure the caller might "fix" with a new key.
 
 from __future__ import annotations
 
-import json
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
-import aiohttp
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
-
-from cancelflow import metrics
+from cancelflow.http_client import Exchange, JsonApiClient, lower_keys
 from cancelflow.sandboxes import gateway as gateway_sandbox
 from cancelflow.sandboxes.common import Reply, run_action
 
@@ -79,46 +74,27 @@ class GatewayOutcome:
 # --- one exchange and what it means --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Exchange:
-    """One HTTP exchange: the answer, or why there was none (`timeout`, `dropped`, `unreachable`)."""
-
-    status: int | None
-    body: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    failure: str | None = None
-    detail: str = ""
-
-    @classmethod
-    def of(cls, reply: Reply) -> _Exchange:
-        return cls(reply.status, reply.body, _lower_keys(reply.headers))
-
-    @property
-    def answer_lost(self) -> bool:
-        """The request may have reached the gateway and taken effect without us hearing back."""
-        return self.failure in ("timeout", "dropped")
-
-    @property
-    def worth_retrying(self) -> bool:
-        return self.failure is not None or (self.status or 0) >= 500
-
-    def error(self) -> tuple[str, str]:
-        if self.failure:
-            return ("gateway_timeout" if self.failure == "timeout" else "gateway_unavailable"), self.detail
-        return self.body.get("error") or f"http_{self.status}", self.body.get(
-            "message"
-        ) or f"HTTP {self.status}"
+def _exchange_of(reply: Reply) -> Exchange:
+    """A sandbox reply (the fake runs the sandbox's rules in-process) as an exchange."""
+    return Exchange(reply.status, reply.body, lower_keys(reply.headers))
 
 
-def refund_outcome(key: str, exchange: _Exchange) -> RefundOutcome:
+def _error(exchange: Exchange) -> tuple[str, str]:
+    if exchange.failure:
+        return ("gateway_timeout" if exchange.failure == "timeout" else "gateway_unavailable"), exchange.detail
+    return (exchange.body.get("error") or f"http_{exchange.status}",
+            exchange.body.get("message") or f"HTTP {exchange.status}")
+
+
+def refund_outcome(key: str, exchange: Exchange) -> RefundOutcome:
     if exchange.status in (200, 201):
         return _succeeded(key, exchange)
-    code, message = exchange.error()
+    code, message = _error(exchange)
     status = "unknown" if exchange.worth_retrying else "failed"
     return RefundOutcome(status, key, code, message, exchange.status)
 
 
-def _succeeded(key: str, exchange: _Exchange) -> RefundOutcome:
+def _succeeded(key: str, exchange: Exchange) -> RefundOutcome:
     body = exchange.body
     return RefundOutcome(
         "succeeded",
@@ -135,11 +111,11 @@ def _succeeded(key: str, exchange: _Exchange) -> RefundOutcome:
     )
 
 
-def schedule_outcome(exchange: _Exchange) -> GatewayOutcome:
+def schedule_outcome(exchange: Exchange) -> GatewayOutcome:
     if exchange.status == 200:
         already = bool(exchange.body.get("already_stopped"))
         return GatewayOutcome(True, already, 200, "ok", "", False)
-    code, message = exchange.error()
+    code, message = _error(exchange)
     return GatewayOutcome(False, False, exchange.status, code, message, exchange.worth_retrying)
 
 
@@ -217,40 +193,10 @@ class AbstractGatewayClient(Protocol):
     ) -> dict[str, Any]: ...
 
 
-class GatewayClient:
-    """One aiohttp session per client: `async with GatewayClient(url) as gateway`, or `start()`/`close()`."""
+class GatewayClient(JsonApiClient):
+    """The payment gateway's API; see `JsonApiClient` for the session, timeout and retry budget."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout: float = 5.0,
-        attempts: int = 4,
-        backoff_base: float = 0.2,
-        backoff_cap: float = 2.0,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.attempts = attempts
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> GatewayClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    target = "gateway"
 
     # refunds
 
@@ -275,19 +221,19 @@ class GatewayClient:
                     return replace(found, found_by_lookup=True)
             return refund_outcome(key, exchange)
 
-        outcome, attempts = await self._with_retries(once, lambda outcome: outcome.status == "unknown")
+        outcome, attempts = await self.with_retries(once, lambda outcome: outcome.status == "unknown")
         return replace(outcome, attempts=attempts)
 
     async def lookup_refund(self, key: str) -> RefundOutcome | None:
         """The refund created with `key`, None when there is none; GatewayError when the gateway can't say."""
-        exchange, _ = await self._with_retries(
+        exchange, _ = await self.with_retries(
             lambda: self._exchange("GET", _refund_path(key)), lambda exchange: exchange.worth_retrying
         )
         if exchange.status == 404:
             return None
         if exchange.status == 200:
             return _succeeded(key, exchange)
-        raise GatewayError(*exchange.error(), http_status=exchange.status)
+        raise GatewayError(*_error(exchange), http_status=exchange.status)
 
     async def _find_refund(self, key: str) -> RefundOutcome | None:
         """One look-up inside a refund's own budget; no answer counts as not found (the key stays safe)."""
@@ -299,7 +245,7 @@ class GatewayClient:
     async def stop_schedule(self, subscription_id: str, *, request_id: str) -> GatewayOutcome:
         path = f"/v1/schedules/{quote(subscription_id, safe='')}/cancel"
         body = {"subscription_id": subscription_id, "request_id": request_id}
-        exchange, attempts = await self._with_retries(
+        exchange, attempts = await self.with_retries(
             lambda: self._exchange("POST", path, body), lambda exchange: exchange.worth_retrying
         )
         return replace(schedule_outcome(exchange), attempts=attempts)
@@ -307,14 +253,14 @@ class GatewayClient:
     async def get_charge(self, gateway_charge_id: str) -> dict[str, Any] | None:
         """The charge as the gateway sees it now (state, refunded, refundable); None when unknown."""
         path = f"/v1/charges/{quote(gateway_charge_id, safe='')}"
-        exchange, _ = await self._with_retries(
+        exchange, _ = await self.with_retries(
             lambda: self._exchange("GET", path), lambda exchange: exchange.worth_retrying
         )
         if exchange.status == 404:
             return None
         if exchange.status == 200:
             return exchange.body
-        raise GatewayError(*exchange.error(), http_status=exchange.status)
+        raise GatewayError(*_error(exchange), http_status=exchange.status)
 
     async def capture(
         self,
@@ -329,75 +275,19 @@ class GatewayClient:
         """Capture money (loaders and tests). Retried only with a charge id: without one, a lost answer
         sent again could capture twice."""
         body = _capture_body(amount, currency, account_id, subscription_id, captured_at, gateway_charge_id)
-        exchange, _ = await self._with_retries(
+        exchange, _ = await self.with_retries(
             lambda: self._exchange("POST", "/v1/charges", body),
             lambda exchange: gateway_charge_id is not None and exchange.worth_retrying,
         )
         if exchange.status in (200, 201):
             return exchange.body
-        raise GatewayError(*exchange.error(), http_status=exchange.status, retryable=exchange.worth_retrying)
+        raise GatewayError(*_error(exchange), http_status=exchange.status, retryable=exchange.worth_retrying)
 
     # plumbing
 
-    async def _with_retries(
-        self, once: Callable[[], Awaitable[T]], retry_when: Callable[[T], bool]
-    ) -> tuple[T, int]:
-        """Run `once` until `retry_when` is false or the budget is spent; the last result and the count."""
-        attempts = 0
-
-        async def counted() -> T:
-            nonlocal attempts
-            attempts += 1
-            return await once()
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            # Full jitter, so callers retrying the same gateway at once spread out.
-            wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_cap),
-            retry=retry_if_result(retry_when),
-            retry_error_callback=lambda state: state.outcome.result(),  # out of budget: keep the last answer
-        )
-        return await retrying(counted), attempts
-
-    async def _exchange(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> _Exchange:
-        """One HTTP exchange, timed in cancelflow_external_call_seconds{target="gateway"}."""
-        started = time.perf_counter()
-        exchange = await self._send(method, path, body, headers)
-        metrics.EXTERNAL_CALL_SECONDS.labels(
-            "gateway", _operation(method, path), metrics.call_outcome(exchange.status, exchange.failure)
-        ).observe(time.perf_counter() - started)
-        return exchange
-
-    async def _send(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> _Exchange:
-        await self.start()
-        assert self._session is not None
-        try:
-            async with self._session.request(
-                method, self.base_url + path, json=body, headers=headers
-            ) as response:
-                answer = _json_object(await response.text())
-                return _Exchange(response.status, answer, _lower_keys(response.headers))
-        except TimeoutError:
-            return _Exchange(
-                None, failure="timeout", detail=f"The gateway did not answer within {self.timeout:g} s"
-            )
-        except aiohttp.ClientConnectorError as exc:
-            return _Exchange(None, failure="unreachable", detail=f"Cannot reach the gateway: {exc}")
-        except aiohttp.ClientError as exc:
-            detail = f"The connection to the gateway was lost before it answered ({type(exc).__name__})"
-            return _Exchange(None, failure="dropped", detail=detail)
+    async def _exchange(self, method: str, path: str, body: dict[str, Any] | None = None,
+                        headers: dict[str, str] | None = None) -> Exchange:
+        return await self.exchange(method, path, body, headers, operation=_operation(method, path))
 
 
 def _operation(method: str, path: str) -> str:
@@ -411,21 +301,8 @@ def _operation(method: str, path: str) -> str:
     return "other"
 
 
-def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
-    # Header names are case-insensitive (and lower-case over HTTP/2).
-    return {name.lower(): value for name, value in headers.items()}
-
-
 def _refund_path(key: str) -> str:
     return f"/v1/refunds/{quote(key, safe='')}"
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        body = json.loads(text) if text else {}
-    except ValueError:
-        body = None
-    return body if isinstance(body, dict) else {"message": text[:500]}
 
 
 # --- the fake ------------------------------------------------------------------------------------
@@ -500,13 +377,13 @@ class FakeGatewayClient:
         gateway_charge_id: str | None = None,
     ) -> dict[str, Any]:
         body = _capture_body(amount, currency, account_id, subscription_id, captured_at, gateway_charge_id)
-        exchange = _Exchange.of(self._apply(gateway_sandbox.capture, body))
+        exchange = _exchange_of(self._apply(gateway_sandbox.capture, body))
         if exchange.status in (200, 201):
             return exchange.body
-        raise GatewayError(*exchange.error(), http_status=exchange.status, retryable=False)
+        raise GatewayError(*_error(exchange), http_status=exchange.status, retryable=False)
 
-    def _run(self, action: Callable[..., Reply], value: str | None, body: dict[str, Any]) -> _Exchange:
-        return _Exchange.of(self._apply(lambda state, b: action(state, value, b), body))
+    def _run(self, action: Callable[..., Reply], value: str | None, body: dict[str, Any]) -> Exchange:
+        return _exchange_of(self._apply(lambda state, b: action(state, value, b), body))
 
     def _apply(
         self, action: Callable[[dict[str, Any], dict[str, Any]], Reply], body: dict[str, Any]

@@ -7,19 +7,13 @@ is simply sent again within a small budget. A 4xx is the vendor's decision and i
 
 from __future__ import annotations
 
-import json
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
-import aiohttp
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
-
-from cancelflow import metrics
+from cancelflow.http_client import Exchange, JsonApiClient
 from cancelflow.sandboxes import vendor as vendor_sandbox
 from cancelflow.sandboxes.common import run_action
 from cancelflow.sandboxes.vendor import SubscriptionAction
@@ -58,17 +52,7 @@ class VendorOutcome:
 # --- one exchange and what it means --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Exchange:
-    """One HTTP exchange: the answer, or why there was none (`timeout`, `dropped`, `unreachable`)."""
-
-    status: int | None
-    body: dict[str, Any] = field(default_factory=dict)
-    failure: str | None = None
-    detail: str = ""
-
-
-def classify(exchange: _Exchange, *, cancelling: bool = True) -> VendorOutcome:
+def classify(exchange: Exchange, *, cancelling: bool = True) -> VendorOutcome:
     """What an exchange means. `already_canceled` is success only when cancelling: a quantity change on a
     canceled subscription did not happen as asked."""
     if exchange.failure == "timeout":
@@ -127,40 +111,10 @@ class AbstractVendorClient(Protocol):
     ) -> VendorOutcome: ...
 
 
-class VendorClient:
-    """One aiohttp session per client: `async with VendorClient(url) as vendor`, or `start()`/`close()`."""
+class VendorClient(JsonApiClient):
+    """The vendor's provisioning API; see `JsonApiClient` for the session, timeout and retry budget."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout: float = 5.0,
-        attempts: int = 4,
-        backoff_base: float = 0.2,
-        backoff_cap: float = 2.0,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.attempts = attempts
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> VendorClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    target = "vendor"
 
     async def cancel(
         self, vendor_subscription_id: str, *, subscription_id: str, request_id: str, effective_date: date
@@ -185,64 +139,11 @@ class VendorClient:
 
     async def _post(self, path: str, body: dict[str, Any], *, cancelling: bool) -> VendorOutcome:
         async def once() -> VendorOutcome:
-            return classify(await self._exchange(path, body), cancelling=cancelling)
+            operation = "cancel" if cancelling else "set_quantity"
+            return classify(await self.exchange("POST", path, body, operation=operation), cancelling=cancelling)
 
-        outcome, attempts = await self._with_retries(once, lambda outcome: outcome.retryable)
+        outcome, attempts = await self.with_retries(once, lambda outcome: outcome.retryable)
         return replace(outcome, attempts=attempts)
-
-    async def _with_retries(
-        self, once: Callable[[], Awaitable[T]], retry_when: Callable[[T], bool]
-    ) -> tuple[T, int]:
-        """Run `once` until `retry_when` is false or the budget is spent; the last result and the count."""
-        attempts = 0
-
-        async def counted() -> T:
-            nonlocal attempts
-            attempts += 1
-            return await once()
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            # Full jitter, so callers retrying the same vendor at once spread out.
-            wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_cap),
-            retry=retry_if_result(retry_when),
-            retry_error_callback=lambda state: state.outcome.result(),  # out of budget: keep the last answer
-        )
-        return await retrying(counted), attempts
-
-    async def _exchange(self, path: str, body: dict[str, Any]) -> _Exchange:
-        """One HTTP exchange, timed in cancelflow_external_call_seconds{target="vendor"}."""
-        started = time.perf_counter()
-        exchange = await self._send(path, body)
-        operation = "cancel" if path.endswith("/cancel") else "set_quantity"
-        metrics.EXTERNAL_CALL_SECONDS.labels(
-            "vendor", operation, metrics.call_outcome(exchange.status, exchange.failure)
-        ).observe(time.perf_counter() - started)
-        return exchange
-
-    async def _send(self, path: str, body: dict[str, Any]) -> _Exchange:
-        await self.start()
-        assert self._session is not None
-        try:
-            async with self._session.post(self.base_url + path, json=body) as response:
-                return _Exchange(response.status, _json_object(await response.text()))
-        except TimeoutError:
-            return _Exchange(
-                None, failure="timeout", detail=f"The vendor did not answer within {self.timeout:g} s"
-            )
-        except aiohttp.ClientConnectorError as exc:
-            return _Exchange(None, failure="unreachable", detail=f"Cannot reach the vendor: {exc}")
-        except aiohttp.ClientError as exc:
-            detail = f"The connection to the vendor was lost before it answered ({type(exc).__name__})"
-            return _Exchange(None, failure="dropped", detail=detail)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        body = json.loads(text) if text else {}
-    except ValueError:
-        body = None
-    return body if isinstance(body, dict) else {"message": text[:500]}
 
 
 # --- the fake ------------------------------------------------------------------------------------
@@ -302,4 +203,4 @@ class FakeVendorClient:
             return self._scripted.popleft()
         reply = run_action(lambda state, b: action(state, vendor_subscription_id, b), self.state, body)
         self.effects.extend(reply.effects)
-        return classify(_Exchange(reply.status, reply.body), cancelling=cancelling)
+        return classify(Exchange(reply.status, reply.body), cancelling=cancelling)
