@@ -25,6 +25,7 @@ from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
 from cancelflow.messaging.kafka import make_consumer, make_producer
 from cancelflow.messaging.relay import OutboxRelay
+from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.store import MessagingTables
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.settings import ServiceSettings
@@ -131,7 +132,8 @@ class ServiceRuntime:
                                          client_id=f"cancelflow-{self.name}")
                 await consumer.start()
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
-                                   group_id=self.group_id)
+                                   group_id=self.group_id,
+                                   signatures=SignatureCheck.from_text(self.settings.producer_keys))
                 workers.append(asyncio.create_task(loop.run(), name="consume"))
             workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))
                         for task in self.tasks]

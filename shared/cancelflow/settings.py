@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, computed_field
+from pydantic import AliasChoices, Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # service name -> (env prefix, default HTTP port)
@@ -58,8 +58,25 @@ class CommonSettings(BaseSettings):
     clock_offset_days: int = Field(0, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
     # Sandboxes and fault hooks: on in the embedded stack (`cancelflow up` sets it), off otherwise.
     enable_fault_hooks: bool = Field(False, validation_alias="CANCELFLOW_ENABLE_FAULT_HOOKS")
+    # CONTRACT.md section 10: "name:key,name:key" (several keys per name for rotation); unset: unchecked.
+    producer_keys: str | None = Field(None, validation_alias="CANCELFLOW_PRODUCER_KEYS", repr=False)
     log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")
     log_json: bool = Field(False, validation_alias="CANCELFLOW_LOG_JSON")
+
+    @field_validator("producer_keys")
+    @classmethod
+    def _producer_keys_parse(cls, value: str | None) -> str | None:
+        from cancelflow.messaging.signatures import parse_producer_keys
+
+        parse_producer_keys(value)  # fail fast on a malformed list
+        return value
+
+    def signing_key(self, producer: str) -> str | None:
+        """The key an upstream app named `producer` signs with (the first, i.e. the newest, listed)."""
+        from cancelflow.messaging.signatures import parse_producer_keys
+
+        keys = parse_producer_keys(self.producer_keys).get(producer)
+        return keys[0] if keys else None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

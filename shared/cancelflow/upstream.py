@@ -3,8 +3,6 @@ the benchmark and the tests. Records are envelopes on the public topics, keyed a
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import uuid
 from types import TracebackType
 
@@ -13,18 +11,16 @@ from aiokafka import AIOKafkaProducer
 from cancelflow.events import Envelope, Payload, envelope_for
 from cancelflow.messaging.codec import encode
 from cancelflow.messaging.kafka import make_producer
+from cancelflow.messaging.signatures import sign
 from cancelflow.settings import CommonSettings
-
-
-def sign(value: bytes, key: str) -> str:
-    return hmac.new(key.encode(), value, hashlib.sha256).hexdigest()
 
 
 class UpstreamPublisher:
     def __init__(self, settings: CommonSettings, *, producer_name: str = "storefront",
                  signing_key: str | None = None) -> None:
         self.producer_name = producer_name
-        self.signing_key = signing_key
+        # Signed when CANCELFLOW_PRODUCER_KEYS names this producer (CONTRACT.md section 10).
+        self.signing_key = signing_key or settings.signing_key(producer_name)
         self._producer: AIOKafkaProducer = make_producer(settings, client_id=f"upstream-{producer_name}")
 
     async def __aenter__(self) -> UpstreamPublisher:

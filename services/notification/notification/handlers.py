@@ -1,25 +1,46 @@
 """Which emails a request's outcome owes, recorded in the same transaction as the event's inbox.
 
-Handlers only *record* owed emails (status `pending`, with the rendered message and a Message-ID
-derived from request and kind); `sender.py` delivers them. So a redelivered event owes nothing new,
-and an SMTP outage delays mail without losing it.
+Handlers only *record* owed emails; `sender.py` delivers them. An owed email is one row of `emails`,
+unique by its Message-ID (derived from request and kind, `render.message_id_for`), so a redelivered
+event owes nothing new and an SMTP outage delays mail without losing it. A row starts as:
+
+- `pending`: rendered (`raw`), waiting for the sender;
+- `awaiting_contact`: a customer email whose address notification does not know yet (the outcome
+  arrived before the subscription's `SubscriptionActivated`, which travels on another topic). Its
+  render context is kept; `subscription_activated` renders it and makes it `pending`;
+- `suppressed`: a customer email of an account that opted out with an *earlier* request
+  (CONTRACT.md section 5: the outcome email of the opting-out request is still sent; nothing after
+  it). Support alerts are never suppressed.
+
+Notification also keeps a short timeline of each request (`facts["history"]`, from the saga events it
+sees) so that support alerts say what already happened, in particular for a stuck request.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+import orjson
+from sqlalchemy import insert, or_, select, update
 
 from cancelflow.events import (
+    ApprovalPending,
+    AutoRenewStopped,
     CancellationReceived,
+    CancellationScheduled,
+    DisputeStepRecorded,
+    EmailSent,
     Failed,
     PlatformCommitted,
     RefundIssued,
     RequestDeclined,
+    RequestStuck,
     Source,
     SubscriptionActivated,
+    VendorCancellationFailed,
     VendorCancellationRequested,
+    VendorProvisioned,
     utcnow,
 )
 from cancelflow.logging import get_logger
@@ -35,6 +56,33 @@ FAILURE_EMAILS: dict[Source, tuple[str, ...]] = {
     Source.platform: ("failed_platform", "support_platform_failure"),
     Source.payment: ("manual_review", "support_manual_review"),
 }
+# A stuck request: support gets the case, the customer is told it is being reviewed.
+STUCK_EMAILS: tuple[str, ...] = ("manual_review", "support_stuck")
+
+TIMELINE_LIMIT = 40  # entries kept per request (the latest ones)
+
+
+def humanize_seconds(seconds: float) -> str:
+    """'2 hours 5 minutes', '45 minutes', '30 seconds'."""
+    total = int(seconds)
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
+    shown = [f"{n} {unit}{'' if n == 1 else 's'}" for n, unit in parts if n][:2]
+    return " ".join(shown) if shown else f"{secs} second{'' if secs == 1 else 's'}"
+
+
+def _at(msg: Message) -> str:
+    return _timestamp(msg.envelope.occurred_at)
+
+
+def _timestamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _jsonable(context: dict[str, Any]) -> dict[str, Any]:
+    return orjson.loads(orjson.dumps(context, default=str))  # type: ignore[no-any-return]
 
 
 class NotificationHandlers:
@@ -56,32 +104,94 @@ class NotificationHandlers:
                 table.c.subscription_id == facts.subscription_id).values(**values))
         else:
             await uow.session.execute(insert(table).values(subscription_id=facts.subscription_id, **values))
+        await self._release_awaiting(uow, facts)
+
+    async def _release_awaiting(self, uow: UnitOfWork, facts: SubscriptionActivated) -> None:
+        """Customer emails owed before the address was known: render them now and queue them."""
+        emails, requests = orm.emails, orm.requests
+        rows = (await uow.session.execute(
+            select(emails.c.id, emails.c.kind, emails.c.message_id, emails.c.context, requests.c.subscription_id)
+            .select_from(emails.join(requests, emails.c.request_id == requests.c.request_id))
+            .where(emails.c.status == "awaiting_contact")
+            # Never another account's customer: the request's account must own this subscription.
+            .where(requests.c.account_id == facts.account_id)
+            .where(or_(requests.c.subscription_id == facts.subscription_id, requests.c.subscription_id.is_(None)))
+            .order_by(emails.c.id))).mappings().all()
+        for row in rows:
+            context = dict(row["context"] or {})
+            context["customer_name"] = context.get("customer_name") or facts.customer.name
+            context["customer_email"] = facts.customer.email
+            if row["subscription_id"] == facts.subscription_id:
+                context["product_name"] = context.get("product_name") or facts.product_name
+            raw = render.build_message(row["kind"], context, sender=self.sender_address, to=facts.customer.email,
+                                       message_id=row["message_id"]).as_bytes()
+            await uow.session.execute(update(emails).where(emails.c.id == row["id"]).values(
+                status="pending", raw=raw, context=None, next_attempt_at=utcnow()))
+            log.info("customer contact arrived; owed email queued", kind=row["kind"])
 
     async def cancellation_received(self, msg: Message, uow: UnitOfWork) -> None:
         e: CancellationReceived = msg.payload  # type: ignore[assignment]
         if await self._request(uow, str(e.request_id)) is not None:
             return
+        what = f"subscription {e.subscription_id}" if e.target == "subscription" else (
+            f"charges {', '.join(e.charge_ids)}")
+        quantity = f" ({e.quantity} licenses)" if e.quantity else ""
+        received = (f"Request received: {e.mode.value} cancellation of {what}{quantity}, by "
+                    f"{e.requested_by.role} {e.requested_by.user_id} via {e.requested_by.channel}")
         await uow.session.execute(insert(orm.requests).values(
             request_id=str(e.request_id), account_id=e.account_id, subscription_id=e.subscription_id,
             target=e.target, mode=e.mode.value, opt_out_of_emails=e.opt_out_of_emails,
-            facts={"charge_ids": e.charge_ids, "reason": e.reason}))
+            facts={"charge_ids": e.charge_ids, "reason": e.reason,
+                   "history": [{"at": _at(msg), "message": received}]}))
 
     async def vendor_requested(self, msg: Message, uow: UnitOfWork) -> None:
         e: VendorCancellationRequested = msg.payload  # type: ignore[assignment]
+        asked = (f"reduce {e.vendor_subscription_id} to {e.new_quantity} licenses" if e.new_quantity
+                 else f"cancel {e.vendor_subscription_id}")
         await self._learn(uow, str(e.request_id), vendor=e.vendor, vendor_subscription_id=e.vendor_subscription_id,
                           effective_date=e.effective_date.isoformat(),
                           new_quantity=e.new_quantity or None,
-                          removed_quantity=(e.current_quantity - e.new_quantity) if e.new_quantity else None)
+                          removed_quantity=(e.current_quantity - e.new_quantity) if e.new_quantity else None,
+                          _note=(msg, f"Provisioning status is set to In Progress; vendor {e.vendor} asked to "
+                                      f"{asked}"))
 
     async def platform_committed(self, msg: Message, uow: UnitOfWork) -> None:
         e: PlatformCommitted = msg.payload  # type: ignore[assignment]
         await self._learn(uow, str(e.request_id), effective_date=e.effective_date.isoformat(),
-                          access_end_date=e.access_end_date.isoformat())
+                          access_end_date=e.access_end_date.isoformat(), _note=(msg, e.history))
+
+    # --- the timeline only (what support alerts show) ---------------------------------------------
+
+    async def timeline(self, msg: Message, uow: UnitOfWork) -> None:
+        """A saga step that owes no email: one line of the request's timeline."""
+        e = msg.payload
+        if isinstance(e, ApprovalPending):
+            text = "Waiting for an operator's approval"
+        elif isinstance(e, CancellationScheduled):
+            text = e.history or f"Cancellation scheduled for {e.run_on.isoformat()}"
+        elif isinstance(e, AutoRenewStopped):
+            text = "Auto-renew stopped at the payment gateway"
+        elif isinstance(e, VendorProvisioned):
+            text = (f"Vendor {e.vendor} confirmed {e.vendor_subscription_id}"
+                    + (" (already applied)" if e.already_applied else "")
+                    + (f" after {e.attempts} attempts" if e.attempts > 1 else ""))
+        elif isinstance(e, VendorCancellationFailed):
+            text = f"Vendor {e.vendor} failed after {e.attempts} attempt(s): {e.code} {e.message}"
+        elif isinstance(e, EmailSent):
+            text = f"Email \"{e.subject}\" sent to {'the customer' if e.audience == 'customer' else 'support'}"
+        elif isinstance(e, DisputeStepRecorded):
+            text = e.message
+        else:
+            return
+        await self._learn(uow, str(e.request_id), _note=(msg, text))  # type: ignore[attr-defined]
 
     # --- outcomes -------------------------------------------------------------------------------
 
     async def refund_issued(self, msg: Message, uow: UnitOfWork) -> None:
         e: RefundIssued = msg.payload  # type: ignore[assignment]
+        note = (f"Refund of {e.amount:.2f} {e.currency} issued" if e.status == "succeeded"
+                else "No refund is due")
+        await self._learn(uow, str(e.request_id), _note=(msg, note))
         if await self._is_charges_request(uow, str(e.request_id)):
             await self.charges_refunded(msg, uow)
             return
@@ -90,10 +200,13 @@ class NotificationHandlers:
 
     async def request_declined(self, msg: Message, uow: UnitOfWork) -> None:
         e: RequestDeclined = msg.payload  # type: ignore[assignment]
+        await self._learn(uow, str(e.request_id), _note=(msg, f"Declined by {e.decided_by}"))
         await self._owe(uow, str(e.request_id), ("declined",), decided_by=e.decided_by, note=e.note or None)
 
     async def failed(self, msg: Message, uow: UnitOfWork) -> None:
         e: Failed = msg.payload  # type: ignore[assignment]
+        await self._learn(uow, str(e.request_id),
+                          _note=(msg, e.history or f"{e.source.value} error ({e.code}): {e.message}"))
         if e.source is Source.payment and e.details.get("dispute"):
             await self.dispute_review(msg, uow)
             return
@@ -112,6 +225,23 @@ class NotificationHandlers:
                         error_message=e.message, reason=e.message, refund=refund,
                         transactions=refunds or None, **{k: v for k, v in details.items()
                                                          if k in ("vendor", "vendor_subscription_id")})
+
+    async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
+        """No progress for too long: support gets everything it needs, the customer that it is being
+        reviewed. Once per request (the Message-IDs), however often the tracker says it again."""
+        e: RequestStuck = msg.payload  # type: ignore[assignment]
+        request_id = str(e.request_id)
+        extra = dict(stage=e.stage, updated_at=_timestamp(e.since), stuck_for=humanize_seconds(e.stuck_for_seconds))
+        request = await self._request(uow, request_id)
+        if request is None:
+            # Stuck before notification learnt of it (CancellationReceived): support still hears of it;
+            # the customer cannot be told, as we do not know who they are.
+            log.warning("stuck request we never saw; alerting support only", request_id=request_id)
+            request = {"request_id": request_id, "account_id": None, "subscription_id": None, "mode": None,
+                       "target": None, "opt_out_of_emails": False, "facts": {}}
+            await self._owe_request(uow, request, ("support_stuck",), **extra)
+            return
+        await self._owe_request(uow, request, STUCK_EMAILS, **extra)
 
     # --- the multiple-charge flow (target charges) ------------------------------------------------
 
@@ -145,15 +275,22 @@ class NotificationHandlers:
             orm.requests.c.request_id == request_id))).mappings().first()
         return dict(row) if row else None
 
-    async def _learn(self, uow: UnitOfWork, request_id: str, **facts: Any) -> None:
+    async def _learn(self, uow: UnitOfWork, request_id: str, *, _note: tuple[Message, str | None] | None = None,
+                     **facts: Any) -> None:
+        """Merge what a step taught us into the request's facts; `_note` adds a timeline line."""
         row = await self._request(uow, request_id)
         if row is None:
             return
         merged = {**row["facts"], **{k: v for k, v in facts.items() if v is not None}}
+        if _note is not None and _note[1]:
+            history = [*merged.get("history", []), {"at": _at(_note[0]), "message": _note[1]}]
+            merged["history"] = history[-TIMELINE_LIMIT:]
         await uow.session.execute(update(orm.requests).where(orm.requests.c.request_id == request_id)
                                   .values(facts=merged))
 
     async def _contact(self, uow: UnitOfWork, request: dict[str, Any]) -> dict[str, Any] | None:
+        if request["account_id"] is None:
+            return None
         table = orm.contacts
         query = (select(table).where(table.c.subscription_id == request["subscription_id"])
                  if request["subscription_id"] else select(table).where(table.c.account_id == request["account_id"]))
@@ -166,26 +303,42 @@ class NotificationHandlers:
         if request is None:
             log.warning("outcome for a request we never saw; no email", request_id=request_id)
             return
+        await self._owe_request(uow, request, kinds, **extra)
+
+    async def _owe_request(self, uow: UnitOfWork, request: dict[str, Any], kinds: tuple[str, ...],
+                           **extra: Any) -> None:
+        request_id = request["request_id"]
         contact = await self._contact(uow, request)
         context = {
             "request_id": request_id, "account_id": request["account_id"],
             "subscription_id": request["subscription_id"] or "", "mode": request["mode"],
             "customer_name": contact["name"] if contact else None,
+            "customer_email": contact["email"] if contact else None,
             "product_name": contact["product_name"] if contact else None,
             "support_email": self.support_email,
             **request["facts"], **{k: v for k, v in extra.items() if v is not None},
         }
-        opted_out = await self._opted_out(uow, request["account_id"])
+        opted_out = await self._opted_out_before(uow, request)
         for kind in kinds:
             await self._record(uow, request, kind, context, contact, opted_out)
-        if request["opt_out_of_emails"] and not opted_out:
-            # This outcome email is still sent; nothing after it (CONTRACT.md section 5).
+        if request["opt_out_of_emails"] and request["account_id"] is not None and not await self._opt_out_of(
+                uow, request["account_id"]):
+            # This request's outcome email is still sent; nothing after it (CONTRACT.md section 5).
             await uow.session.execute(insert(orm.opt_outs).values(
                 account_id=request["account_id"], request_id=request_id, at=utcnow()))
 
-    async def _opted_out(self, uow: UnitOfWork, account_id: str) -> bool:
-        return (await uow.session.execute(select(orm.opt_outs.c.account_id).where(
-            orm.opt_outs.c.account_id == account_id))).first() is not None
+    async def _opt_out_of(self, uow: UnitOfWork, account_id: str) -> str | None:
+        """The request whose outcome turned the account's customer emails off, if any."""
+        return (await uow.session.execute(select(orm.opt_outs.c.request_id).where(
+            orm.opt_outs.c.account_id == account_id))).scalar()
+
+    async def _opted_out_before(self, uow: UnitOfWork, request: dict[str, Any]) -> bool:
+        """Whether an *earlier* request of the account opted out. The opting-out request's own outcome
+        emails (all of them: e.g. "being reviewed" for a stuck request, then "completed") still go."""
+        if request["account_id"] is None:
+            return False
+        by = await self._opt_out_of(uow, request["account_id"])
+        return by is not None and by != request["request_id"]
 
     async def _record(self, uow: UnitOfWork, request: dict[str, Any], kind: str, context: dict[str, Any],
                       contact: dict[str, Any] | None, opted_out: bool) -> None:
@@ -194,11 +347,19 @@ class NotificationHandlers:
         if (await uow.session.execute(select(table.c.id).where(table.c.message_id == message_id))).first():
             return  # owed once already
         audience = render.audience(kind)
-        to = self.support_email if audience == "support" else (contact["email"] if contact else None)
-        status = "pending"
         raw = None
-        if audience == "customer" and (to is None or opted_out):
-            status = "suppressed"
+        kept_context = None
+        if audience == "support":
+            status, to = "pending", self.support_email
+        elif opted_out:
+            status, to = "suppressed", None
+        elif contact is None:
+            # Not dropped: rendered and queued when the customer's contact arrives (subscription_activated).
+            status, to = "awaiting_contact", None
+            kept_context = _jsonable(context)
+            log.warning("customer contact not known yet; email kept until it arrives", kind=kind)
+        else:
+            status, to = "pending", contact["email"]
         subject, _, _ = render.render(kind, context)
         if status == "pending":
             raw = render.build_message(kind, context, sender=self.sender_address, to=to,  # type: ignore[arg-type]
@@ -206,4 +367,5 @@ class NotificationHandlers:
         now = utcnow()
         await uow.session.execute(insert(table).values(
             request_id=request["request_id"], kind=kind, audience=audience, subject=subject,
-            message_id=message_id, status=status, raw=raw, attempts=0, next_attempt_at=now, created_at=now))
+            message_id=message_id, status=status, raw=raw, context=kept_context, attempts=0,
+            next_attempt_at=now, created_at=now))

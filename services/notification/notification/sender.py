@@ -1,7 +1,27 @@
-"""Delivers owed emails: send, then mark sent and emit EmailSent in one transaction.
+"""Delivers owed emails: claim, send, then mark sent and emit EmailSent in one transaction.
 
-A crash between the SMTP send and the mark resends the same message with the same Message-ID
-(at-least-once on the wire, recognisable as one message); SMTP outages back off and retry forever.
+Each delivery is three steps, each its own transaction around the SMTP handover:
+
+1. claim: `pending` -> `sending` (with `attempted_at`), conditional on the row still being `pending`,
+   committed *before* the send (the intent is on record);
+2. send the stored message, whose Message-ID is derived from (request, kind) and never changes;
+3. mark: `sending` -> `sent` and `EmailSent` into the outbox, conditional on the row still being
+   `sending`, so EmailSent is emitted once per email whatever happens.
+
+A process killed between 2 and 3 leaves the row `sending`. SMTP offers no way to ask the server
+whether it got the message, so on restart (`recover`) such a row is sent again, *with the same
+Message-ID*: delivery is at-least-once on the wire and exactly-once as the recipient sees it, because
+mail systems recognise a message they already have by its Message-ID (duplicate suppression in MTAs,
+mailbox stores and clients; the test mailbox counts distinct Message-IDs). The window is a single
+SMTP transaction, and EmailSent (what the status history shows) is still emitted once. Within a
+running process a row left `sending` by an error after the send is retried the same way once its
+claim is older than `stale_after_s`.
+
+SMTP outages: a retryable failure (server unreachable, timeout, 4xx) keeps the email `pending` with
+`next_attempt_at` pushed back exponentially up to `max_backoff_s` (SMTP_RETRY_MAX_SECONDS); while the
+server is unreachable the whole loop waits that long too, instead of knocking once per email. Nothing
+is ever given up on except a message the server refuses for good (5xx): that email becomes `failed`,
+and a `Failed(source=notification)` saga event puts it in the request's status history for support.
 """
 
 from __future__ import annotations
@@ -9,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -17,7 +38,7 @@ from sqlalchemy import select, update
 
 from cancelflow import metrics
 from cancelflow.crashpoints import crash_point
-from cancelflow.events import EmailSent, utcnow
+from cancelflow.events import EmailSent, Failed, Source, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
 from notification import orm
@@ -26,20 +47,30 @@ from notification.adapters.mailer import AbstractMailer, MailDeliveryError
 log = get_logger(__name__)
 emails = orm.emails
 
+BACKOFF_BASE_S = 0.5
+
 
 class EmailSender:
     def __init__(self, mailer: AbstractMailer, new_uow: Callable[[], UnitOfWork], *, idle_poll_s: float = 0.5,
-                 max_backoff_s: float = 30.0) -> None:
+                 max_backoff_s: float = 60.0, stale_after_s: float = 120.0) -> None:
         self.mailer = mailer
         self.new_uow = new_uow
         self.idle_poll_s = idle_poll_s
         self.max_backoff_s = max_backoff_s
+        self.stale_after_s = stale_after_s
         self._wakeup = asyncio.Event()
+        self._outage_failures = 0  # consecutive "server unreachable" failures; 0 when it answers
+        self._next_stale_check = 0.0
 
     def notify(self) -> None:
         self._wakeup.set()
 
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failure in a row: 1, 2, 4, ... up to max_backoff_s."""
+        return min(self.max_backoff_s, BACKOFF_BASE_S * 2 ** min(max(failures, 1), 16))
+
     async def run(self) -> None:
+        await self._recover_forever()
         while True:
             try:
                 sent_any = await self.deliver_due()
@@ -48,58 +79,135 @@ class EmailSender:
             except Exception as exc:
                 log.warning("email delivery round failed", error=repr(exc))
                 sent_any = False
-            if not sent_any:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
-                except TimeoutError:
-                    pass
+            if self._outage_failures:
+                # The server is away: wait out the backoff (new emails do not cut it short).
+                await asyncio.sleep(self.backoff(self._outage_failures))
+                continue
+            if sent_any:
+                continue
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
+            except TimeoutError:
+                pass
+
+    async def _recover_forever(self) -> None:
+        while True:
+            try:
+                await self.recover()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away: try again, nothing is sent meanwhile
+                log.warning("email recovery failed", error=repr(exc))
+                await asyncio.sleep(self.idle_poll_s)
+
+    async def recover(self, *, older_than_s: float | None = None) -> int:
+        """Emails left `sending` (by a process that died after or during the SMTP handover) become
+        `pending` again: they are sent once more, with the same Message-ID. At startup every such row
+        is ours (one sender per database); later only claims older than `older_than_s`."""
+        left = emails.c.status == "sending"
+        if older_than_s is not None:
+            left = left & (emails.c.attempted_at < utcnow() - timedelta(seconds=older_than_s))
+        async with self.new_uow() as uow:
+            found = (await uow.session.execute(
+                select(emails.c.id, emails.c.kind, emails.c.request_id).where(left))).all()
+            if not found:
+                return 0
+            await uow.session.execute(update(emails).where(emails.c.id.in_([r.id for r in found]))
+                                      .where(emails.c.status == "sending")
+                                      .values(status="pending", next_attempt_at=utcnow()))
+            await uow.commit(mark_processed=None)
+        for row in found:
+            metrics.EMAILS.labels(row.kind, "resend").inc()
+            log.warning("email may have been handed to SMTP before an interruption; sending it again with the "
+                        "same Message-ID", kind=row.kind, request_id=row.request_id)
+        return len(found)
 
     async def deliver_due(self, limit: int = 100) -> bool:
+        """One round: every pending email whose time has come, oldest first. True when one was sent."""
+        if time.monotonic() >= self._next_stale_check:
+            self._next_stale_check = time.monotonic() + self.stale_after_s / 4
+            await self.recover(older_than_s=self.stale_after_s)
         async with self.new_uow() as uow:
             due = (await uow.session.execute(select(emails).where(
                 (emails.c.status == "pending") & (emails.c.next_attempt_at <= utcnow())
             ).order_by(emails.c.id).limit(limit))).mappings().all()
         delivered = False
         for row in due:
-            if await self._deliver(dict(row)):
+            outcome = await self._deliver(dict(row))
+            if outcome == "sent":
                 delivered = True
-            else:
+            elif outcome == "unreachable":
                 break  # the server is away: the rest waits for the backoff too
         return delivered
 
-    async def _deliver(self, row: dict) -> bool:
+    async def _deliver(self, row: dict) -> str:
         with structlog.contextvars.bound_contextvars(request_id=row["request_id"],
                                                      correlation_id=row["request_id"]):
             return await self._deliver_one(row)
 
-    async def _deliver_one(self, row: dict) -> bool:
+    async def _deliver_one(self, row: dict) -> str:
+        """'sent', 'retry' (this message, later), 'unreachable' (the server, later), 'failed' or 'skipped'."""
+        if not await self._claim(row):
+            return "skipped"  # another sender has it, or it is no longer pending
         message = email.message_from_bytes(row["raw"], policy=email.policy.default)
         try:
             await self.mailer.send(message)  # type: ignore[arg-type]
         except MailDeliveryError as exc:
-            await self._failed(row, exc)
-            return False
+            return await self._failed(row, exc)
         crash_point("notification.after_smtp_send")
+        self._outage_failures = 0
         async with self.new_uow() as uow:
-            await uow.session.execute(update(emails).where(emails.c.id == row["id"]).values(
-                status="sent", sent_at=utcnow(), attempts=emails.c.attempts + 1, last_error=None))
-            uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
-                               subject=row["subject"], message_id=row["message_id"]),
-                     correlation_id=row["request_id"])
+            marked = await uow.session.execute(update(emails).where(
+                (emails.c.id == row["id"]) & (emails.c.status == "sending")
+            ).values(status="sent", sent_at=utcnow(), last_error=None))
+            if marked.rowcount == 1:  # type: ignore[attr-defined]
+                uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
+                                   subject=row["subject"], message_id=row["message_id"]),
+                         correlation_id=row["request_id"])
             await uow.commit(mark_processed=None)
         metrics.EMAILS.labels(row["kind"], "sent").inc()
-        return True
+        return "sent"
 
-    async def _failed(self, row: dict, exc: MailDeliveryError) -> None:
+    async def _claim(self, row: dict) -> bool:
+        """Record the intent before the send: `pending` -> `sending`, if it still is `pending`."""
+        async with self.new_uow() as uow:
+            claimed = await uow.session.execute(update(emails).where(
+                (emails.c.id == row["id"]) & (emails.c.status == "pending")
+            ).values(status="sending", attempted_at=utcnow(), attempts=emails.c.attempts + 1))
+            await uow.commit(mark_processed=None)
+        return claimed.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    async def _failed(self, row: dict, exc: MailDeliveryError) -> str:
         attempts = row["attempts"] + 1
-        backoff = min(self.max_backoff_s, 0.5 * 2 ** min(attempts, 8))
+        unreachable = exc.retryable and exc.smtp_code is None  # no answer at all, not this message's fault
+        if unreachable:
+            # The loop waits (run()); the email is due again as soon as the wait is over.
+            self._outage_failures += 1
+            backoff = self.backoff(self._outage_failures)
+            retry_at = utcnow()
+        else:
+            self._outage_failures = 0  # the server answered
+            backoff = self.backoff(attempts)
+            retry_at = utcnow() + timedelta(seconds=backoff)
         status = "pending" if exc.retryable else "failed"
         metrics.EMAILS.labels(row["kind"], "retry" if exc.retryable else "failed").inc()
         log.warning("email not delivered", kind=row["kind"], attempts=attempts, error=str(exc),
                     retry_in_s=backoff if exc.retryable else None)
         async with self.new_uow() as uow:
-            await uow.session.execute(update(emails).where(emails.c.id == row["id"]).values(
-                status=status, attempts=attempts, last_error=str(exc),
-                next_attempt_at=utcnow() + timedelta(seconds=backoff)))
+            await uow.session.execute(update(emails).where(
+                (emails.c.id == row["id"]) & (emails.c.status == "sending")
+            ).values(status=status, last_error=str(exc), next_attempt_at=retry_at))
+            if not exc.retryable:
+                # Support sees it in the request's history; the customer's outcome is unchanged.
+                uow.emit(Failed(request_id=row["request_id"], source=Source.notification, code="email_rejected",
+                                message=f"{row['audience']} email \"{row['subject']}\" was refused by the mail "
+                                        f"server: {exc}",
+                                details={"kind": row["kind"], "message_id": row["message_id"],
+                                         "smtp_code": exc.smtp_code}),
+                         correlation_id=row["request_id"])
             await uow.commit(mark_processed=None)
+        if unreachable:
+            return "unreachable"
+        return "retry" if exc.retryable else "failed"

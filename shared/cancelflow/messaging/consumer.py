@@ -23,6 +23,7 @@ from cancelflow import metrics, topics
 from cancelflow.events import Failed, RecordDeadLettered, Source, ValidationCode
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode
+from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.uow import UnitOfWork
 
 log = get_logger(__name__)
@@ -54,12 +55,14 @@ class ConsumeLoop:
     MAX_HANDLER_ATTEMPTS = 3
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
-                 new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str) -> None:
+                 new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
+                 signatures: SignatureCheck | None = None) -> None:
         self._consumer = consumer
         self._routes = {r.topic: r for r in routes}
         self._new_uow = new_uow
         self._service = service
         self._group_id = group_id
+        self._signatures = signatures
 
     async def run(self) -> None:
         while True:
@@ -87,6 +90,14 @@ class ConsumeLoop:
 
     async def process(self, record: ConsumerRecord) -> None:
         route = self._routes[record.topic]
+        forged = self._signatures.problem(record.topic, record.value, record.headers) if self._signatures else None
+        if forged is not None:
+            # No effect, and no status either: an unauthenticated record may not speak for a request.
+            metrics.BAD_SIGNATURES.labels(record.topic).inc()
+            if route.dead_letter:
+                with structlog.contextvars.bound_contextvars(topic=record.topic):
+                    await self._dead_letter(record, "bad_signature", forged, None)
+            return
         try:
             message = decode(record.value, topic=record.topic, partition=record.partition,
                              offset=record.offset, key=record.key)
