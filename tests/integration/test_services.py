@@ -295,9 +295,6 @@ async def test_status_tracker_folds_the_saga_into_versioned_records(store, servi
     assert code == 404
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "status_tracker folds a saga event for a request it never saw received into a view with state None, "
-    "so CancellationStatusChanged fails validation and the event is retried then dead-lettered"))
 async def test_status_tracker_takes_an_event_for_an_unknown_request_in_its_stride(store, services, publisher,
                                                                                   topic_reader, ids):
     running = await services.start_service("status_tracker", store("status_tracker"))

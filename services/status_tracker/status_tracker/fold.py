@@ -72,6 +72,8 @@ def apply(view: View, event: Payload, at: datetime) -> View | None:
     handler(new, event, at)
     before = State(view["state"]) if view["state"] else None
     after = State(new["state"]) if new["state"] else None
+    if before is None and after is None:
+        return None  # a step of a request whose first record we never saw: no status to speak of
     if after is None or before in TERMINAL_STATES or not is_legal(before, after):
         # Never leave a terminal state (nor change its stage, snapshot, refund or error), never jump
         # illegally: keep only the history the event adds.

@@ -182,8 +182,12 @@ class ConsumeLoop:
             uow.emit(dead, correlation_id=request_id or marker)
             if request_id and record.topic == topics.REQUESTED:
                 # Section 7: a readable request id gets a `rejected` status (via the tracker).
+                # What was wrong with the record helps its sender; our own exceptions stay in the DLQ.
+                said = (f"{reason}: {detail}" if message is None
+                        else "The request could not be processed; it was set aside for support.")
                 uow.emit(Failed(request_id=request_id, source=Source.validation,
-                                code=ValidationCode.bad_input, message=f"{reason}: {detail}"),
+                                code=ValidationCode.bad_input, message=said,
+                                details={"dead_lettered": marker}),
                          correlation_id=request_id)
             elif request_id and message is not None and self._reports_step_failures(message):
                 uow.emit(Failed(request_id=request_id, source=_SOURCE_OF[self._service],
