@@ -24,6 +24,7 @@ from cancelflow.events import (
     State,
     SubscriptionActivated,
 )
+from cancelflow.messaging.kafka import client_security
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.upstream import UpstreamPublisher
 
@@ -206,9 +207,11 @@ class StackClient:
 class StatusWatcher:
     """Follows `cancellations.status` (what a support dashboard reads) and wakes waiters per record."""
 
-    def __init__(self, bootstrap: str, *, from_beginning: bool = True) -> None:
+    def __init__(self, bootstrap: str, *, from_beginning: bool = True,
+                 settings: CommonSettings | None = None) -> None:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                          fetch_max_wait_ms=25, group_id=None)
+                                          fetch_max_wait_ms=25, group_id=None,
+                                          **client_security(settings or CommonSettings()))
         self._from_beginning = from_beginning
         self.latest: dict[str, dict[str, Any]] = {}
         self.records: list[dict[str, Any]] = []

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, computed_field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # service name -> (env prefix, default HTTP port)
@@ -36,6 +37,16 @@ class CommonSettings(BaseSettings):
     # about half of it and forgets a killed member only when it expires, so the embedded stack runs
     # with a short one (restarted services resume in seconds); Kafka's usual 30-45 s suits production.
     session_timeout_ms: int = Field(30_000, ge=1_000, le=300_000, validation_alias="KAFKA_SESSION_TIMEOUT_MS")
+    # Kafka security (every client: producers, consumers, admin, the tracker, the CLI).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", validation_alias="KAFKA_SECURITY_PROTOCOL")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", validation_alias="KAFKA_SASL_MECHANISM")
+    kafka_sasl_username: str | None = Field(None, validation_alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: SecretStr | None = Field(None, validation_alias="KAFKA_SASL_PASSWORD")
+    kafka_ssl_cafile: Path | None = Field(None, validation_alias="KAFKA_SSL_CAFILE")
+    kafka_ssl_certfile: Path | None = Field(None, validation_alias="KAFKA_SSL_CERTFILE")
+    kafka_ssl_keyfile: Path | None = Field(None, validation_alias="KAFKA_SSL_KEYFILE")
     smtp_host: str | None = Field(None, validation_alias="SMTP_HOST")
     smtp_port: int = Field(1025, validation_alias="SMTP_PORT")
     support_email: str = Field("support@localhost", validation_alias="SUPPORT_EMAIL")
@@ -62,6 +73,14 @@ class CommonSettings(BaseSettings):
     producer_keys: str | None = Field(None, validation_alias="CANCELFLOW_PRODUCER_KEYS", repr=False)
     log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")
     log_json: bool = Field(False, validation_alias="CANCELFLOW_LOG_JSON")
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> CommonSettings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+                self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                             "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        return self
 
     @field_validator("producer_keys")
     @classmethod

@@ -31,7 +31,8 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.testing.messages import handle, message
-from notification import orm, sender as sender_module
+from notification import orm
+from notification import sender as sender_module
 from notification.adapters.mailer import FakeMailer, MailDeliveryError
 from notification.handlers import NotificationHandlers, humanize_seconds
 from notification.render import message_id_for

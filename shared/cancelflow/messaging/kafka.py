@@ -5,8 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.helpers import create_ssl_context
 
 from cancelflow.settings import CommonSettings
+
+
+def client_security(settings: CommonSettings) -> dict[str, Any]:
+    """aiokafka options for KAFKA_SECURITY_PROTOCOL: TLS (a context from the CA/cert/key files) and/or
+    SASL (PLAIN or SCRAM-SHA-256/512). Empty for PLAINTEXT."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {}
+    if protocol != "PLAINTEXT":
+        options["security_protocol"] = protocol
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        )
+    if protocol.startswith("SASL"):
+        assert settings.kafka_sasl_password is not None  # the settings validator made sure
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=settings.kafka_sasl_password.get_secret_value())
+    return options
 
 
 def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProducer:
@@ -19,6 +41,7 @@ def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProduc
         linger_ms=2,
         max_request_size=4 * 1024 * 1024,
         request_timeout_ms=30_000,
+        **client_security(settings),
     )
 
 
@@ -41,6 +64,7 @@ def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(300, settings.session_timeout_ms // 10),
         max_poll_records=500,
+        **client_security(settings),
     )
     config.update(overrides)
     return AIOKafkaConsumer(*topics, **config)

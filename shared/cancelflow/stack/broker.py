@@ -45,8 +45,17 @@ def port_in_use(host: str, port: int) -> bool:
         return False
 
 
+def _security() -> dict[str, Any]:
+    """Kafka security from the environment (KAFKA_SECURITY_PROTOCOL, ...); plaintext when unset."""
+    from cancelflow.messaging.kafka import client_security
+    from cancelflow.settings import CommonSettings
+
+    return client_security(CommonSettings())
+
+
 async def _admin(bootstrap: str) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=_CLIENT_TIMEOUT_MS)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=_CLIENT_TIMEOUT_MS,
+                                **_security())
     try:
         await admin.start()
     except BaseException:

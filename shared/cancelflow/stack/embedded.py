@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -50,7 +51,7 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
         if value is None:
             out.pop(alias, None)
         else:
-            out[alias] = str(int(value)) if isinstance(value, bool) else str(value)
+            out[alias] = _env_value(value)
     if settings.kafka_bootstrap_servers is None and "KAFKA_SESSION_TIMEOUT_MS" not in env:
         # On the embedded broker a short session lets a restarted service resume within seconds.
         out["KAFKA_SESSION_TIMEOUT_MS"] = "6000"
@@ -61,6 +62,14 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
         PYTHONUNBUFFERED="1",  # log lines reach the log files as they happen
     )
     return out
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, SecretStr):  # str() would hand the children a masked "**********"
+        return value.get_secret_value()
+    return str(value)
 
 
 def service_port(service: str, env: Mapping[str, str]) -> int:
