@@ -67,6 +67,8 @@ class CommonSettings(BaseSettings):
     # in days that only tests and demos set (production never does).
     scheduler_interval_s: float = Field(30.0, gt=0, validation_alias="SCHEDULER_INTERVAL_SECONDS")
     clock_offset_days: int = Field(0, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
+    # Status tracker: an open request with no change for this long ends `manual_review` (code `timeout`).
+    stuck_after_s: float = Field(600.0, gt=0, validation_alias="STUCK_AFTER_SECONDS")
     # Sandboxes and fault hooks: on in the embedded stack (`cancelflow up` sets it), off otherwise.
     enable_fault_hooks: bool = Field(False, validation_alias="CANCELFLOW_ENABLE_FAULT_HOOKS")
     # CONTRACT.md section 10: "name:key,name:key" (several keys per name for rotation); unset: unchecked.

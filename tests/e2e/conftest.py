@@ -40,6 +40,8 @@ def stack(request, tmp_path_factory, smtp) -> Iterator[StackProcess]:  # type: i
         # Short vendor/gateway budgets keep the failure scenarios quick.
         "VENDOR_TIMEOUT_SECONDS": "1", "VENDOR_ATTEMPTS": "3",
         "GATEWAY_TIMEOUT_SECONDS": "1", "GATEWAY_ATTEMPTS": "3", "SCHEDULER_INTERVAL_SECONDS": "1",
+        # Mail is retried at most a second apart while the test SMTP server is stopped.
+        "SMTP_RETRY_MAX_SECONDS": "1",
     }
     if request.param == "pg":
         env.update(_pg_urls(request.getfixturevalue("pg_server"), uuid.uuid4().hex[:8]))

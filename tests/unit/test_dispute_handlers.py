@@ -8,7 +8,7 @@ the audit trail, the refund guard shared with cancellation refunds, and redelive
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.db import create_schema, make_engine
 from cancelflow.events import (
     REGISTRY,
     CancellationReceived,
@@ -29,10 +29,9 @@ from cancelflow.events import (
     Payload,
     PlatformCommitted,
     SubscriptionSnapshot,
-    envelope_for,
 )
-from cancelflow.messaging.codec import Message, decode, encode
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.codec import Message
+from cancelflow.testing.messages import Handler, handle, message
 from dispute import orm as dispute_orm
 from dispute.handlers import DisputeHandlers
 from payment_gateway import orm as payment_orm
@@ -45,21 +44,6 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 PERIOD_START = NOW.date() - timedelta(days=10)
 PERIOD_END = PERIOD_START + timedelta(days=30)
 
-Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
-
-
-def message(payload: Payload) -> Message:
-    correlation = str(getattr(payload, "request_id", "") or payload.record_key())
-    envelope = envelope_for(payload, producer="test", correlation_id=correlation, causation_id=None)
-    return decode(encode(envelope), topic=payload.topic, key=payload.record_key().encode())
-
-
-async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message) -> None:
-    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test", message=msg) as uow:
-        if await uow.already_processed(msg.event_id):
-            return
-        await handler(msg, uow)
-        await uow.commit()
 
 
 async def new_engine(path: Path, orm: ModuleType) -> AsyncEngine:
