@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import structlog
 
-_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+)")
-_PII_KEYS = {"email", "customer_email", "name", "customer_name", "to", "recipient"}
-
-
-def mask_email(text: str) -> str:
-    return _EMAIL.sub(r"\1***@\2", text)
-
-
-def _scrubbed(key: object, value: object) -> object:
-    """`value` with customer emails masked and names hidden, inside dicts and lists too."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: _scrubbed(k, v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrubbed(key, v) for v in value]
-    if key in _PII_KEYS:
-        return mask_email(str(value)) if "@" in str(value) else "***"
-    if isinstance(value, str) and "@" in value:
-        return mask_email(value)
-    return value
+from cancelflow.pii import mask_email, scrubbed
 
 
 def _scrub(_logger: object, _method: str, event_dict: dict) -> dict:
@@ -36,7 +15,7 @@ def _scrub(_logger: object, _method: str, event_dict: dict) -> dict:
         if key == "event" and isinstance(value, str):
             event_dict[key] = mask_email(value)  # the message itself is never hidden, only masked
         else:
-            event_dict[key] = _scrubbed(key, value)
+            event_dict[key] = scrubbed(key, value)
     return event_dict
 
 

@@ -23,6 +23,7 @@ from cancelflow.events import (
     PlatformCommitted,
     RefundIssued,
     RequestDeclined,
+    RequestStuck,
     Source,
     State,
     SubscriptionSnapshot,
@@ -181,6 +182,29 @@ def _email(view: View, e: EmailSent, at: datetime) -> None:
     _say(view, at, f"Email \"{e.subject}\" sent to {'the customer' if e.audience == 'customer' else 'support'}")
 
 
+def _stuck(view: View, e: RequestStuck, at: datetime) -> None:
+    """No progress for too long (the tracker's own timer): support takes it from here. Said once: a
+    request already terminal is left alone."""
+    if view["state"] is None or State(view["state"]) in TERMINAL_STATES:
+        return
+    stage = e.stage if e.stage in Source.__members__ else None
+    source = stage or Source.platform.value
+    waited = _duration(e.stuck_for_seconds)
+    at_step = f" at the {stage} step" if stage else ""
+    message = f"No progress{at_step} for {waited}; set aside for manual review and support alerted"
+    view.update(state=State.manual_review.value, stage=stage or view["stage"],
+                error={"source": source, "code": "timeout", "message": message})
+    _say(view, at, message)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min" if minutes else f"{secs} s"
+
+
 def _dispute_step(view: View, e: DisputeStepRecorded, at: datetime) -> None:
     """An audit step of a charges dispute: a history line; validation moves it on to the money step,
     and each refund the gateway issued adds to the refund shown (a mixed outcome keeps it)."""
@@ -208,5 +232,6 @@ _HANDLERS = {
     Failed: _failed,
     EmailSent: _email,
     DisputeStepRecorded: _dispute_step,
+    RequestStuck: _stuck,
 }
 SAGA_EVENT_TYPES = [cls.event_type for cls in _HANDLERS]

@@ -25,6 +25,7 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.pii import scrub_record
 
 log = get_logger(__name__)
 
@@ -173,7 +174,8 @@ class ConsumeLoop:
             consumer_group=self._group_id,
             original_size=len(value),
             original_sha256=hashlib.sha256(value).hexdigest(),
-            original_base64=base64.b64encode(value).decode() if len(value) <= MAX_RECORD_BYTES else None,
+            # The bytes stay readable for the operator, customer email and name masked (no PII in the DLQ).
+            original_base64=base64.b64encode(scrub_record(value)).decode() if len(value) <= MAX_RECORD_BYTES else None,
             request_id=request_id,
         )
         async with self._new_uow(message) as uow:
