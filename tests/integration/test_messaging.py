@@ -266,7 +266,10 @@ async def test_failing_handler_is_retried_then_dead_lettered(broker, store, serv
     assert tiny.calls.count(bad_id) == ConsumeLoop.MAX_HANDLER_ATTEMPTS
     assert await effect_rows(running.runtime, bad_id) == []  # every attempt rolled back
     failed = await saga.wait_for(lambda e: e.event_type == "Failed" and e.payload["request_id"] == bad_id)
-    assert "handler_error" in failed.payload["message"]
+    # The requester learns it was set aside, not our exception (that stays in the DLQ for operators).
+    assert "set aside for support" in failed.payload["message"]
+    assert "exploded" not in failed.payload["message"]
+    assert failed.payload["details"]["dead_lettered"].startswith("dlq:")
     assert len(saga.matching(received_for(bad_id))) == 0
 
 

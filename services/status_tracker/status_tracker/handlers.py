@@ -1,42 +1,169 @@
-"""The single writer of `cancellations.status`: one record per change, version + 1 each time."""
+"""The single writer of `cancellations.status`: each saga record in, at most one status record out.
+
+Per record: decode (a bad one goes to `cancellations.dlq`: the tracker owns DLQ duty for the saga
+topic), `tracking.track` against the request's entry in the table, then in this order:
+1. the read model row (idempotent upsert: an older version never overwrites a newer one),
+2. the status record, waiting for the broker's acknowledgement,
+3. the table entry (its changelog makes the next version, and the event id that must not count twice).
+A crash anywhere repeats only idempotent steps: the read model write, or the same status record (same
+event_id) that consumers drop. The storage is injected (the faust tables in production, dicts in tests).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
-from sqlalchemy import insert, select, update
+import structlog
+from aiokafka.errors import KafkaError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from cancelflow import metrics
-from cancelflow.events import TERMINAL_STATES, CancellationStatusChanged, State, utcnow
-from cancelflow.messaging.codec import Message
-from cancelflow.messaging.uow import UnitOfWork
-from status_tracker import fold, orm
+from cancelflow import metrics, topics
+from cancelflow.events import RecordDeadLettered, envelope_for
+from cancelflow.logging import get_logger
+from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode, encode
+from status_tracker import fold, tracking
+from status_tracker.projection import ReadModel
+from status_tracker.tracking import Entry
 
-views = orm.views
+log = get_logger(__name__)
+
+Publish = Callable[[str, str | None, bytes], Awaitable[None]]  # topic, key, value; returns once acknowledged
+HANDLED = frozenset(fold.SAGA_EVENT_TYPES)
 
 
-async def load_view(session: Any, request_id: str) -> dict[str, Any] | None:
-    row = (await session.execute(select(views).where(views.c.request_id == request_id))).mappings().first()
-    return dict(row) if row else None
+class Entries(Protocol):
+    def get(self, request_id: str) -> Entry | None: ...
+    def put(self, request_id: str, entry: Entry) -> None: ...
+    def values(self) -> Iterable[Entry]: ...
 
 
-class TrackerHandlers:
-    async def saga_event(self, msg: Message, uow: UnitOfWork) -> None:
-        request_id = str(msg.payload.request_id)  # type: ignore[attr-defined]
-        row = await load_view(uow.session, request_id)
-        current = row["view"] if row else fold.empty_view(request_id)
-        new = fold.apply(current, msg.payload, msg.envelope.occurred_at)
-        if new is None:
+class Markers(Protocol):
+    def __contains__(self, marker: object) -> bool: ...
+    def add(self, marker: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """The database or the broker is away: wait and retry, never dead-letter."""
+    if isinstance(exc, OperationalError | KafkaError | ConnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class SagaProcessor:
+    MAX_HANDLER_ATTEMPTS = 3
+
+    def __init__(self, *, entries: Entries, dead_lettered: Markers, read_model: ReadModel, publish: Publish,
+                 group_id: str) -> None:
+        self._entries = entries
+        self._dead_lettered = dead_lettered
+        self._read_model = read_model
+        self._publish = publish
+        self._group_id = group_id
+
+    async def process(self, record: Record) -> None:
+        try:
+            message = decode(record.value, topic=record.topic, partition=record.partition,
+                             offset=record.offset, key=record.key)
+        except BadRecord as bad:
+            with structlog.contextvars.bound_contextvars(topic=record.topic, request_id=bad.request_id):
+                await self._dead_letter(record, bad.reason, bad.detail, bad.request_id)
             return
-        version = (row["version"] if row else 0) + 1
-        now = utcnow()
-        columns = dict(state=new["state"], account_id=new["account_id"], subscription_id=new["subscription_id"],
-                       version=version, view=new, updated_at=now)
-        if row is None:
-            await uow.session.execute(insert(views).values(request_id=request_id, created_at=now, **columns))
-        else:
-            await uow.session.execute(update(views).where(views.c.request_id == request_id).values(**columns))
-        uow.emit(CancellationStatusChanged.model_validate({**new, "version": version, "updated_at": now}))
-        if new["state"] != current["state"] and new["state"] and State(new["state"]) in TERMINAL_STATES:
-            error = new.get("error") or {}
-            metrics.OUTCOMES.labels(new["state"], error.get("source", "")).inc()
+        if message.event_type not in HANDLED:
+            return  # a saga event that changes nothing a support person sees
+        request_id = str(message.payload.request_id)  # type: ignore[attr-defined]
+        with structlog.contextvars.bound_contextvars(
+            event_type=message.event_type, event_id=message.event_id, request_id=request_id,
+            correlation_id=message.envelope.correlation_id,
+        ):
+            await self._handle(record, message, request_id)
+
+    async def _handle(self, record: Record, message: Message, request_id: str) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                await self.apply(message, request_id)
+                metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
+                metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.HANDLER_ERRORS.labels(message.event_type).inc()
+                if _is_transient(exc):
+                    log.warning("transient error, retrying", attempt=attempt, error=str(exc))
+                    await asyncio.sleep(min(10.0, 0.2 * 2 ** min(attempt, 6)))
+                    continue
+                if attempt < self.MAX_HANDLER_ATTEMPTS:
+                    log.warning("handler failed, retrying", attempt=attempt, error=repr(exc))
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                log.error("handler failed repeatedly, dead-lettering", error=repr(exc), exc_info=exc)
+                # The tracker only observes: its failure says nothing about the cancellation itself,
+                # so no `Failed` is emitted (see ConsumeLoop._reports_step_failures).
+                await self._dead_letter(record, "handler_error",
+                                        f"status_tracker could not handle {message.event_type}: {exc!r}",
+                                        request_id)
+                return
+
+    async def apply(self, message: Message, request_id: str) -> None:
+        before = self._entries.get(request_id)
+        step = tracking.track(before, message)
+        if step.duplicate:
+            metrics.INBOX_DUPLICATES.labels(message.topic).inc()
+            log.info("duplicate skipped")
+            return
+        if step.entry is None or step.status is None:
+            return
+        await self._read_model.save(tracking.document(step.entry))
+        await self._publish(topics.STATUS, request_id, encode(step.status))
+        metrics.EVENTS_PRODUCED.labels(topics.STATUS, step.status.event_type).inc()
+        self._entries.put(request_id, step.entry)
+        if tracking.is_terminal(step.entry) and not (before and tracking.is_terminal(before)):
+            error = step.entry["view"]["error"] or {}
+            metrics.OUTCOMES.labels(step.entry["view"]["state"], error.get("source", "")).inc()
+
+    async def _dead_letter(self, record: Record, reason: str, detail: str, request_id: str | None) -> None:
+        marker = f"dlq:{record.topic}:{record.partition}:{record.offset}"
+        if marker in self._dead_lettered:
+            return
+        value = record.value or b""
+        dead = RecordDeadLettered(
+            reason=reason, detail=detail, topic=record.topic, partition=record.partition, offset=record.offset,
+            original_key=record.key.decode("utf-8", "replace") if record.key else None,
+            consumer_group=self._group_id, original_size=len(value),
+            original_sha256=hashlib.sha256(value).hexdigest(),
+            original_base64=base64.b64encode(value).decode() if len(value) <= MAX_RECORD_BYTES else None,
+            request_id=request_id,
+        )
+        envelope = envelope_for(dead, producer=tracking.PRODUCER, correlation_id=request_id or marker,
+                                causation_id=None)
+        while True:
+            try:
+                await self._publish(topics.DLQ, dead.record_key(), encode(envelope))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker is away: the record waits, nothing behind it is lost
+                log.warning("dead-lettering failed, retrying", error=repr(exc))
+                await asyncio.sleep(1.0)
+        self._dead_lettered.add(marker)
+        metrics.DEAD_LETTERED.labels(record.topic, reason).inc()
+        log.warning("record dead-lettered", topic=record.topic, partition=record.partition,
+                    offset=record.offset, reason=reason, detail=detail)

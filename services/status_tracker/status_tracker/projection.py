@@ -1,0 +1,80 @@
+"""The read model in the tracker's database: one row per request, written after every change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from status_tracker import orm
+
+views = orm.views
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True)
+class Query:
+    """GET /requests filters; each list holds alternatives (`state=failed,manual_review`)."""
+
+    states: list[str] = field(default_factory=list)
+    account_id: str | None = None
+    subscription_id: str | None = None
+    error_sources: list[str] = field(default_factory=list)
+    limit: int = 50
+    offset: int = 0
+
+
+class ReadModel:
+    def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._insert = dialect.insert
+
+    async def save(self, document: dict[str, Any]) -> None:
+        """Upsert a request's document; an older version never overwrites a newer one, and writing the
+        same version again (a redelivery after a crash) changes nothing."""
+        error = document.get("error") or {}
+        row = {
+            "request_id": document["request_id"], "state": document["state"],
+            "account_id": document.get("account_id"), "subscription_id": document.get("subscription_id"),
+            "error_source": error.get("source"), "version": document["version"], "view": document,
+            "created_at": datetime.fromisoformat(document["created_at"]),
+            "updated_at": datetime.fromisoformat(document["updated_at"]),
+        }
+        statement = self._insert(views).values(**row)
+        statement = statement.on_conflict_do_update(
+            index_elements=[views.c.request_id],
+            set_={k: statement.excluded[k] for k in row if k not in ("request_id", "created_at")},
+            where=views.c.version <= statement.excluded.version,
+        )
+        async with self._sessions() as session:
+            await session.execute(statement)
+            await session.commit()
+
+    async def get(self, request_id: str) -> dict[str, Any] | None:
+        async with self._sessions() as session:
+            found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
+        return found[0] if found else None
+
+    async def search(self, query: Query) -> tuple[list[dict[str, Any]], int]:
+        """The matching documents, newest request first, and how many match in all."""
+        where = []
+        if query.states:
+            where.append(views.c.state.in_(query.states))
+        if query.account_id:
+            where.append(views.c.account_id == query.account_id)
+        if query.subscription_id:
+            where.append(views.c.subscription_id == query.subscription_id)
+        if query.error_sources:
+            where.append(views.c.error_source.in_(query.error_sources))
+        page = (select(views.c.view).where(*where)
+                .order_by(views.c.created_at.desc(), views.c.request_id)
+                .limit(min(max(query.limit, 1), MAX_PAGE)).offset(max(query.offset, 0)))
+        async with self._sessions() as session:
+            items = [row[0] for row in (await session.execute(page)).all()]
+            total = (await session.execute(select(func.count()).select_from(views).where(*where))).scalar_one()
+        return items, total
