@@ -349,3 +349,40 @@ def dispute(request_id: str = typer.Argument(..., help="The request id of a char
         console.print(f"[yellow]no dispute {request_id}[/]")
         raise typer.Exit(1)
     print_dispute(found)
+
+
+@app.command()
+def chaos(
+    duration: float = typer.Option(60.0, "--duration", help="Seconds of traffic under faults."),
+    rate: float = typer.Option(4.0, "--rate", help="Cancellations per second."),
+    kill_every: float = typer.Option(10.0, "--kill-every", help="Seconds between kill -9 of a random service (0: none)."),
+    smtp_outage: float = typer.Option(15.0, "--smtp-outage", help="Seconds SMTP is down, once (0: never)."),
+    broker_pause: float = typer.Option(10.0, "--broker-pause", help="Seconds the broker is SIGSTOPped, once (0: never)."),
+    seed: int = typer.Option(7, "--seed", help="Random seed of scenarios and kills."),
+    data_dir: Path = typer.Option(Path("var"), "--data-dir", help="Where the run's own stack keeps its data."),
+) -> None:
+    """Soak test: a stack of its own under a steady stream of requests, kill -9 of random services, the
+    broker paused, SMTP down, poison records and every named crash point; then every invariant is checked
+    over the topics, sandbox ledgers, mailbox and databases. Exits 1 on any violation."""
+    from cancelflow.chaos import ChaosConfig, ChaosRun, chaos_env, data_dir_for, render
+    from cancelflow.testing.smtp import RecordingSMTPServer
+    from cancelflow.testing.stack import StackProcess
+
+    config = ChaosConfig(duration_s=duration, rate_per_s=rate, kill_every_s=kill_every,
+                         smtp_outage_s=smtp_outage, broker_pause_s=broker_pause, seed=seed,
+                         settle_timeout_s=max(300.0, duration * 2))
+    run_dir = data_dir_for(data_dir.resolve())
+    with RecordingSMTPServer() as smtp:
+        stack = StackProcess(run_dir, extra_env=chaos_env(smtp.port))
+        with console.status(f"starting a stack in {run_dir} ..."):
+            stack.start()
+        try:
+            with console.status(f"loading subscriptions, {duration:.0f} s of traffic under faults, "
+                                f"then settling and checking ..."):
+                result = asyncio.run(ChaosRun(stack, smtp, config, console).run())
+        finally:
+            stack.stop()
+    render(result, console)
+    console.print(f"data, logs and mail of the run: {run_dir}")
+    if not result.report.ok:
+        raise typer.Exit(1)

@@ -170,7 +170,10 @@ class StackClient:
         deadline = time.monotonic() + timeout
         pending = list(urls)
         while pending:
-            status, _ = await self.get_json(pending[0])
+            try:
+                status, _ = await self.get_json(pending[0])
+            except aiohttp.ClientError:
+                status = 0  # the service is (re)starting: not ingested yet, as far as we can tell
             if status == 200:
                 pending.pop(0)
                 continue
@@ -294,3 +297,28 @@ EMAILS_OWED = {("completed", None): 1, ("failed", "vendor"): 1, ("failed", "plat
 def emails_owed(status: dict[str, Any]) -> int:
     error = status.get("error") or {}
     return EMAILS_OWED.get((status["state"], error.get("source")), 0)
+
+
+async def read_all(bootstrap: str, topic: str, settings: CommonSettings | None = None) -> list[Any]:
+    """Every record on `topic` up to its end right now, partition by partition in offset order."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=25,
+                                group_id=None, **client_security(settings or CommonSettings()))
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: dict[TopicPartition, list[Any]] = {tp: [] for tp in partitions}
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in partitions])
+
+        while await behind():
+            for tp, batch in (await consumer.getmany(timeout_ms=200)).items():
+                records[tp].extend(r for r in batch if r.offset < ends[tp])
+        return [r for tp in partitions for r in records[tp]]
+    finally:
+        await consumer.stop()

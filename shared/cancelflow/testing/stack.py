@@ -3,11 +3,13 @@ ports and a private data dir, for end-to-end tests, the benchmark and chaos runs
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from cancelflow.ops import Endpoints
@@ -62,6 +64,34 @@ class StackProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
+
+    def database_urls(self) -> dict[str, str]:
+        """Each service's database: its <SERVICE>_DATABASE_URL, else the SQLite file in the data dir."""
+        return {service: self.env.get(f"{prefix}_DATABASE_URL")
+                or f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+                for service, (prefix, _) in SERVICES.items()}
+
+    def service_pid(self, service: str) -> int | None:
+        """The pid a service reports on /healthz (None while it is down or restarting)."""
+        prefix, _ = SERVICES[service]
+        url = f"http://127.0.0.1:{self.env[f'{prefix}_HTTP_PORT']}/healthz"
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2) as response:
+                return int(json.loads(response.read())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def broker_pid(self) -> int | None:
+        """The embedded broker's pid, found by its listener address in /proc."""
+        needle = f"127.0.0.1:{self.env['CANCELFLOW_BROKER_PORT']}".encode()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes()
+            except OSError:
+                continue
+            if b"tansu" in argv and b"broker" in argv and needle in argv:
+                return int(cmdline.parent.name)
+        return None
 
     def service_log(self, name: str) -> str:
         path = self.data_dir / "logs" / f"{name}.log"

@@ -1,0 +1,90 @@
+"""The live feed behind GET /events: `cancellations.status` followed from its end, fanned out to every
+connected dashboard. It reads the topic rather than hearing the agent, so any replica streams every
+request's changes, whichever replica folded them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from cancelflow import topics
+from cancelflow.logging import get_logger
+from cancelflow.messaging.kafka import client_security
+from cancelflow.settings import ServiceSettings
+
+log = get_logger(__name__)
+
+Subscriber = asyncio.Queue[dict[str, Any] | None]
+
+
+class StatusFeed:
+    QUEUE_SIZE = 1000  # a dashboard this far behind is dropped; it reconnects and reloads
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self._settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+        self._subscribers: set[Subscriber] = set()
+
+    async def start(self) -> None:
+        settings = self._settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms, client_id="cancelflow-status_tracker-feed",
+            **client_security(settings))
+        await self._consumer.start()
+        await self._consumer.topics()
+        partitions = [TopicPartition(topics.STATUS, p)
+                      for p in sorted(self._consumer.partitions_for_topic(topics.STATUS) or ())]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_end(*partitions)
+
+    async def run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        envelope = orjson.loads(record.value)
+                        status = {"event_id": envelope["event_id"], **envelope["payload"]}
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        continue  # we are the topic's only writer; nothing else belongs here
+                    self._fan_out(status)
+
+    def _fan_out(self, status: dict[str, Any]) -> None:
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(status)
+            except asyncio.QueueFull:
+                self._drop(queue)
+
+    def _drop(self, queue: Subscriber) -> None:
+        self._subscribers.discard(queue)
+        while not queue.empty():  # make room for the end marker
+            queue.get_nowait()
+        queue.put_nowait(None)
+
+    def subscribe(self) -> Subscriber:
+        queue: Subscriber = asyncio.Queue(self.QUEUE_SIZE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: Subscriber) -> None:
+        self._subscribers.discard(queue)
+
+    async def ping(self) -> None:
+        """A metadata round trip to the broker (for /readyz)."""
+        if self._consumer is None:
+            raise RuntimeError("not started")
+        await self._consumer.topics()
+
+    async def stop(self) -> None:
+        for queue in list(self._subscribers):  # every open /events response ends
+            self._drop(queue)
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()

@@ -1,0 +1,288 @@
+/* cancelflow support dashboard. No build step, no dependencies.
+ *
+ * The list (/) reads GET /requests, the request page (/ui/requests/{id}) GET /requests/{id}; both
+ * follow GET /events (one `status` event per record on cancellations.status) and update in place.
+ * Data is written with textContent only.
+ */
+"use strict";
+
+const OPEN_STATES = ["received", "pending_approval", "in_progress", "scheduled"];
+const VIEWS = {  // the "Show" filter -> the state query
+  all: [], open: OPEN_STATES, failed: ["failed"], manual_review: ["manual_review"],
+  completed: ["completed"], rejected: ["rejected", "declined"],
+};
+const STATE_NAMES = {
+  received: "Received", pending_approval: "Pending approval", in_progress: "In progress", scheduled: "Scheduled",
+  completed: "Completed", failed: "Failed", rejected: "Rejected", manual_review: "Manual review", declined: "Declined",
+};
+const SOURCE_LABELS = {
+  vendor: "Vendor error", platform: "Platform error", payment: "Payment error",
+  validation: "Rejected", notification: "Email problem",
+};
+const PAGE_SIZE = 25;
+
+/* --- helpers ------------------------------------------------------------------------------- */
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "text") node.textContent = value;
+    else if (key === "className") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) if (child != null) node.append(child);
+  return node;
+}
+
+function badge(state) {
+  return el("span", { className: `badge ${state}`, text: STATE_NAMES[state] || state });
+}
+
+function shortId(id) { return id.slice(0, 8); }
+
+function age(since) {
+  const seconds = Math.max(0, (Date.now() - Date.parse(since)) / 1000);
+  if (seconds < 60) return `${Math.floor(seconds)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+  return `${Math.floor(seconds / 86400)} d`;
+}
+
+function when(iso) {
+  const date = new Date(iso);
+  return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+}
+
+function createdAt(status) {
+  return status.created_at || (status.history[0] && status.history[0].at) || status.updated_at;
+}
+
+function errorText(error) {
+  if (!error) return "";
+  const label = error.code === "timeout" ? "No progress" : (SOURCE_LABELS[error.source] || "Error");
+  return `${label}: ${error.code}`;
+}
+
+function announce(text) {
+  const region = document.getElementById("announcer");
+  region.textContent = "";
+  window.setTimeout(() => { region.textContent = text; }, 50);
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.json();
+}
+
+function follow(onStatus) {
+  const connection = document.getElementById("connection");
+  const source = new EventSource("/events");
+  source.addEventListener("open", () => {
+    connection.textContent = "Live: updates appear as they happen";
+    connection.classList.add("live");
+  });
+  source.addEventListener("error", () => {
+    connection.textContent = "Live feed interrupted; reconnecting…";
+    connection.classList.remove("live");
+  });
+  source.addEventListener("status", (event) => onStatus(JSON.parse(event.data)));
+  return source;
+}
+
+/* --- the list ------------------------------------------------------------------------------ */
+
+function listPage() {
+  const form = document.getElementById("filters");
+  const rows = document.getElementById("rows");
+  const summary = document.getElementById("summary");
+  const known = new Map();  // request_id -> the version shown
+  let offset = 0;
+  let total = 0;
+
+  function filters() {
+    const data = new FormData(form);
+    return {
+      view: data.get("view") || "all",
+      account_id: (data.get("account_id") || "").trim(),
+      subscription_id: (data.get("subscription_id") || "").trim(),
+    };
+  }
+
+  function matches(status) {
+    const f = filters();
+    const states = VIEWS[f.view];
+    return (!states.length || states.includes(status.state))
+      && (!f.account_id || status.account_id === f.account_id)
+      && (!f.subscription_id || status.subscription_id === f.subscription_id);
+  }
+
+  function row(status) {
+    const link = el("a", { href: `/ui/requests/${status.request_id}`, "aria-label": `Request ${status.request_id}` },
+      el("code", { text: shortId(status.request_id) }));
+    const tr = el("tr", { dataset: { requestId: status.request_id, state: status.state } },
+      el("td", {}, link),
+      el("td", { className: "state" }, badge(status.state)),
+      el("td", { className: "stage", text: status.stage || "" }),
+      el("td", { text: status.subscription_id || (status.charge_ids || []).join(", ") }),
+      el("td", { text: status.account_id || "" }),
+      el("td", { className: "age", dataset: { since: createdAt(status) }, text: age(createdAt(status)) }),
+      el("td", { className: "error", text: errorText(status.error) }));
+    known.set(status.request_id, status.version);
+    return tr;
+  }
+
+  function describe() {
+    if (!total) { summary.textContent = "No requests match."; return; }
+    const last = Math.min(offset + rows.children.length, total);
+    summary.textContent = `Showing ${offset + 1}–${last} of ${total} request${total === 1 ? "" : "s"}.`;
+    document.getElementById("page-info").textContent = `Page ${Math.floor(offset / PAGE_SIZE) + 1} of ${Math.max(1, Math.ceil(total / PAGE_SIZE))}`;
+    document.getElementById("newer").disabled = offset === 0;
+    document.getElementById("older").disabled = offset + PAGE_SIZE >= total;
+  }
+
+  async function load() {
+    const f = filters();
+    const query = new URLSearchParams({ limit: PAGE_SIZE, offset });
+    if (VIEWS[f.view].length) query.set("state", VIEWS[f.view].join(","));
+    if (f.account_id) query.set("account_id", f.account_id);
+    if (f.subscription_id) query.set("subscription_id", f.subscription_id);
+    const page = await getJSON(`/requests?${query}`);
+    known.clear();
+    rows.replaceChildren(...page.items.map(row));
+    total = page.total;
+    describe();
+  }
+
+  function onStatus(status) {
+    const shown = rows.querySelector(`tr[data-request-id="${CSS.escape(status.request_id)}"]`);
+    if (shown && known.get(status.request_id) >= status.version) return;  // old news or a copy
+    if (shown && !matches(status)) {
+      shown.remove();
+      known.delete(status.request_id);
+      total = Math.max(0, total - 1);
+      describe();
+    } else if (shown) {
+      const fresh = row(status);
+      fresh.classList.add("changed");
+      shown.replaceWith(fresh);
+    } else if (matches(status) && offset === 0) {
+      const fresh = row(status);
+      fresh.classList.add("changed");
+      rows.prepend(fresh);
+      total += 1;
+      if (rows.children.length > PAGE_SIZE) rows.lastElementChild.remove();
+      describe();
+    } else {
+      return;
+    }
+    if (OPEN_STATES.includes(status.state) && status.version > 1) return;  // say only arrivals and outcomes
+    announce(`Request ${shortId(status.request_id)}: ${STATE_NAMES[status.state] || status.state}`);
+  }
+
+  form.addEventListener("change", (event) => {
+    if (event.target.name === "view") { offset = 0; load(); }
+  });
+  form.addEventListener("submit", (event) => { event.preventDefault(); offset = 0; load(); });
+  form.addEventListener("reset", () => { window.setTimeout(() => { offset = 0; load(); }, 0); });
+  document.getElementById("newer").addEventListener("click", () => { offset = Math.max(0, offset - PAGE_SIZE); load(); });
+  document.getElementById("older").addEventListener("click", () => { offset += PAGE_SIZE; load(); });
+  window.setInterval(() => {
+    for (const cell of rows.querySelectorAll("td.age")) cell.textContent = age(cell.dataset.since);
+  }, 15000);
+
+  follow(onStatus);
+  load().catch((error) => { summary.textContent = `Could not load the requests: ${error.message}`; });
+}
+
+/* --- one request --------------------------------------------------------------------------- */
+
+function requestPage() {
+  const requestId = decodeURIComponent(window.location.pathname.split("/").pop());
+  let version = 0;
+  document.getElementById("request-id").textContent = requestId;
+  document.title = `Request ${shortId(requestId)} · cancelflow support`;
+
+  function detail(list, term, value) {
+    if (value === null || value === undefined || value === "") return;
+    list.append(el("dt", { text: term }), el("dd", { text: String(value) }));
+  }
+
+  function render(doc) {
+    document.getElementById("not-found").hidden = true;
+    document.getElementById("request").hidden = false;
+    document.getElementById("state").replaceWith(Object.assign(badge(doc.state), { id: "state" }));
+    document.getElementById("stage-text").textContent = doc.stage ? `stage: ${doc.stage}` : "";
+    document.getElementById("version-text").textContent = `version ${doc.version}, updated ${when(doc.updated_at)}`;
+
+    const panel = document.getElementById("error-panel");
+    panel.hidden = !doc.error;
+    if (doc.error) {
+      const help = doc.error_help || { label: "Error", advice: "", action: "contact_support" };
+      panel.className = `error-panel ${help.action}`;
+      document.getElementById("error-title").textContent = `${help.label} (${doc.error.source}, ${doc.error.code})`;
+      document.getElementById("error-message").textContent = doc.error.message;
+      document.getElementById("error-advice").textContent = help.advice;
+    }
+
+    const details = document.getElementById("details");
+    details.replaceChildren();
+    detail(details, "Account", doc.account_id);
+    detail(details, "Target", doc.target);
+    detail(details, "Subscription", doc.subscription_id);
+    detail(details, "Charges", (doc.charge_ids || []).join(", "));
+    detail(details, "Mode", doc.mode);
+    detail(details, "Subscription status", doc.subscription_status);
+    detail(details, "Provisioning status", doc.provisioning_status);
+    detail(details, "Effective date", doc.effective_date);
+    detail(details, "Access ends", doc.access_end_date);
+    detail(details, "Received", when(doc.created_at));
+
+    document.getElementById("timeline").replaceChildren(...doc.history.map((entry) =>
+      el("li", {}, el("time", { datetime: entry.at, text: when(entry.at) }), el("span", { text: entry.message }))));
+
+    const errors = doc.errors || [];
+    document.getElementById("no-errors").hidden = errors.length > 0;
+    document.getElementById("errors").replaceChildren(...errors.map((e) => el("li", {},
+      el("span", { className: "label", text: e.help.label }),
+      el("span", { className: `action ${e.help.action}`, text: e.help.action === "retry" ? "retry is safe" : e.help.action.replace("_", " ") }),
+      el("br"),
+      el("time", { datetime: e.at, className: "muted", text: `${when(e.at)} · ${e.source} · ${e.code}` }),
+      el("div", { text: e.message }),
+      el("div", { className: "muted", text: e.help.advice }))));
+
+    const refund = doc.refund;
+    document.getElementById("refund").textContent = refund
+      ? `Refund: ${refund.amount} ${refund.currency} (${refund.status.replace("_", " ")})`
+      : "No refund recorded.";
+    const emails = doc.emails || [];
+    document.getElementById("no-emails").hidden = emails.length > 0;
+    document.getElementById("emails").replaceChildren(...emails.map((m) => el("li", {},
+      el("span", { text: `“${m.subject}” to ${m.audience === "customer" ? "the customer" : "support"}` }), " ",
+      el("time", { datetime: m.at, className: "muted", text: when(m.at) }))));
+  }
+
+  async function refresh() {
+    const doc = await getJSON(`/requests/${encodeURIComponent(requestId)}`);
+    if (!doc) { document.getElementById("not-found").hidden = false; return; }
+    const before = version;
+    if (doc.version <= version) return;
+    version = doc.version;
+    render(doc);
+    if (before) announce(`Updated: ${STATE_NAMES[doc.state] || doc.state}, version ${doc.version}`);
+  }
+
+  follow((status) => {
+    if (status.request_id === requestId && status.version > version) refresh();
+  });
+  refresh().catch((error) => {
+    const notice = document.getElementById("not-found");
+    notice.hidden = false;
+    notice.textContent = `Could not load the request: ${error.message}`;
+  });
+}
+
+if (document.body.dataset.page === "list") listPage();
+else if (document.body.dataset.page === "request") requestPage();

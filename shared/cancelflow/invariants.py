@@ -1,0 +1,264 @@
+"""The promises, checked after a run from everything the system left behind.
+
+Evidence comes from the status and dead-letter topics, the vendor and gateway sandbox ledgers, the
+SMTP server's mailbox and every service's database. `check` returns a report: for each invariant, how
+many things were checked and every violation found. Chaos runs and fault tests end with it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from email.message import EmailMessage
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy import inspect as sa_inspect
+
+from cancelflow import db
+from cancelflow.events import TERMINAL_STATES, State
+
+# Which emails each outcome owes: (state, error source, target) -> kinds (CONTRACT.md section 5).
+OWED: dict[tuple[str, str | None, str], tuple[str, ...]] = {
+    ("completed", None, "subscription"): ("completed",),
+    ("completed", None, "charges"): ("charges_refunded",),
+    ("failed", "vendor", "subscription"): ("failed_vendor",),
+    ("failed", "platform", "subscription"): ("failed_platform", "support_platform_failure"),
+    ("manual_review", "payment", "subscription"): ("manual_review", "support_manual_review"),
+    ("manual_review", "payment", "charges"): ("manual_review", "support_manual_review"),
+    ("declined", None, "subscription"): ("declined",),
+}
+
+LEGAL: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.received, State.rejected}),
+    State.received: frozenset({State.pending_approval, State.in_progress, State.scheduled, State.rejected,
+                               State.declined, State.manual_review}),
+    State.pending_approval: frozenset({State.in_progress, State.scheduled, State.declined, State.rejected}),
+    State.scheduled: frozenset({State.in_progress, State.failed, State.manual_review}),
+    State.in_progress: frozenset({State.completed, State.failed, State.manual_review}),
+}
+
+
+@dataclass
+class Evidence:
+    statuses: list[dict[str, Any]]  # every status record's payload, in topic order per request
+    dead_letters: list[dict[str, Any]]  # every DLQ record's payload
+    vendor_ledger: dict[str, Any]
+    gateway_ledger: dict[str, Any]
+    mails: list[EmailMessage]
+    database_urls: dict[str, str] = field(default_factory=dict)  # service -> URL
+    databases: dict[str, dict[str, Any]] = field(default_factory=dict)  # filled by read_databases
+
+
+@dataclass
+class Expectations:
+    accepted: set[str]  # request ids sent as valid: each must end in exactly one terminal state
+    injected_bad_keys: set[str] = field(default_factory=set)  # record keys of records injected as bad
+    smtp_up: bool = True  # SMTP is back: every owed email must have arrived
+
+
+@dataclass
+class Report:
+    checked: Counter[str] = field(default_factory=Counter)
+    violations: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def fail(self, invariant: str, what: str) -> None:
+        self.violations[invariant].append(what)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.violations.values())
+
+    def rows(self) -> list[tuple[str, int, int, str]]:
+        names = sorted(set(self.checked) | set(self.violations))
+        return [(n, self.checked[n], len(self.violations.get(n, [])), (self.violations.get(n) or [""])[0])
+                for n in names]
+
+
+def check(evidence: Evidence, expected: Expectations) -> Report:
+    report = Report()
+    by_request: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for status in evidence.statuses:
+        by_request[status["request_id"]].append(status)
+    _terminal_once(report, by_request, expected)
+    _legal_transitions(report, by_request)
+    _vendor_once(report, evidence.vendor_ledger)
+    _refunds(report, evidence.gateway_ledger)
+    _emails(report, evidence.mails, by_request, expected)
+    _dead_letters(report, evidence.dead_letters, expected)
+    _databases(report, evidence.databases, expected)
+    return report
+
+
+def _terminal_once(report: Report, by_request: dict[str, list[dict[str, Any]]], expected: Expectations) -> None:
+    for request_id in sorted(expected.accepted):
+        report.checked["every accepted request ends in one terminal state"] += 1
+        records = by_request.get(request_id)
+        if not records:
+            report.fail("every accepted request ends in one terminal state", f"{request_id}: no status at all")
+            continue
+        terminals = {r["state"] for r in records if State(r["state"]) in TERMINAL_STATES}
+        if not terminals:
+            report.fail("every accepted request ends in one terminal state",
+                        f"{request_id}: stuck in {records[-1]['state']} (stage {records[-1]['stage']})")
+        elif len(terminals) > 1:
+            report.fail("every accepted request ends in one terminal state",
+                        f"{request_id}: several terminal states {sorted(terminals)}")
+
+
+def _legal_transitions(report: Report, by_request: dict[str, list[dict[str, Any]]]) -> None:
+    name = "only legal state transitions, versions one by one"
+    for request_id, records in by_request.items():
+        before: State | None = None
+        version = 0
+        seen: dict[int, dict[str, Any]] = {}
+        for record in records:
+            report.checked[name] += 1
+            if record["version"] in seen:
+                if seen[record["version"]] != record:  # a republished record is fine, a rewrite is not
+                    report.fail(name, f"{request_id}: two different records with version {record['version']}")
+                continue
+            if record["version"] != version + 1:
+                report.fail(name, f"{request_id}: version {record['version']} after {version}")
+            seen[record["version"]] = record
+            version = record["version"]
+            after = State(record["state"])
+            if after != before and after not in LEGAL.get(before, frozenset()):
+                report.fail(name, f"{request_id}: {before and before.value} -> {after.value}")
+            before = after
+
+
+def _vendor_once(report: Report, ledger: dict[str, Any]) -> None:
+    name = "at most one vendor effect per request"
+    effects = Counter(e.get("request_id") for e in ledger.get("effects", [])
+                      if e.get("type") in ("cancellation", "quantity_change"))
+    for request_id, count in effects.items():
+        report.checked[name] += 1
+        if count > 1:
+            report.fail(name, f"{request_id}: {count} vendor effects")
+
+
+def _refunds(report: Report, ledger: dict[str, Any]) -> None:
+    refunds = [e for e in ledger.get("effects", []) if e.get("type") in ("refund", "reversal")]
+    per_key = Counter(e["idempotency_key"] for e in refunds)
+    for key, count in per_key.items():
+        report.checked["at most one refund per key"] += 1
+        if count > 1:
+            report.fail("at most one refund per key", f"{key}: refunded {count} times")
+    captured = {e["gateway_charge_id"]: Decimal(e["amount"]) for e in ledger.get("effects", [])
+                if e.get("type") == "charge_captured"}
+    refunded: Counter[str] = Counter()
+    for e in refunds:
+        refunded[e["gateway_charge_id"]] += Decimal(e["amount"])
+    for charge, amount in refunded.items():
+        report.checked["never more refunded than captured"] += 1
+        if charge in captured and amount > captured[charge]:
+            report.fail("never more refunded than captured", f"{charge}: {amount} refunded of {captured[charge]}")
+
+
+def _emails(report: Report, mails: Iterable[EmailMessage], by_request: dict[str, list[dict[str, Any]]],
+            expected: Expectations) -> None:
+    distinct: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for mail in mails:
+        distinct[(str(mail["X-Cancelflow-Request-Id"]), str(mail["X-Cancelflow-Kind"]))].add(str(mail["Message-ID"]))
+    for (request_id, kind), ids in distinct.items():
+        report.checked["at most one email per outcome"] += 1
+        if len(ids) > 1:
+            report.fail("at most one email per outcome", f"{request_id}/{kind}: {len(ids)} different emails")
+    if not expected.smtp_up:
+        return
+    for request_id in sorted(expected.accepted):
+        records = by_request.get(request_id) or []
+        if not records or State(records[-1]["state"]) not in TERMINAL_STATES:
+            continue
+        for kind in owed_kinds(records[-1]):
+            report.checked["every owed email delivered once SMTP is back"] += 1
+            if not distinct.get((request_id, kind)):
+                report.fail("every owed email delivered once SMTP is back", f"{request_id}: no {kind} email")
+
+
+def owed_kinds(status: dict[str, Any]) -> tuple[str, ...]:
+    """The emails a request's terminal status owes (customer first, then support)."""
+    error = status.get("error") or {}
+    if error.get("code") == "timeout":
+        return ("manual_review", "support_stuck")
+    return OWED.get((status["state"], error.get("source"), status.get("target") or ""), ())
+
+
+def _dead_letters(report: Report, dead: list[dict[str, Any]], expected: Expectations) -> None:
+    keys = Counter(d.get("original_key") for d in dead)
+    for record in dead:
+        report.checked["only injected bad records dead-lettered, each with a reason"] += 1
+        if record.get("original_key") not in expected.injected_bad_keys:
+            report.fail("only injected bad records dead-lettered, each with a reason",
+                        f"{record.get('topic')}@{record.get('offset')}: {record.get('reason')} ({record.get('detail')})")
+        elif not record.get("reason") or not record.get("detail"):
+            report.fail("only injected bad records dead-lettered, each with a reason",
+                        f"{record.get('original_key')}: no readable reason")
+    for key in sorted(expected.injected_bad_keys):
+        report.checked["every injected bad record dead-lettered"] += 1
+        if not keys.get(key):
+            report.fail("every injected bad record dead-lettered", f"{key}: not in the DLQ")
+
+
+def _databases(report: Report, databases: dict[str, dict[str, Any]], expected: Expectations) -> None:
+    for service, facts in sorted(databases.items()):
+        report.checked["nothing left unpublished or half done"] += 1
+        if facts.get("outbox", 0):
+            report.fail("nothing left unpublished or half done", f"{service}: {facts['outbox']} outbox rows")
+        for what in ("locked_subscriptions", "pending_refunds", "overdrawn_charges", "pending_vendor_calls"):
+            if facts.get(what):
+                report.fail("nothing left unpublished or half done", f"{service}: {facts[what]} {what}")
+        if expected.smtp_up and facts.get("pending_emails"):
+            report.fail("nothing left unpublished or half done", f"{service}: {facts['pending_emails']} emails pending")
+
+
+# Per service: what "half done" looks like in its own tables, as SQL counts.
+_HALF_DONE: dict[str, dict[str, str]] = {
+    "billing": {"locked_subscriptions": "SELECT count(*) FROM subscriptions WHERE provisioning_status = 'In Progress'"},
+    "provisioning": {"pending_vendor_calls": "SELECT count(*) FROM vendor_operations WHERE status = 'pending'"},
+    "payment_gateway": {
+        "pending_refunds": "SELECT count(*) FROM refunds WHERE status = 'pending'",
+        "overdrawn_charges": "SELECT count(*) FROM charges WHERE refunded_amount > amount",
+    },
+    "notification": {"pending_emails": "SELECT count(*) FROM emails WHERE status = 'pending'"},
+}
+
+
+async def read_databases(urls: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Counts of unpublished outbox rows and half-done work, from each service's own database."""
+    found: dict[str, dict[str, Any]] = {}
+    for service, url in urls.items():
+        engine = db.make_engine(url)
+        try:
+            async with engine.connect() as conn:
+                tables = await conn.run_sync(lambda sync: sa_inspect(sync).get_table_names())
+                if "outbox" not in tables:
+                    continue  # a service without a relational store of its own
+                facts: dict[str, Any] = {
+                    "outbox": (await conn.execute(select(func.count()).select_from(text("outbox")))).scalar_one()}
+                for what, sql in _HALF_DONE.get(service, {}).items():
+                    facts[what] = (await conn.execute(text(sql))).scalar_one()
+            found[service] = facts
+        finally:
+            await engine.dispose()
+    return found
+
+
+async def collect(client: Any, mails: list[EmailMessage], database_urls: dict[str, str]) -> Evidence:
+    """Everything a run left behind, from a running stack (`client` is a `cancelflow.ops.StackClient`)."""
+    import orjson
+
+    from cancelflow import topics
+    from cancelflow.ops import read_all
+
+    bootstrap = client.endpoints.bootstrap
+    statuses = [orjson.loads(r.value)["payload"] for r in await read_all(bootstrap, topics.STATUS, client.settings)]
+    dead = [orjson.loads(r.value)["payload"] for r in await read_all(bootstrap, topics.DLQ, client.settings)]
+    _, vendor = await client.get_json(f"{client.endpoints.vendor}/_sandbox/ledger")
+    _, gateway = await client.get_json(f"{client.endpoints.gateway}/_sandbox/ledger")
+    evidence = Evidence(statuses, dead, vendor, gateway, list(mails), database_urls)
+    evidence.databases = await read_databases(database_urls)
+    return evidence
