@@ -1,0 +1,42 @@
+"""The fault suite's CI subset: a short chaos run (every named crash point, kill -9 of random services,
+the broker paused, SMTP down, poison records, duplicates, out-of-order decisions, vendor and gateway
+faults), then every invariant over the topics, ledgers, mailbox and databases. `cancelflow chaos
+--duration 600` is the long form."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cancelflow.chaos import CRASH_POINTS, ChaosConfig, ChaosRun, chaos_env
+from cancelflow.testing.smtp import RecordingSMTPServer
+from cancelflow.testing.stack import StackProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def chaos_stack(tmp_path) -> Iterator[tuple[StackProcess, RecordingSMTPServer]]:  # type: ignore[no-untyped-def]
+    with RecordingSMTPServer() as smtp:
+        stack = StackProcess(tmp_path / "chaos", extra_env=chaos_env(smtp.port))
+        stack.start()
+        try:
+            yield stack, smtp
+        finally:
+            assert stack.stop() == 0
+
+
+async def test_a_short_chaos_run_keeps_every_promise(chaos_stack) -> None:  # type: ignore[no-untyped-def]
+    stack, smtp = chaos_stack
+    config = ChaosConfig(duration_s=20, rate_per_s=3, kill_every_s=7, smtp_outage_s=4, broker_pause_s=3,
+                         poison_every=6, settle_timeout_s=240)
+
+    result = await ChaosRun(stack, smtp, config).run()
+
+    assert result.report.ok, {k: v[:3] for k, v in result.report.violations.items() if v}
+    assert set(result.crash_points_fired) == set(CRASH_POINTS)
+    assert result.faults["SMTP down"] == 1 and result.faults["broker paused (SIGSTOP)"] == 1
+    assert sum(v for k, v in result.faults.items() if k.startswith("kill -9")) >= 2
+    assert sum(v for k, v in result.faults.items() if k.startswith("poison")) == result.requests // 6
+    assert result.requests == 60 and sum(result.outcomes.values()) == 60
