@@ -38,7 +38,8 @@ CRASH_POINTS = ("billing.after_commit", "provisioning.after_vendor_call", "payme
 SCENARIOS = (
     ("success", 40), ("vendor_5xx_then_ok", 8), ("vendor_timeout_then_ok", 5), ("vendor_4xx", 8),
     ("platform_fault", 6), ("gateway_answer_lost", 6), ("gateway_5xx_then_ok", 6), ("gateway_4xx", 4),
-    ("partial", 5), ("past_dated", 4), ("duplicate_request", 4), ("approval_before_request", 4),
+    ("partial", 5), ("past_dated", 4), ("duplicate_request", 4), ("redelivered_event", 4),
+    ("approval_before_request", 4),
 )
 POISONS = ("not_json", "unknown_type", "unknown_version", "missing_field", "two_mib", "wrong_types")
 
@@ -50,6 +51,8 @@ class ChaosConfig:
     kill_every_s: float = 0.0  # 0: no random kills
     smtp_outage_s: float = 0.0
     broker_pause_s: float = 0.0
+    rebalance_s: float = 0.0  # how long a second instance of a service stays in its group (0: none)
+    replay: bool = True  # at the end, publish the request topic again from its earliest offset
     poison_every: int = 10  # one poison record per this many requests
     settle_timeout_s: float = 300.0
     seed: int = 7
@@ -100,6 +103,8 @@ class ChaosRun:
                 await asyncio.gather(faults, return_exceptions=True)
                 if not self.smtp.running:
                     self.smtp.start()
+            if self.config.replay:
+                await self._replay(client)
             await self._settle(watcher)
             evidence = await invariants.collect(client, self.smtp.messages, self.stack.database_urls())
         accepted = {s.request_id for s in self.sent}
@@ -149,6 +154,18 @@ class ChaosRun:
             request_id = uuid.uuid4()
             await client.publisher.publish(CancellationApproved(request_id=request_id, decided_by="op-chaos"))
             kwargs |= {"requires_approval": True, "request_id": request_id}
+        if scenario == "redelivered_event":
+            # The very same record (same event_id) three times, as a producer retry or a replay gives it.
+            request = CancellationRequested(
+                request_id=uuid.uuid4(), account_id=self.account, target="subscription",
+                subscription_id=subscription_id,
+                requested_by={"user_id": "chaos", "role": "customer", "channel": "storefront"})
+            value = encode(envelope_for(request, producer="storefront", correlation_id=str(request.request_id),
+                                        causation_id=None))
+            for _ in range(3):
+                await client.publisher.send_raw(topics.REQUESTED, value, key=subscription_id)
+            self.sent.append(_Sent(str(request.request_id), scenario))
+            return
         request_id = await client.request_cancellation(**kwargs)
         if scenario == "duplicate_request":
             # The same request again (new event id, same request_id): no second effect.
@@ -205,6 +222,8 @@ class ChaosRun:
             plan.append((duration / 4, "smtp"))
         if self.config.broker_pause_s:
             plan.append((duration / 2, "broker"))
+        if self.config.rebalance_s:
+            plan.append((duration * 0.7, "rebalance"))
         if self.config.kill_every_s:
             at = self.config.kill_every_s
             while at < duration:
@@ -217,6 +236,8 @@ class ChaosRun:
                 asyncio.create_task(self._smtp_outage())
             elif what == "broker":
                 await self._broker_pause()
+            elif what == "rebalance":
+                asyncio.create_task(self._second_instance())
             else:
                 await self._kill_random()
 
@@ -237,6 +258,17 @@ class ChaosRun:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    async def _second_instance(self) -> None:
+        """A second instance of a service joins its consumer group mid-run (a rebalance), then leaves."""
+        service = self.random.choice(("billing", "provisioning", "payment_gateway", "notification"))
+        process = await asyncio.to_thread(self.stack.start_extra_instance, service)
+        self.faults[f"rebalance: a second {service} joined and left"] += 1
+        try:
+            await asyncio.sleep(self.config.rebalance_s)
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 30)
+
     async def _kill_random(self) -> None:
         service = self.random.choice(SERVICES)
         pid = self.stack.service_pid(service)
@@ -245,6 +277,18 @@ class ChaosRun:
             self.faults[f"kill -9 {service}"] += 1
 
     # --- the end ---------------------------------------------------------------------------------
+
+    async def _replay(self, client: StackClient) -> None:
+        """Every record of the request topic delivered again, from the earliest offset: no new effects."""
+        from cancelflow.ops import read_all
+
+        records = await read_all(self.stack.endpoints.bootstrap, topics.REQUESTED, self.stack.settings)
+        for record in records:
+            await client.publisher.send_raw(topics.REQUESTED, record.value, key=record.key.decode() if record.key
+                                            else None, wait=False,
+                                            headers=list(record.headers or ()))
+        await client.publisher.flush()
+        self.faults[f"replay of {topics.REQUESTED} from the earliest offset ({len(records)} records)"] += 1
 
     async def _settle(self, watcher: StatusWatcher) -> None:
         """Wait until every accepted request is terminal and its owed emails are in its history."""

@@ -358,6 +358,8 @@ def chaos(
     kill_every: float = typer.Option(10.0, "--kill-every", help="Seconds between kill -9 of a random service (0: none)."),
     smtp_outage: float = typer.Option(15.0, "--smtp-outage", help="Seconds SMTP is down, once (0: never)."),
     broker_pause: float = typer.Option(10.0, "--broker-pause", help="Seconds the broker is SIGSTOPped, once (0: never)."),
+    rebalance: float = typer.Option(10.0, "--rebalance", help="Seconds a second instance of a service stays in its "
+                                    "consumer group, once (0: never)."),
     seed: int = typer.Option(7, "--seed", help="Random seed of scenarios and kills."),
     data_dir: Path = typer.Option(Path("var"), "--data-dir", help="Where the run's own stack keeps its data."),
 ) -> None:
@@ -369,7 +371,7 @@ def chaos(
     from cancelflow.testing.stack import StackProcess
 
     config = ChaosConfig(duration_s=duration, rate_per_s=rate, kill_every_s=kill_every,
-                         smtp_outage_s=smtp_outage, broker_pause_s=broker_pause, seed=seed,
+                         smtp_outage_s=smtp_outage, broker_pause_s=broker_pause, rebalance_s=rebalance, seed=seed,
                          settle_timeout_s=max(300.0, duration * 2))
     run_dir = data_dir_for(data_dir.resolve())
     with RecordingSMTPServer() as smtp:

@@ -30,7 +30,7 @@ def chaos_stack(tmp_path) -> Iterator[tuple[StackProcess, RecordingSMTPServer]]:
 async def test_a_short_chaos_run_keeps_every_promise(chaos_stack) -> None:  # type: ignore[no-untyped-def]
     stack, smtp = chaos_stack
     config = ChaosConfig(duration_s=20, rate_per_s=3, kill_every_s=7, smtp_outage_s=4, broker_pause_s=3,
-                         poison_every=6, settle_timeout_s=240)
+                         rebalance_s=5, poison_every=6, settle_timeout_s=240)
 
     result = await ChaosRun(stack, smtp, config).run()
 
@@ -38,5 +38,7 @@ async def test_a_short_chaos_run_keeps_every_promise(chaos_stack) -> None:  # ty
     assert set(result.crash_points_fired) == set(CRASH_POINTS)
     assert result.faults["SMTP down"] == 1 and result.faults["broker paused (SIGSTOP)"] == 1
     assert sum(v for k, v in result.faults.items() if k.startswith("kill -9")) >= 2
+    assert any(k.startswith("rebalance") for k in result.faults)
+    assert any(k.startswith("replay of cancellations.requested") for k in result.faults)
     assert sum(v for k, v in result.faults.items() if k.startswith("poison")) == result.requests // 6
     assert result.requests == 60 and sum(result.outcomes.values()) == 60

@@ -71,6 +71,15 @@ class StackProcess:
                 or f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
                 for service, (prefix, _) in SERVICES.items()}
 
+    def start_extra_instance(self, service: str) -> subprocess.Popen[bytes]:
+        """Another instance of `service` (same database, same consumer group, its own HTTP port)."""
+        prefix, _ = SERVICES[service]
+        env = {**self.env, f"{prefix}_HTTP_PORT": str(free_port()), "CANCELFLOW_ENABLE_FAULT_HOOKS": "1",
+               "KAFKA_BOOTSTRAP_SERVERS": self.endpoints.bootstrap}
+        env.pop("CANCELFLOW_CRASH_POINTS", None)
+        with open(self.data_dir / "logs" / f"{service}-extra.log", "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", service], env=env, stdout=log, stderr=subprocess.STDOUT)
+
     def service_pid(self, service: str) -> int | None:
         """The pid a service reports on /healthz (None while it is down or restarting)."""
         prefix, _ = SERVICES[service]
