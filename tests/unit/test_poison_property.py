@@ -1,0 +1,102 @@
+"""Whatever arrives on a topic, decoding ends in a valid message or in a `BadRecord` with a readable
+reason, never another exception: a poison record cannot stop a partition (CONTRACT.md section 7).
+
+Hypothesis mutates valid envelopes (dropped, retyped or extra fields, wrong versions and types,
+truncated or garbage bytes) and throws raw bytes at the codec."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cancelflow import topics
+from cancelflow.events import CancellationRequested, SubscriptionActivated, envelope_for
+from cancelflow.messaging.codec import BadRecord, Message, decode, encode
+
+REASONS = {"empty", "too_large", "not_json", "not_an_envelope", "unknown_event_type", "unknown_schema_version",
+           "wrong_topic", "invalid_payload"}
+PROFILE = settings(max_examples=300, derandomize=True, deadline=None)
+
+
+def _valid() -> dict[str, Any]:
+    request = CancellationRequested(request_id=uuid.uuid4(), account_id="acct", target="subscription",
+                                    subscription_id="sub", mode="past_dated", effective_date="2026-11-01",
+                                    requested_by={"user_id": "u", "role": "customer", "channel": "bss"})
+    return orjson.loads(encode(envelope_for(request, producer="storefront", correlation_id="c", causation_id=None)))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8)
+envelope_fields = st.sampled_from(["event_id", "event_type", "schema_version", "occurred_at", "correlation_id",
+                                   "causation_id", "producer", "payload"])
+payload_fields = st.sampled_from(["request_id", "account_id", "requested_by", "target", "subscription_id", "mode",
+                                  "effective_date", "quantity", "charge_ids", "requires_approval"])
+
+
+@st.composite
+def mutated_envelopes(draw: st.DrawFn) -> bytes:
+    envelope = _valid()
+    for _ in range(draw(st.integers(1, 4))):
+        action = draw(st.sampled_from(["drop", "set", "drop_payload", "set_payload", "extra"]))
+        if action == "drop":
+            envelope.pop(draw(envelope_fields), None)
+        elif action == "set":
+            envelope[draw(envelope_fields)] = draw(json_values)
+        elif isinstance(envelope.get("payload"), dict) and action == "drop_payload":
+            envelope["payload"].pop(draw(payload_fields), None)
+        elif isinstance(envelope.get("payload"), dict) and action == "set_payload":
+            envelope["payload"][draw(payload_fields)] = draw(json_values)
+        else:
+            envelope[draw(st.text(max_size=10))] = draw(json_values)
+    raw = orjson.dumps(envelope)
+    if draw(st.booleans()):
+        raw = raw[: draw(st.integers(0, len(raw)))]  # truncated on the wire
+    return raw
+
+
+def _decoded_or_rejected(raw: bytes | None, topic: str) -> None:
+    try:
+        message = decode(raw, topic=topic, partition=0, offset=0, key=b"k")
+    except BadRecord as bad:
+        assert bad.reason in REASONS and bad.detail.strip()
+    else:
+        assert isinstance(message, Message) and message.topic == topic
+
+
+@PROFILE
+@given(mutated_envelopes())
+def test_mutated_envelopes_are_decoded_or_rejected_with_a_reason(raw: bytes) -> None:
+    _decoded_or_rejected(raw, topics.REQUESTED)
+
+
+@PROFILE
+@given(st.binary(max_size=512) | st.none())
+def test_arbitrary_bytes_are_rejected_with_a_reason(raw: bytes | None) -> None:
+    _decoded_or_rejected(raw, topics.REQUESTED)
+
+
+@PROFILE
+@given(json_values)
+def test_any_json_value_is_decoded_or_rejected(value: Any) -> None:
+    _decoded_or_rejected(orjson.dumps(value), topics.PLATFORM_SUBSCRIPTIONS)
+
+
+def test_an_event_on_another_topic_is_rejected() -> None:
+    facts = SubscriptionActivated(
+        subscription_id="s", account_id="a", customer={"email": "a@b.c", "name": "n"}, product_name="p",
+        vendor="v", vendor_subscription_id="vs", billing_period="monthly", unit_price="1.00", currency="USD",
+        quantity=1, status="active", current_period_start="2026-11-01", current_period_end="2026-12-01",
+        auto_renew=True)
+    raw = encode(envelope_for(facts, producer="platform", correlation_id="c", causation_id=None))
+    try:
+        decode(raw, topic=topics.REQUESTED)
+    except BadRecord as bad:
+        assert bad.reason == "wrong_topic"
+    else:
+        raise AssertionError("a subscription fact on the request topic was accepted")
