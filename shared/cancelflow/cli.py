@@ -388,3 +388,51 @@ def chaos(
     console.print(f"data, logs and mail of the run: {run_dir}")
     if not result.report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    requests: int = typer.Option(500, "--requests", help="Cancellations in the burst (and subscriptions loaded)."),
+    rate: float = typer.Option(100.0, "--rate", help="Rate of the paced run, per second."),
+    paced: int = typer.Option(300, "--paced", help="Cancellations in the paced run (0: skip it)."),
+    pg: bool = typer.Option(False, "--pg", help="Every service on its own PostgreSQL database (pgserver)."),
+    json_out: bool = typer.Option(False, "--json", help="End with one JSON line of the figures."),
+    data_dir: Path = typer.Option(Path("var"), "--data-dir", help="Where the run's own stack keeps its data."),
+) -> None:
+    """Completed cancellations per second (with refunds and emails) on a stack of its own, latency
+    percentiles as fast as possible and paced, per-service CPU and peak RSS, and the same number of
+    messages through plain aiokafka relays over the same number of hops, for the ratio."""
+    import json
+    from datetime import UTC, datetime
+
+    from cancelflow.bench import BenchResult, measure_baseline, measure_system, render
+    from cancelflow.testing.stack import StackProcess
+
+    run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    env: dict[str, str] = {}
+    server = None
+    if pg:
+        import pgserver
+
+        from cancelflow.settings import SERVICES
+
+        server = pgserver.get_server(run_dir / "pg", cleanup_mode="stop")
+        socket_dir = server.get_uri().split("host=", 1)[1]
+        for service, (prefix, _) in SERVICES.items():
+            server.psql(f"CREATE DATABASE bench_{service};")
+            env[f"{prefix}_DATABASE_URL"] = f"postgresql+asyncpg://postgres@/bench_{service}?host={socket_dir}"
+    stack = StackProcess(run_dir, extra_env=env)
+    with console.status(f"starting a stack in {run_dir} ..."):
+        stack.start()
+    try:
+        burst, paced_run, usage = asyncio.run(measure_system(stack, requests, rate, paced, console))
+        with console.status(f"bare broker: {requests} messages through the same hops ..."):
+            baseline = asyncio.run(measure_baseline(stack.endpoints.bootstrap, requests))
+    finally:
+        stack.stop()
+        if server is not None:
+            server.cleanup()
+    result = BenchResult(burst, paced_run, baseline, usage, store="postgresql" if pg else "sqlite")
+    render(result, console)
+    if json_out:
+        print(json.dumps(result.summary()))

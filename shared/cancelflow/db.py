@@ -6,7 +6,6 @@ from pathlib import Path
 
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
 
 
 def is_sqlite(url: str) -> bool:
@@ -19,7 +18,11 @@ def make_engine(url: str) -> AsyncEngine:
     path = url.split(":///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+    # A few pooled connections: aiosqlite runs each in a thread of its own, so opening one per unit of
+    # work (NullPool) costs a thread start and the pragmas every time. BEGIN IMMEDIATE still serializes
+    # the writers.
+    engine = create_async_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=False,
+                                 connect_args={"timeout": 30})
     _sqlite_serializable_writes(engine)
     return engine
 

@@ -188,14 +188,15 @@ class StackClient:
                                    quantity: int | None = None, charge_ids: list[str] | None = None,
                                    user_id: str = "cli", role: str = "customer", channel: str = "storefront",
                                    reason: str = "", requires_approval: bool = False,
-                                   opt_out_of_emails: bool = False, request_id: uuid.UUID | None = None) -> str:
+                                   opt_out_of_emails: bool = False, request_id: uuid.UUID | None = None,
+                                   wait: bool = True) -> str:
         request = CancellationRequested(
             request_id=request_id or uuid.uuid4(), account_id=account_id,
             requested_by={"user_id": user_id, "role": role, "channel": channel},
             target="charges" if charge_ids else "subscription", subscription_id=subscription_id, mode=mode,
             effective_date=effective_date, quantity=quantity, charge_ids=charge_ids or [], reason=reason,
             requires_approval=requires_approval, opt_out_of_emails=opt_out_of_emails)
-        await self._publisher.publish(request)
+        await self._publisher.publish(request, wait=wait)
         return str(request.request_id)
 
     async def status(self, request_id: str) -> dict[str, Any] | None:
@@ -211,7 +212,9 @@ class StatusWatcher:
     """Follows `cancellations.status` (what a support dashboard reads) and wakes waiters per record."""
 
     def __init__(self, bootstrap: str, *, from_beginning: bool = True,
-                 settings: CommonSettings | None = None) -> None:
+                 settings: CommonSettings | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._on_record = on_record
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                           fetch_max_wait_ms=25, group_id=None,
                                           **client_security(settings or CommonSettings()))
@@ -254,6 +257,8 @@ class StatusWatcher:
                         status = envelope["payload"]
                         self.records.append(status)
                         self.latest[status["request_id"]] = status
+                        if self._on_record is not None:
+                            self._on_record(status)
                 self._changed.notify_all()
 
     async def wait_for(self, request_id: str, predicate: Callable[[dict[str, Any]], bool],

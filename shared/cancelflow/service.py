@@ -61,13 +61,14 @@ class ServiceRuntime:
         # "<service>.migrations" when the service has an Alembic environment (used on PostgreSQL).
         self.migrations = migrations.package_for(name)
         self.started = False
+        self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
         self.http.router.add_get("/healthz", self._healthz)
         self.http.router.add_get("/readyz", self._readyz)
         self.http.router.add_get("/metrics", self._metrics)
 
     def new_uow(self, message: Message | None = None) -> UnitOfWork:
         return UnitOfWork(self.sessions, self.tables, producer=self.name, message=message,
-                          on_commit=self._committed)
+                          on_commit=self._committed, write_lock=self._write_lock)
 
     def _committed(self) -> None:
         for callback in self.after_commit:
@@ -133,7 +134,8 @@ class ServiceRuntime:
                 await consumer.start()
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
-                                   signatures=SignatureCheck.from_text(self.settings.producer_keys))
+                                   signatures=SignatureCheck.from_text(self.settings.producer_keys),
+                                   concurrency=self.settings.handler_concurrency)
                 workers.append(asyncio.create_task(loop.run(), name="consume"))
             workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))
                         for task in self.tasks]

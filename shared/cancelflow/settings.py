@@ -58,6 +58,8 @@ class CommonSettings(BaseSettings):
     vendor_sandbox_port: int = Field(8090, validation_alias="VENDOR_SANDBOX_PORT")
     gateway_sandbox_port: int = Field(8091, validation_alias="GATEWAY_SANDBOX_PORT")
     duplicate_window_hours: int = Field(72, ge=0, validation_alias="DUPLICATE_WINDOW_HOURS")
+    # How many record keys a service handles at once (records of one key always in order).
+    handler_concurrency: int = Field(16, ge=1, le=256, validation_alias="CANCELFLOW_HANDLER_CONCURRENCY")
     # Outbound calls: a timeout per call and a bounded retry budget for 5xx/timeouts.
     vendor_timeout_s: float = Field(5.0, gt=0, validation_alias="VENDOR_TIMEOUT_SECONDS")
     vendor_attempts: int = Field(4, ge=1, le=20, validation_alias="VENDOR_ATTEMPTS")

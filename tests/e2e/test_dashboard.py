@@ -8,27 +8,28 @@ Set CANCELFLOW_DASHBOARD_SCREENSHOT=docs/dashboard.png to refresh the README's s
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from playwright.async_api import async_playwright, expect
 
 from cancelflow.ops import sample_subscription
 
 pytestmark = pytest.mark.e2e
 
+# Debian's Chromium (apt-get install chromium); Playwright never downloads a browser of its own here.
 CHROMIUM = os.environ.get("CANCELFLOW_CHROMIUM", "/usr/bin/chromium")
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture
 async def page(stack) -> AsyncIterator:  # type: ignore[no-untyped-def]
-    playwright_api = pytest.importorskip("playwright.async_api")
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    async with playwright_api.async_playwright() as playwright:
+    if not HAVE_CHROMIUM:
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CANCELFLOW_CHROMIUM)")
+    async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(viewport={"width": 1180, "height": 640})
@@ -42,8 +43,6 @@ def _row(page, request_id: str):  # type: ignore[no-untyped-def]
 
 
 async def test_dashboard_follows_requests_live_and_explains_errors(page, client, ids, today):  # type: ignore[no-untyped-def]
-    from playwright.async_api import expect
-
     ok = sample_subscription(account_id=ids["account"], subscription_id=f"sub-ui-ok-{ids['tag']}", today=today)
     bad = sample_subscription(account_id=ids["account"], subscription_id=f"sub-ui-vf-{ids['tag']}", today=today)
     await client.load([ok, bad])

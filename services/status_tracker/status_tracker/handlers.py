@@ -27,6 +27,7 @@ from cancelflow import metrics, topics
 from cancelflow.events import RecordDeadLettered, envelope_for
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode, encode
+from cancelflow.pii import scrub_record
 from status_tracker import fold, tracking
 from status_tracker.projection import ReadModel
 from status_tracker.tracking import Entry
@@ -149,7 +150,8 @@ class SagaProcessor:
             original_key=record.key.decode("utf-8", "replace") if record.key else None,
             consumer_group=self._group_id, original_size=len(value),
             original_sha256=hashlib.sha256(value).hexdigest(),
-            original_base64=base64.b64encode(value).decode() if len(value) <= MAX_RECORD_BYTES else None,
+            # Readable for the operator, customer email and name masked (no PII in the DLQ).
+            original_base64=base64.b64encode(scrub_record(value)).decode() if len(value) <= MAX_RECORD_BYTES else None,
             request_id=request_id,
         )
         envelope = envelope_for(dead, producer=tracking.PRODUCER, correlation_id=request_id or marker,

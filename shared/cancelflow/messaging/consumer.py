@@ -57,22 +57,27 @@ class ConsumeLoop:
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
                  new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
-                 signatures: SignatureCheck | None = None) -> None:
+                 signatures: SignatureCheck | None = None, concurrency: int = 16) -> None:
         self._consumer = consumer
         self._routes = {r.topic: r for r in routes}
         self._new_uow = new_uow
         self._service = service
         self._group_id = group_id
         self._signatures = signatures
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def run(self) -> None:
         while True:
             batch = await self._consumer.getmany(timeout_ms=1000)
             offsets: dict[TopicPartition, int] = {}
+            # Records of one key stay in order (a request's saga, a subscription's requests); different
+            # keys go concurrently, so one slow vendor, gateway or SMTP call does not hold up the rest.
+            by_key: dict[tuple[str, bytes | None], list[ConsumerRecord]] = {}
             for tp, records in batch.items():
                 for record in records:
-                    await self.process(record)
+                    by_key.setdefault((tp.topic, record.key), []).append(record)
                 offsets[tp] = records[-1].offset + 1
+            await asyncio.gather(*(self._in_order(records) for records in by_key.values()))
             if offsets:
                 try:
                     await self._consumer.commit(offsets)
@@ -82,6 +87,11 @@ class ConsumeLoop:
                     log.warning("offset commit lost to a rebalance", error=str(exc))
                     continue
                 self._report_lag(offsets)
+
+    async def _in_order(self, records: list[ConsumerRecord]) -> None:
+        async with self._slots:
+            for record in records:
+                await self.process(record)
 
     def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, position in offsets.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ class UnitOfWork:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables, *,
                  producer: str, message: Message | None = None,
-                 on_commit: Callable[[], None] | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None, write_lock: asyncio.Lock | None = None) -> None:
         self._sessions = sessions
         self._tables = tables
         self._producer = producer
@@ -32,16 +33,36 @@ class UnitOfWork:
         self.emitted: list[Envelope] = []
         self._outbox_rows: list[dict[str, Any]] = []
         self.session: AsyncSession
+        # SQLite has one writer: concurrent units of work queue here instead of in SQLite's sleeping
+        # busy handler. Held until the first commit or checkpoint; what follows a checkpoint (after a
+        # vendor/gateway/SMTP call) is short and relies on SQLite's own lock.
+        self._write_lock = write_lock
+        self._holding = False
 
     async def __aenter__(self) -> UnitOfWork:
+        if self._write_lock is not None:
+            await self._write_lock.acquire()
+            self._holding = True
         self.session = self._sessions()
-        await self.session.begin()
+        try:
+            await self.session.begin()
+        except BaseException:
+            self._release()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         # Whatever was not committed explicitly is rolled back (including on exceptions).
-        await self.session.rollback()
-        await self.session.close()
+        try:
+            await self.session.rollback()
+            await self.session.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._holding and self._write_lock is not None:
+            self._holding = False
+            self._write_lock.release()
 
     async def already_processed(self, message_id: str) -> bool:
         inbox = self._tables.inbox
@@ -76,6 +97,7 @@ class UnitOfWork:
         """Commit what is done so far (state and outbox), without marking the message processed."""
         await self._flush_outbox()
         await self.session.commit()
+        self._release()
         # No explicit begin: the next statement starts a transaction, so none (and on SQLite no
         # write lock) is held while the handler waits on the vendor, the gateway or SMTP.
         if self._on_commit:
@@ -95,6 +117,7 @@ class UnitOfWork:
                 processed_at=utcnow(),
             ))
         await self.session.commit()
+        self._release()
         crash_point(f"{self._producer}.after_commit")
         if self._on_commit:
             self._on_commit()

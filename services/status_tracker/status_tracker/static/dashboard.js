@@ -77,14 +77,18 @@ async function getJSON(url) {
   return response.json();
 }
 
-function follow(onStatus) {
+function follow(onStatus, onReconnect) {
   const connection = document.getElementById("connection");
   const source = new EventSource("/events");
+  let interrupted = false;
   source.addEventListener("open", () => {
     connection.textContent = "Live: updates appear as they happen";
     connection.classList.add("live");
+    if (interrupted) onReconnect();  // what changed meanwhile was not streamed: read it again
+    interrupted = false;
   });
   source.addEventListener("error", () => {
+    interrupted = true;
     connection.textContent = "Live feed interrupted; reconnecting…";
     connection.classList.remove("live");
   });
@@ -193,7 +197,7 @@ function listPage() {
     for (const cell of rows.querySelectorAll("td.age")) cell.textContent = age(cell.dataset.since);
   }, 15000);
 
-  follow(onStatus);
+  follow(onStatus, () => load().catch(() => {}));
   load().catch((error) => { summary.textContent = `Could not load the requests: ${error.message}`; });
 }
 
@@ -276,7 +280,7 @@ function requestPage() {
 
   follow((status) => {
     if (status.request_id === requestId && status.version > version) refresh();
-  });
+  }, () => refresh().catch(() => {}));
   refresh().catch((error) => {
     const notice = document.getElementById("not-found");
     notice.hidden = false;

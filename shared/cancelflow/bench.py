@@ -1,0 +1,275 @@
+"""`cancelflow bench`: completed cancellations per second on the embedded stack, against what the bare
+broker moves through the same number of hops, in one run.
+
+A run: a stack of its own (or a running one), N subscriptions with their charges loaded (not timed),
+N immediate cancellations sent as fast as possible, each timed from its send to its terminal status
+with the refund done and the email delivered; then a paced run at R per second for latency; then
+plain aiokafka relays carrying N messages through as many hops as a cancellation takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, sample_subscription
+from cancelflow.settings import SERVICES
+from cancelflow.stack.broker import create_topics
+from cancelflow.testing.stack import StackProcess
+from cancelflow.topics import Topic
+
+# What one immediate cancellation moves through Kafka, hop by hop (each a consume + produce):
+# request -> billing -> provisioning -> billing -> payment-gateway -> notification (EmailSent)
+# -> status tracker (status record).
+HOPS = 6
+
+
+@dataclass
+class Measured:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+@dataclass
+class ProcessUsage:
+    cpu_seconds: float
+    peak_rss_mb: float
+
+
+@dataclass
+class BenchResult:
+    burst: Measured
+    paced: Measured | None
+    baseline_per_s: float
+    usage: dict[str, ProcessUsage] = field(default_factory=dict)
+    store: str = "sqlite"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "requests": self.burst.requests,
+            "throughput_per_s": round(self.burst.per_second, 1),
+            "baseline_per_s": round(self.baseline_per_s, 1),
+            "ratio": round(self.burst.per_second / self.baseline_per_s, 3) if self.baseline_per_s else None,
+            "p50_ms": round(self.burst.percentile(50), 1),
+            "p95_ms": round(self.burst.percentile(95), 1),
+            "p99_ms": round(self.burst.percentile(99), 1),
+            "p50_ms_paced": round(self.paced.percentile(50), 1) if self.paced else None,
+            "p95_ms_paced": round(self.paced.percentile(95), 1) if self.paced else None,
+            "p99_ms_paced": round(self.paced.percentile(99), 1) if self.paced else None,
+            "rss_mb": {name: round(u.peak_rss_mb, 1) for name, u in self.usage.items()},
+            "cpu_s": {name: round(u.cpu_seconds, 2) for name, u in self.usage.items()},
+        }
+
+
+# --- process usage, from /proc -------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def service_pids(stack: StackProcess) -> dict[str, int]:
+    return {name: pid for name in SERVICES if (pid := stack.service_pid(name)) is not None}
+
+
+# --- the system ----------------------------------------------------------------------------------
+
+
+class Timer:
+    """Send times per request, and the moment each one was done (terminal, with its email)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.changed = asyncio.Event()
+
+    def observe(self, status: dict[str, Any]) -> None:
+        request_id = status["request_id"]
+        if request_id in self.sent and request_id not in self.done and is_terminal(status) and (
+                status["state"] != "completed" or email_count(status) >= 1):
+            self.done[request_id] = time.perf_counter()
+            self.changed.set()
+
+
+async def _run(client: StackClient, watcher: StatusWatcher, timer: Timer, samples: list[Any],
+               rate: float | None, progress: Callable[[int], None]) -> Measured:
+    started = time.perf_counter()
+    for n, sample in enumerate(samples):
+        if rate:
+            await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+        request_id = str(uuid.uuid4())
+        timer.sent[request_id] = time.perf_counter()
+        await client.request_cancellation(account_id=sample.facts.account_id,
+                                          subscription_id=sample.facts.subscription_id,
+                                          request_id=uuid.UUID(request_id), wait=False)
+    await client.publisher.flush()
+    ids = list(timer.sent)[-len(samples):]
+    while True:
+        finished = sum(1 for r in ids if r in timer.done)
+        progress(finished)
+        if finished == len(ids):
+            break
+        timer.changed.clear()
+        try:
+            await asyncio.wait_for(timer.changed.wait(), 120)
+        except TimeoutError:
+            raise RuntimeError(f"{len(ids) - finished} requests did not finish within 120 s of no progress") from None
+    latencies = [(timer.done[r] - timer.sent[r]) * 1000 for r in ids]
+    return Measured(len(ids), max(timer.done[r] for r in ids) - min(timer.sent[r] for r in ids), latencies)
+
+
+async def measure_system(stack: StackProcess, requests: int, paced_rate: float, paced_requests: int,
+                         console: Console) -> tuple[Measured, Measured | None, dict[str, ProcessUsage]]:
+    account = f"acct-bench-{uuid.uuid4().hex[:6]}"
+    today = datetime.now(UTC).date()
+    samples = [sample_subscription(account_id=account, subscription_id=f"bench-{account[-6:]}-{n}", today=today)
+               for n in range(requests + paced_requests)]
+    timer = Timer()
+    async with StackClient(stack.endpoints, stack.settings) as client, \
+            StatusWatcher(stack.endpoints.bootstrap, from_beginning=False, settings=stack.settings,
+                          on_record=timer.observe) as watcher:
+        with _progress(console) as bar:
+            task = bar.add_task("loading subscriptions and charges", total=len(samples))
+            for start in range(0, len(samples), 100):
+                await client.load(samples[start:start + 100], timeout=300)
+                bar.update(task, completed=min(len(samples), start + 100))
+            pids = service_pids(stack)
+            cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            task = bar.add_task(f"{requests} cancellations, as fast as possible", total=requests)
+            burst = await _run(client, watcher, timer, samples[:requests], None,
+                               lambda n: bar.update(task, completed=n))
+            usage = {name: ProcessUsage(_cpu_seconds(pid) - cpu_before[name], _peak_rss_mb(pid))
+                     for name, pid in pids.items()}
+            paced = None
+            if paced_requests:
+                task = bar.add_task(f"{paced_requests} cancellations at {paced_rate:g}/s", total=paced_requests)
+                paced = await _run(client, watcher, timer, samples[requests:], paced_rate,
+                                   lambda n: bar.update(task, completed=n))
+            for name, pid in pids.items():
+                usage[name].peak_rss_mb = max(usage[name].peak_rss_mb, _peak_rss_mb(pid))
+    return burst, paced, usage
+
+
+# --- the bare broker -----------------------------------------------------------------------------
+
+
+async def measure_baseline(bootstrap: str, messages: int, hops: int = HOPS) -> float:
+    """Messages per second through `hops` plain aiokafka relays (consume, produce), no database or I/O."""
+    tag = uuid.uuid4().hex[:6]
+    names = [f"bench.{tag}.hop{i}" for i in range(hops + 1)]
+    await create_topics(bootstrap, tuple(Topic(n, 4, "key", "bench", "bench") for n in names))
+    payload = b'{"event_type":"Bench","payload":{"request_id":"' + b"x" * 36 + b'"}}' + b" " * 300
+
+    async def relay(source: str, target: str) -> None:
+        consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=f"relay-{source}",
+                                    auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=25)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+        await consumer.start()
+        await producer.start()
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                futures = [await producer.send(target, r.value, key=r.key) for rs in batch.values() for r in rs]
+                await asyncio.gather(*futures)
+                if batch:
+                    await consumer.commit()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    relays = [asyncio.create_task(relay(names[i], names[i + 1])) for i in range(hops)]
+    sink = AIOKafkaConsumer(names[-1], bootstrap_servers=bootstrap, group_id=f"sink-{tag}",
+                            auto_offset_reset="earliest", fetch_max_wait_ms=25)
+    await sink.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    try:
+        # Warm up: every group joined and moving before the clock starts.
+        await producer.send_and_wait(names[0], payload, key=b"warm")
+        await _receive(sink, 1)
+        started = time.perf_counter()
+        for n in range(messages):
+            await producer.send(names[0], payload, key=str(n).encode())
+        await producer.flush()
+        await _receive(sink, messages)
+        return messages / (time.perf_counter() - started)
+    finally:
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await producer.stop()
+        await sink.stop()
+
+
+async def _receive(consumer: AIOKafkaConsumer, count: int) -> None:
+    received = 0
+    while received < count:
+        batch = await consumer.getmany(timeout_ms=200)
+        received += sum(len(rs) for rs in batch.values())
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def render(result: BenchResult, console: Console) -> None:
+    s = result.summary()
+    table = Table(title=f"cancelflow bench ({result.store} stores, {s['requests']} requests)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    rows = [
+        ("completed cancellations per second (refund + email)", f"{s['throughput_per_s']}", ">= 300"),
+        (f"bare broker, {HOPS} relay hops, messages per second", f"{s['baseline_per_s']}", ""),
+        ("ratio to the bare broker", f"{s['ratio']}", ""),
+        ("latency p50 / p95 / p99, as fast as possible (ms)", f"{s['p50_ms']} / {s['p95_ms']} / {s['p99_ms']}", ""),
+        ("latency p50 / p95 / p99, paced (ms)", f"{s['p50_ms_paced']} / {s['p95_ms_paced']} / {s['p99_ms_paced']}",
+         "p99 <= 1000"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    usage = Table(title="per service, during the burst")
+    for column in ("service", "CPU seconds", "peak RSS (MB)"):
+        usage.add_column(column, justify="right" if column != "service" else "left")
+    for name, u in sorted(result.usage.items()):
+        usage.add_row(name, f"{u.cpu_seconds:.2f}", f"{u.peak_rss_mb:.1f}" + (" [red]> 150[/]" if u.peak_rss_mb > 150
+                                                                              else ""))
+    console.print(usage)
