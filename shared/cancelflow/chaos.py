@@ -270,11 +270,13 @@ class ChaosRun:
             await asyncio.to_thread(process.wait, 30)
 
     async def _kill_random(self) -> None:
-        service = self.random.choice(SERVICES)
-        pid = self.stack.service_pid(service)
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            self.faults[f"kill -9 {service}"] += 1
+        """kill -9 of a random service among those up right now (one that is restarting has no pid)."""
+        for service in self.random.sample(SERVICES, len(SERVICES)):
+            pid = await asyncio.to_thread(self.stack.service_pid, service)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                self.faults[f"kill -9 {service}"] += 1
+                return
 
     # --- the end ---------------------------------------------------------------------------------
 

@@ -55,7 +55,8 @@ class DisputeRefundHandlers:
         base = {"charge_id": charge.charge_id, "gateway_charge_id": charge.gateway_charge_id,
                 "guard_refundable": guard}
         try:
-            seen = await self.gateway.get_charge(charge.gateway_charge_id)
+            async with uow.outside():
+                seen = await self.gateway.get_charge(charge.gateway_charge_id)
         except GatewayError as exc:
             if exc.http_status is None or exc.http_status >= 500:
                 # The gateway is away: ask again later (the record is retried, nothing is decided).
@@ -85,6 +86,7 @@ class DisputeRefundHandlers:
         if planned:
             # Reservations and intents committed together, before any gateway call.
             await uow.checkpoint()
+            await uow.resume()
         lines = [await self._issue(uow, books, record) for record in records]
         uow.emit(DuplicateRefundsIssued(request_id=event.request_id, lines=lines))
 
@@ -116,10 +118,11 @@ class DisputeRefundHandlers:
         key = record["idempotency_key"]
         if record["status"] == "pending":
             charge = await ledger.charge_row(uow.session, record["charge_id"])
-            outcome = await self.gateway.refund(
-                key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(str(record["amount"])),
-                currency=record["currency"], reason=REASON, request_id=record["request_id"],
-                subscription_id=charge["subscription_id"] if charge else "")
+            async with uow.outside():
+                outcome = await self.gateway.refund(
+                    key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(str(record["amount"])),
+                    currency=record["currency"], reason=REASON, request_id=record["request_id"],
+                    subscription_id=charge["subscription_id"] if charge else "")
             if outcome.status == "unknown":
                 # Maybe refunded, maybe not: keep the reservation and the key, ask again later.
                 raise TransientError(f"refund {key} outcome unknown: {outcome.message}")

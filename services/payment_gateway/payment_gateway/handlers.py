@@ -64,11 +64,15 @@ class PaymentHandlers:
                                event: PlatformCommitted | CancellationScheduled) -> bool:
         if await ledger.schedule_stopped(event.subscription_id):
             return True
-        outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))
+        async with uow.outside():
+            outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))
         if not outcome.ok:
             # Stopping a schedule is idempotent at the gateway: retry the record until it answers.
             raise TransientError(f"gateway could not stop the recurring schedule: {outcome.message}")
-        await ledger.record_schedule_stop(event.subscription_id, str(event.request_id))
+        # Another request for the subscription may have stopped it while we were at the gateway (the
+        # call is idempotent there); record the stop once.
+        if not await ledger.schedule_stopped(event.subscription_id):
+            await ledger.record_schedule_stop(event.subscription_id, str(event.request_id))
         return True
 
     async def _plan_refunds(self, uow: UnitOfWork, ledger: Ledger, event: PlatformCommitted) -> list[dict]:
@@ -85,18 +89,18 @@ class PaymentHandlers:
                 raise TransientError(f"charge {charge.charge_id} balance changed while planning; replanning")
             await ledger.add_refund(key=domain.refund_key(request_id, charge.charge_id), request_id=request_id,
                                     charge=charge, amount=part)
-        # Committed before any gateway call: the intent and the reservation survive a crash.
-        await uow.checkpoint()
+        # `_issue` commits these (intent and reservation) before any gateway call: they survive a crash.
         return await ledger.refunds_for(request_id)
 
     async def _issue(self, uow: UnitOfWork, ledger: Ledger, record: dict, event: PlatformCommitted) -> RefundLine:
         key = record["idempotency_key"]
         if record["status"] == "pending":
-            outcome = await self.gateway.refund(
-                key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(record["amount"]),
-                currency=record["currency"], reason="prorated refund of a cancellation",
-                request_id=record["request_id"], subscription_id=event.subscription_id)
-            crash_point("payment_gateway.after_refund_call")
+            async with uow.outside():
+                outcome = await self.gateway.refund(
+                    key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(record["amount"]),
+                    currency=record["currency"], reason="prorated refund of a cancellation",
+                    request_id=record["request_id"], subscription_id=event.subscription_id)
+                crash_point("payment_gateway.after_refund_call")
             if outcome.status == "unknown":
                 # The gateway may or may not have refunded: keep the reservation and the key, and
                 # ask again later with the same key (it answers with the first result).

@@ -39,9 +39,9 @@ class ProvisioningHandlers:
                 effective_date=command.effective_date, current_quantity=command.current_quantity,
                 new_quantity=command.new_quantity, status="pending", attempts=0, started_at=utcnow(),
             ))
-            await uow.checkpoint()
-        outcome = await self._call_vendor(command)
-        crash_point("provisioning.after_vendor_call")
+        async with uow.outside():  # the pending row is committed before the vendor hears of it
+            outcome = await self._call_vendor(command)
+            crash_point("provisioning.after_vendor_call")
         await uow.session.execute(update(ops).where(ops.c.request_id == request_id).values(
             status="succeeded" if outcome.ok else "failed", already_applied=outcome.already_done,
             code=outcome.code, message=outcome.message, http_status=outcome.http_status,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -102,6 +103,21 @@ class UnitOfWork:
         # write lock) is held while the handler waits on the vendor, the gateway or SMTP.
         if self._on_commit:
             self._on_commit()
+
+    @contextlib.asynccontextmanager
+    async def outside(self) -> AsyncIterator[None]:
+        """For a call to the outside world (vendor, gateway): what is done so far (the intent) is
+        committed first and no lock is held during the call; a new transaction begins after it."""
+        await self.checkpoint()
+        yield
+        await self.resume()
+
+    async def resume(self) -> None:
+        """Begin the next transaction after a checkpoint, queueing for the write lock first."""
+        if self._write_lock is not None and not self._holding:
+            await self._write_lock.acquire()
+            self._holding = True
+        await self.session.begin()
 
     async def commit(self, *, mark_processed: str | None = None) -> None:
         await self._flush_outbox()
