@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from rich.console import Console
 from rich.table import Table
@@ -185,10 +186,23 @@ class ChaosRun:
         }
         if scenario in rules:
             url, match, respond, times = rules[scenario]
-            await client.post_json(f"{url}/_sandbox/rules", {"match": match, "respond": respond, "times": times})
+            await self._post(client, f"{url}/_sandbox/rules", {"match": match, "respond": respond, "times": times})
         if scenario == "platform_fault":
-            await client.post_json(f"{client.endpoints.billing}/_faults",
-                                   {"subscription_id": sample.facts.subscription_id, "stage": "commit"})
+            await self._post(client, f"{client.endpoints.billing}/_faults",
+                             {"subscription_id": sample.facts.subscription_id, "stage": "commit"})
+
+    @staticmethod
+    async def _post(client: StackClient, url: str, body: dict[str, Any], *, within: float = 120.0) -> None:
+        """A hook call that rides out our own faults: the service may be down for a restart right now."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                await client.post_json(url, body)
+                return
+            except aiohttp.ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def _poison(self, client: StackClient, n: int) -> None:
         kind = POISONS[(n // self.config.poison_every) % len(POISONS)]

@@ -30,7 +30,7 @@ from cancelflow.events import (
     VendorProvisioned,
 )
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.consumer import TransientError
+from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.testing.messages import handle, message
 from payment_gateway import orm as payment_orm

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from cancelflow.db import create_schema, make_engine
 from cancelflow.events import ChargeCaptured, Mode, PlatformCommitted, SubscriptionSnapshot
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.consumer import TransientError
+from cancelflow.messaging.deadletter import TransientError
 from cancelflow.testing.messages import handle, message
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome

@@ -22,7 +22,7 @@ from cancelflow.events import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.consumer import TransientError
+from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
 from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient

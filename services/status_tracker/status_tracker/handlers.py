@@ -12,22 +12,23 @@ event_id) that consumers drop. The storage is injected (the faust tables in prod
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
-from aiokafka.errors import KafkaError
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cancelflow import metrics, topics
-from cancelflow.events import RecordDeadLettered, envelope_for
+from cancelflow.events import envelope_for
 from cancelflow.logging import get_logger
-from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode, encode
-from cancelflow.pii import scrub_record
+from cancelflow.messaging.codec import BadRecord, Message, decode, encode
+from cancelflow.messaging.deadletter import (
+    count_dead_lettered,
+    dead_letter_record,
+    handle_with_retries,
+    marker_of,
+)
 from status_tracker import fold, tracking
 from status_tracker.projection import ReadModel
 from status_tracker.tracking import Entry
@@ -58,15 +59,7 @@ class Record:
     value: bytes | None
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """The database or the broker is away: wait and retry, never dead-letter."""
-    if isinstance(exc, OperationalError | KafkaError | ConnectionError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
 class SagaProcessor:
-    MAX_HANDLER_ATTEMPTS = 3
 
     def __init__(self, *, entries: Entries, dead_lettered: Markers, read_model: ReadModel, publish: Publish,
                  group_id: str) -> None:
@@ -94,34 +87,19 @@ class SagaProcessor:
             await self._handle(record, message, request_id)
 
     async def _handle(self, record: Record, message: Message, request_id: str) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
+        async def attempt() -> None:
             started = time.perf_counter()
-            try:
-                await self.apply(message, request_id)
-                metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
-                metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                metrics.HANDLER_ERRORS.labels(message.event_type).inc()
-                if _is_transient(exc):
-                    log.warning("transient error, retrying", attempt=attempt, error=str(exc))
-                    await asyncio.sleep(min(10.0, 0.2 * 2 ** min(attempt, 6)))
-                    continue
-                if attempt < self.MAX_HANDLER_ATTEMPTS:
-                    log.warning("handler failed, retrying", attempt=attempt, error=repr(exc))
-                    await asyncio.sleep(0.1 * attempt)
-                    continue
-                log.error("handler failed repeatedly, dead-lettering", error=repr(exc), exc_info=exc)
-                # The tracker only observes: its failure says nothing about the cancellation itself,
-                # so no `Failed` is emitted (see ConsumeLoop._reports_step_failures).
-                await self._dead_letter(record, "handler_error",
-                                        f"status_tracker could not handle {message.event_type}: {exc!r}",
-                                        request_id)
-                return
+            await self.apply(message, request_id)
+            metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
+            metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+
+        async def give_up(exc: Exception) -> None:
+            # The tracker only observes: its failure says nothing about the cancellation itself, so no
+            # `Failed` is emitted (see ConsumeLoop._reports_step_failures).
+            await self._dead_letter(record, "handler_error",
+                                    f"status_tracker could not handle {message.event_type}: {exc!r}", request_id)
+
+        await handle_with_retries(attempt, event_type=message.event_type, give_up=give_up)
 
     async def apply(self, message: Message, request_id: str) -> None:
         before = self._entries.get(request_id)
@@ -141,19 +119,11 @@ class SagaProcessor:
             metrics.OUTCOMES.labels(step.entry["view"]["state"], error.get("source", "")).inc()
 
     async def _dead_letter(self, record: Record, reason: str, detail: str, request_id: str | None) -> None:
-        marker = f"dlq:{record.topic}:{record.partition}:{record.offset}"
+        marker = marker_of(record)
         if marker in self._dead_lettered:
             return
-        value = record.value or b""
-        dead = RecordDeadLettered(
-            reason=reason, detail=detail, topic=record.topic, partition=record.partition, offset=record.offset,
-            original_key=record.key.decode("utf-8", "replace") if record.key else None,
-            consumer_group=self._group_id, original_size=len(value),
-            original_sha256=hashlib.sha256(value).hexdigest(),
-            # Readable for the operator, customer email and name masked (no PII in the DLQ).
-            original_base64=base64.b64encode(scrub_record(value)).decode() if len(value) <= MAX_RECORD_BYTES else None,
-            request_id=request_id,
-        )
+        dead = dead_letter_record(record, reason=reason, detail=detail, request_id=request_id,
+                                  consumer_group=self._group_id)
         envelope = envelope_for(dead, producer=tracking.PRODUCER, correlation_id=request_id or marker,
                                 causation_id=None)
         while True:
@@ -166,6 +136,4 @@ class SagaProcessor:
                 log.warning("dead-lettering failed, retrying", error=repr(exc))
                 await asyncio.sleep(1.0)
         self._dead_lettered.add(marker)
-        metrics.DEAD_LETTERED.labels(record.topic, reason).inc()
-        log.warning("record dead-lettered", topic=record.topic, partition=record.partition,
-                    offset=record.offset, reason=reason, detail=detail)
+        count_dead_lettered(record, reason, detail)

@@ -8,8 +8,6 @@ retried, then dead-lettered too, so the records behind it flow on.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,15 +15,20 @@ from dataclasses import dataclass, field
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cancelflow import metrics, topics
-from cancelflow.events import Failed, RecordDeadLettered, Source, ValidationCode
+from cancelflow.events import Failed, Source, ValidationCode
 from cancelflow.logging import get_logger
-from cancelflow.messaging.codec import MAX_RECORD_BYTES, BadRecord, Message, decode
+from cancelflow.messaging.codec import BadRecord, Message, decode
+from cancelflow.messaging.deadletter import (
+    MAX_HANDLER_ATTEMPTS,
+    count_dead_lettered,
+    dead_letter_record,
+    handle_with_retries,
+    marker_of,
+)
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.pii import scrub_record
 
 log = get_logger(__name__)
 
@@ -42,18 +45,8 @@ class Route:
     dead_letter: bool = False
 
 
-class TransientError(Exception):
-    """Raised by a handler when the outside world is away (retry the record, do not dead-letter)."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientError | OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
 class ConsumeLoop:
-    MAX_HANDLER_ATTEMPTS = 3
+    MAX_HANDLER_ATTEMPTS = MAX_HANDLER_ATTEMPTS
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
                  new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
@@ -134,60 +127,30 @@ class ConsumeLoop:
             await self._handle(record, route, message, handler)
 
     async def _handle(self, record: ConsumerRecord, route: Route, message: Message, handler: Handler) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
+        async def attempt() -> None:
             started = time.perf_counter()
-            try:
-                async with self._new_uow(message) as uow:
-                    if await uow.already_processed(message.event_id):
-                        metrics.INBOX_DUPLICATES.labels(record.topic).inc()
-                        log.info("duplicate skipped")
-                        return
-                    await handler(message, uow)
-                    await uow.commit()
-                metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
-                metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                metrics.HANDLER_ERRORS.labels(message.event_type).inc()
-                if _is_transient(exc):
-                    # The database or a dependency is away: wait and retry without bound (the
-                    # partition waits, nothing is lost); /readyz reports it meanwhile.
-                    log.warning("transient error, retrying", attempt=attempt, error=str(exc))
-                    await asyncio.sleep(min(10.0, 0.2 * 2 ** min(attempt, 6)))
-                    continue
-                if attempt < self.MAX_HANDLER_ATTEMPTS:
-                    log.warning("handler failed, retrying", attempt=attempt, error=repr(exc))
-                    await asyncio.sleep(0.1 * attempt)
-                    continue
-                log.error("handler failed repeatedly, dead-lettering", error=repr(exc), exc_info=exc)
-                await self._dead_letter(record, "handler_error",
-                                        f"{self._service} could not handle {message.event_type}: {exc!r}",
-                                        str(getattr(message.payload, "request_id", "")) or None,
-                                        message=message)
-                return
+            async with self._new_uow(message) as uow:
+                if await uow.already_processed(message.event_id):
+                    metrics.INBOX_DUPLICATES.labels(record.topic).inc()
+                    log.info("duplicate skipped")
+                    return
+                await handler(message, uow)
+                await uow.commit()
+            metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
+            metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+
+        async def give_up(exc: Exception) -> None:
+            await self._dead_letter(record, "handler_error",
+                                    f"{self._service} could not handle {message.event_type}: {exc!r}",
+                                    str(getattr(message.payload, "request_id", "")) or None, message=message)
+
+        await handle_with_retries(attempt, event_type=message.event_type, give_up=give_up)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str, request_id: str | None,
                            *, message: Message | None = None) -> None:
-        value = record.value or b""
-        marker = f"dlq:{record.topic}:{record.partition}:{record.offset}"
-        dead = RecordDeadLettered(
-            reason=reason,
-            detail=detail,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            original_key=record.key.decode("utf-8", "replace") if record.key else None,
-            consumer_group=self._group_id,
-            original_size=len(value),
-            original_sha256=hashlib.sha256(value).hexdigest(),
-            # The bytes stay readable for the operator, customer email and name masked (no PII in the DLQ).
-            original_base64=base64.b64encode(scrub_record(value)).decode() if len(value) <= MAX_RECORD_BYTES else None,
-            request_id=request_id,
-        )
+        marker = marker_of(record)
+        dead = dead_letter_record(record, reason=reason, detail=detail, request_id=request_id,
+                                  consumer_group=self._group_id)
         async with self._new_uow(message) as uow:
             if await uow.already_processed(marker):
                 return
@@ -207,9 +170,7 @@ class ConsumeLoop:
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
             await uow.commit(mark_processed=marker)
-        metrics.DEAD_LETTERED.labels(record.topic, reason).inc()
-        log.warning("record dead-lettered", topic=record.topic, partition=record.partition,
-                    offset=record.offset, reason=reason, detail=detail)
+        count_dead_lettered(record, reason, detail)
 
     def _reports_step_failures(self, message: Message) -> bool:
         """Whether a saga event this service could not handle fails the request at its step.
