@@ -41,6 +41,42 @@ def json_response(value: object, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
+def add_operations_routes(app: web.Application, name: str,
+                          checks: dict[str, Callable[[], Awaitable[object]]]) -> None:
+    """`/healthz` (the process answers), `/readyz` (every dependency in `checks` answers within 3 s)
+    and `/metrics` (Prometheus), the same on every service."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": name, "pid": os.getpid()})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        problems: dict[str, str] = {}
+        for dependency, check in checks.items():
+            try:
+                await asyncio.wait_for(check(), 3)
+            except Exception as exc:
+                problems[dependency] = repr(exc)
+        return web.json_response({"ready": not problems, "service": name, "problems": problems},
+                                 status=503 if problems else 200)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+async def prepare_schema(engine: object, settings: ServiceSettings, migrations_package: str | None,
+                         metadata: MetaData) -> None:
+    """A service's tables: Alembic migrations to head on PostgreSQL (when the service has an
+    environment, see cancelflow.migrations); create_all on SQLite, the embedded default."""
+    if migrations_package is not None and not db.is_sqlite(settings.database_url()):
+        await migrations.upgrade_to_head(engine, migrations_package, metadata)  # type: ignore[arg-type]
+    else:
+        await db.create_schema(engine, metadata)  # type: ignore[arg-type]
+
+
 class ServiceRuntime:
     def __init__(self, name: str, settings: ServiceSettings, metadata: MetaData, tables: MessagingTables) -> None:
         self.name = name
@@ -62,9 +98,10 @@ class ServiceRuntime:
         self.migrations = migrations.package_for(name)
         self.started = False
         self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
-        self.http.router.add_get("/healthz", self._healthz)
-        self.http.router.add_get("/readyz", self._readyz)
-        self.http.router.add_get("/metrics", self._metrics)
+        add_operations_routes(self.http, name, {
+            "database": lambda: db.ping(self.engine),
+            "broker": lambda: self.producer.client.fetch_all_metadata(),
+        })
 
     def new_uow(self, message: Message | None = None) -> UnitOfWork:
         return UnitOfWork(self.sessions, self.tables, producer=self.name, message=message,
@@ -79,35 +116,10 @@ class ServiceRuntime:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "service": self.name, "pid": os.getpid()})
-
-    async def _readyz(self, _request: web.Request) -> web.Response:
-        problems: dict[str, str] = {}
-        try:
-            await asyncio.wait_for(db.ping(self.engine), 3)
-        except Exception as exc:
-            problems["database"] = repr(exc)
-        try:
-            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 3)
-        except Exception as exc:
-            problems["broker"] = repr(exc)
-        status = 503 if problems else 200
-        return web.json_response({"ready": not problems, "service": self.name, "problems": problems},
-                                 status=status)
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def prepare_schema(self) -> None:
-        """The service's tables: Alembic migrations to head on PostgreSQL (when the service has an
-        environment, see cancelflow.migrations); create_all on SQLite, the embedded default."""
-        if self.migrations is not None and not db.is_sqlite(self.settings.database_url()):
-            await migrations.upgrade_to_head(self.engine, self.migrations, self.metadata)
-        else:
-            await db.create_schema(self.engine, self.metadata)
+        await prepare_schema(self.engine, self.settings, self.migrations, self.metadata)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, work until `stop` is set or a worker dies, then shut down in order.

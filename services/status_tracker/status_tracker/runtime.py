@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cancelflow import db, migrations, topics
 from cancelflow.logging import get_logger
 from cancelflow.messaging.consumer import Route
-from cancelflow.service import Task
+from cancelflow.service import Task, add_operations_routes, prepare_schema
 from cancelflow.settings import ServiceSettings
 from status_tracker import gauges, http, orm
 from status_tracker.feed import StatusFeed
@@ -48,43 +46,18 @@ class TrackerRuntime:
         self.streams: Streams | None = None
         self.started = False
         self.http = web.Application()
-        self.http.router.add_get("/healthz", self._healthz)
-        self.http.router.add_get("/readyz", self._readyz)
-        self.http.router.add_get("/metrics", self._metrics)
+        # Reads come from the database, so they are served while the faust app still joins its group
+        # and rebuilds the views table.
+        add_operations_routes(self.http, self.name, {"database": lambda: db.ping(self.engine),
+                                                "broker": lambda: self.feed.ping()})
         http.install(self.http, self.read_model, self.feed)
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "service": self.name, "pid": os.getpid()})
-
-    async def _readyz(self, _request: web.Request) -> web.Response:
-        problems: dict[str, str] = {}
-        try:
-            await asyncio.wait_for(db.ping(self.engine), 3)
-        except Exception as exc:
-            problems["database"] = repr(exc)
-        try:
-            await asyncio.wait_for(self.feed.ping(), 3)
-        except Exception as exc:
-            problems["broker"] = repr(exc)
-        # Reads come from the database, so they are served while the faust app still joins its group
-        # and rebuilds the views table.
-        status = 503 if problems else 200
-        return web.json_response({"ready": not problems, "service": self.name, "problems": problems},
-                                 status=status)
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def prepare_schema(self) -> None:
-        """Alembic migrations to head on PostgreSQL; create_all on SQLite (as ServiceRuntime)."""
-        if self.migrations is not None and not db.is_sqlite(self.settings.database_url()):
-            await migrations.upgrade_to_head(self.engine, self.migrations, self.metadata)
-        else:
-            await db.create_schema(self.engine, self.metadata)
+        await prepare_schema(self.engine, self.settings, self.migrations, self.metadata)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, work until `stop` is set or a part dies, then shut down in order."""
