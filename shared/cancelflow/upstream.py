@@ -7,6 +7,8 @@ import uuid
 from types import TracebackType
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from cancelflow.events import Envelope, Payload, envelope_for
 from cancelflow.messaging.codec import encode
@@ -19,6 +21,7 @@ class UpstreamPublisher:
     def __init__(self, settings: CommonSettings, *, producer_name: str = "storefront",
                  signing_key: str | None = None) -> None:
         self.producer_name = producer_name
+        self.attempts = 6
         # Signed when CANCELFLOW_PRODUCER_KEYS names this producer (CONTRACT.md section 10).
         self.signing_key = signing_key or settings.signing_key(producer_name)
         self._producer: AIOKafkaProducer = make_producer(settings, client_id=f"upstream-{producer_name}")
@@ -44,10 +47,17 @@ class UpstreamPublisher:
         if self.signing_key and value is not None:
             headers += [("cf-producer", self.producer_name.encode()),
                         ("cf-signature", sign(value, self.signing_key).encode())]
-        future = await self._producer.send(topic, value=value, key=key.encode() if key else None,
-                                           headers=headers)
-        if wait:
-            await future
+        async for attempt in AsyncRetrying(
+            # The broker may be away for a while (a restart, a stall): send the same bytes again. A copy
+            # that did land is dropped by its consumers by event_id.
+            retry=retry_if_exception_type(KafkaError), stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(multiplier=0.5, max=10), reraise=True,
+        ):
+            with attempt:
+                future = await self._producer.send(topic, value=value, key=key.encode() if key else None,
+                                                   headers=headers)
+                if wait:
+                    await future
 
     async def flush(self) -> None:
         await self._producer.flush()
