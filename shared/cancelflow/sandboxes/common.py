@@ -143,6 +143,9 @@ def _status_code_name(status: int) -> str:
 # --- the sandbox ---------------------------------------------------------------------------------
 
 
+SAVE_EVERY_S = 1.0
+
+
 class StateFile:
     """JSON snapshot of a sandbox, replaced atomically so a crash never leaves half a file."""
 
@@ -178,6 +181,8 @@ class Sandbox:
         self._empty_state = empty_state
         self._closing = asyncio.Event()
         self._file = StateFile(state_file) if state_file else None
+        self._dirty = False
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.data: dict[str, Any] = {
             "state": empty_state(),
             "rules": [],
@@ -199,7 +204,19 @@ class Sandbox:
         return f"{prefix}{counters[prefix]}"
 
     def save(self) -> None:
-        if self._file:
+        """Mark the state changed; it is written at most once a second (and when the app stops).
+
+        Writing the whole snapshot on every call made a long run quadratic (megabytes per call)."""
+        if not self._file:
+            return
+        self._dirty = True
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(SAVE_EVERY_S, self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        if self._dirty and self._file:
+            self._dirty = False
             self._file.save(self.data)
 
     def reset(self) -> None:
@@ -392,6 +409,7 @@ async def _reset_ledger(request: web.Request) -> web.Response:
 
 async def _release_on_shutdown(app: web.Application) -> None:
     app[SANDBOX].release_hanging()
+    app[SANDBOX].flush()
 
 
 def new_sandbox_app(sandbox: Sandbox) -> web.Application:
