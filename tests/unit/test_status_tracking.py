@@ -183,9 +183,15 @@ class DictEntries(dict):  # type: ignore[type-arg]
 class FakeReadModel:
     def __init__(self) -> None:
         self.saved: list[dict[str, Any]] = []
+        self.entries: dict[str, dict[str, Any]] = {}
 
-    async def save(self, document: dict[str, Any]) -> None:
+    async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
         self.saved.append(document)
+        if entry is not None:
+            self.entries[document["request_id"]] = entry
+
+    async def entry(self, request_id: str) -> dict[str, Any] | None:
+        return self.entries.get(request_id)
 
 
 class Broker:
@@ -230,7 +236,8 @@ async def test_processor_retries_a_failed_publish_with_the_same_record() -> None
     broker.fail_next = 1
     await processor(entries, read_model, broker).process(record(msg(story(rid)[0], T0), 0))
     assert [e.payload["version"] for _, _, e in broker.sent] == [1]
-    assert [d["version"] for d in read_model.saved] == [1, 1]  # the upsert is repeated, harmlessly
+    # The retry finds the step already in the read model and only publishes it again.
+    assert [d["version"] for d in read_model.saved] == [1]
 
 
 async def test_processor_dead_letters_a_bad_record_once() -> None:
@@ -286,3 +293,37 @@ async def test_read_model_keeps_the_newest_version_and_filters(tmp_path: Path) -
 ])
 def test_guidance_for_every_source(source: str, code: str, action: str) -> None:
     assert guidance.for_error(source, code)["action"] == action
+
+
+async def test_a_table_write_lost_to_a_kill_is_recovered_from_the_read_model() -> None:
+    """kill -9 after the offset commit but before the table's changelog write: the restarted tracker's
+    table lacks the step; the read model (committed first) has it, so nothing is skipped or lost."""
+    rid = uuid.uuid4()
+    entries, read_model, broker = DictEntries(), FakeReadModel(), Broker()
+    work = processor(entries, read_model, broker)
+    first, second, third = (msg(e, T0 + timedelta(seconds=i)) for i, e in enumerate(story(rid)[:3]))
+    await work.process(record(first, 0))
+    await work.process(record(second, 1))
+    entries.pop(str(rid))  # the table lost both writes (a tracker rebuilt from a short changelog)
+
+    await work.process(record(third, 2))
+
+    entry = entries[str(rid)]
+    assert entry["version"] == 3
+    assert entry["view"]["state"] == "in_progress" and entry["view"]["stage"] == "platform"
+    assert [e.payload["version"] for topic, _, e in broker.sent if topic == topics.STATUS] == [1, 2, 3]
+
+
+async def test_a_redelivered_step_after_a_lost_publish_is_published_again() -> None:
+    rid = uuid.uuid4()
+    entries, read_model, broker = DictEntries(), FakeReadModel(), Broker()
+    work = processor(entries, read_model, broker)
+    first = msg(story(rid)[0], T0)
+    await work.process(record(first, 0))
+    entries.pop(str(rid))
+    broker.sent.clear()  # as if the status record never left before the kill
+
+    await work.process(record(first, 0))  # the same record, redelivered
+
+    assert [e.payload["version"] for _, _, e in broker.sent] == [1]
+    assert entries[str(rid)]["version"] == 1

@@ -103,14 +103,29 @@ class SagaProcessor:
 
     async def apply(self, message: Message, request_id: str) -> None:
         before = self._entries.get(request_id)
+        stored = await self._read_model.entry(request_id)
+        recovered = stored is not None and (before is None or stored["version"] > before["version"])
+        if recovered:
+            # A kill -9 lost the table's last changelog write after the offset was committed; the read
+            # model, committed before the status record was published, has the step.
+            log.warning("tracker table behind its read model: recovered", request_id=request_id,
+                        table_version=before and before["version"], stored_version=stored["version"])
+            before = stored
         step = tracking.track(before, message)
         if step.duplicate:
+            if recovered:
+                # The crash may also have come before the status record went out: publish that version's
+                # record again (deterministic, so an identical copy at worst) and restore the table.
+                assert before is not None
+                status = tracking.status_envelope(before, causation_id=message.event_id)
+                await self._publish(topics.STATUS, request_id, encode(status))
+                self._entries.put(request_id, before)
             metrics.INBOX_DUPLICATES.labels(message.topic).inc()
             log.info("duplicate skipped")
             return
         if step.entry is None or step.status is None:
             return
-        await self._read_model.save(tracking.document(step.entry))
+        await self._read_model.save(tracking.document(step.entry), step.entry)
         await self._publish(topics.STATUS, request_id, encode(step.status))
         metrics.EVENTS_PRODUCED.labels(topics.STATUS, step.status.event_type).inc()
         self._entries.put(request_id, step.entry)

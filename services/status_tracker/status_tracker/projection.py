@@ -28,20 +28,30 @@ class Query:
     offset: int = 0
 
 
+ENTRY_KEY = "_entry"
+
+
+def _public(document: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k != ENTRY_KEY}
+
+
 class ReadModel:
     def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         self._insert = dialect.insert
 
-    async def save(self, document: dict[str, Any]) -> None:
+    async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
         """Upsert a request's document; an older version never overwrites a newer one, and writing the
-        same version again (a redelivery after a crash) changes nothing."""
+        same version again (a redelivery after a crash) changes nothing. The tracker's whole `entry` is
+        kept beside it: committed before the status record is published, it is what a restarted tracker
+        trusts when its changelog-backed table lost its last write."""
         error = document.get("error") or {}
         row = {
             "request_id": document["request_id"], "state": document["state"],
             "account_id": document.get("account_id"), "subscription_id": document.get("subscription_id"),
-            "error_source": error.get("source"), "version": document["version"], "view": document,
+            "error_source": error.get("source"), "version": document["version"],
+            "view": {**document, ENTRY_KEY: entry} if entry is not None else document,
             "created_at": datetime.fromisoformat(document["created_at"]),
             "updated_at": datetime.fromisoformat(document["updated_at"]),
         }
@@ -58,7 +68,13 @@ class ReadModel:
     async def get(self, request_id: str) -> dict[str, Any] | None:
         async with self._sessions() as session:
             found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
-        return found[0] if found else None
+        return _public(found[0]) if found else None
+
+    async def entry(self, request_id: str) -> dict[str, Any] | None:
+        """The tracker's entry as last committed here (None before the first step)."""
+        async with self._sessions() as session:
+            found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
+        return found[0].get(ENTRY_KEY) if found else None
 
     async def search(self, query: Query) -> tuple[list[dict[str, Any]], int]:
         """The matching documents, newest request first, and how many match in all."""
@@ -75,6 +91,6 @@ class ReadModel:
                 .order_by(views.c.created_at.desc(), views.c.request_id)
                 .limit(min(max(query.limit, 1), MAX_PAGE)).offset(max(query.offset, 0)))
         async with self._sessions() as session:
-            items = [row[0] for row in (await session.execute(page)).all()]
+            items = [_public(row[0]) for row in (await session.execute(page)).all()]
             total = (await session.execute(select(func.count()).select_from(views).where(*where))).scalar_one()
         return items, total
