@@ -52,6 +52,7 @@ class ChaosConfig:
     kill_every_s: float = 0.0  # 0: no random kills
     smtp_outage_s: float = 0.0
     broker_pause_s: float = 0.0
+    kill_targets: tuple[str, ...] = SERVICES  # which services kill -9 may hit
     rebalance_s: float = 0.0  # how long a second instance of a service stays in its group (0: none)
     replay: bool = True  # at the end, publish the request topic again from its earliest offset
     poison_every: int = 10  # one poison record per this many requests
@@ -285,7 +286,7 @@ class ChaosRun:
 
     async def _kill_random(self) -> None:
         """kill -9 of a random service among those up right now (one that is restarting has no pid)."""
-        for service in self.random.sample(SERVICES, len(SERVICES)):
+        for service in self.random.sample(self.config.kill_targets, len(self.config.kill_targets)):
             pid = await asyncio.to_thread(self.stack.service_pid, service)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
