@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import MetaData
 
@@ -97,6 +98,7 @@ class ServiceRuntime:
         # "<service>.migrations" when the service has an Alembic environment (used on PostgreSQL).
         self.migrations = migrations.package_for(name)
         self.started = False
+        self.consumer: AIOKafkaConsumer | None = None  # while running, the group member reading `routes`
         self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
         add_operations_routes(self.http, name, {
             "database": lambda: db.ping(self.engine),
@@ -144,6 +146,7 @@ class ServiceRuntime:
                 consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
                                          client_id=f"cancelflow-{self.name}")
                 await consumer.start()
+                self.consumer = consumer
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
                                    signatures=SignatureCheck.from_text(self.settings.producer_keys),

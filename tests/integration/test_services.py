@@ -311,6 +311,8 @@ async def test_status_tracker_takes_an_event_for_an_unknown_request_in_its_strid
     # Same key, same partition: once the second one is folded, the first one was handled.
     await status.wait_for(lambda e: e.payload["request_id"] == request_id and e.payload["state"] == "received")
     record = saga.record_of(await saga.wait_for(lambda e: e.event_id == orphan.event_id))
-    dead_lettered = running.runtime.streams.dead_lettered  # the tracker's table of DLQ markers
-    assert f"dlq:{topics.SAGA}:{record.partition}:{record.offset}".encode() not in dead_lettered, (
-        "the tracker dead-lettered a valid saga event")
+    async with running.runtime.new_uow() as uow:  # the tracker's inbox keeps the marker of a dead-lettered record
+        dead_lettered = await uow.already_processed(f"dlq:{topics.SAGA}:{record.partition}:{record.offset}")
+        folded = await uow.already_processed(str(orphan.event_id))
+    assert not dead_lettered, "the tracker dead-lettered a valid saga event"
+    assert folded, "the tracker did not take the orphan event in its stride"

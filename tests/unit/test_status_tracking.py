@@ -1,5 +1,5 @@
-"""status_tracker: versions, idempotency and stuck detection (tracking), the processor's order of writes
-and dead-lettering (handlers, with fakes for the faust tables and the broker), and the read model."""
+"""status_tracker: versions, idempotency and stuck detection (tracking), the handler's one transaction
+(view, status record, event id) in a real database, the stuck timer, and the read model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import delete, select
 
 from cancelflow import db, topics
 from cancelflow.events import (
@@ -26,9 +27,12 @@ from cancelflow.events import (
     envelope_for,
 )
 from cancelflow.messaging.codec import Message, decode, encode
+from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.testing.messages import handle
 from status_tracker import guidance, orm, tracking
-from status_tracker.handlers import Record, SagaProcessor
+from status_tracker.handlers import TrackerHandlers
 from status_tracker.projection import Query, ReadModel
+from status_tracker.stuck import StuckTimer
 
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 CUSTOMER = {"user_id": "u-1", "role": "customer", "channel": "storefront"}
@@ -172,85 +176,96 @@ def test_a_stuck_alert_overtaken_by_progress_is_dropped() -> None:
     assert tracking.track(entry, msg(stuck, T0 + timedelta(minutes=10, seconds=2))) == tracking.Step()
 
 
-# --- the processor, with fakes -----------------------------------------------------------------------
+# --- the handler, in a real database ---------------------------------------------------------------
 
 
-class DictEntries(dict):  # type: ignore[type-arg]
-    def put(self, request_id: str, entry: tracking.Entry) -> None:
-        self[request_id] = entry
+@pytest.fixture
+async def tracker_db(tmp_path: Path):  # type: ignore[no-untyped-def]
+    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'tracker.db'}")
+    await db.create_schema(engine, orm.metadata)
+    yield engine
+    await engine.dispose()
 
 
-class FakeReadModel:
-    def __init__(self) -> None:
-        self.saved: list[dict[str, Any]] = []
-        self.entries: dict[str, dict[str, Any]] = {}
-
-    async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
-        self.saved.append(document)
-        if entry is not None:
-            self.entries[document["request_id"]] = entry
-
-    async def entry(self, request_id: str) -> dict[str, Any] | None:
-        return self.entries.get(request_id)
+async def outbox(engine: Any) -> list[tuple[str, str | None, Envelope]]:
+    async with db.session_factory(engine)() as session:
+        rows = (await session.execute(select(orm.messaging.outbox).order_by(orm.messaging.outbox.c.id))).all()
+    return [(r.topic, r.key, Envelope.model_validate(orjson.loads(r.value))) for r in rows]
 
 
-class Broker:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str | None, Envelope]] = []
-        self.fail_next = 0
-
-    async def publish(self, topic: str, key: str | None, value: bytes) -> None:
-        if self.fail_next:
-            self.fail_next -= 1
-            raise RuntimeError("broker hiccup")
-        self.sent.append((topic, key, Envelope.model_validate(orjson.loads(value))))
-
-
-def processor(entries: DictEntries, read_model: FakeReadModel, broker: Broker,
-              markers: set[str] | None = None) -> SagaProcessor:
-    return SagaProcessor(entries=entries, dead_lettered=markers if markers is not None else set(),
-                         read_model=read_model, publish=broker.publish, group_id="tracker-test")  # type: ignore[arg-type]
-
-
-def record(m: Message, offset: int) -> Record:
-    return Record(topics.SAGA, 0, offset, m.key.encode() if m.key else None, encode(m.envelope))
-
-
-async def test_processor_writes_read_model_then_status_then_table() -> None:
+async def test_each_step_commits_view_status_record_and_event_id_together(tracker_db) -> None:  # type: ignore[no-untyped-def]
     rid = uuid.uuid4()
-    entries, read_model, broker = DictEntries(), FakeReadModel(), Broker()
-    p = processor(entries, read_model, broker)
-    messages = [msg(e, T0 + timedelta(seconds=i)) for i, e in enumerate(story(rid))]
-    for offset, m in enumerate(messages):
-        await p.process(record(m, offset))
-    await p.process(record(messages[1], 99))  # redelivered
-    assert [(t, k, e.payload["version"]) for t, k, e in broker.sent] == [
-        (topics.STATUS, str(rid), v) for v in (1, 2, 3, 4, 5)]
-    assert [d["version"] for d in read_model.saved] == [1, 2, 3, 4, 5]
-    assert entries[str(rid)]["version"] == 5
+    read_model = ReadModel(tracker_db, db.session_factory(tracker_db))
+    handler = TrackerHandlers(read_model).saga_event
+    messages = [msg(e, T0 + timedelta(seconds=i), offset=i) for i, e in enumerate(story(rid))]
+    for m in messages:
+        assert await handle(tracker_db, orm, handler, m)
+    assert not await handle(tracker_db, orm, handler, messages[1])  # redelivered: the inbox drops it
+
+    sent = await outbox(tracker_db)
+    assert [(t, k, e.payload["version"]) for t, k, e in sent] == [(topics.STATUS, str(rid), v) for v in (1, 2, 3, 4, 5)]
+    assert all(e.producer == "status_tracker" for _, _, e in sent)
+    entry = await read_model.entry(str(rid))
+    assert entry is not None and entry["version"] == 5 and entry["partition"] == 0
+    assert (await read_model.get(str(rid)))["state"] == "completed"  # type: ignore[index]
 
 
-async def test_processor_retries_a_failed_publish_with_the_same_record() -> None:
+async def test_an_event_folded_under_another_id_is_not_folded_twice(tracker_db) -> None:  # type: ignore[no-untyped-def]
+    """The entry keeps the event ids it folded: a copy that got past the inbox (say, a row pruned) is
+    still dropped, with no second status record."""
     rid = uuid.uuid4()
-    entries, read_model, broker = DictEntries(), FakeReadModel(), Broker()
-    broker.fail_next = 1
-    await processor(entries, read_model, broker).process(record(msg(story(rid)[0], T0), 0))
-    assert [e.payload["version"] for _, _, e in broker.sent] == [1]
-    # The retry finds the step already in the read model and only publishes it again.
-    assert [d["version"] for d in read_model.saved] == [1]
+    handler = TrackerHandlers(ReadModel(tracker_db, db.session_factory(tracker_db))).saga_event
+    first = msg(story(rid)[0], T0)
+    await handle(tracker_db, orm, handler, first)
+    async with db.session_factory(tracker_db)() as session:
+        await session.execute(delete(orm.messaging.inbox))
+        await session.commit()
+    assert await handle(tracker_db, orm, handler, first)
+    assert [e.payload["version"] for _, _, e in await outbox(tracker_db)] == [1]
 
 
-async def test_processor_dead_letters_a_bad_record_once() -> None:
-    entries, read_model, broker, markers = DictEntries(), FakeReadModel(), Broker(), set()  # type: ignore[var-annotated]
-    bad = Record(topics.SAGA, 2, 7, b"k-1", b"{not json")
-    p = processor(entries, read_model, broker, markers)
-    await p.process(bad)
-    await p.process(bad)  # replayed after a restart
-    [(topic, key, dead)] = broker.sent
-    assert (topic, key, dead.event_type) == (topics.DLQ, "k-1", "RecordDeadLettered")
-    assert dead.payload["reason"] == "not_json" and dead.payload["consumer_group"] == "tracker-test"
-    assert (dead.payload["topic"], dead.payload["partition"], dead.payload["offset"]) == (topics.SAGA, 2, 7)
-    assert markers == {f"dlq:{topics.SAGA}:2:7"} and entries == {}
+async def test_a_step_that_fails_leaves_nothing_behind(tracker_db) -> None:  # type: ignore[no-untyped-def]
+    rid = uuid.uuid4()
+    read_model = ReadModel(tracker_db, db.session_factory(tracker_db))
+    handlers = TrackerHandlers(read_model)
+    first = msg(story(rid)[0], T0)
+
+    async def crashing(m: Message, uow: Any) -> None:
+        await handlers.saga_event(m, uow)
+        raise RuntimeError("killed before the commit")
+
+    with pytest.raises(RuntimeError):
+        await handle(tracker_db, orm, crashing, first)
+    assert await read_model.entry(str(rid)) is None and await outbox(tracker_db) == []
+    assert await handle(tracker_db, orm, handlers.saga_event, first)  # redelivered: applied once
+    assert [e.payload["version"] for _, _, e in await outbox(tracker_db)] == [1]
+
+
+async def test_the_stuck_timer_flags_only_quiet_requests_of_partitions_read_to_the_end(tracker_db) -> None:  # type: ignore[no-untyped-def]
+    read_model = ReadModel(tracker_db, db.session_factory(tracker_db))
+    handler = TrackerHandlers(read_model).saga_event
+    quiet, moving, elsewhere = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    old = datetime.now(UTC) - timedelta(seconds=120)
+    await handle(tracker_db, orm, handler, msg(story(quiet)[0], old))
+    await handle(tracker_db, orm, handler, msg(story(moving)[0], datetime.now(UTC)))
+    other = decode(encode(msg(story(elsewhere)[0], old).envelope), topic=topics.SAGA, partition=3,
+                   key=str(elsewhere).encode())
+    await handle(tracker_db, orm, handler, other)
+
+    def new_uow() -> UnitOfWork:
+        return UnitOfWork(db.session_factory(tracker_db), orm.messaging, producer="status_tracker")
+
+    timer = StuckTimer(read_model, new_uow, lambda: None, after_s=60)
+    timer.caught_up_partitions = lambda: _partitions({0})  # type: ignore[method-assign]
+    assert await timer.flag_stuck() == [str(quiet)]
+    assert await timer.flag_stuck() == []  # said once; the tracker has not folded it yet
+    [stuck] = [e for t, _, e in await outbox(tracker_db) if t == topics.SAGA]
+    assert stuck.event_type == "RequestStuck" and stuck.payload["stage"] == "validation"
+    assert stuck.correlation_id == str(quiet) and stuck.producer == "status_tracker"
+
+
+async def _partitions(found: set[int]) -> set[int]:
+    return found
 
 
 # --- the read model ----------------------------------------------------------------------------------
@@ -293,37 +308,3 @@ async def test_read_model_keeps_the_newest_version_and_filters(tmp_path: Path) -
 ])
 def test_guidance_for_every_source(source: str, code: str, action: str) -> None:
     assert guidance.for_error(source, code)["action"] == action
-
-
-async def test_a_table_write_lost_to_a_kill_is_recovered_from_the_read_model() -> None:
-    """kill -9 after the offset commit but before the table's changelog write: the restarted tracker's
-    table lacks the step; the read model (committed first) has it, so nothing is skipped or lost."""
-    rid = uuid.uuid4()
-    entries, read_model, broker = DictEntries(), FakeReadModel(), Broker()
-    work = processor(entries, read_model, broker)
-    first, second, third = (msg(e, T0 + timedelta(seconds=i)) for i, e in enumerate(story(rid)[:3]))
-    await work.process(record(first, 0))
-    await work.process(record(second, 1))
-    entries.pop(str(rid))  # the table lost both writes (a tracker rebuilt from a short changelog)
-
-    await work.process(record(third, 2))
-
-    entry = entries[str(rid)]
-    assert entry["version"] == 3
-    assert entry["view"]["state"] == "in_progress" and entry["view"]["stage"] == "platform"
-    assert [e.payload["version"] for topic, _, e in broker.sent if topic == topics.STATUS] == [1, 2, 3]
-
-
-async def test_a_redelivered_step_after_a_lost_publish_is_published_again() -> None:
-    rid = uuid.uuid4()
-    entries, read_model, broker = DictEntries(), FakeReadModel(), Broker()
-    work = processor(entries, read_model, broker)
-    first = msg(story(rid)[0], T0)
-    await work.process(record(first, 0))
-    entries.pop(str(rid))
-    broker.sent.clear()  # as if the status record never left before the kill
-
-    await work.process(record(first, 0))  # the same record, redelivered
-
-    assert [e.payload["version"] for _, _, e in broker.sent] == [1]
-    assert entries[str(rid)]["version"] == 1

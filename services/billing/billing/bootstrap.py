@@ -27,16 +27,16 @@ def build() -> ServiceRuntime:
     runtime.tasks.append(scheduler.run)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {
         "SubscriptionActivated": handlers.subscription_activated,
-    }, dead_letter=True))
+    }, dead_letter=True, batch=True))
     runtime.add_route(Route(topics.REQUESTED, {
         "CancellationRequested": handlers.cancellation_requested,
         "CancellationApproved": handlers.cancellation_approved,
         "CancellationDeclined": handlers.cancellation_declined,
-    }, dead_letter=True))
+    }, dead_letter=True, batch=True))
     runtime.add_route(Route(topics.SAGA, {
         "VendorProvisioned": handlers.vendor_provisioned,
         "VendorCancellationFailed": handlers.vendor_failed,
-    }))
+    }, batch=True))
     runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
     if settings.enable_fault_hooks:
         runtime.http.router.add_post("/_faults", _arm_fault(runtime))

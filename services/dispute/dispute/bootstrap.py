@@ -22,12 +22,12 @@ def build() -> ServiceRuntime:
     settings = service_settings("dispute")
     runtime = ServiceRuntime("dispute", settings, orm.metadata, orm.messaging)
     handlers = DisputeHandlers(window_hours=settings.duplicate_window_hours)
-    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}))
+    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True))
     runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "ChargesVerified": handlers.charges_verified,
         "DuplicateRefundsIssued": handlers.duplicate_refunds_issued,
-    }))
+    }, batch=True))
     runtime.http.router.add_get("/disputes/{request_id}", _dispute_view(runtime))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     return runtime

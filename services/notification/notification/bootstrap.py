@@ -21,7 +21,8 @@ def build() -> ServiceRuntime:
     handlers = NotificationHandlers(sender_address=settings.mail_from, support_email=settings.support_email)
     mailer = SmtpMailer.from_settings(settings)
     sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s)
-    runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated}))
+    runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
+                            batch=True))
     runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "VendorCancellationRequested": handlers.vendor_requested,
@@ -33,7 +34,7 @@ def build() -> ServiceRuntime:
         # Steps that owe no email: lines of the timeline support alerts show.
         **dict.fromkeys(["ApprovalPending", "CancellationScheduled", "AutoRenewStopped", "VendorProvisioned",
                          "VendorCancellationFailed", "EmailSent", "DisputeStepRecorded"], handlers.timeline),
-    }))
+    }, batch=True))
     runtime.http.router.add_get("/contacts/{subscription_id}", _contact_known(runtime))
     runtime.http.router.add_get("/requests/{request_id}/emails", _emails_of(runtime))
     runtime.after_commit.append(sender.notify)

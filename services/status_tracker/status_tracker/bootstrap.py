@@ -1,11 +1,32 @@
-"""Builds the status tracker: the saga folded by a faust agent into a changelog-backed table, the single
-writer of `cancellations.status`, and the read API and dashboard on STATUS_HTTP_PORT."""
+"""Builds the status tracker: the saga folded into each request's view (its own database, with the inbox
+and outbox like every service), the single writer of `cancellations.status`, the stuck-request timer,
+and the read API, live feed and dashboard on STATUS_HTTP_PORT."""
 
 from __future__ import annotations
 
+from cancelflow import topics
+from cancelflow.messaging.consumer import Route
+from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
-from status_tracker.runtime import TrackerRuntime
+from status_tracker import gauges, http, orm
+from status_tracker.feed import StatusFeed
+from status_tracker.handlers import TrackerHandlers
+from status_tracker.projection import ReadModel
+from status_tracker.stuck import StuckTimer
 
 
-def build() -> TrackerRuntime:
-    return TrackerRuntime(service_settings("status_tracker"))
+def build() -> ServiceRuntime:
+    settings = service_settings("status_tracker")
+    runtime = ServiceRuntime("status_tracker", settings, orm.metadata, orm.messaging)
+    read_model = ReadModel(runtime.engine, runtime.sessions)
+    handlers = TrackerHandlers(read_model)
+    # The tracker owns DLQ duty for the saga topic: it reads every saga event anyway.
+    runtime.add_route(Route(topics.SAGA, handlers.routes(), dead_letter=True, batch=True))  # type: ignore[arg-type]
+    runtime.stuck = StuckTimer(read_model, runtime.new_uow, lambda: runtime.consumer,  # type: ignore[attr-defined]
+                               after_s=settings.stuck_after_s)
+    feed = StatusFeed(settings)
+    runtime.on_start.append(feed.start)
+    runtime.on_stop.append(feed.stop)
+    runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]
+    http.install(runtime.http, read_model, feed)
+    return runtime

@@ -1,13 +1,16 @@
-"""The tracker's database: a read model of every request's current view, for the read API, the
-dashboard and the open-request gauges. The faust table `views` is the source of truth (it decides
-versions and drops redelivered events); every replica writes the rows of its partitions here, so any
-replica can answer a query about any request."""
+"""The tracker's database: every request's current view (with the tracker's entry: version, event ids
+folded, the saga partition), read by the API, the dashboard and the open-request gauges; and the
+inbox and outbox. Every replica writes the rows of its partitions here, so any replica can answer a
+query about any request."""
 
 from __future__ import annotations
 
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
+from cancelflow.messaging.store import messaging_tables
+
 metadata = MetaData()
+messaging = messaging_tables(metadata)
 
 views = Table(
     "request_views", metadata,

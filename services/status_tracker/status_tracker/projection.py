@@ -1,4 +1,5 @@
-"""The read model in the tracker's database: one row per request, written after every change."""
+"""The read model in the tracker's database: one row per request, written with every change in the same
+transaction as the status record (outbox) and the processed event (inbox)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from status_tracker import orm
+from status_tracker.tracking import STUCK_STATES
 
 views = orm.views
 MAX_PAGE = 500
@@ -41,11 +43,10 @@ class ReadModel:
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         self._insert = dialect.insert
 
-    async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
-        """Upsert a request's document; an older version never overwrites a newer one, and writing the
-        same version again (a redelivery after a crash) changes nothing. The tracker's whole `entry` is
-        kept beside it: committed before the status record is published, it is what a restarted tracker
-        trusts when its changelog-backed table lost its last write."""
+    def upsert(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> Any:
+        """The statement that stores a request's document (and the tracker's whole `entry` beside it).
+        An older version never overwrites a newer one, and writing the same version again changes
+        nothing."""
         error = document.get("error") or {}
         row = {
             "request_id": document["request_id"], "state": document["state"],
@@ -56,14 +57,29 @@ class ReadModel:
             "updated_at": datetime.fromisoformat(document["updated_at"]),
         }
         statement = self._insert(views).values(**row)
-        statement = statement.on_conflict_do_update(
+        return statement.on_conflict_do_update(
             index_elements=[views.c.request_id],
             set_={k: statement.excluded[k] for k in row if k not in ("request_id", "created_at")},
             where=views.c.version <= statement.excluded.version,
         )
+
+    async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
         async with self._sessions() as session:
-            await session.execute(statement)
+            await session.execute(self.upsert(document, entry))
             await session.commit()
+
+    @staticmethod
+    async def entry_in(session: AsyncSession, request_id: str) -> dict[str, Any] | None:
+        """The tracker's entry for a request, read in the caller's transaction (None before its first step)."""
+        found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
+        return found[0].get(ENTRY_KEY) if found else None
+
+    async def stuck_candidates(self, before: datetime) -> list[dict[str, Any]]:
+        """Entries of requests in a state that should move on by itself, unchanged since `before`."""
+        query = select(views.c.view).where(views.c.state.in_(STUCK_STATES), views.c.updated_at <= before)
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).all()
+        return [row[0][ENTRY_KEY] for row in rows if row[0].get(ENTRY_KEY)]
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         async with self._sessions() as session:
@@ -71,10 +87,9 @@ class ReadModel:
         return _public(found[0]) if found else None
 
     async def entry(self, request_id: str) -> dict[str, Any] | None:
-        """The tracker's entry as last committed here (None before the first step)."""
+        """The tracker's entry as last committed (None before the first step)."""
         async with self._sessions() as session:
-            found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
-        return found[0].get(ENTRY_KEY) if found else None
+            return await self.entry_in(session, request_id)
 
     async def search(self, query: Query) -> tuple[list[dict[str, Any]], int]:
         """The matching documents, newest request first, and how many match in all."""

@@ -1,6 +1,6 @@
 """What the tracker keeps per request, and how one saga event moves it on. Pure: no I/O.
 
-An `Entry` is the value of the faust table `views` (keyed by request_id): the folded view of
+An `Entry` is kept in the request's read-model row (`projection.py`): the folded view of
 CONTRACT.md section 6, its `version`, the event ids already folded (redelivered events are dropped by
 them), and what the dashboard shows besides the contract view (emails sent, every error seen).
 

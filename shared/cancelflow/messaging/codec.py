@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from cancelflow.events import REGISTRY, Envelope, Payload
 
 MAX_RECORD_BYTES = 1024 * 1024  # CONTRACT.md section 7
+# Set by the outbox relay on every record: consumers skip types they do not handle without decoding.
+EVENT_TYPE_HEADER = "cf-event-type"
 
 
 class BadRecord(Exception):

@@ -19,7 +19,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from cancelflow import metrics, topics
 from cancelflow.events import Failed, Source, ValidationCode
 from cancelflow.logging import get_logger
-from cancelflow.messaging.codec import BadRecord, Message, decode
+from cancelflow.messaging.codec import EVENT_TYPE_HEADER, BadRecord, Message, decode
 from cancelflow.messaging.deadletter import (
     MAX_HANDLER_ATTEMPTS,
     count_dead_lettered,
@@ -43,6 +43,9 @@ class Route:
     topic: str
     handlers: dict[str, Handler] = field(default_factory=dict)
     dead_letter: bool = False
+    # The handlers only touch the service's own database (no vendor, gateway or SMTP call): a poll's
+    # records of this topic are handled in one transaction, each in a savepoint of its own.
+    batch: bool = False
 
 
 class ConsumeLoop:
@@ -70,7 +73,11 @@ class ConsumeLoop:
                 for record in records:
                     by_key.setdefault((tp.topic, record.key), []).append(record)
                 offsets[tp] = records[-1].offset + 1
-            await asyncio.gather(*(self._in_order(records) for records in by_key.values()))
+            singles = [records for (topic, _), records in by_key.items() if not self._routes[topic].batch]
+            batched = [records for (topic, _), records in by_key.items() if self._routes[topic].batch]
+            if batched:
+                singles += await self._in_one_transaction(batched)
+            await asyncio.gather(*(self._in_order(records) for records in singles))
             if offsets:
                 try:
                     await self._consumer.commit(offsets)
@@ -92,8 +99,85 @@ class ConsumeLoop:
             if end is not None:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
 
+    async def _in_one_transaction(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
+        """Handle the records of batch routes in one transaction, each key's records in order, and
+        return what is left to handle one by one: for each key, from its first record that is bad,
+        forged or whose handler raised, on (so a key's records never overtake each other). The
+        one-by-one path retries, dead-letters and reports as usual."""
+        leftovers: list[list[ConsumerRecord]] = []
+        handled: list[Message] = []
+        try:
+            async with self._new_uow(None) as uow:
+                for records in groups:
+                    for i, record in enumerate(records):
+                        if not await self._step(uow, record, handled):
+                            leftovers.append(records[i:])
+                            break
+                await uow.commit_batch()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the commit itself failed: the one-by-one path redoes it all
+            log.warning("batch transaction failed; handling its records one by one", error=repr(exc))
+            return groups
+        for message in handled:
+            metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
+        return leftovers
+
+    async def _step(self, uow: UnitOfWork, record: ConsumerRecord, handled: list[Message]) -> bool:
+        """One record of a batch in its own savepoint. False: leave it to the one-by-one path."""
+        route = self._routes[record.topic]
+        if self._skippable(route, record):
+            return True
+        if self._signatures and self._signatures.problem(record.topic, record.value, record.headers):
+            return False
+        try:
+            message = decode(record.value, topic=record.topic, partition=record.partition,
+                             offset=record.offset, key=record.key)
+        except BadRecord:
+            return False
+        handler = route.handlers.get(message.event_type)
+        if handler is None:
+            return True
+        request_id = getattr(message.payload, "request_id", None)
+        with structlog.contextvars.bound_contextvars(
+            event_type=message.event_type, event_id=message.event_id,
+            correlation_id=message.envelope.correlation_id,
+            request_id=str(request_id) if request_id is not None else None,
+        ):
+            started = time.perf_counter()
+            await uow.begin_step(message)
+            try:
+                if await uow.already_processed(message.event_id):
+                    metrics.INBOX_DUPLICATES.labels(record.topic).inc()
+                    await uow.abandon_step()
+                    return True
+                await handler(message, uow)
+                await uow.end_step()
+                metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await uow.abandon_step()
+                log.info("left to the one-by-one path", error=repr(exc))
+                return False
+        handled.append(message)
+        return True
+
+    @staticmethod
+    def _skippable(route: Route, record: ConsumerRecord) -> bool:
+        """A record of a type this service does not handle, known from the header the relay sets,
+        needs no decoding (unless the service dead-letters the topic's bad records)."""
+        if route.dead_letter:
+            return False
+        for name, value in record.headers or ():
+            if name == EVENT_TYPE_HEADER:
+                return value.decode("utf-8", "replace") not in route.handlers
+        return False
+
     async def process(self, record: ConsumerRecord) -> None:
         route = self._routes[record.topic]
+        if self._skippable(route, record):
+            return
         forged = self._signatures.problem(record.topic, record.value, record.headers) if self._signatures else None
         if forged is not None:
             # No effect, and no status either: an unauthenticated record may not speak for a request.

@@ -1,6 +1,5 @@
 """What every consumer does with a record it cannot take: the retry policy before giving up, and the
-dead-letter record it then writes (CONTRACT.md section 7). Shared by the consume loop and the
-status tracker's faust agent."""
+dead-letter record it then writes (CONTRACT.md section 7)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cancelflow import metrics
 from cancelflow.logging import get_logger
+from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.store import MessagingTables
 
 log = get_logger(__name__)
@@ -65,7 +66,8 @@ class OutboxRelay:
                 row.topic,
                 value=row.value,
                 key=row.key.encode() if row.key is not None else None,
-                headers=[(k, v.encode()) for k, v in (row.headers or {}).items()],
+                headers=[*((k, v.encode()) for k, v in (row.headers or {}).items()),
+                         (EVENT_TYPE_HEADER, row.event_type.encode())],
             )
             for row in rows
         ]

@@ -39,6 +39,7 @@ class UnitOfWork:
         # vendor/gateway/SMTP call) is short and relies on SQLite's own lock.
         self._write_lock = write_lock
         self._holding = False
+        self._step: Any = None  # the savepoint of the record in hand, when handling a batch
 
     async def __aenter__(self) -> UnitOfWork:
         if self._write_lock is not None:
@@ -94,8 +95,32 @@ class UnitOfWork:
             await self.session.execute(insert(self._tables.outbox), self._outbox_rows)
             self._outbox_rows.clear()
 
+    # --- a batch of records in one transaction ------------------------------------------------------
+
+    async def begin_step(self, message: Message) -> None:
+        """Handle `message` inside the batch's transaction, in a savepoint of its own."""
+        self.message = message
+        self._outbox_rows.clear()
+        self._step = await self.session.begin_nested()
+
+    async def end_step(self) -> None:
+        """The record's outbox rows and its inbox row join the batch; its savepoint is released."""
+        await self._flush_outbox()
+        await self._record_processed(self.message.event_id if self.message else "")
+        await self._step.commit()
+        self._step = None
+
+    async def abandon_step(self) -> None:
+        """Undo everything the record in hand did; the rest of the batch stands."""
+        self._outbox_rows.clear()
+        if self._step is not None:
+            await self._step.rollback()
+            self._step = None
+
     async def checkpoint(self) -> None:
         """Commit what is done so far (state and outbox), without marking the message processed."""
+        if self._step is not None:
+            raise RuntimeError("a handler that calls the outside world cannot run in a batch")
         await self._flush_outbox()
         await self.session.commit()
         self._release()
@@ -119,19 +144,27 @@ class UnitOfWork:
             self._holding = True
         await self.session.begin()
 
+    async def _record_processed(self, message_id: str) -> None:
+        msg = self.message
+        await self.session.execute(insert(self._tables.inbox).values(
+            message_id=message_id,
+            topic=msg.topic if msg else "",
+            partition=msg.partition if msg else -1,
+            offset=msg.offset if msg else -1,
+            processed_at=utcnow(),
+        ))
+
+    async def commit_batch(self) -> None:
+        """Commit a batch whose records each ended with `end_step` (or were abandoned)."""
+        self.message = None
+        await self.commit()
+
     async def commit(self, *, mark_processed: str | None = None) -> None:
         await self._flush_outbox()
         if mark_processed is None and self.message is not None:
             mark_processed = self.message.event_id
         if mark_processed is not None:
-            msg = self.message
-            await self.session.execute(insert(self._tables.inbox).values(
-                message_id=mark_processed,
-                topic=msg.topic if msg else "",
-                partition=msg.partition if msg else -1,
-                offset=msg.offset if msg else -1,
-                processed_at=utcnow(),
-            ))
+            await self._record_processed(mark_processed)
         await self.session.commit()
         self._release()
         crash_point(f"{self._producer}.after_commit")
