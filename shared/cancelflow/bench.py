@@ -10,6 +10,7 @@ plain aiokafka relays carrying N messages through as many hops as a cancellation
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -18,11 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cancelflow import topics
+from cancelflow.messaging.kafka import client_security
 from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, sample_subscription
 from cancelflow.settings import SERVICES
 from cancelflow.stack.broker import create_topics
@@ -40,6 +44,7 @@ class Measured:
     requests: int
     seconds: float
     latencies_ms: list[float]
+    steps_ms: dict[str, float] = field(default_factory=dict)  # median time from one saga event to the next
 
     @property
     def per_second(self) -> float:
@@ -81,6 +86,8 @@ class BenchResult:
             "p99_ms_paced": round(self.paced.percentile(99), 1) if self.paced else None,
             "rss_mb": {name: round(u.peak_rss_mb, 1) for name, u in self.usage.items()},
             "cpu_s": {name: round(u.cpu_seconds, 2) for name, u in self.usage.items()},
+            "steps_ms": {step: round(ms, 1) for step, ms in self.burst.steps_ms.items()},
+            "steps_ms_paced": {step: round(ms, 1) for step, ms in self.paced.steps_ms.items()} if self.paced else None,
         }
 
 
@@ -113,6 +120,7 @@ class Timer:
 
     def __init__(self) -> None:
         self.sent: dict[str, float] = {}
+        self.sent_wall_ms: dict[str, float] = {}
         self.done: dict[str, float] = {}
         self.changed = asyncio.Event()
 
@@ -132,6 +140,7 @@ async def _run(client: StackClient, watcher: StatusWatcher, timer: Timer, sample
             await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
         request_id = str(uuid.uuid4())
         timer.sent[request_id] = time.perf_counter()
+        timer.sent_wall_ms[request_id] = time.time() * 1000
         await client.request_cancellation(account_id=sample.facts.account_id,
                                           subscription_id=sample.facts.subscription_id,
                                           request_id=uuid.UUID(request_id), wait=False)
@@ -149,6 +158,44 @@ async def _run(client: StackClient, watcher: StatusWatcher, timer: Timer, sample
             raise RuntimeError(f"{len(ids) - finished} requests did not finish within 120 s of no progress") from None
     latencies = [(timer.done[r] - timer.sent[r]) * 1000 for r in ids]
     return Measured(len(ids), max(timer.done[r] for r in ids) - min(timer.sent[r] for r in ids), latencies)
+
+
+async def step_times(bootstrap: str, settings: Any, sent_wall_ms: dict[str, float]) -> dict[str, float]:
+    """Where a request's time goes: the median, over the given requests, of the time from each saga event
+    to the next one (record timestamps, set when the producing service's relay sent it), and from the
+    send to the first. Read back from the saga topic after the run."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                **client_security(settings))
+    await consumer.start()
+    stamps: dict[str, list[tuple[int, str]]] = {rid: [] for rid in sent_wall_ms}
+    try:
+        partitions = [TopicPartition(topics.SAGA, p) for p in sorted(consumer.partitions_for_topic(topics.SAGA)
+                                                                    or await _partitions(consumer))]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    envelope = orjson.loads(record.value)
+                    rid = envelope.get("payload", {}).get("request_id")
+                    if rid in stamps:
+                        stamps[rid].append((record.timestamp, envelope["event_type"]))
+    finally:
+        await consumer.stop()
+    gaps: dict[str, list[float]] = {}
+    for rid, events in stamps.items():
+        events.sort()
+        previous = (sent_wall_ms[rid], "sent")
+        for at, event_type in events:
+            gaps.setdefault(f"{previous[1]} -> {event_type}", []).append(at - previous[0])
+            previous = (at, event_type)
+    return {step: statistics.median(values) for step, values in gaps.items() if len(values) * 2 >= len(stamps)}
+
+
+async def _partitions(consumer: AIOKafkaConsumer) -> set[int]:
+    await consumer.topics()
+    return consumer.partitions_for_topic(topics.SAGA) or set()
 
 
 async def measure_system(stack: StackProcess, requests: int, paced_rate: float, paced_requests: int,
@@ -180,6 +227,12 @@ async def measure_system(stack: StackProcess, requests: int, paced_rate: float, 
                                    lambda n: bar.update(task, completed=n))
             for name, pid in pids.items():
                 usage[name].peak_rss_mb = max(usage[name].peak_rss_mb, _peak_rss_mb(pid))
+    burst_ids = list(timer.sent)[:requests]
+    burst.steps_ms = await step_times(stack.endpoints.bootstrap, stack.settings,
+                                      {rid: timer.sent_wall_ms[rid] for rid in burst_ids})
+    if paced is not None:
+        paced.steps_ms = await step_times(stack.endpoints.bootstrap, stack.settings,
+                                          {rid: timer.sent_wall_ms[rid] for rid in list(timer.sent)[requests:]})
     return burst, paced, usage
 
 
@@ -273,3 +326,10 @@ def render(result: BenchResult, console: Console) -> None:
         usage.add_row(name, f"{u.cpu_seconds:.2f}", f"{u.peak_rss_mb:.1f}" + (" [red]> 150[/]" if u.peak_rss_mb > 150
                                                                               else ""))
     console.print(usage)
+    steps = Table(title="median time per step (ms): where a request's time goes")
+    for column in ("step", "burst", "paced"):
+        steps.add_column(column, justify="right" if column != "step" else "left")
+    paced_steps = result.paced.steps_ms if result.paced else {}
+    for step, ms in result.burst.steps_ms.items():
+        steps.add_row(step, f"{ms:.0f}", f"{paced_steps[step]:.0f}" if step in paced_steps else "")
+    console.print(steps)

@@ -13,7 +13,7 @@ import pytest
 
 from cancelflow.smtp_sink import SmtpSink, read_mailbox, safe_message_id
 from cancelflow.testing.smtp import PERMANENT_FAILURE, TEMPORARY_FAILURE, RecordingSMTPServer
-from notification.adapters.mailer import AbstractMailer, FakeMailer, MailDeliveryError, SmtpMailer
+from notification.adapters.mailer import AbstractMailer, FakeMailer, MailDeliveryError, MailerPool, SmtpMailer
 from notification.render import build_message, message_id_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,6 +67,19 @@ async def test_concurrent_sends_share_the_connection(smtp):
         await asyncio.gather(*(mailer.send(make_message(f"req-{i}")) for i in range(10)))
     await smtp.wait_for_count(10, timeout=5)
     assert smtp.connections == 1
+
+
+async def test_a_pool_sends_concurrently_over_its_few_reused_connections(smtp):
+    pool = MailerPool([SmtpMailer(smtp.host, smtp.port, timeout=5) for _ in range(3)])
+    try:
+        await asyncio.gather(*(pool.send(make_message(f"req-{i}")) for i in range(30)))
+        await asyncio.gather(*(pool.send(make_message(f"again-{i}")) for i in range(30)))
+        assert pool.connections_opened == 3
+    finally:
+        await pool.close()
+    messages = await smtp.wait_for_count(60, timeout=10)
+    assert len({m["Message-ID"] for m in messages}) == 60
+    assert smtp.connections == 3
 
 
 async def test_outage_is_retryable_and_recovery_needs_no_restart(smtp):

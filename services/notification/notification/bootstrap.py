@@ -10,7 +10,7 @@ from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
 from notification import orm
-from notification.adapters.mailer import SmtpMailer
+from notification.adapters.mailer import MailerPool
 from notification.handlers import NotificationHandlers
 from notification.sender import EmailSender
 
@@ -19,7 +19,7 @@ def build() -> ServiceRuntime:
     settings = service_settings("notification")
     runtime = ServiceRuntime("notification", settings, orm.metadata, orm.messaging)
     handlers = NotificationHandlers(sender_address=settings.mail_from, support_email=settings.support_email)
-    mailer = SmtpMailer.from_settings(settings)
+    mailer = MailerPool.from_settings(settings)
     sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
                             batch=True))

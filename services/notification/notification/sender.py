@@ -1,6 +1,7 @@
 """Delivers owed emails: claim, send, then mark sent and emit EmailSent in one transaction.
 
-Each delivery is three steps, each its own transaction around the SMTP handover:
+Each delivery is three steps, the first and last each a transaction around the SMTP handover (taken
+for a whole round of due emails at once; the sends of a round run concurrently):
 
 1. claim: `pending` -> `sending` (with `attempted_at`), conditional on the row still being `pending`,
    committed *before* the send (the intent is on record);
@@ -125,50 +126,70 @@ class EmailSender:
         return len(found)
 
     async def deliver_due(self, limit: int = 100) -> bool:
-        """One round: every pending email whose time has come, oldest first. True when one was sent."""
+        """One round: the pending emails whose time has come, oldest first, claimed in one transaction,
+        handed to SMTP concurrently (as many at once as the mailer has connections) and recorded as
+        sent in one transaction. True when one was sent."""
         if time.monotonic() >= self._next_stale_check:
             self._next_stale_check = time.monotonic() + self.stale_after_s / 4
             await self.recover(older_than_s=self.stale_after_s)
+        # While the server is unreachable a round is one probe, not a knock per email.
+        claimed = await self._claim_due(1 if self._outage_failures else limit)
+        if not claimed:
+            return False
+        outcomes = await asyncio.gather(*(self._send(row) for row in claimed))
+        sent = [row for row, error in zip(claimed, outcomes, strict=True) if error is None]
+        if sent:
+            self._outage_failures = 0
+            await self._mark_sent(sent)
+        outages_before, unreachable = self._outage_failures, False
+        for row, error in zip(claimed, outcomes, strict=True):
+            if error is not None:
+                with structlog.contextvars.bound_contextvars(request_id=row["request_id"],
+                                                             correlation_id=row["request_id"]):
+                    unreachable |= await self._failed(row, error) == "unreachable"
+        if unreachable:  # one outage per round, however many emails it held up
+            self._outage_failures = outages_before + 1
+        return bool(sent)
+
+    async def _claim_due(self, limit: int) -> list[dict]:
+        """Record the intent before the sends: due `pending` rows become `sending`, in one transaction.
+        Rows another sender holds are skipped (PostgreSQL); SQLite serializes the whole transaction."""
         async with self.new_uow() as uow:
-            due = (await uow.session.execute(select(emails).where(
-                (emails.c.status == "pending") & (emails.c.next_attempt_at <= utcnow())
-            ).order_by(emails.c.id).limit(limit))).mappings().all()
-        delivered = False
-        for row in due:
-            outcome = await self._deliver(dict(row))
-            if outcome == "sent":
-                delivered = True
-            elif outcome == "unreachable":
-                break  # the server is away: the rest waits for the backoff too
-        return delivered
+            due = [dict(row) for row in (await uow.session.execute(
+                select(emails).where((emails.c.status == "pending") & (emails.c.next_attempt_at <= utcnow()))
+                .order_by(emails.c.id).limit(limit).with_for_update(skip_locked=True)
+            )).mappings().all()]
+            if due:
+                await uow.session.execute(update(emails).where(
+                    emails.c.id.in_([row["id"] for row in due]) & (emails.c.status == "pending")
+                ).values(status="sending", attempted_at=utcnow(), attempts=emails.c.attempts + 1))
+                await uow.commit(mark_processed=None)
+        return due
 
-    async def _deliver(self, row: dict) -> str:
-        with structlog.contextvars.bound_contextvars(request_id=row["request_id"],
-                                                     correlation_id=row["request_id"]):
-            return await self._deliver_one(row)
-
-    async def _deliver_one(self, row: dict) -> str:
-        """'sent', 'retry' (this message, later), 'unreachable' (the server, later), 'failed' or 'skipped'."""
-        if not await self._claim(row):
-            return "skipped"  # another sender has it, or it is no longer pending
+    async def _send(self, row: dict) -> MailDeliveryError | None:
         message = email.message_from_bytes(row["raw"], policy=email.policy.default)
         try:
             await self.mailer.send(message)  # type: ignore[arg-type]
         except MailDeliveryError as exc:
-            return await self._failed(row, exc)
+            return exc
         crash_point("notification.after_smtp_send")
-        self._outage_failures = 0
+        return None
+
+    async def _mark_sent(self, rows: list[dict]) -> None:
+        """`sending` -> `sent` and one `EmailSent` per row, for the rows still `sending` (so EmailSent is
+        emitted once per email whatever happens)."""
         async with self.new_uow() as uow:
-            marked = await uow.session.execute(update(emails).where(
-                (emails.c.id == row["id"]) & (emails.c.status == "sending")
-            ).values(status="sent", sent_at=utcnow(), last_error=None))
-            if marked.rowcount == 1:  # type: ignore[attr-defined]
-                uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
-                                   subject=row["subject"], message_id=row["message_id"]),
-                         correlation_id=row["request_id"])
+            for row in rows:
+                marked = await uow.session.execute(update(emails).where(
+                    (emails.c.id == row["id"]) & (emails.c.status == "sending")
+                ).values(status="sent", sent_at=utcnow(), last_error=None))
+                if marked.rowcount == 1:  # type: ignore[attr-defined]
+                    uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
+                                       subject=row["subject"], message_id=row["message_id"]),
+                             correlation_id=row["request_id"])
             await uow.commit(mark_processed=None)
-        metrics.EMAILS.labels(row["kind"], "sent").inc()
-        return "sent"
+        for row in rows:
+            metrics.EMAILS.labels(row["kind"], "sent").inc()
 
     async def _claim(self, row: dict) -> bool:
         """Record the intent before the send: `pending` -> `sending`, if it still is `pending`."""

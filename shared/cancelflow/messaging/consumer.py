@@ -101,33 +101,47 @@ class ConsumeLoop:
 
     async def _in_one_transaction(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
         """Handle the records of batch routes in one transaction, each key's records in order, and
-        return what is left to handle one by one: for each key, from its first record that is bad,
-        forged or whose handler raised, on (so a key's records never overtake each other). The
-        one-by-one path retries, dead-letters and reports as usual."""
+        return what is left to handle one by one: for each key, from its first record that is bad or
+        forged on (so a key's records never overtake each other). If any handler raises, the whole
+        transaction is rolled back and every record goes the one-by-one way, which retries,
+        dead-letters and reports as usual (the inbox drops what was done before)."""
+        work: list[tuple[Message, Handler]] = []
         leftovers: list[list[ConsumerRecord]] = []
-        handled: list[Message] = []
+        for records in groups:
+            for i, record in enumerate(records):
+                prepared = self._prepare(record)
+                if prepared is False:
+                    leftovers.append(records[i:])
+                    break
+                if prepared is not None:
+                    work.append(prepared)
+        if not work:
+            return leftovers
         try:
             async with self._new_uow(None) as uow:
-                for records in groups:
-                    for i, record in enumerate(records):
-                        if not await self._step(uow, record, handled):
-                            leftovers.append(records[i:])
-                            break
+                done = await uow.processed_among([m.event_id for m, _ in work])
+                for message, handler in work:
+                    if message.event_id in done:
+                        metrics.INBOX_DUPLICATES.labels(message.topic).inc()
+                        continue
+                    done.add(message.event_id)
+                    await self._handle_in_batch(uow, message, handler)
                 await uow.commit_batch()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the commit itself failed: the one-by-one path redoes it all
-            log.warning("batch transaction failed; handling its records one by one", error=repr(exc))
+        except Exception as exc:
+            log.info("batch rolled back; its records are handled one by one", error=repr(exc))
             return groups
-        for message in handled:
+        for message, _ in work:
             metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
         return leftovers
 
-    async def _step(self, uow: UnitOfWork, record: ConsumerRecord, handled: list[Message]) -> bool:
-        """One record of a batch in its own savepoint. False: leave it to the one-by-one path."""
+    def _prepare(self, record: ConsumerRecord) -> tuple[Message, Handler] | None | bool:
+        """A batch record's message and handler; None when it is not ours; False when it is bad or
+        forged (the one-by-one path dead-letters it)."""
         route = self._routes[record.topic]
         if self._skippable(route, record):
-            return True
+            return None
         if self._signatures and self._signatures.problem(record.topic, record.value, record.headers):
             return False
         try:
@@ -136,8 +150,10 @@ class ConsumeLoop:
         except BadRecord:
             return False
         handler = route.handlers.get(message.event_type)
-        if handler is None:
-            return True
+        return None if handler is None else (message, handler)
+
+    @staticmethod
+    async def _handle_in_batch(uow: UnitOfWork, message: Message, handler: Handler) -> None:
         request_id = getattr(message.payload, "request_id", None)
         with structlog.contextvars.bound_contextvars(
             event_type=message.event_type, event_id=message.event_id,
@@ -145,23 +161,10 @@ class ConsumeLoop:
             request_id=str(request_id) if request_id is not None else None,
         ):
             started = time.perf_counter()
-            await uow.begin_step(message)
-            try:
-                if await uow.already_processed(message.event_id):
-                    metrics.INBOX_DUPLICATES.labels(record.topic).inc()
-                    await uow.abandon_step()
-                    return True
-                await handler(message, uow)
-                await uow.end_step()
-                metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await uow.abandon_step()
-                log.info("left to the one-by-one path", error=repr(exc))
-                return False
-        handled.append(message)
-        return True
+            uow.begin_step(message)
+            await handler(message, uow)
+            uow.end_step()
+            metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
 
     @staticmethod
     def _skippable(route: Route, record: ConsumerRecord) -> bool:

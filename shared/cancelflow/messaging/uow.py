@@ -39,7 +39,8 @@ class UnitOfWork:
         # vendor/gateway/SMTP call) is short and relies on SQLite's own lock.
         self._write_lock = write_lock
         self._holding = False
-        self._step: Any = None  # the savepoint of the record in hand, when handling a batch
+        self._batched = False  # handling a batch of records in this one transaction
+        self._inbox_rows: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> UnitOfWork:
         if self._write_lock is not None:
@@ -97,29 +98,39 @@ class UnitOfWork:
 
     # --- a batch of records in one transaction ------------------------------------------------------
 
-    async def begin_step(self, message: Message) -> None:
-        """Handle `message` inside the batch's transaction, in a savepoint of its own."""
+    async def processed_among(self, message_ids: list[str]) -> set[str]:
+        """Which of these ids the inbox already holds: one query for a whole batch."""
+        inbox = self._tables.inbox
+        found: set[str] = set()
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start:start + 500]
+            rows = await self.session.execute(select(inbox.c.message_id).where(inbox.c.message_id.in_(chunk)))
+            found.update(row[0] for row in rows)
+        return found
+
+    def begin_step(self, message: Message) -> None:
+        """Handle `message` inside the batch's transaction (what it emits joins the batch's outbox rows)."""
         self.message = message
-        self._outbox_rows.clear()
-        self._step = await self.session.begin_nested()
+        self._batched = True
 
-    async def end_step(self) -> None:
-        """The record's outbox rows and its inbox row join the batch; its savepoint is released."""
-        await self._flush_outbox()
-        await self._record_processed(self.message.event_id if self.message else "")
-        await self._step.commit()
-        self._step = None
+    def end_step(self) -> None:
+        """The message is done: its inbox row is written with the batch."""
+        msg = self.message
+        assert msg is not None
+        self._inbox_rows.append({"message_id": msg.event_id, "topic": msg.topic, "partition": msg.partition,
+                                 "offset": msg.offset, "processed_at": utcnow()})
 
-    async def abandon_step(self) -> None:
-        """Undo everything the record in hand did; the rest of the batch stands."""
-        self._outbox_rows.clear()
-        if self._step is not None:
-            await self._step.rollback()
-            self._step = None
+    async def commit_batch(self) -> None:
+        """Write the batch's outbox and inbox rows (one statement each) and commit."""
+        if self._inbox_rows:
+            await self.session.execute(insert(self._tables.inbox), self._inbox_rows)
+            self._inbox_rows = []
+        self.message = None
+        await self.commit()
 
     async def checkpoint(self) -> None:
         """Commit what is done so far (state and outbox), without marking the message processed."""
-        if self._step is not None:
+        if self._batched:
             raise RuntimeError("a handler that calls the outside world cannot run in a batch")
         await self._flush_outbox()
         await self.session.commit()
@@ -153,11 +164,6 @@ class UnitOfWork:
             offset=msg.offset if msg else -1,
             processed_at=utcnow(),
         ))
-
-    async def commit_batch(self) -> None:
-        """Commit a batch whose records each ended with `end_step` (or were abandoned)."""
-        self.message = None
-        await self.commit()
 
     async def commit(self, *, mark_processed: str | None = None) -> None:
         await self._flush_outbox()

@@ -205,6 +205,37 @@ class SmtpMailer:
             self._discard()
 
 
+class MailerPool:
+    """A few `SmtpMailer` connections: the sends of a round go out concurrently, each over a reused
+    connection (SMTP_CONNECTIONS)."""
+
+    def __init__(self, mailers: list[SmtpMailer]) -> None:
+        self._mailers = mailers
+        self._idle: asyncio.Queue[SmtpMailer] = asyncio.Queue()
+        for mailer in mailers:
+            self._idle.put_nowait(mailer)
+
+    @classmethod
+    def from_settings(cls, settings: object, **kwargs: object) -> MailerPool:
+        count = int(settings.smtp_connections)  # type: ignore[attr-defined]
+        return cls([SmtpMailer.from_settings(settings, **kwargs) for _ in range(count)])
+
+    @property
+    def connections_opened(self) -> int:
+        return sum(m.connections_opened for m in self._mailers)
+
+    async def send(self, msg: EmailMessage) -> None:
+        mailer = await self._idle.get()
+        try:
+            await mailer.send(msg)
+        finally:
+            self._idle.put_nowait(mailer)
+
+    async def close(self) -> None:
+        for mailer in self._mailers:
+            await mailer.close()
+
+
 class FakeMailer:
     """In-memory mailer for unit tests: records what was sent, fails on demand."""
 
