@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -21,14 +22,16 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cancelflow import topics
+from cancelflow import invariants, topics
 from cancelflow.messaging.kafka import client_security
 from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, sample_subscription
 from cancelflow.settings import SERVICES
+from cancelflow.smtp_sink import read_mailbox
 from cancelflow.stack.broker import create_topics
 from cancelflow.testing.stack import StackProcess
 from cancelflow.topics import Topic
@@ -70,11 +73,16 @@ class BenchResult:
     baseline_per_s: float
     usage: dict[str, ProcessUsage] = field(default_factory=dict)
     store: str = "sqlite"
+    instances: int = 1
+    violations: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
             "store": self.store,
+            "instances": self.instances,
             "requests": self.burst.requests,
+            "correct": not self.violations,
+            "violations": {k: v[:3] for k, v in self.violations.items()},
             "throughput_per_s": round(self.burst.per_second, 1),
             "baseline_per_s": round(self.baseline_per_s, 1),
             "ratio": round(self.burst.per_second / self.baseline_per_s, 3) if self.baseline_per_s else None,
@@ -198,13 +206,57 @@ async def _partitions(consumer: AIOKafkaConsumer) -> set[int]:
     return consumer.partitions_for_topic(topics.SAGA) or set()
 
 
+async def scale_out(stack: StackProcess, instances: int, timeout_s: float = 180) -> list[subprocess.Popen[bytes]]:
+    """`instances - 1` more processes of every service (same databases, same consumer groups), returned
+    once every group has that many members and is stable again."""
+    extra = [stack.start_extra_instance(name) for name in SERVICES for _ in range(instances - 1)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.endpoints.bootstrap, **client_security(stack.settings))
+    await admin.start()
+    try:
+        groups = [f"cancelflow-{name}" for name in SERVICES]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # One group per request: the embedded broker closes the connection on a request for several.
+            described = [g for group in groups for response in await admin.describe_consumer_groups([group])
+                         for g in response.groups]
+            if all(g[2] == "Stable" and len(g[5]) >= instances for g in described) and len(described) == len(groups):
+                return extra
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"consumer groups did not reach {instances} members: "
+                                   f"{[(g[1], g[2], len(g[5])) for g in described]}")
+            await asyncio.sleep(0.5)  # polling the broker's view of the groups
+    finally:
+        await admin.close()
+
+
+async def check_results(stack: StackProcess, client: StackClient, accepted: set[str]) -> invariants.Report:
+    """The reliability checker over what the run left: topics, sandbox ledgers, mailbox, databases."""
+    mails = read_mailbox(stack.data_dir / "mail")
+    evidence = await invariants.collect(client, mails, stack.database_urls())
+    return invariants.check(evidence, invariants.Expectations(accepted=accepted))
+
+
 async def measure_system(stack: StackProcess, requests: int, paced_rate: float, paced_requests: int,
-                         console: Console) -> tuple[Measured, Measured | None, dict[str, ProcessUsage]]:
+                         console: Console, instances: int = 1
+                         ) -> tuple[Measured, Measured | None, dict[str, ProcessUsage], invariants.Report]:
     account = f"acct-bench-{uuid.uuid4().hex[:6]}"
     today = datetime.now(UTC).date()
     samples = [sample_subscription(account_id=account, subscription_id=f"bench-{account[-6:]}-{n}", today=today)
                for n in range(requests + paced_requests)]
     timer = Timer()
+    extra: list[subprocess.Popen[bytes]] = []
+    try:
+        return await _measure(stack, samples, timer, extra, requests, paced_rate, paced_requests, console, instances)
+    finally:
+        for process in extra:
+            process.terminate()
+        for process in extra:
+            process.wait(30)
+
+
+async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra: list[subprocess.Popen[bytes]],
+                   requests: int, paced_rate: float, paced_requests: int, console: Console, instances: int
+                   ) -> tuple[Measured, Measured | None, dict[str, ProcessUsage], invariants.Report]:
     async with StackClient(stack.endpoints, stack.settings) as client, \
             StatusWatcher(stack.endpoints.bootstrap, from_beginning=False, settings=stack.settings,
                           on_record=timer.observe) as watcher:
@@ -214,6 +266,12 @@ async def measure_system(stack: StackProcess, requests: int, paced_rate: float, 
                 await client.load(samples[start:start + 100], timeout=300)
                 bar.update(task, completed=min(len(samples), start + 100))
             pids = service_pids(stack)
+            if instances > 1:
+                with console.status(f"starting {instances - 1} more instance(s) of every service, waiting for "
+                                    "their consumer groups to settle ..."):
+                    extra += await scale_out(stack, instances)
+                names = [f"{name}#{n}" for name in SERVICES for n in range(2, instances + 1)]
+                pids.update(zip(names, (process.pid for process in extra), strict=True))
             cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
             task = bar.add_task(f"{requests} cancellations, as fast as possible", total=requests)
             burst = await _run(client, watcher, timer, samples[:requests], None,
@@ -227,13 +285,16 @@ async def measure_system(stack: StackProcess, requests: int, paced_rate: float, 
                                    lambda n: bar.update(task, completed=n))
             for name, pid in pids.items():
                 usage[name].peak_rss_mb = max(usage[name].peak_rss_mb, _peak_rss_mb(pid))
+        with console.status("checking every invariant over the run's topics, ledgers, mailbox and databases ..."):
+            report = await check_results(stack, client, set(timer.sent))
     burst_ids = list(timer.sent)[:requests]
     burst.steps_ms = await step_times(stack.endpoints.bootstrap, stack.settings,
                                       {rid: timer.sent_wall_ms[rid] for rid in burst_ids})
     if paced is not None:
         paced.steps_ms = await step_times(stack.endpoints.bootstrap, stack.settings,
                                           {rid: timer.sent_wall_ms[rid] for rid in list(timer.sent)[requests:]})
-    return burst, paced, usage
+    return burst, paced, usage, report
+
 
 
 # --- the bare broker -----------------------------------------------------------------------------
@@ -304,7 +365,8 @@ def _progress(console: Console) -> Progress:
 
 def render(result: BenchResult, console: Console) -> None:
     s = result.summary()
-    table = Table(title=f"cancelflow bench ({result.store} stores, {s['requests']} requests)")
+    table = Table(title=f"cancelflow bench ({result.store} stores, {result.instances} instance(s) of each service, "
+                        f"{s['requests']} requests)")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
@@ -315,6 +377,8 @@ def render(result: BenchResult, console: Console) -> None:
         ("latency p50 / p95 / p99, as fast as possible (ms)", f"{s['p50_ms']} / {s['p95_ms']} / {s['p99_ms']}", ""),
         ("latency p50 / p95 / p99, paced (ms)", f"{s['p50_ms_paced']} / {s['p95_ms_paced']} / {s['p99_ms_paced']}",
          "p99 <= 1000"),
+        ("invariant violations (reliability checker)",
+         str(sum(len(v) for v in result.violations.values())) + (f" {s['violations']}" if s["violations"] else ""), "0"),
     ]
     for row in rows:
         table.add_row(*row)

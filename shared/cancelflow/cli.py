@@ -396,12 +396,15 @@ def bench(
     rate: float = typer.Option(100.0, "--rate", help="Rate of the paced run, per second."),
     paced: int = typer.Option(300, "--paced", help="Cancellations in the paced run (0: skip it)."),
     pg: bool = typer.Option(False, "--pg", help="Every service on its own PostgreSQL database (pgserver)."),
+    instances: int = typer.Option(1, "--instances", min=1, max=4,
+                                  help="Processes of every service, in the same consumer groups (scale-out)."),
     json_out: bool = typer.Option(False, "--json", help="End with one JSON line of the figures."),
     data_dir: Path = typer.Option(Path("var"), "--data-dir", help="Where the run's own stack keeps its data."),
 ) -> None:
     """Completed cancellations per second (with refunds and emails) on a stack of its own, latency
     percentiles as fast as possible and paced, per-service CPU and peak RSS, and the same number of
-    messages through plain aiokafka relays over the same number of hops, for the ratio."""
+    messages through plain aiokafka relays over the same number of hops, for the ratio. The run's
+    results are then checked with the reliability invariants; the command exits 1 on a violation."""
     import json
     from datetime import UTC, datetime
 
@@ -425,14 +428,18 @@ def bench(
     with console.status(f"starting a stack in {run_dir} ..."):
         stack.start()
     try:
-        burst, paced_run, usage = asyncio.run(measure_system(stack, requests, rate, paced, console))
+        burst, paced_run, usage, report = asyncio.run(
+            measure_system(stack, requests, rate, paced, console, instances=instances))
         with console.status(f"bare broker: {requests} messages through the same hops ..."):
             baseline = asyncio.run(measure_baseline(stack.endpoints.bootstrap, requests))
     finally:
         stack.stop()
         if server is not None:
             server.cleanup()
-    result = BenchResult(burst, paced_run, baseline, usage, store="postgresql" if pg else "sqlite")
+    result = BenchResult(burst, paced_run, baseline, usage, store="postgresql" if pg else "sqlite",
+                         instances=instances, violations={k: v for k, v in report.violations.items() if v})
     render(result, console)
     if json_out:
         print(json.dumps(result.summary()))
+    if result.violations:
+        raise typer.Exit(1)

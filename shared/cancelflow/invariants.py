@@ -260,5 +260,20 @@ async def collect(client: Any, mails: list[EmailMessage], database_urls: dict[st
     _, vendor = await client.get_json(f"{client.endpoints.vendor}/_sandbox/ledger")
     _, gateway = await client.get_json(f"{client.endpoints.gateway}/_sandbox/ledger")
     evidence = Evidence(statuses, dead, vendor, gateway, list(mails), database_urls)
-    evidence.databases = await read_databases(database_urls)
+    evidence.databases = await read_databases_when_drained(database_urls)
     return evidence
+
+
+async def read_databases_when_drained(urls: dict[str, str], *, within_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The databases once every outbox has drained: a row committed just before the run ended (the last
+    status record, say) is published and deleted a moment later. A row still there after `within_s`
+    is a violation."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        found = await read_databases(urls)
+        if not any(facts.get("outbox") for facts in found.values()) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)  # the relays publish on their own schedule: look again

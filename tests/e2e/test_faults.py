@@ -52,7 +52,7 @@ async def test_killing_the_status_tracker_loses_no_request(chaos_stack) -> None:
     kill -9 of the tracker every 3 seconds. Its step, status record and event id now commit together."""
     stack, smtp = chaos_stack
     config = ChaosConfig(duration_s=12, rate_per_s=3, kill_every_s=3, poison_every=1000, replay=False,
-                         settle_timeout_s=20, kill_targets=("status_tracker",))
+                         settle_timeout_s=90, kill_targets=("status_tracker",))
 
     result = await ChaosRun(stack, smtp, config).run()
 

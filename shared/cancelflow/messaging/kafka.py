@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.helpers import create_ssl_context
 
+from cancelflow.logging import get_logger
 from cancelflow.settings import CommonSettings
+
+log = get_logger(__name__)
 
 
 def client_security(settings: CommonSettings) -> dict[str, Any]:
@@ -45,6 +48,24 @@ def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProduc
     )
 
 
+class LoggedRebalance(ConsumerRebalanceListener):
+    """Says which partitions a group member gives up and takes on: what an operator reads first when a
+    partition seems to stand still."""
+
+    def __init__(self, group_id: str) -> None:
+        self._group_id = group_id
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        log.info("partitions revoked", group=self._group_id, partitions=_names(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned", group=self._group_id, partitions=_names(assigned))
+
+
+def _names(partitions: Any) -> list[str]:
+    return sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
+
+
 def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_id: str,
                   **overrides: Any) -> AIOKafkaConsumer:
     """A group consumer; `overrides` replace single AIOKafkaConsumer options.
@@ -67,4 +88,6 @@ def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_
         **client_security(settings),
     )
     config.update(overrides)
-    return AIOKafkaConsumer(*topics, **config)
+    consumer = AIOKafkaConsumer(**config)
+    consumer.subscribe(list(topics), listener=LoggedRebalance(group_id))
+    return consumer
