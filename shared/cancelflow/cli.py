@@ -419,6 +419,7 @@ def bench(
 
         from cancelflow.settings import SERVICES
 
+        run_dir.mkdir(parents=True, exist_ok=True)
         server = pgserver.get_server(run_dir / "pg", cleanup_mode="stop")
         socket_dir = server.get_uri().split("host=", 1)[1]
         for service, (prefix, _) in SERVICES.items():
