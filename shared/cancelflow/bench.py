@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from cancelflow import invariants, topics
 from cancelflow.messaging.kafka import client_security
-from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, sample_subscription
+from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, read_all, sample_subscription
 from cancelflow.settings import SERVICES
 from cancelflow.smtp_sink import read_mailbox
 from cancelflow.stack.broker import create_topics
@@ -172,25 +172,12 @@ async def step_times(bootstrap: str, settings: Any, sent_wall_ms: dict[str, floa
     """Where a request's time goes: the median, over the given requests, of the time from each saga event
     to the next one (record timestamps, set when the producing service's relay sent it), and from the
     send to the first. Read back from the saga topic after the run."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                **client_security(settings))
-    await consumer.start()
     stamps: dict[str, list[tuple[int, str]]] = {rid: [] for rid in sent_wall_ms}
-    try:
-        partitions = [TopicPartition(topics.SAGA, p) for p in sorted(consumer.partitions_for_topic(topics.SAGA)
-                                                                    or await _partitions(consumer))]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    envelope = orjson.loads(record.value)
-                    rid = envelope.get("payload", {}).get("request_id")
-                    if rid in stamps:
-                        stamps[rid].append((record.timestamp, envelope["event_type"]))
-    finally:
-        await consumer.stop()
+    for record in await read_all(bootstrap, topics.SAGA, settings):
+        envelope = orjson.loads(record.value)
+        rid = envelope.get("payload", {}).get("request_id")
+        if rid in stamps:
+            stamps[rid].append((record.timestamp, envelope["event_type"]))
     gaps: dict[str, list[float]] = {}
     for rid, events in stamps.items():
         events.sort()
@@ -199,11 +186,6 @@ async def step_times(bootstrap: str, settings: Any, sent_wall_ms: dict[str, floa
             gaps.setdefault(f"{previous[1]} -> {event_type}", []).append(at - previous[0])
             previous = (at, event_type)
     return {step: statistics.median(values) for step, values in gaps.items() if len(values) * 2 >= len(stamps)}
-
-
-async def _partitions(consumer: AIOKafkaConsumer) -> set[int]:
-    await consumer.topics()
-    return consumer.partitions_for_topic(topics.SAGA) or set()
 
 
 async def scale_out(stack: StackProcess, instances: int, timeout_s: float = 180) -> list[subprocess.Popen[bytes]]:

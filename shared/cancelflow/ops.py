@@ -305,7 +305,8 @@ def emails_owed(status: dict[str, Any]) -> int:
 
 
 async def read_all(bootstrap: str, topic: str, settings: CommonSettings | None = None) -> list[Any]:
-    """Every record on `topic` up to its end right now, partition by partition in offset order."""
+    """Every record on `topic` up to its end right now (what is there when reading stops), partition by
+    partition in offset order."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=25,
                                 group_id=None, **client_security(settings or CommonSettings()))
     await consumer.start()
@@ -318,12 +319,18 @@ async def read_all(bootstrap: str, topic: str, settings: CommonSettings | None =
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         records: dict[TopicPartition, list[Any]] = {tp: [] for tp in partitions}
+
         async def behind() -> bool:
             return any([await consumer.position(tp) < ends[tp] for tp in partitions])
 
-        while await behind():
-            for tp, batch in (await consumer.getmany(timeout_ms=200)).items():
-                records[tp].extend(r for r in batch if r.offset < ends[tp])
+        # The embedded broker answers ListOffsets with the first offset of a partition's last record
+        # batch, not the end: read on until a fetch round brings nothing more.
+        quiet = 0
+        while quiet < 2 or await behind():
+            batch = await consumer.getmany(timeout_ms=250)
+            quiet = 0 if batch else quiet + 1
+            for tp, found in batch.items():
+                records[tp].extend(found)
         return [r for tp in partitions for r in records[tp]]
     finally:
         await consumer.stop()
