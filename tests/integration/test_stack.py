@@ -21,6 +21,7 @@ from cancelflow.stack.broker import (
     EmbeddedBroker,
     create_topics,
     free_port,
+    free_ports,
     port_in_use,
     wait_for_broker,
 )
@@ -263,3 +264,10 @@ async def test_run_stack_starts_broker_and_processes_and_cleans_up(tmp_path: Pat
     assert not (tmp_path / "stack.json").exists()
     assert not port_in_use("127.0.0.1", settings.broker_port)
     assert not port_in_use("127.0.0.1", status_port)
+
+
+def test_free_ports_are_all_different_and_free() -> None:
+    for _ in range(50):
+        ports = free_ports(12)
+        assert len(set(ports)) == 12
+        assert not any(port_in_use("127.0.0.1", port) for port in ports)

@@ -36,6 +36,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different free ports: each socket stays bound until all are chosen, so the system
+    cannot hand out the same port twice (separate `free_port()` calls can)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def port_in_use(host: str, port: int) -> bool:
     """True when something accepts connections on host:port."""
     try:

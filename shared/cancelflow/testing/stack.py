@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cancelflow.ops import Endpoints
 from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.stack.broker import free_port
+from cancelflow.stack.broker import free_port, free_ports
 from cancelflow.stack.embedded import running_stack
 
 
@@ -22,16 +22,11 @@ class StackProcess:
     def __init__(self, data_dir: Path, *, extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         env = {k: v for k, v in os.environ.items() if not k.endswith("_DATABASE_URL")}
-        env.update({
-            "CANCELFLOW_DATA_DIR": str(data_dir),
-            "CANCELFLOW_BROKER_PORT": str(free_port()),
-            "VENDOR_SANDBOX_PORT": str(free_port()),
-            "GATEWAY_SANDBOX_PORT": str(free_port()),
-            "SMTP_PORT": str(free_port()),
-            "CANCELFLOW_FETCH_MAX_WAIT_MS": "25",
-        })
-        for prefix, _ in SERVICES.values():
-            env[f"{prefix}_HTTP_PORT"] = str(free_port())
+        # Every port distinct: the vendor sandbox and a service once drew the same one.
+        names = ["CANCELFLOW_BROKER_PORT", "VENDOR_SANDBOX_PORT", "GATEWAY_SANDBOX_PORT", "SMTP_PORT",
+                 *(f"{prefix}_HTTP_PORT" for prefix, _ in SERVICES.values())]
+        env.update(zip(names, map(str, free_ports(len(names))), strict=True))
+        env.update({"CANCELFLOW_DATA_DIR": str(data_dir), "CANCELFLOW_FETCH_MAX_WAIT_MS": "25"})
         env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
         env.update(extra_env or {})
         self.env = env
