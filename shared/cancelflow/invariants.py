@@ -7,6 +7,8 @@ many things were checked and every violation found. Chaos runs and fault tests e
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -268,9 +270,6 @@ async def read_databases_when_drained(urls: dict[str, str], *, within_s: float =
     """The databases once every outbox has drained: a row committed just before the run ended (the last
     status record, say) is published and deleted a moment later. A row still there after `within_s`
     is a violation."""
-    import asyncio
-    import time
-
     deadline = time.monotonic() + within_s
     while True:
         found = await read_databases(urls)

@@ -191,15 +191,6 @@ class EmailSender:
         for row in rows:
             metrics.EMAILS.labels(row["kind"], "sent").inc()
 
-    async def _claim(self, row: dict) -> bool:
-        """Record the intent before the send: `pending` -> `sending`, if it still is `pending`."""
-        async with self.new_uow() as uow:
-            claimed = await uow.session.execute(update(emails).where(
-                (emails.c.id == row["id"]) & (emails.c.status == "pending")
-            ).values(status="sending", attempted_at=utcnow(), attempts=emails.c.attempts + 1))
-            await uow.commit(mark_processed=None)
-        return claimed.rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
     async def _failed(self, row: dict, exc: MailDeliveryError) -> str:
         attempts = row["attempts"] + 1
         unreachable = exc.retryable and exc.smtp_code is None  # no answer at all, not this message's fault

@@ -69,10 +69,15 @@ class ReadModel:
             await session.commit()
 
     @staticmethod
-    async def entry_in(session: AsyncSession, request_id: str) -> dict[str, Any] | None:
-        """The tracker's entry for a request, read in the caller's transaction (None before its first step)."""
+    async def _view_in(session: AsyncSession, request_id: str) -> dict[str, Any] | None:
         found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
-        return found[0].get(ENTRY_KEY) if found else None
+        return found[0] if found else None
+
+    @classmethod
+    async def entry_in(cls, session: AsyncSession, request_id: str) -> dict[str, Any] | None:
+        """The tracker's entry for a request, read in the caller's transaction (None before its first step)."""
+        view = await cls._view_in(session, request_id)
+        return view.get(ENTRY_KEY) if view else None
 
     async def stuck_candidates(self, before: datetime) -> list[dict[str, Any]]:
         """Entries of requests in a state that should move on by itself, unchanged since `before`."""
@@ -83,8 +88,8 @@ class ReadModel:
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         async with self._sessions() as session:
-            found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
-        return _public(found[0]) if found else None
+            view = await self._view_in(session, request_id)
+        return _public(view) if view else None
 
     async def entry(self, request_id: str) -> dict[str, Any] | None:
         """The tracker's entry as last committed (None before the first step)."""

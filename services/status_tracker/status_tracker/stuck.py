@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from cancelflow import topics
 from cancelflow.events import utcnow
@@ -54,7 +54,7 @@ class StuckTimer:
             if tp.topic != topics.SAGA:
                 continue
             highwater = consumer.highwater(tp)
-            if highwater is not None and await consumer.position(TopicPartition(tp.topic, tp.partition)) >= highwater:
+            if highwater is not None and await consumer.position(tp) >= highwater:
                 current.add(tp.partition)
         return current
 

@@ -8,6 +8,7 @@ retried, then dead-lettered too, so the records behind it flow on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class Route:
     handlers: dict[str, Handler] = field(default_factory=dict)
     dead_letter: bool = False
     # The handlers only touch the service's own database (no vendor, gateway or SMTP call): a poll's
-    # records of this topic are handled in one transaction, each in a savepoint of its own.
+    # records of this topic are handled in one transaction (see ConsumeLoop._in_one_transaction).
     batch: bool = False
 
 
@@ -154,12 +155,7 @@ class ConsumeLoop:
 
     @staticmethod
     async def _handle_in_batch(uow: UnitOfWork, message: Message, handler: Handler) -> None:
-        request_id = getattr(message.payload, "request_id", None)
-        with structlog.contextvars.bound_contextvars(
-            event_type=message.event_type, event_id=message.event_id,
-            correlation_id=message.envelope.correlation_id,
-            request_id=str(request_id) if request_id is not None else None,
-        ):
+        with _log_context(message):
             started = time.perf_counter()
             uow.begin_step(message)
             await handler(message, uow)
@@ -202,15 +198,7 @@ class ConsumeLoop:
         handler = route.handlers.get(message.event_type)
         if handler is None:
             return  # a known event for another service
-        # Every line logged while handling it (ours, the handler's, the adapters') names the request.
-        # For requests and saga events request_id is the envelope's correlation_id (CONTRACT section 1);
-        # upstream facts (subscriptions, charges) belong to no request.
-        request_id = getattr(message.payload, "request_id", None)
-        with structlog.contextvars.bound_contextvars(
-            event_type=message.event_type, event_id=message.event_id,
-            correlation_id=message.envelope.correlation_id,
-            request_id=str(request_id) if request_id is not None else None,
-        ):
+        with _log_context(message):
             await self._handle(record, route, message, handler)
 
     async def _handle(self, record: ConsumerRecord, route: Route, message: Message, handler: Handler) -> None:
@@ -267,6 +255,18 @@ class ConsumeLoop:
         one: the tracker and notification read every `Failed`, so it would feed back forever.
         """
         return self._service in _SOURCE_OF and message.event_type != Failed.event_type
+
+
+def _log_context(message: Message) -> contextlib.AbstractContextManager[object]:
+    """Every line logged while handling `message` (ours, the handler's, the adapters') names the request.
+    For requests and saga events request_id is the envelope's correlation_id (CONTRACT section 1);
+    upstream facts (subscriptions, charges) belong to no request."""
+    request_id = getattr(message.payload, "request_id", None)
+    return structlog.contextvars.bound_contextvars(
+        event_type=message.event_type, event_id=message.event_id,
+        correlation_id=message.envelope.correlation_id,
+        request_id=str(request_id) if request_id is not None else None,
+    )
 
 
 _SOURCE_OF = {

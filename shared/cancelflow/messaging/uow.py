@@ -115,10 +115,8 @@ class UnitOfWork:
 
     def end_step(self) -> None:
         """The message is done: its inbox row is written with the batch."""
-        msg = self.message
-        assert msg is not None
-        self._inbox_rows.append({"message_id": msg.event_id, "topic": msg.topic, "partition": msg.partition,
-                                 "offset": msg.offset, "processed_at": utcnow()})
+        assert self.message is not None
+        self._inbox_rows.append(self._inbox_row(self.message.event_id))
 
     async def commit_batch(self) -> None:
         """Write the batch's outbox and inbox rows (one statement each) and commit."""
@@ -155,15 +153,14 @@ class UnitOfWork:
             self._holding = True
         await self.session.begin()
 
-    async def _record_processed(self, message_id: str) -> None:
+    def _inbox_row(self, message_id: str) -> dict[str, Any]:
         msg = self.message
-        await self.session.execute(insert(self._tables.inbox).values(
-            message_id=message_id,
-            topic=msg.topic if msg else "",
-            partition=msg.partition if msg else -1,
-            offset=msg.offset if msg else -1,
-            processed_at=utcnow(),
-        ))
+        return {"message_id": message_id, "topic": msg.topic if msg else "",
+                "partition": msg.partition if msg else -1, "offset": msg.offset if msg else -1,
+                "processed_at": utcnow()}
+
+    async def _record_processed(self, message_id: str) -> None:
+        await self.session.execute(insert(self._tables.inbox).values(**self._inbox_row(message_id)))
 
     async def commit(self, *, mark_processed: str | None = None) -> None:
         await self._flush_outbox()

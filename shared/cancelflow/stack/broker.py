@@ -31,9 +31,7 @@ class BrokerError(RuntimeError):
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for tests and ad-hoc stacks)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
