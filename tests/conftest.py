@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from cancelflow.events import Envelope
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
@@ -305,8 +306,9 @@ class TopicReader:
 
     async def _read(self) -> None:
         assert self._consumer is not None
+        gaps = GapGuard()  # the embedded broker's fetches can skip a record being written
         while True:
-            batch = await self._consumer.getmany(timeout_ms=200)
+            batch = await gaps.check(self._consumer, await self._consumer.getmany(timeout_ms=200))
             if not batch:
                 continue
             for records in batch.values():

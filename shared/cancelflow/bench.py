@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cancelflow import invariants, topics
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
 from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, read_all, sample_subscription
 from cancelflow.settings import SERVICES
@@ -295,9 +296,10 @@ async def measure_baseline(bootstrap: str, messages: int, hops: int = HOPS) -> f
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
         await consumer.start()
         await producer.start()
+        gaps = GapGuard()  # what every cancelflow consumer does, so the relays cannot lose a record either
         try:
             while True:
-                batch = await consumer.getmany(timeout_ms=200)
+                batch = await gaps.check(consumer, await consumer.getmany(timeout_ms=200))
                 futures = [await producer.send(target, r.value, key=r.key) for rs in batch.values() for r in rs]
                 await asyncio.gather(*futures)
                 if batch:
@@ -331,9 +333,9 @@ async def measure_baseline(bootstrap: str, messages: int, hops: int = HOPS) -> f
 
 
 async def _receive(consumer: AIOKafkaConsumer, count: int) -> None:
-    received = 0
+    received, gaps = 0, GapGuard()
     while received < count:
-        batch = await consumer.getmany(timeout_ms=200)
+        batch = await gaps.check(consumer, await consumer.getmany(timeout_ms=200))
         received += sum(len(rs) for rs in batch.values())
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import MetaData, event, text
+from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from cancelflow.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def is_sqlite(url: str) -> bool:
@@ -53,6 +57,23 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 async def create_schema(engine: AsyncEngine, metadata: MetaData) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
+
+
+async def sqlite_outbox_ids_never_reused(engine: AsyncEngine, outbox: Table) -> None:
+    """Rebuild an outbox table created before its ids were AUTOINCREMENT (an older embedded database),
+    keeping its rows. Two instances starting together: BEGIN IMMEDIATE lets one do it."""
+    async with engine.begin() as conn:
+        ddl = (await conn.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :name"),
+                                  {"name": outbox.name})).scalar_one_or_none()
+        if ddl is None or "AUTOINCREMENT" in ddl.upper():
+            return
+        old = f"{outbox.name}_reused_ids"
+        columns = ", ".join(f'"{c.name}"' for c in outbox.columns)
+        await conn.execute(text(f'ALTER TABLE "{outbox.name}" RENAME TO "{old}"'))
+        await conn.run_sync(outbox.create)
+        await conn.execute(text(f'INSERT INTO "{outbox.name}" ({columns}) SELECT {columns} FROM "{old}"'))
+        await conn.execute(text(f'DROP TABLE "{old}"'))
+        log.info("outbox rebuilt with ids that are never reused", table=outbox.name)
 
 
 async def ping(engine: AsyncEngine) -> None:

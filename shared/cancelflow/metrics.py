@@ -16,6 +16,9 @@ DEAD_LETTERED = Counter("cancelflow_dead_lettered_total", "Records sent to the D
 HANDLER_ERRORS = Counter("cancelflow_handler_errors_total", "Handler attempts that raised", ["event_type"])
 OUTBOX_BACKLOG = Gauge("cancelflow_outbox_backlog", "Outbox rows not yet published")
 CONSUMER_LAG = Gauge("cancelflow_consumer_lag", "Records behind the partition end", ["topic", "partition"])
+OFFSET_GAPS = Counter("cancelflow_offset_gaps_total",
+                      "Fetches that skipped offsets: read again, or accepted after the grace period",
+                      ["topic", "outcome"])
 OUTCOMES = Counter("cancelflow_outcomes_total", "Saga outcomes seen by this service", ["state", "source"])
 EXTERNAL_CALL_SECONDS = Histogram("cancelflow_external_call_seconds", "Vendor/gateway/SMTP call latency",
                                   ["target", "operation", "outcome"])

@@ -24,6 +24,7 @@ from cancelflow.events import (
     State,
     SubscriptionActivated,
 )
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.upstream import UpstreamPublisher
@@ -246,8 +247,9 @@ class StatusWatcher:
         await self._consumer.stop()
 
     async def _run(self) -> None:
+        gaps = GapGuard()
         while True:
-            batch = await self._consumer.getmany(timeout_ms=500)
+            batch = await gaps.check(self._consumer, await self._consumer.getmany(timeout_ms=500))
             if not batch:
                 continue
             async with self._changed:

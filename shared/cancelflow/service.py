@@ -24,6 +24,7 @@ from cancelflow import logging as cf_logging
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import make_consumer, make_producer
 from cancelflow.messaging.relay import OutboxRelay
 from cancelflow.messaging.signatures import SignatureCheck
@@ -122,6 +123,8 @@ class ServiceRuntime:
 
     async def prepare_schema(self) -> None:
         await prepare_schema(self.engine, self.settings, self.migrations, self.metadata)
+        if db.is_sqlite(self.settings.database_url()):
+            await db.sqlite_outbox_ids_never_reused(self.engine, self.tables.outbox)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start everything, work until `stop` is set or a worker dies, then shut down in order.
@@ -143,14 +146,15 @@ class ServiceRuntime:
             workers.append(asyncio.create_task(self.relay.run(), name="relay"))
             topics = [r.topic for r in self.routes]
             if topics:
+                gap_guard = GapGuard(grace_s=self.settings.offset_gap_grace_ms / 1000)
                 consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
-                                         client_id=f"cancelflow-{self.name}")
+                                         client_id=f"cancelflow-{self.name}", gap_guard=gap_guard)
                 await consumer.start()
                 self.consumer = consumer
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
                                    signatures=SignatureCheck.from_text(self.settings.producer_keys),
-                                   concurrency=self.settings.handler_concurrency)
+                                   concurrency=self.settings.handler_concurrency, gap_guard=gap_guard)
                 workers.append(asyncio.create_task(loop.run(), name="consume"))
             workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))
                         for task in self.tasks]

@@ -33,6 +33,10 @@ class CommonSettings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(None, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
     # The embedded broker long-polls for the full wait, so keep it short there; Kafka is fine either way.
     fetch_max_wait_ms: int = Field(25, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
+    # A fetch that skips offsets (the embedded broker does under concurrent produces) is read again; a
+    # hole that stays this long is accepted (Apache Kafka has real ones next to transaction markers and
+    # after compaction). 0: no check (messaging/gaps.py).
+    offset_gap_grace_ms: int = Field(2000, ge=0, le=600_000, validation_alias="CANCELFLOW_OFFSET_GAP_GRACE_MS")
     # How long the broker waits for a silent group member. Tansu completes a group join only after
     # about half of it and forgets a killed member only when it expires, so the embedded stack runs
     # with a short one (restarted services resume in seconds); Kafka's usual 30-45 s suits production.

@@ -28,8 +28,6 @@ and a `Failed(source=notification)` saga event puts it in the request's status h
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -167,9 +165,8 @@ class EmailSender:
         return due
 
     async def _send(self, row: dict) -> MailDeliveryError | None:
-        message = email.message_from_bytes(row["raw"], policy=email.policy.default)
         try:
-            await self.mailer.send(message)  # type: ignore[arg-type]
+            await self.mailer.send(bytes(row["raw"]))
         except MailDeliveryError as exc:
             return exc
         crash_point("notification.after_smtp_send")

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cancelflow import topics
 from cancelflow.logging import get_logger
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
 from cancelflow.settings import ServiceSettings
 
@@ -44,8 +45,9 @@ class StatusFeed:
 
     async def run(self) -> None:
         assert self._consumer is not None
+        gaps = GapGuard()
         while True:
-            batch = await self._consumer.getmany(timeout_ms=1000)
+            batch = await gaps.check(self._consumer, await self._consumer.getmany(timeout_ms=1000))
             for records in batch.values():
                 for record in records:
                     try:

@@ -28,6 +28,7 @@ from cancelflow.messaging.deadletter import (
     handle_with_retries,
     marker_of,
 )
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.uow import UnitOfWork
 
@@ -54,8 +55,10 @@ class ConsumeLoop:
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
                  new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
-                 signatures: SignatureCheck | None = None, concurrency: int = 16) -> None:
+                 signatures: SignatureCheck | None = None, concurrency: int = 16,
+                 gap_guard: GapGuard | None = None) -> None:
         self._consumer = consumer
+        self._gap_guard = gap_guard
         self._routes = {r.topic: r for r in routes}
         self._new_uow = new_uow
         self._service = service
@@ -66,6 +69,8 @@ class ConsumeLoop:
     async def run(self) -> None:
         while True:
             batch = await self._consumer.getmany(timeout_ms=1000)
+            if self._gap_guard is not None:
+                batch = await self._gap_guard.check(self._consumer, batch)
             offsets: dict[TopicPartition, int] = {}
             # Records of one key stay in order (a request's saga, a subscription's requests); different
             # keys go concurrently, so one slow vendor, gateway or SMTP call does not hold up the rest.

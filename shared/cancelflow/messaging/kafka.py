@@ -8,6 +8,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.helpers import create_ssl_context
 
 from cancelflow.logging import get_logger
+from cancelflow.messaging.gaps import GapGuard
 from cancelflow.settings import CommonSettings
 
 log = get_logger(__name__)
@@ -52,14 +53,19 @@ class LoggedRebalance(ConsumerRebalanceListener):
     """Says which partitions a group member gives up and takes on: what an operator reads first when a
     partition seems to stand still."""
 
-    def __init__(self, group_id: str) -> None:
+    def __init__(self, group_id: str, gap_guard: GapGuard | None = None) -> None:
         self._group_id = group_id
+        self._gap_guard = gap_guard
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         log.info("partitions revoked", group=self._group_id, partitions=_names(revoked))
+        if self._gap_guard is not None:
+            self._gap_guard.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions assigned", group=self._group_id, partitions=_names(assigned))
+        if self._gap_guard is not None:
+            self._gap_guard.forget(assigned)
 
 
 def _names(partitions: Any) -> list[str]:
@@ -67,8 +73,9 @@ def _names(partitions: Any) -> list[str]:
 
 
 def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_id: str,
-                  **overrides: Any) -> AIOKafkaConsumer:
-    """A group consumer; `overrides` replace single AIOKafkaConsumer options.
+                  gap_guard: GapGuard | None = None, **overrides: Any) -> AIOKafkaConsumer:
+    """A group consumer; `overrides` replace single AIOKafkaConsumer options. `gap_guard` (the one its
+    reader checks batches with) learns of every rebalance.
 
     Tests pass a short `session_timeout_ms`: Tansu completes a group join only after about half the
     session timeout, and a member that left is only forgotten when its session expires, so with 30 s
@@ -89,5 +96,5 @@ def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_
     )
     config.update(overrides)
     consumer = AIOKafkaConsumer(**config)
-    consumer.subscribe(list(topics), listener=LoggedRebalance(group_id))
+    consumer.subscribe(list(topics), listener=LoggedRebalance(group_id, gap_guard))
     return consumer

@@ -38,5 +38,9 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         Column("headers", JSON, nullable=True),
         Column("event_type", String(100), nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False),
+        # Never reuse an id on SQLite. Without AUTOINCREMENT a row inserted after the table emptied
+        # takes a deleted row's id; a second relay (two instances on one database) still holding the
+        # deleted row would then delete the new row unpublished (db.sqlite_outbox_ids_never_reused).
+        sqlite_autoincrement=True,
     )
     return MessagingTables(inbox, outbox)

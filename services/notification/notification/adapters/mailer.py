@@ -8,9 +8,14 @@ record the failure (`retryable=False`: 5xx, a message the server can never accep
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import time
 from collections import deque
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses, parseaddr
 from typing import Protocol, runtime_checkable
 
 import aiosmtplib
@@ -44,9 +49,27 @@ class MailDeliveryError(Exception):
         return f"MailDeliveryError({str(self)!r}, retryable={self.retryable}, smtp_code={self.smtp_code})"
 
 
+# What a mailer accepts: a message object, or a message already rendered to bytes (what the
+# notification service stores), which is handed over as it is: no parsing and no re-rendering.
+Mail = EmailMessage | bytes
+
+_HEADERS_ONLY = BytesHeaderParser(policy=compat32)
+
+
+def envelope(raw: bytes) -> tuple[str, list[str]]:
+    """(MAIL FROM, RCPT TO) of a rendered message, from its From, To and Cc headers."""
+    headers = _HEADERS_ONLY.parsebytes(raw)
+    sender = parseaddr(str(headers.get("From", "")))[1]
+    recipients = [address for _name, address in getaddresses(
+        [str(v) for field in ("To", "Cc") for v in headers.get_all(field, [])]) if address]
+    if not sender or not recipients:
+        raise ValueError("the message has no From or no To address")
+    return sender, recipients
+
+
 @runtime_checkable
 class AbstractMailer(Protocol):
-    async def send(self, msg: EmailMessage) -> None:
+    async def send(self, msg: Mail) -> None:
         """Hand `msg` to the mail server (From/To taken from its headers); raise MailDeliveryError."""
         ...
 
@@ -106,7 +129,7 @@ class SmtpMailer:
     def _where(self) -> str:
         return f"{self.hostname}:{self.port}"
 
-    async def send(self, msg: EmailMessage) -> None:
+    async def send(self, msg: Mail) -> None:
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -117,7 +140,7 @@ class SmtpMailer:
         finally:
             EXTERNAL_CALL_SECONDS.labels("smtp", "send", outcome).observe(time.perf_counter() - started)
 
-    async def _send_classified(self, msg: EmailMessage) -> None:
+    async def _send_classified(self, msg: Mail) -> None:
         """Send, turning every failure into a MailDeliveryError."""
         async with self._lock:
             try:
@@ -151,10 +174,10 @@ class SmtpMailer:
                 self._discard()
                 raise MailDeliveryError(f"SMTP {self._where}: {exc}", retryable=True) from exc
 
-    async def _send(self, msg: EmailMessage) -> None:
+    async def _send(self, msg: Mail) -> None:
         smtp, fresh = await self._connection()
         try:
-            refused, _ = await smtp.send_message(msg)
+            refused, _ = await self._transaction(smtp, msg)
         except (SMTPServerDisconnected, ConnectionError):
             self._discard()
             if fresh:
@@ -163,11 +186,18 @@ class SmtpMailer:
             # without us noticing yet; the transaction did not complete, so one more try on a new
             # connection is the expected behaviour, not a duplicate.
             smtp, _ = await self._connection()
-            refused, _ = await smtp.send_message(msg)
+            refused, _ = await self._transaction(smtp, msg)
         if refused:
             # Accepted for some recipients: the message went out, so this is not a failed send.
             log.warning("mailer.some_recipients_refused", refused=len(refused),
                         codes=sorted({r.code for r in refused.values()}))
+
+    @staticmethod
+    async def _transaction(smtp: aiosmtplib.SMTP, msg: Mail) -> tuple[dict, str]:
+        if isinstance(msg, bytes):
+            sender, recipients = envelope(msg)
+            return await smtp.sendmail(sender, recipients, msg)
+        return await smtp.send_message(msg)
 
     async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
         """The open session, or a new one; the flag says whether it was opened just now."""
@@ -224,7 +254,7 @@ class MailerPool:
     def connections_opened(self) -> int:
         return sum(m.connections_opened for m in self._mailers)
 
-    async def send(self, msg: EmailMessage) -> None:
+    async def send(self, msg: Mail) -> None:
         mailer = await self._idle.get()
         try:
             await mailer.send(msg)
@@ -250,11 +280,13 @@ class FakeMailer:
         error = error or MailDeliveryError("fake SMTP outage", retryable=True)
         self._failures.extend([error] * times)
 
-    async def send(self, msg: EmailMessage) -> None:
+    async def send(self, msg: Mail) -> None:
         self.attempts += 1
         if self._failures:
             raise self._failures.popleft()
-        self.sent.append(msg)
+        if isinstance(msg, bytes):  # tests read headers and parts, as a receiving mail client would
+            msg = email.message_from_bytes(msg, policy=email.policy.default)  # type: ignore[assignment]
+        self.sent.append(msg)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self.closed = True

@@ -1,0 +1,108 @@
+"""Two relays on one outbox (two instances of a service on one database) never lose a row.
+
+The race, step by step with real databases: relay A reads row X and is slow to get its broker
+acknowledgement; relay B publishes X and deletes it; the table is empty when row Y is inserted; A
+finally deletes "its" rows by id. On SQLite without AUTOINCREMENT, Y took X's id and A deleted it
+unpublished (what stalled requests in the two-instance benchmark). Also: an outbox created before
+the fix is rebuilt on start, rows kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, insert, select, text
+
+from cancelflow import db
+from cancelflow.messaging.relay import OutboxRelay
+from cancelflow.messaging.store import messaging_tables
+from tests.conftest import DatabaseFactory
+
+
+class Acked:
+    partition, offset = 0, 0
+
+
+class FakeProducer:
+    """Records what it was asked to send; `hold` keeps the acknowledgements back until released."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.sent: list[bytes] = []
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+
+    async def send(self, topic: str, *, value: bytes, key: bytes | None, headers: Any) -> asyncio.Future[Acked]:
+        self.sent.append(value)
+        self.asked.set()
+        ack: asyncio.Future[Acked] = asyncio.get_running_loop().create_future()
+
+        async def acknowledge() -> None:
+            await self.release.wait()
+            ack.set_result(Acked())
+
+        asyncio.get_running_loop().create_task(acknowledge())
+        return ack
+
+
+async def add(sessions: Any, outbox: Any, value: bytes) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(insert(outbox).values(topic="t", key="k", value=value, headers={}, event_type="E",
+                                                    created_at=datetime.now(UTC)))
+
+
+async def test_a_row_inserted_after_another_relay_emptied_the_table_survives(store: DatabaseFactory) -> None:
+    metadata = MetaData()
+    tables = messaging_tables(metadata)
+    engine = db.make_engine(store("relays"))
+    try:
+        await db.create_schema(engine, metadata)
+        sessions = db.session_factory(engine)
+        slow, fast = FakeProducer(hold=True), FakeProducer()
+        relay_a = OutboxRelay(sessions, tables, slow)  # type: ignore[arg-type]
+        relay_b = OutboxRelay(sessions, tables, fast)  # type: ignore[arg-type]
+
+        await add(sessions, tables.outbox, b"X")
+        a_round = asyncio.create_task(relay_a.publish_pending())
+        await slow.asked.wait()                       # A read X and waits for its acknowledgement
+        assert await relay_b.publish_pending() == 1   # B publishes X and deletes it
+        await add(sessions, tables.outbox, b"Y")      # the table was empty: does Y reuse X's id?
+        slow.release.set()
+        assert await a_round == 1                     # A deletes the rows it read, by id
+
+        async with sessions() as session:
+            left = (await session.execute(select(tables.outbox.c.value))).scalars().all()
+        assert left == [b"Y"]
+        assert await relay_b.publish_pending() == 1
+        assert fast.sent == [b"X", b"Y"]
+    finally:
+        await engine.dispose()
+
+
+async def test_an_outbox_from_before_is_rebuilt_with_its_rows(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+    try:
+        async with engine.begin() as conn:  # the table as create_all made it before the fix
+            await conn.execute(text(
+                "CREATE TABLE outbox (id INTEGER NOT NULL, topic VARCHAR(200) NOT NULL, \"key\" VARCHAR(200), "
+                "value BLOB NOT NULL, headers JSON, event_type VARCHAR(100) NOT NULL, "
+                "created_at DATETIME NOT NULL, PRIMARY KEY (id))"))
+            await conn.execute(text("INSERT INTO outbox VALUES (7, 't', 'k', x'01', '{}', 'E', '2026-11-21')"))
+        tables = messaging_tables(MetaData())
+        await db.sqlite_outbox_ids_never_reused(engine, tables.outbox)
+        await db.sqlite_outbox_ids_never_reused(engine, tables.outbox)  # a second start: nothing to do
+        async with engine.begin() as conn:
+            ddl = (await conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'outbox'"))).scalar_one()
+            assert "AUTOINCREMENT" in ddl
+            assert (await conn.execute(text("SELECT id, value FROM outbox"))).all() == [(7, b"\x01")]
+            await conn.execute(text("DELETE FROM outbox"))
+        sessions = db.session_factory(engine)
+        await add(sessions, tables.outbox, b"new")
+        async with sessions() as session:
+            assert (await session.execute(select(tables.outbox.c.id))).scalar_one() == 8
+    finally:
+        await engine.dispose()
