@@ -37,16 +37,24 @@ def _public(document: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in document.items() if k != ENTRY_KEY}
 
 
+_UPDATED = ("state", "account_id", "subscription_id", "error_source", "version", "view", "updated_at")
+
+
 class ReadModel:
     def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        self._insert = dialect.insert
+        statement = dialect.insert(views)
+        self._upsert = statement.on_conflict_do_update(
+            index_elements=[views.c.request_id],
+            set_={k: statement.excluded[k] for k in _UPDATED},
+            where=views.c.version <= statement.excluded.version,
+        )
 
-    def upsert(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> Any:
-        """The statement that stores a request's document (and the tracker's whole `entry` beside it).
-        An older version never overwrites a newer one, and writing the same version again changes
-        nothing."""
+    def upsert(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The statement and parameters that store a request's document (and the tracker's whole `entry`
+        beside it). An older version never overwrites a newer one, and writing the same version again
+        changes nothing. The statement is built once: SQLAlchemy then finds it compiled in its cache."""
         error = document.get("error") or {}
         row = {
             "request_id": document["request_id"], "state": document["state"],
@@ -56,16 +64,11 @@ class ReadModel:
             "created_at": datetime.fromisoformat(document["created_at"]),
             "updated_at": datetime.fromisoformat(document["updated_at"]),
         }
-        statement = self._insert(views).values(**row)
-        return statement.on_conflict_do_update(
-            index_elements=[views.c.request_id],
-            set_={k: statement.excluded[k] for k in row if k not in ("request_id", "created_at")},
-            where=views.c.version <= statement.excluded.version,
-        )
+        return self._upsert, row
 
     async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
         async with self._sessions() as session:
-            await session.execute(self.upsert(document, entry))
+            await session.execute(*self.upsert(document, entry))
             await session.commit()
 
     @staticmethod
