@@ -117,8 +117,15 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+BROKER = "broker"  # the embedded broker (Tansu)
+
+
 def service_pids(stack: StackProcess) -> dict[str, int]:
-    return {name: pid for name in SERVICES if (pid := stack.service_pid(name)) is not None}
+    """Every service's process, and the embedded broker's: its CPU is part of what a request costs."""
+    pids = {name: pid for name in SERVICES if (pid := stack.service_pid(name)) is not None}
+    if (broker := stack.broker_pid()) is not None:
+        pids[BROKER] = broker
+    return pids
 
 
 # --- the system ----------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ def render(result: BenchResult, console: Console) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    usage = Table(title="per service, during the burst")
+    usage = Table(title="per process, during the burst")
     for column in ("service", "CPU seconds", "peak RSS (MB)"):
         usage.add_column(column, justify="right" if column != "service" else "left")
     for name, u in sorted(result.usage.items()):

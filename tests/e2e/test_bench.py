@@ -31,5 +31,6 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     assert figures["throughput_per_s"] > 0 and figures["baseline_per_s"] > 0
     assert figures["p50_ms"] <= figures["p99_ms"]
     assert set(figures["rss_mb"]) == {"billing", "provisioning", "payment_gateway", "dispute", "notification",
-                                      "status_tracker"}
+                                      "status_tracker", "broker"}
+    assert figures["cpu_s"]["broker"] > 0  # what the broker costs is part of the picture
     assert figures["steps_ms"], "the per-step breakdown is missing"

@@ -360,10 +360,11 @@ class NotificationHandlers:
             log.warning("customer contact not known yet; email kept until it arrives", kind=kind)
         else:
             status, to = "pending", contact["email"]
-        subject, _, _ = render.render(kind, context)
+        rendered = render.render(kind, context)
+        subject = rendered[0]
         if status == "pending":
-            raw = render.build_message(kind, context, sender=self.sender_address, to=to,  # type: ignore[arg-type]
-                                       message_id=message_id).as_bytes()
+            raw = render.compose(kind, context, rendered, sender=self.sender_address, to=to,  # type: ignore[arg-type]
+                                 message_id=message_id).as_bytes()
         now = utcnow()
         await uow.session.execute(insert(table).values(
             request_id=request["request_id"], kind=kind, audience=audience, subject=subject,

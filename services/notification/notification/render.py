@@ -252,7 +252,23 @@ def build_message(
     date: datetime | None = None,
 ) -> EmailMessage:
     """The complete email: multipart/alternative (text first, HTML preferred by capable clients)."""
-    subject, text, html = render(kind, context)
+    return compose(kind, context, render(kind, context), sender=sender, to=to, message_id=message_id,
+                   reply_to=reply_to, date=date)
+
+
+def compose(
+    kind: str,
+    context: Mapping[str, Any],
+    rendered: tuple[str, str, str],
+    *,
+    sender: str,
+    to: str | Sequence[str],
+    message_id: str,
+    reply_to: str | None = None,
+    date: datetime | None = None,
+) -> EmailMessage:
+    """`build_message` from what `render(kind, context)` gave (for a caller that needed the subject too)."""
+    subject, text, html = rendered
     recipients = [to] if isinstance(to, str) else list(to)
     if not recipients:
         raise ValueError("an email needs at least one recipient")
