@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,7 @@ from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from cancelflow.logging import get_logger
+from cancelflow.messaging.relay import RoundLock, no_lock
 
 log = get_logger(__name__)
 
@@ -120,6 +126,70 @@ async def sqlite_outbox_ids_never_reused(engine: AsyncEngine, outbox: Table) -> 
         await conn.execute(text(f'INSERT INTO "{outbox.name}" ({columns}) SELECT {columns} FROM "{old}"'))
         await conn.execute(text(f'DROP TABLE "{old}"'))
         log.info("outbox rebuilt with ids that are never reused", table=outbox.name)
+
+
+def relay_round_lock(url: str, engine: AsyncEngine, name: str = "outbox") -> RoundLock:
+    """The lock the outbox relays of one database take turns with (messaging/relay.py): a file lock
+    beside a SQLite file (instances sharing a SQLite file share a machine), a PostgreSQL advisory lock
+    otherwise. Both go with the process that held them, however it ends."""
+    if is_sqlite(url):
+        path = url.split(":///", 1)[-1]
+        if not path or path == ":memory:":
+            return no_lock
+        return FileRoundLock(Path(f"{path}.{name}-relay.lock"))
+    return AdvisoryRoundLock(engine, zlib.crc32(f"cancelflow-relay:{name}".encode()))
+
+
+class FileRoundLock:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[bool]:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """What the end of the process does: the descriptor closes and the lock goes with it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class AdvisoryRoundLock:
+    def __init__(self, engine: AsyncEngine, key: int) -> None:
+        self._engine = engine
+        self._key = key
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[bool]:
+        async with self._engine.connect() as conn:
+            ours = bool((await conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self._key})).scalar())
+            await conn.commit()
+            if not ours:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                try:
+                    await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+                    await conn.commit()
+                except BaseException:
+                    # The lock must not stay with a pooled connection: drop the connection, which
+                    # releases it on the server.
+                    await conn.invalidate()
+                    raise
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -88,7 +88,8 @@ class ServiceRuntime:
         self.engine = db.make_engine(settings.database_url())
         self.sessions = db.session_factory(self.engine)
         self.producer = make_producer(settings, client_id=f"cancelflow-{name}")
-        self.relay = OutboxRelay(self.sessions, tables, self.producer)
+        self.relay = OutboxRelay(self.sessions, tables, self.producer,
+                                 round_lock=db.relay_round_lock(settings.database_url(), self.engine))
         self.routes: list[Route] = []
         self.http = web.Application()
         self.tasks: list[Task] = []

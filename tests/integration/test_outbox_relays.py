@@ -1,10 +1,11 @@
-"""Two relays on one outbox (two instances of a service on one database) never lose a row.
+"""Two relays on one outbox (two instances of a service on one database) publish every row once.
 
 The race, step by step with real databases: relay A reads row X and is slow to get its broker
 acknowledgement; relay B publishes X and deletes it; the table is empty when row Y is inserted; A
 finally deletes "its" rows by id. On SQLite without AUTOINCREMENT, Y took X's id and A deleted it
-unpublished (what stalled requests in the two-instance benchmark). Also: an outbox created before
-the fix is rebuilt on start, rows kept.
+unpublished (what stalled requests in the two-instance benchmark). The relays also take turns
+(`db.relay_round_lock`), so a row is published once, not once per instance. Also: an outbox created
+before the fix is rebuilt on start, rows kept.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import MetaData, insert, select, text
 
 from cancelflow import db
-from cancelflow.messaging.relay import OutboxRelay
+from cancelflow.messaging.relay import BUSY, OutboxRelay
 from cancelflow.messaging.store import messaging_tables
 from tests.conftest import DatabaseFactory
 
@@ -106,3 +107,57 @@ async def test_an_outbox_from_before_is_rebuilt_with_its_rows(tmp_path: Path) ->
             assert (await session.execute(select(tables.outbox.c.id))).scalar_one() == 8
     finally:
         await engine.dispose()
+
+
+async def test_relays_of_one_outbox_take_turns_and_publish_each_row_once(store: DatabaseFactory) -> None:
+    metadata = MetaData()
+    tables = messaging_tables(metadata)
+    url = store("turns")
+    engines = [db.make_engine(url), db.make_engine(url)]  # two instances: two engines, one database
+    try:
+        await db.create_schema(engines[0], metadata)
+        sessions = [db.session_factory(e) for e in engines]
+        slow, fast = FakeProducer(hold=True), FakeProducer()
+        relay_a = OutboxRelay(sessions[0], tables, slow,  # type: ignore[arg-type]
+                              round_lock=db.relay_round_lock(url, engines[0]))
+        relay_b = OutboxRelay(sessions[1], tables, fast,  # type: ignore[arg-type]
+                              round_lock=db.relay_round_lock(url, engines[1]))
+
+        await add(sessions[0], tables.outbox, b"X")
+        a_round = asyncio.create_task(relay_a.publish_pending())
+        await slow.asked.wait()                          # A is in its round
+        await add(sessions[1], tables.outbox, b"Y")      # B's instance commits a row meanwhile
+        assert await relay_b.publish_pending() == BUSY   # B waits its turn, publishing nothing
+        slow.release.set()
+        assert await a_round == 1
+        assert await relay_b.publish_pending() == 1      # then B's round takes what is left
+        assert await relay_a.publish_pending() == 0
+        assert (slow.sent, fast.sent) == ([b"X"], [b"Y"])
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_a_relay_that_died_in_its_round_leaves_the_lock_behind(store: DatabaseFactory) -> None:
+    url = store("died")
+    engines = [db.make_engine(url), db.make_engine(url)]
+    try:
+        await db.create_schema(engines[0], MetaData())
+        dying, other = db.relay_round_lock(url, engines[0]), db.relay_round_lock(url, engines[1])
+        held = dying()
+        assert await held.__aenter__() is True
+        async with other() as ours:
+            assert ours is False
+        # The process ends mid-round: its file descriptor closes / its connection drops.
+        if isinstance(dying, db.FileRoundLock):
+            dying.close()
+        else:  # the server sees the connection go, as when the process is killed
+            async with engines[1].connect() as conn:
+                await conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                                        "AND pid <> pg_backend_pid() AND database = "
+                                        "(SELECT oid FROM pg_database WHERE datname = current_database())"))
+        async with other() as ours:
+            assert ours is True
+    finally:
+        for engine in engines:
+            await engine.dispose()

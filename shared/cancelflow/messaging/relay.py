@@ -2,11 +2,19 @@
 
 A row is deleted only after the broker acknowledged it, so a crash between the two republishes it;
 consumers drop the copy by its event_id (at-least-once delivery, exactly-once effect).
+
+Instances of a service share a database and so an outbox. Their relays take turns: a round (read,
+publish, delete) runs under a lock on the database (`db.relay_round_lock`: a file lock next to a
+SQLite file, an advisory lock on PostgreSQL), so each row is published once and in order, whichever
+instance wrote it. A relay that finds the lock taken tries again shortly: the holder may have read
+the outbox before this instance's newest rows were committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import delete, func, select
@@ -19,11 +27,24 @@ from cancelflow.messaging.store import MessagingTables
 
 log = get_logger(__name__)
 
+# A round's lock: enter it, learn whether this relay holds it.
+RoundLock = Callable[[], contextlib.AbstractAsyncContextManager[bool]]
+BUSY = -1  # publish_pending: another relay is in a round
+
+
+@contextlib.asynccontextmanager
+async def no_lock() -> AsyncIterator[bool]:
+    """One relay per outbox (an in-memory database, tests): every round is its own."""
+    yield True
+
 
 class OutboxRelay:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables,
-                 producer: AIOKafkaProducer, *, batch_size: int = 500, idle_poll_s: float = 0.5) -> None:
+                 producer: AIOKafkaProducer, *, batch_size: int = 500, idle_poll_s: float = 0.5,
+                 round_lock: RoundLock = no_lock, busy_retry_s: float = 0.02) -> None:
         self._sessions = sessions
+        self._round_lock = round_lock
+        self._busy_retry_s = busy_retry_s
         self._outbox = tables.outbox
         self._producer = producer
         self._batch_size = batch_size
@@ -44,6 +65,9 @@ class OutboxRelay:
                 log.warning("outbox relay could not publish", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
+            if published == BUSY:
+                await asyncio.sleep(self._busy_retry_s)
+                continue
             if published < self._batch_size:
                 self._wakeup.clear()
                 try:
@@ -52,6 +76,13 @@ class OutboxRelay:
                     pass
 
     async def publish_pending(self) -> int:
+        """One round: the rows published, or BUSY when another relay of this outbox is in a round."""
+        async with self._round_lock() as ours:
+            if not ours:
+                return BUSY
+            return await self._round()
+
+    async def _round(self) -> int:
         async with self._sessions() as session:
             rows = (await session.execute(
                 select(self._outbox).order_by(self._outbox.c.id).limit(self._batch_size)
