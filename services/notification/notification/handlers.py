@@ -123,8 +123,9 @@ class NotificationHandlers:
             context["customer_email"] = facts.customer.email
             if row["subscription_id"] == facts.subscription_id:
                 context["product_name"] = context.get("product_name") or facts.product_name
-            raw = render.build_message(row["kind"], context, sender=self.sender_address, to=facts.customer.email,
-                                       message_id=row["message_id"]).as_bytes()
+            raw = render.message_bytes(row["kind"], context, render.render(row["kind"], context),
+                                       sender=self.sender_address, to=facts.customer.email,
+                                       message_id=row["message_id"])
             await uow.session.execute(update(emails).where(emails.c.id == row["id"]).values(
                 status="pending", raw=raw, context=None, next_attempt_at=utcnow()))
             log.info("customer contact arrived; owed email queued", kind=row["kind"])
@@ -363,8 +364,8 @@ class NotificationHandlers:
         rendered = render.render(kind, context)
         subject = rendered[0]
         if status == "pending":
-            raw = render.compose(kind, context, rendered, sender=self.sender_address, to=to,  # type: ignore[arg-type]
-                                 message_id=message_id).as_bytes()
+            raw = render.message_bytes(kind, context, rendered, sender=self.sender_address,
+                                       to=to, message_id=message_id)  # type: ignore[arg-type]
         now = utcnow()
         await uow.session.execute(insert(table).values(
             request_id=request["request_id"], kind=kind, audience=audience, subject=subject,
