@@ -7,6 +7,7 @@ are read when a command runs), so importing `app` stays cheap.
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import typer
@@ -373,6 +374,7 @@ def chaos(
     config = ChaosConfig(duration_s=duration, rate_per_s=rate, kill_every_s=kill_every,
                          smtp_outage_s=smtp_outage, broker_pause_s=broker_pause, rebalance_s=rebalance, seed=seed,
                          settle_timeout_s=max(300.0, duration * 2))
+    _stop_cleanly_on_sigterm()
     run_dir = data_dir_for(data_dir.resolve())
     with RecordingSMTPServer() as smtp:
         stack = StackProcess(run_dir, extra_env=chaos_env(smtp.port))
@@ -388,6 +390,15 @@ def chaos(
     console.print(f"data, logs and mail of the run: {run_dir}")
     if not result.report.ok:
         raise typer.Exit(1)
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (kill, pkill, a CI timeout) ends a run like Ctrl-C does: through its `finally` blocks,
+    which stop the stack it started. Without this, the stack and every service keep running."""
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 @app.command()
@@ -411,6 +422,7 @@ def bench(
     from cancelflow.bench import BenchResult, measure_baseline, measure_system, render
     from cancelflow.testing.stack import StackProcess
 
+    _stop_cleanly_on_sigterm()
     run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     env: dict[str, str] = {}
     server = None
