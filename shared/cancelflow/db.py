@@ -26,10 +26,15 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def _sqlite_path(url: str) -> str:
+    """The file of a SQLite URL ('' or ':memory:' for an in-memory database)."""
+    return url.split(":///", 1)[-1]
+
+
 def make_engine(url: str) -> AsyncEngine:
     if not is_sqlite(url):
         return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
-    path = url.split(":///", 1)[-1]
+    path = _sqlite_path(url)
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     # A few pooled connections, so opening one per unit of work (NullPool) does not cost the pragmas
@@ -133,7 +138,7 @@ def relay_round_lock(url: str, engine: AsyncEngine, name: str = "outbox") -> Rou
     beside a SQLite file (instances sharing a SQLite file share a machine), a PostgreSQL advisory lock
     otherwise. Both go with the process that held them, however it ends."""
     if is_sqlite(url):
-        path = url.split(":///", 1)[-1]
+        path = _sqlite_path(url)
         if not path or path == ":memory:":
             return no_lock
         return FileRoundLock(Path(f"{path}.{name}-relay.lock"))

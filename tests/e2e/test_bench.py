@@ -19,13 +19,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 FIGURES = {"throughput_per_s", "baseline_per_s", "ratio", "p50_ms", "p99_ms", "p99_ms_paced", "rss_mb"}
 
 
-def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "cancelflow", "bench", "--requests", "24", "--paced", "12", "--rate", "20",
-         "--json", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=540)
+def bench_figures(tmp_path: Path, *options: str) -> dict:
+    """Run `cancelflow bench OPTIONS --json` to the end; the figures of its last line."""
+    run = subprocess.run([sys.executable, "-m", "cancelflow", "bench", *options, "--json", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
+    figures = bench_figures(tmp_path, "--requests", "24", "--paced", "12", "--rate", "20")
     assert FIGURES <= figures.keys()
     assert figures["instances"] == 1 and figures["correct"] is True and figures["violations"] == {}
     assert figures["throughput_per_s"] > 0 and figures["baseline_per_s"] > 0
@@ -37,12 +40,7 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
 
 
 def test_two_instances_of_every_service_finish_the_run_correctly(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "cancelflow", "bench", "--requests", "40", "--paced", "0", "--instances", "2",
-         "--json", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=540)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    figures = bench_figures(tmp_path, "--requests", "40", "--paced", "0", "--instances", "2")
     assert figures["instances"] == 2 and figures["correct"] is True and figures["violations"] == {}
     assert {"billing#2", "status_tracker#2"} <= figures["cpu_s"].keys()
 

@@ -59,6 +59,7 @@ async def test_a_hole_inside_a_batch_holds_back_the_rest_and_seeks_to_it() -> No
     assert gap_count("refetched") == before + 1
     # The next fetch brings the missing record: everything flows on.
     assert offsets(await guard.check(consumer, {TP: records(TP, 649, 650, 651)})) == {TP: [649, 650, 651]}
+    assert guard._holes == {}  # a filled hole is not remembered
 
 
 async def test_a_hole_at_the_start_of_a_fetch_is_read_again() -> None:

@@ -40,10 +40,6 @@ class GapGuard:
         for tp in partitions:
             self._expected.pop(tp, None)
 
-    def consumed(self, tp: TopicPartition, next_offset: int) -> None:
-        """The caller handled `tp` up to `next_offset` (a seek elsewhere must say so)."""
-        self._expected[tp] = next_offset
-
     async def check(self, consumer: AIOKafkaConsumer, batch: Batch) -> Batch:
         """`batch` without the records at and after a hole (their partitions are sought back to it)."""
         if self._grace_s <= 0:
@@ -55,12 +51,14 @@ class GapGuard:
             expected = self._expected.get(tp)
             if expected is None:
                 expected = await _start_of(consumer, tp, records[0].offset)
+            if records[0].offset == expected:
+                self._holes.pop((tp, expected), None)  # a hole read again, now filled
             kept = self._contiguous(tp, expected, records)
+            self._expected[tp] = kept[-1].offset + 1 if kept else expected
             if kept:
                 clean[tp] = kept
-                self._expected[tp] = kept[-1].offset + 1
             if len(kept) < len(records):
-                consumer.seek(tp, self._expected.get(tp, expected))
+                consumer.seek(tp, self._expected[tp])
         return clean
 
     def _contiguous(self, tp: TopicPartition, expected: int, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
