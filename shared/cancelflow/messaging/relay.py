@@ -17,13 +17,13 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cancelflow import metrics
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.store import MessagingTables
+from cancelflow.sql import Db
 
 log = get_logger(__name__)
 
@@ -45,7 +45,7 @@ class OutboxRelay:
         self._sessions = sessions
         self._round_lock = round_lock
         self._busy_retry_s = busy_retry_s
-        self._outbox = tables.outbox
+        self._tables = tables
         self._producer = producer
         self._batch_size = batch_size
         self._idle_poll_s = idle_poll_s
@@ -84,9 +84,7 @@ class OutboxRelay:
 
     async def _round(self) -> int:
         async with self._sessions() as session:
-            rows = (await session.execute(
-                select(self._outbox).order_by(self._outbox.c.id).limit(self._batch_size)
-            )).all()
+            rows = await Db(session).all(self._tables.outbox_head, size=self._batch_size)
         if not rows:
             metrics.OUTBOX_BACKLOG.set(0)
             return 0
@@ -94,20 +92,21 @@ class OutboxRelay:
         # at-least-once guarantee.
         futures = [
             await self._producer.send(
-                row.topic,
-                value=row.value,
-                key=row.key.encode() if row.key is not None else None,
-                headers=[*((k, v.encode()) for k, v in (row.headers or {}).items()),
-                         (EVENT_TYPE_HEADER, row.event_type.encode())],
+                row["topic"],
+                value=row["value"],
+                key=row["key"].encode() if row["key"] is not None else None,
+                headers=[*((k, v.encode()) for k, v in (row["headers"] or {}).items()),
+                         (EVENT_TYPE_HEADER, row["event_type"].encode())],
             )
             for row in rows
         ]
         await asyncio.gather(*futures)
         for row in rows:
-            metrics.EVENTS_PRODUCED.labels(row.topic, row.event_type).inc()
+            metrics.EVENTS_PRODUCED.labels(row["topic"], row["event_type"]).inc()
         async with self._sessions() as session, session.begin():
+            db = Db(session)
             # by id, not by range: on PostgreSQL a lower id may commit after a higher one
-            await session.execute(delete(self._outbox).where(self._outbox.c.id.in_([r.id for r in rows])))
-            backlog = (await session.execute(select(func.count()).select_from(self._outbox))).scalar_one()
+            await db.run_many(self._tables.outbox_remove, [{"row_id": row["id"]} for row in rows])
+            backlog = await db.scalar(self._tables.outbox_backlog)
         metrics.OUTBOX_BACKLOG.set(backlog)
         return len(rows)

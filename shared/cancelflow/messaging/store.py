@@ -7,14 +7,57 @@ commit in one transaction. The relay publishes the outbox afterwards, in inserti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+)
+
+from cancelflow.sql import Query
 
 
 @dataclass(frozen=True)
 class MessagingTables:
     inbox: Table
     outbox: Table
+
+    # The statements every unit of work and relay runs, built once (cancelflow.sql).
+    @cached_property
+    def add_inbox(self) -> Query:
+        return Query(insert(self.inbox))
+
+    @cached_property
+    def inbox_has(self) -> Query:
+        return Query(select(self.inbox.c.message_id).where(self.inbox.c.message_id == bindparam("message_id")))
+
+    @cached_property
+    def add_outbox(self) -> Query:
+        return Query(insert(self.outbox))
+
+    @cached_property
+    def outbox_head(self) -> Query:
+        return Query(select(self.outbox).order_by(self.outbox.c.id).limit(bindparam("size")))
+
+    @cached_property
+    def outbox_remove(self) -> Query:
+        return Query(delete(self.outbox).where(self.outbox.c.id == bindparam("row_id")))
+
+    @cached_property
+    def outbox_backlog(self) -> Query:
+        return Query(select(func.count().label("rows")).select_from(self.outbox))
 
 
 def messaging_tables(metadata: MetaData) -> MessagingTables:

@@ -7,13 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import Envelope, Payload, envelope_for, utcnow
 from cancelflow.messaging.codec import Message, encode
 from cancelflow.messaging.store import MessagingTables
+from cancelflow.sql import Db
 
 
 class UnitOfWork:
@@ -34,6 +35,7 @@ class UnitOfWork:
         self.emitted: list[Envelope] = []
         self._outbox_rows: list[dict[str, Any]] = []
         self.session: AsyncSession
+        self.db: Db  # the session's statements, the fast way (cancelflow.sql)
         # SQLite has one writer: concurrent units of work queue here instead of in SQLite's sleeping
         # busy handler. Held until the first commit or checkpoint; what follows a checkpoint (after a
         # vendor/gateway/SMTP call) is short and relies on SQLite's own lock.
@@ -47,6 +49,7 @@ class UnitOfWork:
             await self._write_lock.acquire()
             self._holding = True
         self.session = self._sessions()
+        self.db = Db(self.session)
         try:
             await self.session.begin()
         except BaseException:
@@ -68,9 +71,7 @@ class UnitOfWork:
             self._write_lock.release()
 
     async def already_processed(self, message_id: str) -> bool:
-        inbox = self._tables.inbox
-        found = await self.session.execute(select(inbox.c.message_id).where(inbox.c.message_id == message_id))
-        return found.first() is not None
+        return await self.db.first(self._tables.inbox_has, message_id=message_id) is not None
 
     def emit(self, payload: Payload, *, correlation_id: str | None = None, key: str | None = None,
              headers: dict[str, str] | None = None) -> Envelope:
@@ -93,7 +94,7 @@ class UnitOfWork:
 
     async def _flush_outbox(self) -> None:
         if self._outbox_rows:
-            await self.session.execute(insert(self._tables.outbox), self._outbox_rows)
+            await self.db.run_many(self._tables.add_outbox, self._outbox_rows)
             self._outbox_rows.clear()
 
     # --- a batch of records in one transaction ------------------------------------------------------
@@ -121,7 +122,7 @@ class UnitOfWork:
     async def commit_batch(self) -> None:
         """Write the batch's outbox and inbox rows (one statement each) and commit."""
         if self._inbox_rows:
-            await self.session.execute(insert(self._tables.inbox), self._inbox_rows)
+            await self.db.run_many(self._tables.add_inbox, self._inbox_rows)
             self._inbox_rows = []
         self.message = None
         await self.commit()
@@ -160,7 +161,7 @@ class UnitOfWork:
                 "processed_at": utcnow()}
 
     async def _record_processed(self, message_id: str) -> None:
-        await self.session.execute(insert(self._tables.inbox).values(**self._inbox_row(message_id)))
+        await self.db.run(self._tables.add_inbox, **self._inbox_row(message_id))
 
     async def commit(self, *, mark_processed: str | None = None) -> None:
         await self._flush_outbox()

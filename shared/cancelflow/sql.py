@@ -1,0 +1,178 @@
+"""Statements built once and run many times, and the handle a unit of work runs them with.
+
+Profiled in a benchmark burst (issue 8): building a statement, computing its cache key and going
+through SQLAlchemy's execution on every call cost about 150 microseconds, more than half of each
+service's CPU, against about 4 for SQLite to run it. So a `Query` is built once (at import, with
+named `bindparam`s), and `Db` runs it:
+
+- on SQLite (the embedded default), straight on the driver connection of the unit of work's
+  transaction, with the SQL, parameter order and type conversions SQLAlchemy compiled for it the
+  first time: its own bind and result processors, so values go in and come back exactly as they do
+  through SQLAlchemy (dates, decimals, booleans, JSON);
+- elsewhere (PostgreSQL), through SQLAlchemy, which still saves the building and the cache key.
+
+The transaction stays SQLAlchemy's: `Db` asks the session for its connection (which begins the
+transaction, BEGIN IMMEDIATE on SQLite) and commits nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Executable
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.compiler import SQLCompiler
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One statement compiled for one dialect and one set of parameter names."""
+
+    sql: str
+    names: tuple[str, ...]  # the parameters, in the order of the SQL's placeholders
+    binds: tuple[Callable[[Any], Any] | None, ...]  # the bind processor of each position
+    fixed: dict[str, Any]  # values the statement carries (literals, scalar column defaults)
+    computed: dict[str, Callable[[], Any]]  # column defaults computed per row (callables)
+    keys: tuple[str, ...]  # result columns
+    results: tuple[Callable[[Any], Any] | None, ...]  # the result processor of each column
+
+    @classmethod
+    def compile(cls, construct: Executable, dialect: Dialect, names: Iterable[str]) -> _Plan:
+        compiled = construct.compile(dialect=dialect, column_keys=sorted(names))
+        assert isinstance(compiled, SQLCompiler)
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            raise TypeError("expanding parameters (IN lists) are not supported by Query: use the session")
+        fixed = compiled.construct_params(_check=False)
+        computed: dict[str, Callable[[], Any]] = {}
+        for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
+            default = column.default if column in compiled.insert_prefetch else column.onupdate
+            if default is None or not (default.is_scalar or default.is_callable):
+                raise TypeError(f"column default of {column} is not supported by Query: use the session")
+            if default.is_scalar:
+                fixed[column.key] = default.arg
+            else:
+                computed[column.key] = lambda arg=default.arg: arg(None)
+        processors = compiled._bind_processors
+        positions = tuple(compiled.positiontup or ())
+        return cls(
+            sql=compiled.string,
+            names=positions,
+            binds=tuple(processors.get(name) for name in positions),
+            fixed=fixed,
+            computed=computed,
+            keys=tuple(entry.keyname for entry in compiled._result_columns),
+            results=tuple(entry.type._cached_result_processor(dialect, None)
+                          for entry in compiled._result_columns),
+        )
+
+    def parameters(self, given: Mapping[str, Any]) -> list[Any]:
+        values = []
+        for name, bind in zip(self.names, self.binds, strict=True):
+            if name in given:
+                value = given[name]
+            elif name in self.computed:
+                value = self.computed[name]()
+            else:
+                value = self.fixed[name]
+            values.append(value if bind is None or value is None else bind(value))
+        return values
+
+    def row(self, values: Sequence[Any]) -> Row:
+        return {key: value if convert is None or value is None else convert(value)
+                for key, convert, value in zip(self.keys, self.results, values, strict=True)}
+
+
+class Query:
+    """A statement built once: `Query(select(t).where(t.c.id == bindparam("id")))`."""
+
+    __slots__ = ("construct", "_plans")
+
+    def __init__(self, construct: Executable) -> None:
+        self.construct = construct
+        self._plans: dict[tuple[int, frozenset[str]], _Plan] = {}
+
+    def plan(self, dialect: Dialect, names: Iterable[str]) -> _Plan:
+        key = (id(dialect), frozenset(names))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _Plan.compile(self.construct, dialect, key[1])
+        return plan
+
+    def __repr__(self) -> str:
+        return f"Query({self.construct})"
+
+
+class Db:
+    """Runs `Query`s in a session's current transaction: `await db.first(SUBSCRIPTION, subscription_id=s)`.
+
+    Rows come back as plain dicts on every database."""
+
+    __slots__ = ("session", "_dialect", "_direct", "_transaction", "_connection")
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        bind = session.bind
+        assert bind is not None, "a Db needs a session bound to an engine"
+        self._dialect = bind.dialect
+        self._direct = self._dialect.name == "sqlite"
+        self._transaction: object = None  # the session transaction `_connection` belongs to
+        self._connection: Any = None
+
+    async def all(self, query: Query, /, **params: Any) -> list[Row]:
+        if self._direct:
+            plan = query.plan(self._dialect, params)
+            driver = await self._driver()
+            cursor = await driver.execute(plan.sql, plan.parameters(params))
+            try:
+                return [plan.row(values) for values in await cursor.fetchall()]
+            finally:
+                await cursor.close()
+        return [dict(row) for row in (await self.session.execute(query.construct, params)).mappings()]
+
+    async def first(self, query: Query, /, **params: Any) -> Row | None:
+        rows = await self.all(query, **params)
+        return rows[0] if rows else None
+
+    async def scalar(self, query: Query, /, **params: Any) -> Any:
+        row = await self.first(query, **params)
+        return next(iter(row.values())) if row else None
+
+    async def run(self, query: Query, /, **params: Any) -> int:
+        """An insert, update or delete; returns how many rows it touched."""
+        if self._direct:
+            plan = query.plan(self._dialect, params)
+            driver = await self._driver()
+            cursor = await driver.execute(plan.sql, plan.parameters(params))
+            touched = int(cursor.rowcount)
+            await cursor.close()
+            return touched
+        result = await self.session.execute(query.construct, params)
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def run_many(self, query: Query, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The same insert, update or delete for every row (all rows have the same keys)."""
+        if not rows:
+            return
+        if self._direct:
+            plan = query.plan(self._dialect, rows[0])
+            driver = await self._driver()
+            cursor = await driver.executemany(plan.sql, [plan.parameters(row) for row in rows])
+            await cursor.close()
+            return
+        await self.session.execute(query.construct, list(rows))
+
+    async def _driver(self) -> Any:
+        """The driver connection of the session's transaction, looked up once per transaction (asking
+        the session costs two greenlet switches, more than running the statement)."""
+        transaction = self.session.sync_session.get_transaction()
+        if transaction is None or transaction is not self._transaction:
+            # The session's connection begins its transaction on first use (BEGIN IMMEDIATE on SQLite).
+            connection = await self.session.connection()
+            self._connection = (await connection.get_raw_connection()).driver_connection
+            self._transaction = self.session.sync_session.get_transaction()
+        return self._connection

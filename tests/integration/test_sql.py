@@ -1,0 +1,131 @@
+"""cancelflow.sql: statements built once, run on the SQLite driver directly, on PostgreSQL through
+SQLAlchemy. Values must come back exactly as SQLAlchemy's own execution returns them, on both."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    bindparam,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+
+from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.sql import Db, Query
+
+metadata = MetaData()
+serials = itertools.count(1)
+things = Table(
+    "things", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("day", Date, nullable=True),
+    Column("at", DateTime(timezone=True), nullable=True),
+    Column("amount", Numeric(12, 2), nullable=True),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("serial", Integer, nullable=False, default=lambda: next(serials)),
+    Column("data", JSON, nullable=True),
+)
+
+ADD = Query(insert(things))
+GET = Query(select(things).where(things.c.id == bindparam("thing_id")))
+ACTIVE_IDS = Query(select(things.c.id).where(things.c.active == bindparam("active")).order_by(things.c.id))
+SET = Query(update(things).where(things.c.id == bindparam("thing_id")))
+DROP = Query(delete(things).where(things.c.id == bindparam("thing_id")))
+
+FULL = {"id": "a", "day": date(2026, 11, 21), "at": datetime(2026, 11, 21, 9, 30, 15, 123456, tzinfo=UTC),
+        "amount": Decimal("12.50"), "active": False, "serial": 7, "data": {"lines": [1, 2], "note": "é"}}
+
+
+@pytest.fixture
+async def sessions(store):  # type: ignore[no-untyped-def]
+    engine = make_engine(store("sql"))
+    await create_schema(engine, metadata)
+    try:
+        yield engine, session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_rows_come_back_as_sqlalchemy_returns_them(sessions) -> None:  # type: ignore[no-untyped-def]
+    _, new_session = sessions
+    async with new_session() as session, session.begin():
+        db = Db(session)
+        await db.run(ADD, **FULL)
+        await db.run_many(ADD, [{"id": "b", "day": None, "at": None, "amount": None, "data": None},
+                                {"id": "c", "day": date(2026, 1, 31), "at": None, "amount": Decimal("0.10"),
+                                 "data": [1]}])
+    async with new_session() as session:
+        db = Db(session)
+        for thing_id in ("a", "b", "c"):
+            ours = await db.first(GET, thing_id=thing_id)
+            theirs = (await session.execute(select(things).where(things.c.id == thing_id))).mappings().one()
+            assert ours == dict(theirs)
+        a = await db.first(GET, thing_id="a")
+        assert a is not None and {**a, "at": None} == {**FULL, "at": None}
+        at = a["at"]  # SQLite keeps no offset (SQLAlchemy's own behaviour); PostgreSQL gives it back
+        assert (at if at.tzinfo else at.replace(tzinfo=UTC)) == FULL["at"]
+        # column defaults: the scalar one, and the callable one computed for each row
+        b, c = await db.first(GET, thing_id="b"), await db.first(GET, thing_id="c")
+        assert b["active"] is True and c["active"] is True
+        assert b["serial"] != c["serial"]
+        assert await db.first(GET, thing_id="nope") is None
+        assert await db.all(ACTIVE_IDS, active=True) == [{"id": "b"}, {"id": "c"}]
+        assert await db.scalar(ACTIVE_IDS, active=False) == "a"
+
+
+async def test_writes_report_rows_and_belong_to_the_session_transaction(sessions) -> None:  # type: ignore[no-untyped-def]
+    _, new_session = sessions
+    async with new_session() as session, session.begin():
+        await Db(session).run_many(ADD, [{"id": "a"}, {"id": "b"}])
+    async with new_session() as session:
+        db = Db(session)
+        await session.begin()
+        assert await db.run(SET, thing_id="a", amount=Decimal("3.00"), active=False) == 1
+        assert await db.run(SET, thing_id="missing", amount=Decimal("1.00")) == 0
+        assert await db.run(DROP, thing_id="b") == 1
+        await session.rollback()  # nothing of it stays
+        await session.begin()
+        assert (await db.first(GET, thing_id="a"))["amount"] is None
+        assert await db.first(GET, thing_id="b") is not None
+        await db.run(SET, thing_id="a", amount=Decimal("3.00"))
+        await session.commit()  # a new transaction after a commit gets its own connection
+        assert (await db.first(GET, thing_id="a"))["amount"] == Decimal("3.00")
+
+
+async def test_sqlite_skips_sqlalchemy_execution_postgresql_goes_through_it(store, sessions) -> None:  # type: ignore[no-untyped-def]
+    engine, new_session = sessions
+    seen: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    async with new_session() as session, session.begin():
+        await Db(session).run(ADD, id="a")
+        await Db(session).first(GET, thing_id="a")
+    statements = [s for s in seen if "things" in s]
+    assert len(statements) == (0 if store.kind == "sqlite" else 2)
+
+
+async def test_in_lists_are_refused_on_the_direct_path(store, sessions) -> None:  # type: ignore[no-untyped-def]
+    _, new_session = sessions
+    among = Query(select(things).where(things.c.id.in_(bindparam("ids", expanding=True))))
+    async with new_session() as session:
+        if store.kind == "sqlite":
+            with pytest.raises(TypeError, match="IN lists"):
+                await Db(session).all(among, ids=["a"])
+        else:
+            assert await Db(session).all(among, ids=["a"]) == []
