@@ -79,11 +79,11 @@ class _Plan:
                 value = self.computed[name]()
             else:
                 value = self.fixed[name]
-            values.append(value if bind is None or value is None else bind(value))
+            values.append(value if bind is None else bind(value))  # None too: JSON stores 'null'
         return values
 
     def row(self, values: Sequence[Any]) -> Row:
-        return {key: value if convert is None or value is None else convert(value)
+        return {key: value if convert is None else convert(value)
                 for key, convert, value in zip(self.keys, self.results, values, strict=True)}
 
 
@@ -169,10 +169,15 @@ class Db:
     async def _driver(self) -> Any:
         """The driver connection of the session's transaction, looked up once per transaction (asking
         the session costs two greenlet switches, more than running the statement)."""
-        transaction = self.session.sync_session.get_transaction()
+        transaction = self._innermost()
         if transaction is None or transaction is not self._transaction:
-            # The session's connection begins its transaction on first use (BEGIN IMMEDIATE on SQLite).
+            # The session begins its transaction when a statement first asks for the connection (BEGIN
+            # IMMEDIATE on SQLite), and a savepoint (`begin_nested`) the same way: ask for each.
             connection = await self.session.connection()
             self._connection = (await connection.get_raw_connection()).driver_connection
-            self._transaction = self.session.sync_session.get_transaction()
+            self._transaction = self._innermost()
         return self._connection
+
+    def _innermost(self) -> object:
+        sync = self.session.sync_session
+        return sync.get_nested_transaction() or sync.get_transaction()

@@ -90,6 +90,19 @@ async def test_rows_come_back_as_sqlalchemy_returns_them(sessions) -> None:  # t
         assert await db.scalar(ACTIVE_IDS, active=False) == "a"
 
 
+async def test_values_are_stored_as_sqlalchemy_stores_them(sessions) -> None:  # type: ignore[no-untyped-def]
+    _, new_session = sessions
+    row = {**FULL, "id": "ours", "data": None, "amount": None}
+    async with new_session() as session, session.begin():
+        await Db(session).run(ADD, **row)
+        await session.execute(insert(things).values(**{**row, "id": "theirs"}))
+    async with new_session() as session:
+        connection = await session.connection()
+        stored = {r[0]: r[1:] for r in (await connection.exec_driver_sql(
+            "SELECT id, day, at, amount, active, serial, data FROM things")).all()}
+    assert stored["ours"] == stored["theirs"]
+
+
 async def test_writes_report_rows_and_belong_to_the_session_transaction(sessions) -> None:  # type: ignore[no-untyped-def]
     _, new_session = sessions
     async with new_session() as session, session.begin():
@@ -107,6 +120,21 @@ async def test_writes_report_rows_and_belong_to_the_session_transaction(sessions
         await db.run(SET, thing_id="a", amount=Decimal("3.00"))
         await session.commit()  # a new transaction after a commit gets its own connection
         assert (await db.first(GET, thing_id="a"))["amount"] == Decimal("3.00")
+
+
+async def test_a_savepoint_undoes_only_its_own_statements(sessions) -> None:  # type: ignore[no-untyped-def]
+    _, new_session = sessions
+    async with new_session() as session, session.begin():
+        db = Db(session)
+        await db.run(ADD, id="kept")
+        with pytest.raises(RuntimeError):
+            async with session.begin_nested():
+                await db.run(ADD, id="undone")
+                raise RuntimeError("the platform commit failed")
+        await db.run(ADD, id="after")
+    async with new_session() as session:
+        assert [row["id"] for row in await Db(session).all(Query(select(things.c.id).order_by(things.c.id)))] \
+            == ["after", "kept"]
 
 
 async def test_sqlite_skips_sqlalchemy_execution_postgresql_goes_through_it(store, sessions) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -34,7 +35,7 @@ from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.testing.messages import handle, message
 from payment_gateway import orm as payment_orm
-from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome
+from payment_gateway.adapters.gateway import FakeGatewayClient, GatewayOutcome, RefundOutcome
 from payment_gateway.domain import refund_key
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
@@ -633,6 +634,54 @@ async def test_payment_redelivery_refunds_once(payments: Payments) -> None:
     assert types(second) in ([], ["RefundIssued"])
     for emitted in second:
         assert emitted["payload"]["lines"] == first[0]["payload"]["lines"]
+
+
+class MeetingGateway(FakeGatewayClient):
+    """A gateway whose schedule stop and refund each wait until the other one has been asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.both_asked = asyncio.Barrier(2)
+
+    async def refund(self, key: str, **kwargs: Any) -> RefundOutcome:
+        await asyncio.wait_for(self.both_asked.wait(), 5)
+        return await super().refund(key, **kwargs)
+
+    async def stop_schedule(self, subscription_id: str, *, request_id: str) -> GatewayOutcome:
+        await asyncio.wait_for(self.both_asked.wait(), 5)
+        return await super().stop_schedule(subscription_id, request_id=request_id)
+
+
+async def test_payment_stops_the_schedule_and_refunds_in_one_round_trip(payment_engine: AsyncEngine) -> None:
+    payments = Payments(payment_engine)
+    payments.gateway = MeetingGateway()  # one after the other, the first call would time out waiting
+    payments.handlers = PaymentHandlers(payments.gateway)
+    await payments.charge()
+    emitted = await payments.commit(platform_committed())
+    assert types(emitted) == ["RefundIssued"]
+    assert emitted[0]["payload"]["auto_renew_stopped"] is True
+    assert sorted(c["call"] for c in payments.gateway.calls) == ["refund", "stop_schedule"]
+
+
+async def test_payment_schedule_stop_failure_keeps_the_refund_pending_for_the_retry(payments: Payments) -> None:
+    await payments.charge()
+    event = platform_committed()
+    msg = message(event)
+    failing = GatewayOutcome(False, False, 503, "unavailable", "try later", True)
+    real_stop = payments.gateway.stop_schedule
+    payments.gateway.stop_schedule = lambda *a, **k: asyncio.sleep(0, failing)  # type: ignore[method-assign]
+    with pytest.raises(TransientError, match="recurring schedule"):
+        await handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
+    # The refund went out with the stop, but nothing of the answers is recorded: the key stays pending.
+    assert [r["status"] for r in await rows(payments.engine, payment_orm.refunds)] == ["pending"]
+    payments.gateway.stop_schedule = real_stop  # type: ignore[method-assign]
+    assert await handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
+    key = refund_key(str(event.request_id), "c1")
+    assert [c["idempotency_key"] for c in payments.gateway.calls if c["call"] == "refund"] == [key, key]
+    assert len(payments.refund_effects()) == 1  # the gateway answered the second ask with the first refund
+    assert [r["status"] for r in await rows(payments.engine, payment_orm.refunds)] == ["succeeded"]
+    assert await payments.refunded_amount() == Decimal("10.00")
+    assert types(await outbox(payments.engine, payment_orm)) == ["RefundIssued"]
 
 
 async def test_payment_unknown_outcome_is_retried_with_the_same_key(payments: Payments) -> None:

@@ -9,6 +9,11 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing import orm
+from cancelflow.sql import Db, Query
+
+OFFSET = Query(select(orm.clock.c.offset_days))
+SET_OFFSET = Query(update(orm.clock))
+ADD_OFFSET = Query(insert(orm.clock))
 
 
 class Clock:
@@ -20,13 +25,13 @@ class Clock:
 
     async def load(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         async with sessions() as session:
-            stored = (await session.execute(select(orm.clock.c.offset_days))).scalar()
+            stored = await Db(session).scalar(OFFSET)
         if stored is not None:
             self.offset_days = stored
 
     async def set_offset(self, sessions: async_sessionmaker[AsyncSession], offset_days: int) -> None:
         async with sessions() as session, session.begin():
-            result = await session.execute(update(orm.clock).values(offset_days=offset_days))
-            if not result.rowcount:
-                await session.execute(insert(orm.clock).values(id=1, offset_days=offset_days))
+            db = Db(session)
+            if not await db.run(SET_OFFSET, offset_days=offset_days):
+                await db.run(ADD_OFFSET, id=1, offset_days=offset_days)
         self.offset_days = offset_days

@@ -6,23 +6,63 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import orm
 from billing.domain import SubscriptionFacts
 from cancelflow.events import SubscriptionActivated, SubscriptionSnapshot, utcnow
+from cancelflow.sql import Db, Query
+
+_subscriptions, _history, _billings = orm.subscriptions, orm.history, orm.scheduled_billings
+_cancellations, _parked, _faults = orm.cancellations, orm.parked_decisions, orm.armed_faults
+
+# Billing's statements, built once (cancelflow.sql). An UPDATE's keyword parameters are its SET columns.
+SUBSCRIPTION = Query(select(_subscriptions).where(
+    _subscriptions.c.subscription_id == bindparam("subscription_id")))
+ADD_SUBSCRIPTION = Query(insert(_subscriptions))
+SET_SUBSCRIPTION = Query(update(_subscriptions).where(
+    _subscriptions.c.subscription_id == bindparam("match_subscription_id")))
+
+ADD_HISTORY = Query(insert(_history))
+HISTORY = Query(select(_history).where(_history.c.subscription_id == bindparam("subscription_id"))
+                .order_by(_history.c.id))
+
+_SCHEDULED_FOR = (_billings.c.subscription_id == bindparam("match_subscription_id")) & (
+    _billings.c.status == "scheduled")
+SUPERSEDE_RENEWALS = Query(update(_billings).where(_SCHEDULED_FOR).values(status="superseded"))
+CANCEL_RENEWALS = Query(update(_billings).where(_SCHEDULED_FOR).values(status="canceled"))
+REPRICE_RENEWALS = Query(update(_billings).where(_SCHEDULED_FOR))
+ADD_RENEWAL = Query(insert(_billings))
+
+CANCELLATION = Query(select(_cancellations).where(_cancellations.c.request_id == bindparam("request_id")))
+ADD_CANCELLATION = Query(insert(_cancellations))
+SET_CANCELLATION = Query(update(_cancellations).where(
+    _cancellations.c.request_id == bindparam("match_request_id")))
+# The states that hold the subscription's lock, spelled out (an IN list would be expanding: not a Query).
+IN_FLIGHT = Query(select(_cancellations.c.request_id).where(
+    (_cancellations.c.subscription_id == bindparam("subscription_id"))
+    & (_cancellations.c.request_id != bindparam("exclude"))
+    & or_(_cancellations.c.state == "scheduled", _cancellations.c.state == "awaiting_vendor")).limit(1))
+
+PARKED_ID = Query(select(_parked.c.request_id).where(_parked.c.request_id == bindparam("request_id")))
+PARKED = Query(select(_parked).where(_parked.c.request_id == bindparam("request_id")))
+ADD_PARKED = Query(insert(_parked))
+DROP_PARKED = Query(delete(_parked).where(_parked.c.request_id == bindparam("request_id")))
+
+TAKE_FAULT = Query(delete(_faults).where(
+    (_faults.c.subscription_id == bindparam("subscription_id")) & (_faults.c.stage == bindparam("stage"))))
+DROP_FAULTS = Query(delete(_faults).where(_faults.c.subscription_id == bindparam("subscription_id")))
+ADD_FAULT = Query(insert(_faults))
 
 
 class BillingRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, session: AsyncSession, db: Db | None = None) -> None:
+        """`db`: the unit of work's, when there is one (it already knows its transaction's connection)."""
+        self.db = db if db is not None else Db(session)
 
     async def subscription(self, subscription_id: str) -> dict[str, Any] | None:
-        row = (await self.session.execute(
-            select(orm.subscriptions).where(orm.subscriptions.c.subscription_id == subscription_id)
-        )).mappings().first()
-        return dict(row) if row else None
+        return await self.db.first(SUBSCRIPTION, subscription_id=subscription_id)
 
     @staticmethod
     def facts(row: dict[str, Any]) -> SubscriptionFacts:
@@ -48,105 +88,72 @@ class BillingRepository:
             status=facts.status, trial=facts.status == "trial", current_period_start=facts.current_period_start,
             current_period_end=facts.current_period_end, auto_renew=facts.auto_renew, updated_at=utcnow(),
         )
-        table = orm.subscriptions
         existing = await self.subscription(facts.subscription_id)
         if existing is None:
-            await self.session.execute(insert(table).values(
-                subscription_id=facts.subscription_id, provisioning_status=provisioning_status,
-                effective_date=None, **values))
+            await self.db.run(ADD_SUBSCRIPTION, subscription_id=facts.subscription_id,
+                              provisioning_status=provisioning_status, effective_date=None, **values)
         else:
             if existing["provisioning_status"] == "In Progress":
                 # A cancellation holds the lock: keep its view of status until it ends.
                 values.pop("status")
                 values.pop("trial")
-            await self.session.execute(update(table).where(
-                table.c.subscription_id == facts.subscription_id).values(**values))
+            await self.db.run(SET_SUBSCRIPTION, match_subscription_id=facts.subscription_id, **values)
 
     async def update_subscription(self, subscription_id: str, **values: Any) -> None:
-        table = orm.subscriptions
-        await self.session.execute(update(table).where(table.c.subscription_id == subscription_id)
-                                   .values(updated_at=utcnow(), **values))
+        await self.db.run(SET_SUBSCRIPTION, match_subscription_id=subscription_id, updated_at=utcnow(), **values)
 
     async def add_history(self, subscription_id: str, request_id: str | None, message: str) -> None:
-        await self.session.execute(insert(orm.history).values(
-            subscription_id=subscription_id, request_id=request_id, at=utcnow(), message=message))
+        await self.db.run(ADD_HISTORY, subscription_id=subscription_id, request_id=request_id, at=utcnow(),
+                          message=message)
 
     async def history(self, subscription_id: str) -> list[dict[str, Any]]:
-        rows = (await self.session.execute(select(orm.history).where(
-            orm.history.c.subscription_id == subscription_id).order_by(orm.history.c.id))).mappings()
-        return [dict(r) for r in rows]
+        return await self.db.all(HISTORY, subscription_id=subscription_id)
 
     async def schedule_renewal(self, facts: SubscriptionActivated) -> None:
-        table = orm.scheduled_billings
-        await self.session.execute(update(table).where(
-            (table.c.subscription_id == facts.subscription_id) & (table.c.status == "scheduled")
-        ).values(status="superseded"))
+        await self.db.run(SUPERSEDE_RENEWALS, match_subscription_id=facts.subscription_id)
         if facts.auto_renew:
-            await self.session.execute(insert(table).values(
-                subscription_id=facts.subscription_id, bill_on=facts.current_period_end,
-                amount=facts.unit_price * facts.quantity, currency=facts.currency, status="scheduled"))
+            await self.db.run(ADD_RENEWAL, subscription_id=facts.subscription_id, bill_on=facts.current_period_end,
+                              amount=facts.unit_price * facts.quantity, currency=facts.currency,
+                              status="scheduled")
 
     async def cancel_scheduled_billings(self, subscription_id: str) -> int:
-        table = orm.scheduled_billings
-        result = await self.session.execute(update(table).where(
-            (table.c.subscription_id == subscription_id) & (table.c.status == "scheduled")
-        ).values(status="canceled"))
-        return result.rowcount or 0
+        return await self.db.run(CANCEL_RENEWALS, match_subscription_id=subscription_id)
 
     async def reprice_scheduled_billings(self, subscription_id: str, amount: Decimal) -> int:
         """A partial cancellation: the next renewal bills only the licenses that are left."""
-        table = orm.scheduled_billings
-        result = await self.session.execute(update(table).where(
-            (table.c.subscription_id == subscription_id) & (table.c.status == "scheduled")
-        ).values(amount=amount))
-        return result.rowcount or 0
+        return await self.db.run(REPRICE_RENEWALS, match_subscription_id=subscription_id, amount=amount)
 
     async def cancellation(self, request_id: str) -> dict[str, Any] | None:
-        row = (await self.session.execute(select(orm.cancellations).where(
-            orm.cancellations.c.request_id == request_id))).mappings().first()
-        return dict(row) if row else None
+        return await self.db.first(CANCELLATION, request_id=request_id)
 
     async def add_cancellation(self, **values: Any) -> None:
         now = utcnow()
-        await self.session.execute(insert(orm.cancellations).values(created_at=now, updated_at=now, **values))
+        await self.db.run(ADD_CANCELLATION, created_at=now, updated_at=now, **values)
 
     async def set_cancellation(self, request_id: str, **values: Any) -> None:
-        table = orm.cancellations
-        await self.session.execute(update(table).where(table.c.request_id == request_id)
-                                   .values(updated_at=utcnow(), **values))
+        await self.db.run(SET_CANCELLATION, match_request_id=request_id, updated_at=utcnow(), **values)
 
     async def in_flight(self, subscription_id: str, *, exclude: str) -> bool:
         """Another request for the subscription is scheduled or at the vendor (it holds the lock)."""
-        table = orm.cancellations
-        found = await self.session.execute(select(table.c.request_id).where(
-            (table.c.subscription_id == subscription_id) & (table.c.request_id != exclude)
-            & table.c.state.in_(("scheduled", "awaiting_vendor"))).limit(1))
-        return found.first() is not None
+        return await self.db.first(IN_FLIGHT, subscription_id=subscription_id, exclude=exclude) is not None
 
     async def park_decision(self, request_id: str, *, decision: str, decided_by: str, note: str) -> None:
-        table = orm.parked_decisions
-        if (await self.session.execute(select(table.c.request_id).where(table.c.request_id == request_id))).first():
+        if await self.db.first(PARKED_ID, request_id=request_id) is not None:
             return  # the first decision stands
-        await self.session.execute(insert(table).values(request_id=request_id, decision=decision,
-                                                        decided_by=decided_by, note=note, at=utcnow()))
+        await self.db.run(ADD_PARKED, request_id=request_id, decision=decision, decided_by=decided_by,
+                          note=note, at=utcnow())
 
     async def take_parked_decision(self, request_id: str) -> dict[str, str] | None:
-        table = orm.parked_decisions
-        row = (await self.session.execute(select(table).where(table.c.request_id == request_id))).mappings().first()
+        row = await self.db.first(PARKED, request_id=request_id)
         if row is None:
             return None
-        await self.session.execute(table.delete().where(table.c.request_id == request_id))
+        await self.db.run(DROP_PARKED, request_id=request_id)
         return {"decision": row["decision"], "decided_by": row["decided_by"], "note": row["note"]}
 
     async def take_fault(self, subscription_id: str, stage: str) -> bool:
         """Disarm and report a fault armed for this subscription's next `stage`."""
-        table = orm.armed_faults
-        result = await self.session.execute(table.delete().where(
-            (table.c.subscription_id == subscription_id) & (table.c.stage == stage)))
-        return bool(result.rowcount)
+        return bool(await self.db.run(TAKE_FAULT, subscription_id=subscription_id, stage=stage))
 
     async def arm_fault(self, subscription_id: str, stage: str) -> None:
-        table = orm.armed_faults
-        await self.session.execute(table.delete().where(table.c.subscription_id == subscription_id))
-        await self.session.execute(insert(table).values(subscription_id=subscription_id, stage=stage,
-                                                        armed_at=utcnow()))
+        await self.db.run(DROP_FAULTS, subscription_id=subscription_id)
+        await self.db.run(ADD_FAULT, subscription_id=subscription_id, stage=stage, armed_at=utcnow())

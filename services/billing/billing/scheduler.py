@@ -11,15 +11,21 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from billing import orm
 from billing.clock import Clock
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Query
 
 log = get_logger(__name__)
 Start = Callable[[UnitOfWork, str], Awaitable[bool]]
+
+_cancellations = orm.cancellations
+DUE = Query(select(_cancellations.c.request_id).where(
+    (_cancellations.c.state == "scheduled") & (_cancellations.c.run_on <= bindparam("today"))
+).order_by(_cancellations.c.run_on, _cancellations.c.created_at).limit(200))
 
 
 class EndOfTermScheduler:
@@ -49,11 +55,8 @@ class EndOfTermScheduler:
                 pass
 
     async def run_due(self) -> int:
-        table = orm.cancellations
         async with self.new_uow() as uow:
-            due = (await uow.session.execute(select(table.c.request_id).where(
-                (table.c.state == "scheduled") & (table.c.run_on <= self.clock.today())
-            ).order_by(table.c.run_on, table.c.created_at).limit(200))).scalars().all()
+            due = [row["request_id"] for row in await uow.db.all(DUE, today=self.clock.today())]
         started = 0
         for request_id in due:
             with structlog.contextvars.bound_contextvars(request_id=request_id, correlation_id=request_id):

@@ -7,15 +7,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
+from cancelflow.sql import Db, Query
 from dispute import orm
 from dispute.handlers import DisputeHandlers
 from dispute.repository import DisputeRepository
+
+CHARGE = Query(select(orm.charges).where(orm.charges.c.charge_id == bindparam("charge_id")))
 
 
 def build() -> ServiceRuntime:
@@ -37,7 +40,7 @@ def _dispute_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     async def view(request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
         async with runtime.sessions() as session:
-            repo = DisputeRepository(session)
+            repo = DisputeRepository(Db(session))
             case = await repo.case(request_id)
             if case is None:
                 return json_response({"error": "unknown dispute"}, 404)
@@ -61,10 +64,9 @@ def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
 
     async def view(request: web.Request) -> web.Response:
         async with runtime.sessions() as session:
-            row = (await session.execute(select(orm.charges).where(
-                orm.charges.c.charge_id == request.match_info["charge_id"]))).mappings().first()
+            row = await Db(session).first(CHARGE, charge_id=request.match_info["charge_id"])
         if row is None:
             return json_response({"error": "unknown charge"}, 404)
-        return json_response({"charge": _utc(dict(row))})
+        return json_response({"charge": _utc(row)})
 
     return view

@@ -19,7 +19,7 @@ from datetime import UTC, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 
 from cancelflow.events import (
     CancellationReceived,
@@ -39,6 +39,7 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Query
 from dispute import domain, orm
 from dispute.domain import Charge, Reason
 from dispute.repository import DisputeRepository
@@ -47,6 +48,9 @@ log = get_logger(__name__)
 
 ACTOR = "dispute"
 GATEWAY_ACTOR = "payment_gateway"
+
+KNOWN_CHARGE = Query(select(orm.charges.c.charge_id).where(orm.charges.c.charge_id == bindparam("charge_id")))
+ADD_CHARGE = Query(insert(orm.charges))
 
 
 class Audit:
@@ -87,15 +91,15 @@ class DisputeHandlers:
 
     async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
         charge: ChargeCaptured = msg.payload  # type: ignore[assignment]
-        table = orm.charges
-        if (await uow.session.execute(select(table.c.charge_id).where(table.c.charge_id == charge.charge_id))).first():
+        if await uow.db.first(KNOWN_CHARGE, charge_id=charge.charge_id) is not None:
             return
-        await uow.session.execute(insert(table).values(
+        await uow.db.run(
+            ADD_CHARGE,
             charge_id=charge.charge_id, account_id=charge.account_id, subscription_id=charge.subscription_id,
             gateway_charge_id=charge.gateway_charge_id, amount=charge.amount, currency=charge.currency,
             # UTC always: SQLite keeps the wall clock only, and the window compares captures.
             captured_at=charge.captured_at.astimezone(UTC), period_start=charge.period_start,
-            period_end=charge.period_end))
+            period_end=charge.period_end)
 
     # --- a new case: validation and detection ---------------------------------------------------
 
@@ -103,7 +107,7 @@ class DisputeHandlers:
         request: CancellationReceived = msg.payload  # type: ignore[assignment]
         if request.target != "charges":
             return
-        repo = DisputeRepository(uow.session)
+        repo = DisputeRepository(uow.db)
         request_id = str(request.request_id)
         if await repo.case(request_id) is not None:
             log.info("dispute seen before: no new effect", request_id=request_id)
@@ -152,7 +156,9 @@ class DisputeHandlers:
 
         candidates = [f.charge for f in findings if f.duplicate]
         if not candidates:
-            await self._conclude(uow, repo, audit, request_id)
+            case = await repo.case(request_id)
+            assert case is not None
+            await self._conclude(uow, repo, audit, request_id, case)
             return
         await repo.set_case(request_id, state="verifying")
         uow.emit(ChargesVerificationRequested(
@@ -187,7 +193,7 @@ class DisputeHandlers:
 
     async def charges_verified(self, msg: Message, uow: UnitOfWork) -> None:
         event: ChargesVerified = msg.payload  # type: ignore[assignment]
-        repo = DisputeRepository(uow.session)
+        repo = DisputeRepository(uow.db)
         request_id = str(event.request_id)
         case = await repo.case(request_id)
         if case is None or case["state"] != "verifying":
@@ -220,7 +226,7 @@ class DisputeHandlers:
                                     reason=Reason.unknown_at_gateway.value,
                                     detail="the gateway's answer did not cover this charge")
         if not confirmed:
-            await self._conclude(uow, repo, audit, request_id)
+            await self._conclude(uow, repo, audit, request_id, case)
             return
         refund_lines = []
         for line in confirmed:
@@ -245,7 +251,7 @@ class DisputeHandlers:
 
     async def duplicate_refunds_issued(self, msg: Message, uow: UnitOfWork) -> None:
         event: DuplicateRefundsIssued = msg.payload  # type: ignore[assignment]
-        repo = DisputeRepository(uow.session)
+        repo = DisputeRepository(uow.db)
         request_id = str(event.request_id)
         case = await repo.case(request_id)
         if case is None or case["state"] != "refunding":
@@ -274,13 +280,14 @@ class DisputeHandlers:
                 await audit.record("refund_failed", f"Refund of charge {result.charge_id} not issued: {detail}",
                                    actor=GATEWAY_ACTOR, charge_id=result.charge_id,
                                    data={**data, "reason": reason.value})
-        await self._conclude(uow, repo, audit, request_id)
+        await self._conclude(uow, repo, audit, request_id, case)
 
     # --- the outcome ----------------------------------------------------------------------------
 
-    async def _conclude(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str) -> None:
-        case = await repo.case(request_id)
-        assert case is not None
+    async def _conclude(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str,
+                        case: dict[str, Any]) -> None:
+        """`case` as the caller read it in this transaction: only its account and charge ids are used, which
+        no step changes."""
         lines = await repo.lines(request_id)
         refunded = [line for line in lines if line["outcome"] == "refunded"]
         review = [line for line in lines if line["outcome"] != "refunded"]

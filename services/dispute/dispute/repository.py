@@ -6,12 +6,27 @@ from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, insert, select, update
 
 from cancelflow.events import utcnow
+from cancelflow.sql import Db, Query
 from dispute import orm
 from dispute.domain import Charge
+
+# The statements of every event, built once (cancelflow.sql).
+ACCOUNT_CHARGES = Query(select(orm.charges).where(orm.charges.c.account_id == bindparam("account_id")))
+CASE = Query(select(orm.disputes).where(orm.disputes.c.request_id == bindparam("request_id")))
+ADD_CASE = Query(insert(orm.disputes))
+SET_CASE = Query(update(orm.disputes).where(orm.disputes.c.request_id == bindparam("match_request_id")))
+ADD_LINE = Query(insert(orm.dispute_charges))
+LINES = Query(select(orm.dispute_charges).where(orm.dispute_charges.c.request_id == bindparam("request_id"))
+              .order_by(orm.dispute_charges.c.position))
+SET_LINE = Query(update(orm.dispute_charges).where(
+    (orm.dispute_charges.c.request_id == bindparam("match_request_id"))
+    & (orm.dispute_charges.c.charge_id == bindparam("match_charge_id"))))
+ADD_AUDIT = Query(insert(orm.audit))
+AUDIT_TRAIL = Query(select(orm.audit).where(orm.audit.c.request_id == bindparam("request_id"))
+                    .order_by(orm.audit.c.id))
 
 
 def _charge(row: Any) -> Charge:
@@ -24,64 +39,52 @@ def _charge(row: Any) -> Charge:
 
 
 class DisputeRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, db: Db) -> None:
+        self.db = db
 
     # --- charges -----------------------------------------------------------------------------
 
     async def charges(self, charge_ids: list[str]) -> dict[str, Charge]:
         if not charge_ids:
             return {}
-        rows = (await self.session.execute(select(orm.charges).where(
+        # An IN list: the session's (a Query refuses them on SQLite), one statement for the request.
+        rows = (await self.db.session.execute(select(orm.charges).where(
             orm.charges.c.charge_id.in_(charge_ids)))).mappings()
         return {r["charge_id"]: _charge(r) for r in rows}
 
     async def account_charges(self, account_id: str) -> list[Charge]:
-        rows = (await self.session.execute(select(orm.charges).where(
-            orm.charges.c.account_id == account_id))).mappings()
-        return [_charge(r) for r in rows]
+        return [_charge(r) for r in await self.db.all(ACCOUNT_CHARGES, account_id=account_id)]
 
     # --- cases -------------------------------------------------------------------------------
 
     async def case(self, request_id: str) -> dict[str, Any] | None:
-        row = (await self.session.execute(select(orm.disputes).where(
-            orm.disputes.c.request_id == request_id))).mappings().first()
-        return dict(row) if row else None
+        return await self.db.first(CASE, request_id=request_id)
 
     async def add_case(self, **values: Any) -> None:
         now = utcnow()
-        await self.session.execute(insert(orm.disputes).values(created_at=now, updated_at=now, **values))
+        await self.db.run(ADD_CASE, created_at=now, updated_at=now, **values)
 
     async def set_case(self, request_id: str, **values: Any) -> None:
-        await self.session.execute(update(orm.disputes).where(orm.disputes.c.request_id == request_id)
-                                   .values(updated_at=utcnow(), **values))
+        await self.db.run(SET_CASE, match_request_id=request_id, updated_at=utcnow(), **values)
 
     # --- per-charge outcomes -----------------------------------------------------------------
 
     async def add_line(self, **values: Any) -> None:
-        await self.session.execute(insert(orm.dispute_charges).values(updated_at=utcnow(), **values))
+        await self.db.run(ADD_LINE, updated_at=utcnow(), **values)
 
     async def lines(self, request_id: str) -> list[dict[str, Any]]:
-        table = orm.dispute_charges
-        rows = (await self.session.execute(select(table).where(table.c.request_id == request_id)
-                                           .order_by(table.c.position))).mappings()
-        return [dict(r) for r in rows]
+        return await self.db.all(LINES, request_id=request_id)
 
     async def set_line(self, request_id: str, charge_id: str, **values: Any) -> None:
-        table = orm.dispute_charges
-        await self.session.execute(update(table).where(
-            (table.c.request_id == request_id) & (table.c.charge_id == charge_id)).values(updated_at=utcnow(),
-                                                                                          **values))
+        await self.db.run(SET_LINE, match_request_id=request_id, match_charge_id=charge_id, updated_at=utcnow(),
+                          **values)
 
     # --- audit -------------------------------------------------------------------------------
 
     async def add_audit(self, *, request_id: str, step: str, actor: str, charge_id: str | None, message: str,
                         data: dict[str, Any]) -> None:
-        await self.session.execute(insert(orm.audit).values(
-            request_id=request_id, step=step, actor=actor, charge_id=charge_id, message=message, data=data,
-            at=utcnow()))
+        await self.db.run(ADD_AUDIT, request_id=request_id, step=step, actor=actor, charge_id=charge_id,
+                          message=message, data=data, at=utcnow())
 
     async def audit_trail(self, request_id: str) -> list[dict[str, Any]]:
-        rows = (await self.session.execute(select(orm.audit).where(orm.audit.c.request_id == request_id)
-                                           .order_by(orm.audit.c.id))).mappings()
-        return [dict(r) for r in rows]
+        return await self.db.all(AUDIT_TRAIL, request_id=request_id)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
+from cancelflow.sql import Db, Query
 from notification import orm
 from notification.adapters.mailer import MailerPool
 from notification.handlers import NotificationHandlers
 from notification.sender import EmailSender
+
+CONTACT = Query(select(orm.contacts.c.account_id)
+                .where(orm.contacts.c.subscription_id == bindparam("subscription_id")))
+EMAILS_OF_REQUEST = Query(select(
+    orm.emails.c.kind, orm.emails.c.audience, orm.emails.c.subject, orm.emails.c.status, orm.emails.c.attempts,
+    orm.emails.c.message_id, orm.emails.c.sent_at, orm.emails.c.last_error,
+).where(orm.emails.c.request_id == bindparam("request_id")).order_by(orm.emails.c.id))
 
 
 def build() -> ServiceRuntime:
@@ -47,10 +55,8 @@ def _contact_known(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     """Whether we can reach the subscription's customer; never the address itself (no PII over HTTP)."""
 
     async def known(request: web.Request) -> web.Response:
-        table = orm.contacts
         async with runtime.sessions() as session:
-            row = (await session.execute(select(table.c.account_id).where(
-                table.c.subscription_id == request.match_info["subscription_id"]))).first()
+            row = await Db(session).first(CONTACT, subscription_id=request.match_info["subscription_id"])
         return web.json_response({"known": row is not None}, status=200 if row else 404)
 
     return known
@@ -60,12 +66,8 @@ def _emails_of(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     """The emails a request owes and their delivery status (kind, audience, subject; no addresses)."""
 
     async def emails(request: web.Request) -> web.Response:
-        table = orm.emails
         async with runtime.sessions() as session:
-            rows = (await session.execute(select(
-                table.c.kind, table.c.audience, table.c.subject, table.c.status, table.c.attempts,
-                table.c.message_id, table.c.sent_at, table.c.last_error,
-            ).where(table.c.request_id == request.match_info["request_id"]).order_by(table.c.id))).mappings().all()
+            rows = await Db(session).all(EMAILS_OF_REQUEST, request_id=request.match_info["request_id"])
         return web.json_response({"emails": [{**r, "sent_at": r["sent_at"] and r["sent_at"].isoformat()}
                                              for r in rows]})
 

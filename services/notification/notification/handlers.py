@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 
 from cancelflow.events import (
     ApprovalPending,
@@ -46,6 +46,7 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Query
 from notification import orm, render
 
 log = get_logger(__name__)
@@ -60,6 +61,33 @@ FAILURE_EMAILS: dict[Source, tuple[str, ...]] = {
 STUCK_EMAILS: tuple[str, ...] = ("manual_review", "support_stuck")
 
 TIMELINE_LIMIT = 40  # entries kept per request (the latest ones)
+
+# The statements the handlers run, built once (cancelflow.sql).
+contacts, requests, emails, opt_outs = orm.contacts, orm.requests, orm.emails, orm.opt_outs
+CONTACT_KNOWN = Query(select(contacts.c.subscription_id)
+                      .where(contacts.c.subscription_id == bindparam("subscription_id")))
+ADD_CONTACT = Query(insert(contacts))
+SET_CONTACT = Query(update(contacts).where(contacts.c.subscription_id == bindparam("match_subscription_id")))
+CONTACT_OF_SUBSCRIPTION = Query(select(contacts).where(contacts.c.subscription_id == bindparam("subscription_id"))
+                                .limit(1))
+CONTACT_OF_ACCOUNT = Query(select(contacts).where(contacts.c.account_id == bindparam("account_id")).limit(1))
+REQUEST = Query(select(requests).where(requests.c.request_id == bindparam("request_id")))
+ADD_REQUEST = Query(insert(requests))
+SET_REQUEST = Query(update(requests).where(requests.c.request_id == bindparam("match_request_id")))
+AWAITING_CONTACT = Query(
+    select(emails.c.id, emails.c.kind, emails.c.message_id, emails.c.context, requests.c.subscription_id)
+    .select_from(emails.join(requests, emails.c.request_id == requests.c.request_id))
+    .where(emails.c.status == "awaiting_contact")
+    # Never another account's customer: the request's account must own this subscription.
+    .where(requests.c.account_id == bindparam("account_id"))
+    .where(or_(requests.c.subscription_id == bindparam("subscription_id"), requests.c.subscription_id.is_(None)))
+    .order_by(emails.c.id))
+RELEASE_EMAIL = Query(update(emails).where(emails.c.id == bindparam("match_id"))
+                      .values(status="pending", context=None))
+EMAIL_OWED = Query(select(emails.c.id).where(emails.c.message_id == bindparam("message_id")))
+ADD_EMAIL = Query(insert(emails))
+OPTED_OUT_BY = Query(select(opt_outs.c.request_id).where(opt_outs.c.account_id == bindparam("account_id")))
+ADD_OPT_OUT = Query(insert(opt_outs))
 
 
 def humanize_seconds(seconds: float) -> str:
@@ -96,27 +124,15 @@ class NotificationHandlers:
         facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
         values = dict(account_id=facts.account_id, email=facts.customer.email, name=facts.customer.name,
                       product_name=facts.product_name)
-        table = orm.contacts
-        found = (await uow.session.execute(select(table.c.subscription_id).where(
-            table.c.subscription_id == facts.subscription_id))).first()
-        if found:
-            await uow.session.execute(update(table).where(
-                table.c.subscription_id == facts.subscription_id).values(**values))
+        if await uow.db.first(CONTACT_KNOWN, subscription_id=facts.subscription_id):
+            await uow.db.run(SET_CONTACT, match_subscription_id=facts.subscription_id, **values)
         else:
-            await uow.session.execute(insert(table).values(subscription_id=facts.subscription_id, **values))
+            await uow.db.run(ADD_CONTACT, subscription_id=facts.subscription_id, **values)
         await self._release_awaiting(uow, facts)
 
     async def _release_awaiting(self, uow: UnitOfWork, facts: SubscriptionActivated) -> None:
         """Customer emails owed before the address was known: render them now and queue them."""
-        emails, requests = orm.emails, orm.requests
-        rows = (await uow.session.execute(
-            select(emails.c.id, emails.c.kind, emails.c.message_id, emails.c.context, requests.c.subscription_id)
-            .select_from(emails.join(requests, emails.c.request_id == requests.c.request_id))
-            .where(emails.c.status == "awaiting_contact")
-            # Never another account's customer: the request's account must own this subscription.
-            .where(requests.c.account_id == facts.account_id)
-            .where(or_(requests.c.subscription_id == facts.subscription_id, requests.c.subscription_id.is_(None)))
-            .order_by(emails.c.id))).mappings().all()
+        rows = await uow.db.all(AWAITING_CONTACT, account_id=facts.account_id, subscription_id=facts.subscription_id)
         for row in rows:
             context = dict(row["context"] or {})
             context["customer_name"] = context.get("customer_name") or facts.customer.name
@@ -126,8 +142,7 @@ class NotificationHandlers:
             raw = render.message_bytes(row["kind"], context, render.render(row["kind"], context),
                                        sender=self.sender_address, to=facts.customer.email,
                                        message_id=row["message_id"])
-            await uow.session.execute(update(emails).where(emails.c.id == row["id"]).values(
-                status="pending", raw=raw, context=None, next_attempt_at=utcnow()))
+            await uow.db.run(RELEASE_EMAIL, match_id=row["id"], raw=raw, next_attempt_at=utcnow())
             log.info("customer contact arrived; owed email queued", kind=row["kind"])
 
     async def cancellation_received(self, msg: Message, uow: UnitOfWork) -> None:
@@ -139,11 +154,11 @@ class NotificationHandlers:
         quantity = f" ({e.quantity} licenses)" if e.quantity else ""
         received = (f"Request received: {e.mode.value} cancellation of {what}{quantity}, by "
                     f"{e.requested_by.role} {e.requested_by.user_id} via {e.requested_by.channel}")
-        await uow.session.execute(insert(orm.requests).values(
-            request_id=str(e.request_id), account_id=e.account_id, subscription_id=e.subscription_id,
+        await uow.db.run(
+            ADD_REQUEST, request_id=str(e.request_id), account_id=e.account_id, subscription_id=e.subscription_id,
             target=e.target, mode=e.mode.value, opt_out_of_emails=e.opt_out_of_emails,
             facts={"charge_ids": e.charge_ids, "reason": e.reason,
-                   "history": [{"at": _at(msg), "message": received}]}))
+                   "history": [{"at": _at(msg), "message": received}]})
 
     async def vendor_requested(self, msg: Message, uow: UnitOfWork) -> None:
         e: VendorCancellationRequested = msg.payload  # type: ignore[assignment]
@@ -192,24 +207,25 @@ class NotificationHandlers:
         e: RefundIssued = msg.payload  # type: ignore[assignment]
         note = (f"Refund of {e.amount:.2f} {e.currency} issued" if e.status == "succeeded"
                 else "No refund is due")
-        await self._learn(uow, str(e.request_id), _note=(msg, note))
-        if await self._is_charges_request(uow, str(e.request_id)):
-            await self.charges_refunded(msg, uow)
+        request = await self._learn(uow, str(e.request_id), _note=(msg, note))
+        if request is not None and request["target"] == "charges":
+            await self.charges_refunded(msg, uow, request)
             return
         refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
-        await self._owe(uow, str(e.request_id), ("completed",), refund=refund)
+        await self._owe(uow, str(e.request_id), request, ("completed",), refund=refund)
 
     async def request_declined(self, msg: Message, uow: UnitOfWork) -> None:
         e: RequestDeclined = msg.payload  # type: ignore[assignment]
-        await self._learn(uow, str(e.request_id), _note=(msg, f"Declined by {e.decided_by}"))
-        await self._owe(uow, str(e.request_id), ("declined",), decided_by=e.decided_by, note=e.note or None)
+        request = await self._learn(uow, str(e.request_id), _note=(msg, f"Declined by {e.decided_by}"))
+        await self._owe(uow, str(e.request_id), request, ("declined",), decided_by=e.decided_by,
+                        note=e.note or None)
 
     async def failed(self, msg: Message, uow: UnitOfWork) -> None:
         e: Failed = msg.payload  # type: ignore[assignment]
-        await self._learn(uow, str(e.request_id),
-                          _note=(msg, e.history or f"{e.source.value} error ({e.code}): {e.message}"))
+        request = await self._learn(uow, str(e.request_id),
+                                    _note=(msg, e.history or f"{e.source.value} error ({e.code}): {e.message}"))
         if e.source is Source.payment and e.details.get("dispute"):
-            await self.dispute_review(msg, uow)
+            await self.dispute_review(msg, uow, request)
             return
         kinds = FAILURE_EMAILS.get(e.source)
         if not kinds:
@@ -222,7 +238,7 @@ class NotificationHandlers:
             refund = {"amount": first["amount"], "currency": first["currency"], "status": "failed",
                       "charge_id": first["charge_id"], "idempotency_key": first["idempotency_key"],
                       "gateway_error": first.get("error")}
-        await self._owe(uow, str(e.request_id), kinds, error_source=e.source.value, error_code=e.code,
+        await self._owe(uow, str(e.request_id), request, kinds, error_source=e.source.value, error_code=e.code,
                         error_message=e.message, reason=e.message, refund=refund,
                         transactions=refunds or None, **{k: v for k, v in details.items()
                                                          if k in ("vendor", "vendor_subscription_id")})
@@ -246,61 +262,59 @@ class NotificationHandlers:
 
     # --- the multiple-charge flow (target charges) ------------------------------------------------
 
-    async def charges_refunded(self, msg: Message, uow: UnitOfWork) -> None:
+    async def charges_refunded(self, msg: Message, uow: UnitOfWork, request: dict[str, Any] | None) -> None:
         """Every listed duplicate was refunded: one email listing each refunded charge and amount."""
         e: RefundIssued = msg.payload  # type: ignore[assignment]
         charges = [{"charge_id": line.charge_id, "amount": f"{line.amount:.2f}", "currency": line.currency,
                     "kind": line.kind or "refund", "status": "refunded"}
                    for line in e.lines if line.outcome == "succeeded"]
         refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
-        await self._owe(uow, str(e.request_id), ("charges_refunded",), charges=charges, refund=refund)
+        await self._owe(uow, str(e.request_id), request, ("charges_refunded",), charges=charges, refund=refund)
 
-    async def dispute_review(self, msg: Message, uow: UnitOfWork) -> None:
+    async def dispute_review(self, msg: Message, uow: UnitOfWork, request: dict[str, Any] | None) -> None:
         """Some listed charges are not provably duplicates: the customer is told it is under review (with
         what was refunded already), support gets the case with the reason and every transaction."""
         e: Failed = msg.payload  # type: ignore[assignment]
         details = e.details
         # The message is the per-charge reasons: shown once, as the reason.
-        await self._owe(uow, str(e.request_id), FAILURE_EMAILS[Source.payment], error_source=e.source.value,
-                        error_code=e.code, reason=e.message,
+        await self._owe(uow, str(e.request_id), request, FAILURE_EMAILS[Source.payment],
+                        error_source=e.source.value, error_code=e.code, reason=e.message,
                         charges=details.get("charges") or None, transactions=details.get("transactions") or None)
-
-    async def _is_charges_request(self, uow: UnitOfWork, request_id: str) -> bool:
-        request = await self._request(uow, request_id)
-        return request is not None and request["target"] == "charges"
 
     # --- helpers --------------------------------------------------------------------------------
 
     async def _request(self, uow: UnitOfWork, request_id: str) -> dict[str, Any] | None:
-        row = (await uow.session.execute(select(orm.requests).where(
-            orm.requests.c.request_id == request_id))).mappings().first()
-        return dict(row) if row else None
+        return await uow.db.first(REQUEST, request_id=request_id)
 
     async def _learn(self, uow: UnitOfWork, request_id: str, *, _note: tuple[Message, str | None] | None = None,
-                     **facts: Any) -> None:
-        """Merge what a step taught us into the request's facts; `_note` adds a timeline line."""
+                     **facts: Any) -> dict[str, Any] | None:
+        """Merge what a step taught us into the request's facts; `_note` adds a timeline line.
+
+        Returns the request as it now stands (None if unknown), so that an outcome handler does not
+        read it again: the facts are JSON values (strings, numbers, lists), the same as a re-read."""
         row = await self._request(uow, request_id)
         if row is None:
-            return
+            return None
         merged = {**row["facts"], **{k: v for k, v in facts.items() if v is not None}}
         if _note is not None and _note[1]:
             history = [*merged.get("history", []), {"at": _at(_note[0]), "message": _note[1]}]
             merged["history"] = history[-TIMELINE_LIMIT:]
-        await uow.session.execute(update(orm.requests).where(orm.requests.c.request_id == request_id)
-                                  .values(facts=merged))
+        await uow.db.run(SET_REQUEST, match_request_id=request_id, facts=merged)
+        return {**row, "facts": merged}
 
     async def _contact(self, uow: UnitOfWork, request: dict[str, Any]) -> dict[str, Any] | None:
         if request["account_id"] is None:
             return None
-        table = orm.contacts
-        query = (select(table).where(table.c.subscription_id == request["subscription_id"])
-                 if request["subscription_id"] else select(table).where(table.c.account_id == request["account_id"]))
-        row = (await uow.session.execute(query.limit(1))).mappings().first()
+        if request["subscription_id"]:
+            row = await uow.db.first(CONTACT_OF_SUBSCRIPTION, subscription_id=request["subscription_id"])
+        else:
+            row = await uow.db.first(CONTACT_OF_ACCOUNT, account_id=request["account_id"])
         # Never mail a customer of another account (a not_owner request must not reach them).
-        return dict(row) if row and row["account_id"] == request["account_id"] else None
+        return row if row and row["account_id"] == request["account_id"] else None
 
-    async def _owe(self, uow: UnitOfWork, request_id: str, kinds: tuple[str, ...], **extra: Any) -> None:
-        request = await self._request(uow, request_id)
+    async def _owe(self, uow: UnitOfWork, request_id: str, request: dict[str, Any] | None,
+                   kinds: tuple[str, ...], **extra: Any) -> None:
+        """`request` is the row the handler's `_learn` left (None: notification never saw the request)."""
         if request is None:
             log.warning("outcome for a request we never saw; no email", request_id=request_id)
             return
@@ -319,33 +333,23 @@ class NotificationHandlers:
             "support_email": self.support_email,
             **request["facts"], **{k: v for k, v in extra.items() if v is not None},
         }
-        opted_out = await self._opted_out_before(uow, request)
+        # The request whose outcome turned the account's customer emails off, if any (read once: the
+        # emails recorded below do not change it). Only an *earlier* request's opt-out suppresses: the
+        # opting-out request's own outcome emails (all of them: e.g. "being reviewed" for a stuck
+        # request, then "completed") still go.
+        opted_out_by = (await uow.db.scalar(OPTED_OUT_BY, account_id=request["account_id"])
+                        if request["account_id"] is not None else None)
+        opted_out = opted_out_by is not None and opted_out_by != request_id
         for kind in kinds:
             await self._record(uow, request, kind, context, contact, opted_out)
-        if request["opt_out_of_emails"] and request["account_id"] is not None and not await self._opt_out_of(
-                uow, request["account_id"]):
+        if request["opt_out_of_emails"] and request["account_id"] is not None and opted_out_by is None:
             # This request's outcome email is still sent; nothing after it (CONTRACT.md section 5).
-            await uow.session.execute(insert(orm.opt_outs).values(
-                account_id=request["account_id"], request_id=request_id, at=utcnow()))
-
-    async def _opt_out_of(self, uow: UnitOfWork, account_id: str) -> str | None:
-        """The request whose outcome turned the account's customer emails off, if any."""
-        return (await uow.session.execute(select(orm.opt_outs.c.request_id).where(
-            orm.opt_outs.c.account_id == account_id))).scalar()
-
-    async def _opted_out_before(self, uow: UnitOfWork, request: dict[str, Any]) -> bool:
-        """Whether an *earlier* request of the account opted out. The opting-out request's own outcome
-        emails (all of them: e.g. "being reviewed" for a stuck request, then "completed") still go."""
-        if request["account_id"] is None:
-            return False
-        by = await self._opt_out_of(uow, request["account_id"])
-        return by is not None and by != request["request_id"]
+            await uow.db.run(ADD_OPT_OUT, account_id=request["account_id"], request_id=request_id, at=utcnow())
 
     async def _record(self, uow: UnitOfWork, request: dict[str, Any], kind: str, context: dict[str, Any],
                       contact: dict[str, Any] | None, opted_out: bool) -> None:
         message_id = render.message_id_for(request["request_id"], kind)
-        table = orm.emails
-        if (await uow.session.execute(select(table.c.id).where(table.c.message_id == message_id))).first():
+        if await uow.db.first(EMAIL_OWED, message_id=message_id):
             return  # owed once already
         audience = render.audience(kind)
         raw = None
@@ -367,7 +371,7 @@ class NotificationHandlers:
             raw = render.message_bytes(kind, context, rendered, sender=self.sender_address,
                                        to=to, message_id=message_id)  # type: ignore[arg-type]
         now = utcnow()
-        await uow.session.execute(insert(table).values(
-            request_id=request["request_id"], kind=kind, audience=audience, subject=subject,
+        await uow.db.run(
+            ADD_EMAIL, request_id=request["request_id"], kind=kind, audience=audience, subject=subject,
             message_id=message_id, status=status, raw=raw, context=kept_context, attempts=0,
-            next_attempt_at=now, created_at=now))
+            next_attempt_at=now, created_at=now)

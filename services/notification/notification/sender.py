@@ -33,13 +33,14 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from cancelflow import metrics
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import EmailSent, Failed, Source, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Query
 from notification import orm
 from notification.adapters.mailer import AbstractMailer, MailDeliveryError
 
@@ -47,6 +48,20 @@ log = get_logger(__name__)
 emails = orm.emails
 
 BACKOFF_BASE_S = 0.5
+
+# The statements of a delivery, built once (cancelflow.sql). Each write is conditional on the row's
+# status, so a row someone else moved on is left alone (rowcount 0).
+_SENDING = (emails.c.id == bindparam("match_id")) & (emails.c.status == "sending")
+LEFT_SENDING = Query(select(emails.c.id, emails.c.kind, emails.c.request_id).where(emails.c.status == "sending"))
+LEFT_SENDING_BEFORE = Query(select(emails.c.id, emails.c.kind, emails.c.request_id)
+                            .where((emails.c.status == "sending") & (emails.c.attempted_at < bindparam("before"))))
+RESEND = Query(update(emails).where(_SENDING).values(status="pending"))
+DUE = Query(select(emails).where((emails.c.status == "pending") & (emails.c.next_attempt_at <= bindparam("due_by")))
+            .order_by(emails.c.id).limit(bindparam("limit")).with_for_update(skip_locked=True))
+CLAIM = Query(update(emails).where((emails.c.id == bindparam("match_id")) & (emails.c.status == "pending"))
+              .values(status="sending", attempts=emails.c.attempts + 1))
+MARK_SENT = Query(update(emails).where(_SENDING).values(status="sent", last_error=None))
+MARK_NOT_SENT = Query(update(emails).where(_SENDING))
 
 
 class EmailSender:
@@ -105,22 +120,21 @@ class EmailSender:
         """Emails left `sending` (by a process that died after or during the SMTP handover) become
         `pending` again: they are sent once more, with the same Message-ID. At startup every such row
         is ours (one sender per database); later only claims older than `older_than_s`."""
-        left = emails.c.status == "sending"
-        if older_than_s is not None:
-            left = left & (emails.c.attempted_at < utcnow() - timedelta(seconds=older_than_s))
+        before = None if older_than_s is None else utcnow() - timedelta(seconds=older_than_s)
         async with self.new_uow() as uow:
-            found = (await uow.session.execute(
-                select(emails.c.id, emails.c.kind, emails.c.request_id).where(left))).all()
+            if before is None:
+                found = await uow.db.all(LEFT_SENDING)
+            else:
+                found = await uow.db.all(LEFT_SENDING_BEFORE, before=before)
             if not found:
                 return 0
-            await uow.session.execute(update(emails).where(emails.c.id.in_([r.id for r in found]))
-                                      .where(emails.c.status == "sending")
-                                      .values(status="pending", next_attempt_at=utcnow()))
+            now = utcnow()
+            await uow.db.run_many(RESEND, [{"match_id": row["id"], "next_attempt_at": now} for row in found])
             await uow.commit(mark_processed=None)
         for row in found:
-            metrics.EMAILS.labels(row.kind, "resend").inc()
+            metrics.EMAILS.labels(row["kind"], "resend").inc()
             log.warning("email may have been handed to SMTP before an interruption; sending it again with the "
-                        "same Message-ID", kind=row.kind, request_id=row.request_id)
+                        "same Message-ID", kind=row["kind"], request_id=row["request_id"])
         return len(found)
 
     async def deliver_due(self, limit: int = 100) -> bool:
@@ -153,14 +167,10 @@ class EmailSender:
         """Record the intent before the sends: due `pending` rows become `sending`, in one transaction.
         Rows another sender holds are skipped (PostgreSQL); SQLite serializes the whole transaction."""
         async with self.new_uow() as uow:
-            due = [dict(row) for row in (await uow.session.execute(
-                select(emails).where((emails.c.status == "pending") & (emails.c.next_attempt_at <= utcnow()))
-                .order_by(emails.c.id).limit(limit).with_for_update(skip_locked=True)
-            )).mappings().all()]
+            due = await uow.db.all(DUE, due_by=utcnow(), limit=limit)
             if due:
-                await uow.session.execute(update(emails).where(
-                    emails.c.id.in_([row["id"] for row in due]) & (emails.c.status == "pending")
-                ).values(status="sending", attempted_at=utcnow(), attempts=emails.c.attempts + 1))
+                now = utcnow()
+                await uow.db.run_many(CLAIM, [{"match_id": row["id"], "attempted_at": now} for row in due])
                 await uow.commit(mark_processed=None)
         return due
 
@@ -177,10 +187,7 @@ class EmailSender:
         emitted once per email whatever happens)."""
         async with self.new_uow() as uow:
             for row in rows:
-                marked = await uow.session.execute(update(emails).where(
-                    (emails.c.id == row["id"]) & (emails.c.status == "sending")
-                ).values(status="sent", sent_at=utcnow(), last_error=None))
-                if marked.rowcount == 1:  # type: ignore[attr-defined]
+                if await uow.db.run(MARK_SENT, match_id=row["id"], sent_at=utcnow()) == 1:
                     uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
                                        subject=row["subject"], message_id=row["message_id"]),
                              correlation_id=row["request_id"])
@@ -205,9 +212,8 @@ class EmailSender:
         log.warning("email not delivered", kind=row["kind"], attempts=attempts, error=str(exc),
                     retry_in_s=backoff if exc.retryable else None)
         async with self.new_uow() as uow:
-            await uow.session.execute(update(emails).where(
-                (emails.c.id == row["id"]) & (emails.c.status == "sending")
-            ).values(status=status, last_error=str(exc), next_attempt_at=retry_at))
+            await uow.db.run(MARK_NOT_SENT, match_id=row["id"], status=status, last_error=str(exc),
+                             next_attempt_at=retry_at)
             if not exc.retryable:
                 # Support sees it in the request's history; the customer's outcome is unchanged.
                 uow.emit(Failed(request_id=row["request_id"], source=Source.notification, code="email_rejected",

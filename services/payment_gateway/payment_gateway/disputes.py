@@ -73,7 +73,7 @@ class DisputeRefundHandlers:
     async def duplicate_refund_requested(self, msg: Message, uow: UnitOfWork) -> None:
         event: DuplicateRefundRequested = msg.payload  # type: ignore[assignment]
         request_id = str(event.request_id)
-        books = Ledger(uow.session)
+        books = Ledger(uow.session, uow.db)
         records: list[dict[str, Any]] = []
         planned = False
         for line in event.lines:

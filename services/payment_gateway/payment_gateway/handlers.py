@@ -7,7 +7,10 @@ asks the gateway again with it: the gateway returns the first result, so no refu
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from decimal import Decimal
+from typing import Any
 
 from cancelflow import metrics
 from cancelflow.crashpoints import crash_point
@@ -25,7 +28,7 @@ from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
 from payment_gateway import domain
-from payment_gateway.adapters.gateway import AbstractGatewayClient
+from payment_gateway.adapters.gateway import AbstractGatewayClient, GatewayOutcome, RefundOutcome
 from payment_gateway.ledger import Ledger
 
 log = get_logger(__name__)
@@ -36,28 +39,60 @@ class PaymentHandlers:
         self.gateway = gateway
 
     async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
-        await Ledger(uow.session).record_charge(msg.payload)  # type: ignore[arg-type]
+        await Ledger(uow.session, uow.db).record_charge(msg.payload)  # type: ignore[arg-type]
 
     async def platform_committed(self, msg: Message, uow: UnitOfWork) -> None:
         event: PlatformCommitted = msg.payload  # type: ignore[assignment]
-        ledger = Ledger(uow.session)
-        request_id = str(event.request_id)
-        stopped = await self._stop_auto_renew(uow, ledger, event) if event.full else False
+        ledger = Ledger(uow.session, uow.db)
+        stop = event.full and not await ledger.schedule_stopped(event.subscription_id)
+        records: list[dict] = []
+        if event.refund_due:
+            records = await ledger.refunds_for(str(event.request_id)) or await self._plan_refunds(uow, ledger, event)
+        outcomes = await self._at_gateway(uow, event, stop, [r for r in records if r["status"] == "pending"])
+        if stop:
+            await self._record_schedule_stop(ledger, event)
         if not event.refund_due:
             uow.emit(RefundIssued(request_id=event.request_id, subscription_id=event.subscription_id,
                                   amount=Decimal("0"), currency=event.currency, status="not_due",
-                                  auto_renew_stopped=stopped))
+                                  auto_renew_stopped=event.full))
             return
-        records = await ledger.refunds_for(request_id)
-        if not records:
-            records = await self._plan_refunds(uow, ledger, event)
-        lines = [await self._issue(uow, ledger, record, event) for record in records]
-        self._conclude(uow, event, lines, stopped)
+        lines = [await self._settle(ledger, record, outcomes.get(record["idempotency_key"])) for record in records]
+        self._conclude(uow, event, lines, event.full)
+
+    async def _at_gateway(self, uow: UnitOfWork, event: PlatformCommitted, stop: bool,
+                          pending: list[dict]) -> dict[str, RefundOutcome]:
+        """Stop the recurring schedule (when `stop`) and issue the pending refunds together: one round
+        trip to the gateway, not one after the other. What was planned (refund keys, reservations) is
+        committed before any call. Unless every answer is final, this raises and nothing is recorded:
+        the record is retried and asks again with the same keys (every call is idempotent there)."""
+        if not stop and not pending:
+            return {}
+        async with uow.outside():
+            calls = [self._refund(record, event) for record in pending]
+            if stop:
+                calls.append(self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id)))
+            answers: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
+            if pending:
+                crash_point("payment_gateway.after_refund_call")
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        if stop:
+            schedule: GatewayOutcome = answers.pop()
+            if not schedule.ok:
+                raise TransientError(f"gateway could not stop the recurring schedule: {schedule.message}")
+        outcomes: dict[str, RefundOutcome] = dict(zip((r["idempotency_key"] for r in pending), answers, strict=True))
+        for key, outcome in outcomes.items():
+            if outcome.status == "unknown":
+                # The gateway may or may not have refunded: keep the reservation and the key, and
+                # ask again later with the same key (it answers with the first result).
+                raise TransientError(f"refund {key} outcome unknown: {outcome.message}")
+        return outcomes
 
     async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
         """End of term: the recurring schedule stops now, the cancellation itself runs later."""
         event: CancellationScheduled = msg.payload  # type: ignore[assignment]
-        if await self._stop_auto_renew(uow, Ledger(uow.session), event):
+        if await self._stop_auto_renew(uow, Ledger(uow.session, uow.db), event):
             uow.emit(AutoRenewStopped(request_id=event.request_id, subscription_id=event.subscription_id))
 
     async def _stop_auto_renew(self, uow: UnitOfWork, ledger: Ledger,
@@ -69,11 +104,15 @@ class PaymentHandlers:
         if not outcome.ok:
             # Stopping a schedule is idempotent at the gateway: retry the record until it answers.
             raise TransientError(f"gateway could not stop the recurring schedule: {outcome.message}")
+        await self._record_schedule_stop(ledger, event)
+        return True
+
+    @staticmethod
+    async def _record_schedule_stop(ledger: Ledger, event: PlatformCommitted | CancellationScheduled) -> None:
         # Another request for the subscription may have stopped it while we were at the gateway (the
         # call is idempotent there); record the stop once.
         if not await ledger.schedule_stopped(event.subscription_id):
             await ledger.record_schedule_stop(event.subscription_id, str(event.request_id))
-        return True
 
     async def _plan_refunds(self, uow: UnitOfWork, ledger: Ledger, event: PlatformCommitted) -> list[dict]:
         balances = await ledger.period_charges(event.account_id, event.subscription_id, event.period_start,
@@ -89,22 +128,23 @@ class PaymentHandlers:
                 raise TransientError(f"charge {charge.charge_id} balance changed while planning; replanning")
             await ledger.add_refund(key=domain.refund_key(request_id, charge.charge_id), request_id=request_id,
                                     charge=charge, amount=part)
-        # `_issue` commits these (intent and reservation) before any gateway call: they survive a crash.
+        # `platform_committed` commits these (intent and reservation) before any gateway call: they
+        # survive a crash.
         return await ledger.refunds_for(request_id)
 
-    async def _issue(self, uow: UnitOfWork, ledger: Ledger, record: dict, event: PlatformCommitted) -> RefundLine:
+    def _refund(self, record: dict, event: PlatformCommitted) -> Awaitable[RefundOutcome]:
+        return self.gateway.refund(
+            record["idempotency_key"], gateway_charge_id=record["gateway_charge_id"],
+            amount=Decimal(record["amount"]), currency=record["currency"],
+            reason="prorated refund of a cancellation", request_id=record["request_id"],
+            subscription_id=event.subscription_id)
+
+    @staticmethod
+    async def _settle(ledger: Ledger, record: dict, outcome: RefundOutcome | None) -> RefundLine:
+        """Record the gateway's final answer for a pending refund (`outcome`), or describe one settled
+        before (a redelivery): the refund line of the result."""
         key = record["idempotency_key"]
-        if record["status"] == "pending":
-            async with uow.outside():
-                outcome = await self.gateway.refund(
-                    key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(record["amount"]),
-                    currency=record["currency"], reason="prorated refund of a cancellation",
-                    request_id=record["request_id"], subscription_id=event.subscription_id)
-                crash_point("payment_gateway.after_refund_call")
-            if outcome.status == "unknown":
-                # The gateway may or may not have refunded: keep the reservation and the key, and
-                # ask again later with the same key (it answers with the first result).
-                raise TransientError(f"refund {key} outcome unknown: {outcome.message}")
+        if outcome is not None:
             if outcome.status == "succeeded":
                 await ledger.settle_refund(key, status="succeeded", kind=outcome.kind, refund_id=outcome.refund_id)
                 metrics.REFUNDS.labels("succeeded").inc()

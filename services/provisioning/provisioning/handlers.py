@@ -7,18 +7,25 @@ cancellation as "already canceled", which counts as success, so the effect happe
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import VendorCancellationFailed, VendorCancellationRequested, VendorProvisioned, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Query
 from provisioning import orm
 from provisioning.adapters.vendor import AbstractVendorClient, VendorOutcome
 
 log = get_logger(__name__)
 ops = orm.vendor_operations
+
+OPERATION = Query(select(ops).where(ops.c.request_id == bindparam("request_id")))
+ADD_OPERATION = Query(insert(ops))
+# The vendor's answer; the attempts add up over redeliveries (a crash after the call calls again).
+FINISH_OPERATION = Query(update(ops).where(ops.c.request_id == bindparam("match_request_id"))
+                         .values(attempts=ops.c.attempts + bindparam("more_attempts")))
 
 
 class ProvisioningHandlers:
@@ -28,25 +35,26 @@ class ProvisioningHandlers:
     async def vendor_cancellation_requested(self, msg: Message, uow: UnitOfWork) -> None:
         command: VendorCancellationRequested = msg.payload  # type: ignore[assignment]
         request_id = str(command.request_id)
-        op = (await uow.session.execute(select(ops).where(ops.c.request_id == request_id))).mappings().first()
+        op = await uow.db.first(OPERATION, request_id=request_id)
         if op is not None and op["status"] != "pending":
             return  # answered already; the answer was published with it
         if op is None:
-            await uow.session.execute(insert(ops).values(
+            await uow.db.run(
+                ADD_OPERATION,
                 request_id=request_id, subscription_id=command.subscription_id, vendor=command.vendor,
                 vendor_subscription_id=command.vendor_subscription_id,
                 operation="cancel" if command.new_quantity == 0 else "set_quantity",
                 effective_date=command.effective_date, current_quantity=command.current_quantity,
                 new_quantity=command.new_quantity, status="pending", attempts=0, started_at=utcnow(),
-            ))
+            )
         async with uow.outside():  # the pending row is committed before the vendor hears of it
             outcome = await self._call_vendor(command)
             crash_point("provisioning.after_vendor_call")
-        await uow.session.execute(update(ops).where(ops.c.request_id == request_id).values(
+        await uow.db.run(
+            FINISH_OPERATION, match_request_id=request_id, more_attempts=outcome.attempts,
             status="succeeded" if outcome.ok else "failed", already_applied=outcome.already_done,
-            code=outcome.code, message=outcome.message, http_status=outcome.http_status,
-            attempts=ops.c.attempts + outcome.attempts, finished_at=utcnow(),
-        ))
+            code=outcome.code, message=outcome.message, http_status=outcome.http_status, finished_at=utcnow(),
+        )
         uow.emit(self._answer(command, outcome))
 
     async def _call_vendor(self, command: VendorCancellationRequested) -> VendorOutcome:

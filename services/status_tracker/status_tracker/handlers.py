@@ -29,7 +29,7 @@ class TrackerHandlers:
 
     async def saga_event(self, message: Message, uow: UnitOfWork) -> None:
         request_id = str(message.payload.request_id)  # type: ignore[attr-defined]
-        before = await self._read_model.entry_in(uow.session, request_id)
+        before = await self._read_model.entry_in(uow.db, request_id)
         step = tracking.track(before, message)
         if step.duplicate:
             log.info("event already folded")
@@ -39,7 +39,7 @@ class TrackerHandlers:
         # The partition of the request's saga records: the stuck timer only looks at requests whose
         # partitions this replica reads.
         entry = {**step.entry, "partition": message.partition}
-        await uow.session.execute(*self._read_model.upsert(tracking.document(entry), entry))
+        await self._read_model.write(uow.db, tracking.document(entry), entry)
         uow.emit_envelope(step.status, topic=topics.STATUS, key=request_id)
         if tracking.is_terminal(entry) and not (before and tracking.is_terminal(before)):
             error = entry["view"]["error"] or {}

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from cancelflow import sql
+from cancelflow.sql import Db
 from status_tracker import orm
 from status_tracker.tracking import STUCK_STATES
 
@@ -40,46 +42,53 @@ def _public(document: dict[str, Any]) -> dict[str, Any]:
 _UPDATED = ("state", "account_id", "subscription_id", "error_source", "version", "view", "updated_at")
 
 
+def _upsert(dialect: Any) -> sql.Query:
+    """Store a request's row: an older version never overwrites a newer one, and writing the same
+    version again changes nothing. `on_conflict_do_update` is dialect-specific: one statement each."""
+    statement = dialect.insert(views)
+    return sql.Query(statement.on_conflict_do_update(
+        index_elements=[views.c.request_id],
+        set_={k: statement.excluded[k] for k in _UPDATED},
+        where=views.c.version <= statement.excluded.version,
+    ))
+
+
+UPSERT = {"postgresql": _upsert(postgresql), "sqlite": _upsert(sqlite)}
+VIEW = sql.Query(select(views.c.view).where(views.c.request_id == bindparam("request_id")))
+
+
 class ReadModel:
     def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(views)
-        self._upsert = statement.on_conflict_do_update(
-            index_elements=[views.c.request_id],
-            set_={k: statement.excluded[k] for k in _UPDATED},
-            where=views.c.version <= statement.excluded.version,
-        )
+        self._upsert = UPSERT["postgresql" if engine.dialect.name == "postgresql" else "sqlite"]
 
-    def upsert(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        """The statement and parameters that store a request's document (and the tracker's whole `entry`
-        beside it). An older version never overwrites a newer one, and writing the same version again
-        changes nothing. The statement is built once: SQLAlchemy then finds it compiled in its cache."""
+    async def write(self, db: Db, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
+        """Store a request's document (and the tracker's whole `entry` beside it) in the caller's
+        transaction; a late, older version is ignored."""
         error = document.get("error") or {}
-        row = {
+        await db.run(self._upsert, **{
             "request_id": document["request_id"], "state": document["state"],
             "account_id": document.get("account_id"), "subscription_id": document.get("subscription_id"),
             "error_source": error.get("source"), "version": document["version"],
             "view": {**document, ENTRY_KEY: entry} if entry is not None else document,
             "created_at": datetime.fromisoformat(document["created_at"]),
             "updated_at": datetime.fromisoformat(document["updated_at"]),
-        }
-        return self._upsert, row
+        })
 
     async def save(self, document: dict[str, Any], entry: dict[str, Any] | None = None) -> None:
         async with self._sessions() as session:
-            await session.execute(*self.upsert(document, entry))
+            await self.write(Db(session), document, entry)
             await session.commit()
 
     @staticmethod
-    async def _view_in(session: AsyncSession, request_id: str) -> dict[str, Any] | None:
-        found = (await session.execute(select(views.c.view).where(views.c.request_id == request_id))).first()
-        return found[0] if found else None
+    async def _view_in(db: Db, request_id: str) -> dict[str, Any] | None:
+        return await db.scalar(VIEW, request_id=request_id)  # type: ignore[no-any-return]
 
     @classmethod
-    async def entry_in(cls, session: AsyncSession, request_id: str) -> dict[str, Any] | None:
-        """The tracker's entry for a request, read in the caller's transaction (None before its first step)."""
-        view = await cls._view_in(session, request_id)
+    async def entry_in(cls, db: Db | AsyncSession, request_id: str) -> dict[str, Any] | None:
+        """The tracker's entry for a request, read in the caller's transaction (None before its first step).
+        Handlers pass their unit of work's `Db`, which keeps its driver connection for the transaction."""
+        view = await cls._view_in(db if isinstance(db, Db) else Db(db), request_id)
         return view.get(ENTRY_KEY) if view else None
 
     async def stuck_candidates(self, before: datetime) -> list[dict[str, Any]]:
@@ -91,13 +100,13 @@ class ReadModel:
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         async with self._sessions() as session:
-            view = await self._view_in(session, request_id)
+            view = await self._view_in(Db(session), request_id)
         return _public(view) if view else None
 
     async def entry(self, request_id: str) -> dict[str, Any] | None:
         """The tracker's entry as last committed (None before the first step)."""
         async with self._sessions() as session:
-            return await self.entry_in(session, request_id)
+            return await self.entry_in(Db(session), request_id)
 
     async def search(self, query: Query) -> tuple[list[dict[str, Any]], int]:
         """The matching documents, newest request first, and how many match in all."""
