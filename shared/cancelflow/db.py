@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -31,9 +32,18 @@ def _sqlite_path(url: str) -> str:
     return url.split(":///", 1)[-1]
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+# JSON columns (status views, email contexts, outbox headers) go through orjson: the standard
+# library's encoder was 4% of the status tracker's CPU in a benchmark burst.
+JSON_CODEC: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
+
+
 def make_engine(url: str) -> AsyncEngine:
     if not is_sqlite(url):
-        return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+        return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, **JSON_CODEC)
     path = _sqlite_path(url)
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +53,8 @@ def make_engine(url: str) -> AsyncEngine:
     async def connect() -> aiosqlite.Connection:
         return await InlineSqlite(lambda: sqlite3.connect(path, timeout=30, check_same_thread=False), 64)
 
-    engine = create_async_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=False, async_creator=connect)
+    engine = create_async_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=False, async_creator=connect,
+                                 **JSON_CODEC)
     _sqlite_serializable_writes(engine)
     return engine
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -156,7 +155,7 @@ class StateFile:
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        return json.loads(self.path.read_text(encoding="utf-8"))
+        return orjson.loads(self.path.read_bytes())
 
     def save(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +289,9 @@ def json_response(reply: Reply) -> web.Response:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=str)
+    # as the standard library's json.dumps(default=str) wrote it: datetimes and dataclasses by str()
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                        | orjson.OPT_PASSTHROUGH_DATACLASS).decode()
 
 
 async def _read_body(request: web.Request) -> tuple[Any, bool]:
@@ -299,7 +300,7 @@ async def _read_body(request: web.Request) -> tuple[Any, bool]:
     if not text.strip():
         return {}, True
     try:
-        body = json.loads(text)
+        body = orjson.loads(text)
     except ValueError:
         return text, False
     return body, isinstance(body, dict)
