@@ -34,6 +34,12 @@ from payment_gateway.ledger import Ledger
 log = get_logger(__name__)
 
 
+def _require_stopped(outcome: GatewayOutcome) -> None:
+    if not outcome.ok:
+        # Stopping a schedule is idempotent at the gateway: retry the record until it answers.
+        raise TransientError(f"gateway could not stop the recurring schedule: {outcome.message}")
+
+
 class PaymentHandlers:
     def __init__(self, gateway: AbstractGatewayClient) -> None:
         self.gateway = gateway
@@ -78,9 +84,7 @@ class PaymentHandlers:
             if isinstance(answer, BaseException):
                 raise answer
         if stop:
-            schedule: GatewayOutcome = answers.pop()
-            if not schedule.ok:
-                raise TransientError(f"gateway could not stop the recurring schedule: {schedule.message}")
+            _require_stopped(answers.pop())
         outcomes: dict[str, RefundOutcome] = dict(zip((r["idempotency_key"] for r in pending), answers, strict=True))
         for key, outcome in outcomes.items():
             if outcome.status == "unknown":
@@ -92,20 +96,13 @@ class PaymentHandlers:
     async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
         """End of term: the recurring schedule stops now, the cancellation itself runs later."""
         event: CancellationScheduled = msg.payload  # type: ignore[assignment]
-        if await self._stop_auto_renew(uow, Ledger(uow.session, uow.db), event):
-            uow.emit(AutoRenewStopped(request_id=event.request_id, subscription_id=event.subscription_id))
-
-    async def _stop_auto_renew(self, uow: UnitOfWork, ledger: Ledger,
-                               event: PlatformCommitted | CancellationScheduled) -> bool:
-        if await ledger.schedule_stopped(event.subscription_id):
-            return True
-        async with uow.outside():
-            outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))
-        if not outcome.ok:
-            # Stopping a schedule is idempotent at the gateway: retry the record until it answers.
-            raise TransientError(f"gateway could not stop the recurring schedule: {outcome.message}")
-        await self._record_schedule_stop(ledger, event)
-        return True
+        ledger = Ledger(uow.session, uow.db)
+        if not await ledger.schedule_stopped(event.subscription_id):
+            async with uow.outside():
+                outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))
+            _require_stopped(outcome)
+            await self._record_schedule_stop(ledger, event)
+        uow.emit(AutoRenewStopped(request_id=event.request_id, subscription_id=event.subscription_id))
 
     @staticmethod
     async def _record_schedule_stop(ledger: Ledger, event: PlatformCommitted | CancellationScheduled) -> None:
