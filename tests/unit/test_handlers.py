@@ -33,7 +33,7 @@ from cancelflow.events import (
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.testing.messages import handle, message
+from cancelflow.testing.messages import handle, handle_in_rounds, message
 from payment_gateway import orm as payment_orm
 from payment_gateway.adapters.gateway import FakeGatewayClient, GatewayOutcome, RefundOutcome
 from payment_gateway.domain import refund_key
@@ -358,8 +358,16 @@ async def test_billing_activation_during_a_cancellation_keeps_the_lock(billing: 
 # --- provisioning -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["one_by_one", "rounds"])
+def handle_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provisioning and payment routes run in rounds in the service (messaging/rounds.py) and one
+    by one when a record is retried: their tests run both ways."""
+    if request.param == "rounds":
+        monkeypatch.setitem(globals(), "handle", handle_in_rounds)
+
+
 @pytest.fixture
-async def provisioning_engine(tmp_path: Any) -> AsyncIterator[AsyncEngine]:
+async def provisioning_engine(tmp_path: Any, handle_way: None) -> AsyncIterator[AsyncEngine]:
     engine = await new_engine(tmp_path / "provisioning.db", provisioning_orm)
     yield engine
     await engine.dispose()
@@ -464,7 +472,7 @@ async def test_provisioning_crash_leaves_a_pending_row_and_one_effect(
 
 
 @pytest.fixture
-async def payment_engine(tmp_path: Any) -> AsyncIterator[AsyncEngine]:
+async def payment_engine(tmp_path: Any, handle_way: None) -> AsyncIterator[AsyncEngine]:
     engine = await new_engine(tmp_path / "payment.db", payment_orm)
     yield engine
     await engine.dispose()

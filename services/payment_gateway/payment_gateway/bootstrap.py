@@ -29,7 +29,7 @@ def build() -> ServiceRuntime:
         "CancellationScheduled": handlers.cancellation_scheduled,
         "ChargesVerificationRequested": disputes.charges_verification_requested,
         "DuplicateRefundRequested": disputes.duplicate_refund_requested,
-    }))
+    }, rounds=True))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     runtime.on_start.append(gateway.start)
     runtime.on_stop.append(gateway.close)

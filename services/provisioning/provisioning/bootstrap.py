@@ -19,7 +19,7 @@ def build() -> ServiceRuntime:
     handlers = ProvisioningHandlers(vendor)
     runtime.add_route(Route(topics.SAGA, {
         "VendorCancellationRequested": handlers.vendor_cancellation_requested,
-    }))
+    }, rounds=True))
     runtime.on_start.append(vendor.start)
     runtime.on_stop.append(vendor.close)
     return runtime

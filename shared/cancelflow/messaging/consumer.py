@@ -29,6 +29,7 @@ from cancelflow.messaging.deadletter import (
     marker_of,
 )
 from cancelflow.messaging.gaps import GapGuard
+from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.uow import UnitOfWork
 
@@ -48,6 +49,10 @@ class Route:
     # The handlers only touch the service's own database (no vendor, gateway or SMTP call): a poll's
     # records of this topic are handled in one transaction (see ConsumeLoop._in_one_transaction).
     batch: bool = False
+    # The handlers call the outside world between transactions (`uow.outside()`): a poll's records of
+    # this topic are handled together in rounds, each round's database work in one transaction and
+    # its calls concurrently (messaging/rounds.py).
+    rounds: bool = False
 
 
 class ConsumeLoop:
@@ -79,10 +84,16 @@ class ConsumeLoop:
                 for record in records:
                     by_key.setdefault((tp.topic, record.key), []).append(record)
                 offsets[tp] = records[-1].offset + 1
-            singles = [records for (topic, _), records in by_key.items() if not self._routes[topic].batch]
-            batched = [records for (topic, _), records in by_key.items() if self._routes[topic].batch]
+            singles: list[list[ConsumerRecord]] = []
+            batched: list[list[ConsumerRecord]] = []
+            in_rounds: list[list[ConsumerRecord]] = []
+            for (topic, _), records in by_key.items():
+                route = self._routes[topic]
+                (batched if route.batch else in_rounds if route.rounds else singles).append(records)
             if batched:
                 singles += await self._in_one_transaction(batched)
+            if in_rounds:
+                singles += await self._in_rounds(in_rounds)
             await asyncio.gather(*(self._in_order(records) for records in singles))
             if offsets:
                 try:
@@ -111,16 +122,9 @@ class ConsumeLoop:
         forged on (so a key's records never overtake each other). If any handler raises, the whole
         transaction is rolled back and every record goes the one-by-one way, which retries,
         dead-letters and reports as usual (the inbox drops what was done before)."""
-        work: list[tuple[Message, Handler]] = []
-        leftovers: list[list[ConsumerRecord]] = []
-        for records in groups:
-            for i, record in enumerate(records):
-                prepared = self._prepare(record)
-                if prepared is False:
-                    leftovers.append(records[i:])
-                    break
-                if prepared is not None:
-                    work.append(prepared)
+        prepared = self._prepare_groups(groups)
+        leftovers = [records[cut:] for records, (_, cut) in zip(groups, prepared, strict=True) if cut is not None]
+        work = [(step.message, step.handler) for steps, _ in prepared for step in steps]
         if not work:
             return leftovers
         try:
@@ -141,6 +145,49 @@ class ConsumeLoop:
         for message, _ in work:
             metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
         return leftovers
+
+    async def _in_rounds(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
+        """Handle the records of rounds routes together (messaging/rounds.py) and return what is left to
+        handle one by one: for each key, from its first record that is bad, forged or whose handler
+        raised. If the rounds themselves fail (the database is away), every record goes the one-by-one
+        way; the inbox drops what an earlier round committed."""
+        prepared = self._prepare_groups(groups)
+        chains = [Chain(steps) for steps, _ in prepared]
+        if not any(chain.steps for chain in chains):
+            return [records[cut:] for records, (_, cut) in zip(groups, prepared, strict=True) if cut is not None]
+        try:
+            async with self._new_uow(None) as uow:
+                seen = await uow.processed_among([step.message.event_id for chain in chains for step in chain.steps])
+                await run_in_rounds(uow, [chain for chain in chains if chain.steps], seen, _log_context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("rounds failed; their records are handled one by one", error=repr(exc))
+            return groups
+        leftovers = []
+        for records, chain, (_, cut) in zip(groups, chains, prepared, strict=True):
+            start = chain.failed_at if chain.failed_at is not None else cut
+            if start is not None:
+                leftovers.append(records[start:])
+        return leftovers
+
+    def _prepare_groups(self, groups: list[list[ConsumerRecord]]) -> list[tuple[list[Step], int | None]]:
+        """For each key's records: the steps (message and handler; records that are not ours left out) up
+        to its first bad or forged record, and that record's index (from it on, the records go the
+        one-by-one way, which dead-letters it), or None."""
+        prepared: list[tuple[list[Step], int | None]] = []
+        for records in groups:
+            steps: list[Step] = []
+            cut = None
+            for i, record in enumerate(records):
+                found = self._prepare(record)
+                if found is False:
+                    cut = i
+                    break
+                if found is not None:
+                    steps.append(Step(i, *found))
+            prepared.append((steps, cut))
+        return prepared
 
     def _prepare(self, record: ConsumerRecord) -> tuple[Message, Handler] | None | bool:
         """A batch record's message and handler; None when it is not ours; False when it is bad or

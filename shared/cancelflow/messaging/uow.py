@@ -117,7 +117,21 @@ class UnitOfWork:
     def end_step(self) -> None:
         """The message is done: its inbox row is written with the batch."""
         assert self.message is not None
-        self._inbox_rows.append(self._inbox_row(self.message.event_id))
+        self.mark_processed_later(self.message)
+
+    def mark_processed_later(self, message: Message) -> None:
+        """`message` is done: its inbox row is written with the next `commit_batch`."""
+        self.message = message
+        self._inbox_rows.append(self._inbox_row(message.event_id))
+
+    def marks(self) -> tuple[int, int]:
+        """Where the outbox rows and emitted events not yet flushed end (see `truncate`)."""
+        return len(self._outbox_rows), len(self.emitted)
+
+    def truncate(self, outbox_mark: int, emitted_mark: int) -> None:
+        """Forget what was emitted since `marks()` returned these (its savepoint was rolled back)."""
+        del self._outbox_rows[outbox_mark:]
+        del self.emitted[emitted_mark:]
 
     async def commit_batch(self) -> None:
         """Write the batch's outbox and inbox rows (one statement each) and commit."""

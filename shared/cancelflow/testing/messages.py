@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cancelflow.db import session_factory
 from cancelflow.events import Payload, envelope_for
 from cancelflow.messaging.codec import Message, decode, encode
+from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.uow import UnitOfWork
 
 Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
@@ -29,4 +31,18 @@ async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Me
             return False
         await handler(msg, uow)
         await uow.commit()
+    return True
+
+
+async def handle_in_rounds(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message) -> bool:
+    """What the consume loop does on a route handled in rounds (messaging/rounds.py), for one record:
+    True when handled; the handler's exception is raised, as `handle` does."""
+    chain = Chain([Step(0, msg, handler)])
+    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test") as uow:
+        seen = await uow.processed_among([msg.event_id])
+        if seen:
+            return False
+        await run_in_rounds(uow, [chain], seen, lambda _: contextlib.nullcontext())
+    if chain.error is not None:
+        raise chain.error
     return True
