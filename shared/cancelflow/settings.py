@@ -31,8 +31,10 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Field(Path("./var"), validation_alias="CANCELFLOW_DATA_DIR")
     broker_port: int = Field(9092, validation_alias="CANCELFLOW_BROKER_PORT")
     kafka_bootstrap_servers: str | None = Field(None, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
-    # The embedded broker long-polls for the full wait, so keep it short there; Kafka is fine either way.
-    fetch_max_wait_ms: int = Field(25, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
+    # How long a fetch waits when there is nothing to read. The embedded broker answers as soon as a
+    # record arrives (measured: 3 ms with 25, 100 or 200) but an idle stack polls once per wait and
+    # consumer: 25 kept 41% of a core busy doing nothing, 100 keeps 14%. Kafka is fine with 500.
+    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
     # A fetch that skips offsets (the embedded broker does under concurrent produces) is read again; a
     # hole that stays this long is accepted (Apache Kafka has real ones next to transaction markers and
     # after compaction). 0: no check (messaging/gaps.py).

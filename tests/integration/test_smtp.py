@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cancelflow.smtp_sink import SmtpSink, read_mailbox, safe_message_id
+from cancelflow.smtp_sink import SmtpSink, _message_id_of, read_mailbox, safe_message_id
 from cancelflow.testing.smtp import PERMANENT_FAILURE, TEMPORARY_FAILURE, RecordingSMTPServer
 from notification.adapters.mailer import AbstractMailer, FakeMailer, MailDeliveryError, MailerPool, SmtpMailer
 from notification.render import build_message, message_id_for
@@ -209,6 +209,15 @@ def test_safe_message_id():
     assert safe_message_id(None) == "no-message-id"
     assert safe_message_id("<../../etc>") == "etc"
     assert len(safe_message_id("<" + "x" * 500 + "@y>")) <= 80
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b"From: a\r\nMessage-ID: <one@x>\r\nSubject: s\r\n\r\nbody", "<one@x>"),
+    (b"From: a\nmessage-id:\n  <folded@x>\nSubject: s\n\nbody", "<folded@x>"),  # any case, folded
+    (b"From: a\r\nSubject: s\r\n\r\nMessage-ID: <in-the-body@x>\r\n", None),  # not a header
+])
+def test_the_sink_finds_the_message_id_among_the_headers_only(raw, expected):
+    assert _message_id_of(raw) == expected
 
 
 async def test_sink_runs_as_a_module_and_stops_on_sigterm(tmp_path):

@@ -131,6 +131,9 @@ def test_the_document_explains_the_error() -> None:
                                       retryable=False)
     entry, _ = fold_all([msg(failed, T0 + timedelta(seconds=5))], entry)
     doc = tracking.document(entry)  # type: ignore[arg-type]
+    # The handler hands over the status record it has just built, instead of building it again.
+    status = tracking.status_envelope(entry, causation_id=None).payload  # type: ignore[arg-type]
+    assert tracking.document(entry, status) == doc  # type: ignore[arg-type]
     assert doc["errors"][0]["help"]["label"] == "Vendor error" and doc["errors"][0]["help"]["action"] == "retry"
     assert doc["created_at"] == T0.isoformat() and doc["version"] == 3
     assert guidance.for_error("platform", "platform_commit_failed")["action"] == "contact_support"

@@ -39,7 +39,7 @@ class TrackerHandlers:
         # The partition of the request's saga records: the stuck timer only looks at requests whose
         # partitions this replica reads.
         entry = {**step.entry, "partition": message.partition}
-        await self._read_model.write(uow.db, tracking.document(entry), entry)
+        await self._read_model.write(uow.db, tracking.document(entry, step.status.payload), entry)
         uow.emit_envelope(step.status, topic=topics.STATUS, key=request_id)
         if tracking.is_terminal(entry) and not (before and tracking.is_terminal(before)):
             error = entry["view"]["error"] or {}

@@ -92,10 +92,12 @@ def status_envelope(entry: Entry, *, causation_id: str | None) -> Envelope:
     )
 
 
-def document(entry: Entry) -> dict[str, Any]:
+def document(entry: Entry, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the read API and the dashboard show: the status record's fields, when the request came in,
-    the emails sent, and each error with what the operator should do about it."""
-    status = status_envelope(entry, causation_id=None).payload
+    the emails sent, and each error with what the operator should do about it. `status` is the
+    payload of the entry's status record when the caller has built it already."""
+    if status is None:
+        status = status_envelope(entry, causation_id=None).payload
     error = status["error"]
     return {
         **status,
