@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, insert, select
 
 from cancelflow.db import create_schema, make_engine, session_factory
 from cancelflow.events import CancellationReceived, CancellationRequested, RequestedBy
@@ -31,6 +31,7 @@ EFFECTS = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("request_id", String(64), nullable=False),
     Column("phase", String(20), nullable=False),
+    UniqueConstraint("request_id", "phase"),
 )
 ADD_EFFECT = Query(insert(EFFECTS))
 
@@ -43,7 +44,8 @@ def a_request(subscription_id: str = "sub-r", *, reason: str = "") -> Message:
 
 class Outside:
     """A handler that records an intent, calls out (`calls` in flight together must meet at
-    `barrier`), then records the answer and emits; reason "explode" raises after the call."""
+    `barrier`), then records the answer and emits; with reason "explode" it then records the answer
+    again, which the database refuses."""
 
     def __init__(self, sessions: Any, in_flight_together: int) -> None:
         self.sessions = sessions
@@ -63,8 +65,8 @@ class Outside:
         uow.emit(CancellationReceived(
             request_id=request.request_id, account_id=request.account_id, target=request.target,
             subscription_id=request.subscription_id, mode=request.mode, requested_by=request.requested_by))
-        if request.reason == "explode":
-            raise RuntimeError("the answer could not be recorded")
+        if request.reason == "explode":  # a statement fails (on PostgreSQL the transaction is then aborted)
+            await uow.db.run(ADD_EFFECT, request_id=request_id, phase="answer")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
-from notification import orm
+from notification import orm, render
 from notification.adapters.mailer import MailerPool
 from notification.handlers import NotificationHandlers
 from notification.sender import EmailSender
@@ -29,6 +29,7 @@ def build() -> ServiceRuntime:
     handlers = NotificationHandlers(sender_address=settings.mail_from, support_email=settings.support_email)
     mailer = MailerPool.from_settings(settings)
     sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s)
+    runtime.on_start.append(render.load_templates)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
                             batch=True))
     runtime.add_route(Route(topics.SAGA, {

@@ -187,6 +187,7 @@ _env = Environment(
     undefined=StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
+    auto_reload=False,  # the templates ship with the service: no stat of the file per email
 )
 _env.filters["money"] = format_money
 _env.filters["count_of"] = count_of
@@ -219,6 +220,13 @@ def _tidy_text(text: str) -> str:
 def _one_line(text: str) -> str:
     # Subjects come partly from data; a header must never span lines (header injection).
     return " ".join(text.split())
+
+
+async def load_templates() -> None:
+    """Compile every template at start, not while the first emails of a burst wait (profiled: the
+    compiles were 4% of the service's CPU in a 10-second burst)."""
+    for name in _env.list_templates():
+        _env.get_template(name)
 
 
 def render(kind: str, context: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -23,13 +23,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import text
+
 from cancelflow import metrics
 from cancelflow.events import Envelope, Payload
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Query
 
 log = get_logger(__name__)
+
+# One record's savepoint at a time (their database work never overlaps), run as plain statements:
+# through the session's `begin_nested()` each cost as much as the record's own statements.
+SAVEPOINT = Query(text("SAVEPOINT round_step"))
+RELEASE = Query(text("RELEASE SAVEPOINT round_step"))
+ROLLBACK_TO = Query(text("ROLLBACK TO SAVEPOINT round_step"))
 
 Handler = Callable[[Message, Any], Awaitable[None]]
 
@@ -50,6 +59,7 @@ class Chain:
     steps: list[Step]
     failed_at: int | None = None  # the record index from which this key's records go one by one
     error: Exception | None = None  # what the handler of that record raised
+    broken: Exception | None = None  # the shared transaction could not undo that record's work
     finished: bool = False
     calling: bool = False  # parked before a call: waits for the round's commit, then calls
     _go: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,7 +89,7 @@ class RoundStep:
         self._uow = uow
         self._chain = chain
         self.message = message
-        self._savepoint: Any = None
+        self._open = False  # this record's savepoint
         self._outbox_mark = 0
         self._emitted_mark = 0
 
@@ -96,20 +106,21 @@ class RoundStep:
         return self._uow.emit(payload, **kwargs)
 
     async def open(self) -> None:
-        self._savepoint = await self._uow.session.begin_nested()
+        await self._uow.db.run(SAVEPOINT)
+        self._open = True
         self._outbox_mark, self._emitted_mark = self._uow.marks()
 
     async def close(self) -> None:
-        savepoint, self._savepoint = self._savepoint, None
-        await savepoint.commit()
+        self._open = False
+        await self._uow.db.run(RELEASE)
 
     async def abandon(self) -> None:
         """Undo this record's statements and events of the current round (what an earlier round
         committed stays: it was the intent, committed before a call, as one by one)."""
-        if self._savepoint is not None:
-            savepoint, self._savepoint = self._savepoint, None
-            with contextlib.suppress(Exception):
-                await savepoint.rollback()
+        if self._open:
+            self._open = False
+            await self._uow.db.run(ROLLBACK_TO)
+            await self._uow.db.run(RELEASE)
             self._uow.truncate(self._outbox_mark, self._emitted_mark)
 
     async def checkpoint(self) -> None:
@@ -151,9 +162,13 @@ async def _run_chain(chain: Chain, uow: UnitOfWork, seen: set[str],
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    await view.abandon()
-                    log.info("record handed back to be handled one by one", error=repr(exc))
                     chain.failed_at, chain.error = step.index, exc
+                    try:
+                        await view.abandon()
+                    except Exception as undo:
+                        chain.broken = undo
+                        return
+                    log.info("record handed back to be handled one by one", error=repr(exc))
                     return
             uow.mark_processed_later(message)
             metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
@@ -174,6 +189,8 @@ async def run_in_rounds(uow: UnitOfWork, chains: list[Chain], seen: set[str],
         while True:
             for chain in live:  # the database turns, one handler at a time
                 await chain.advance()
+                if chain.broken is not None:
+                    raise chain.broken  # nothing of the round can be trusted: every record one by one
             calling = [chain for chain in live if chain.calling and not chain.finished]
             await uow.commit_batch()  # intents, answers, outbox and inbox rows of this round
             if not calling:
