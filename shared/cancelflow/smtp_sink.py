@@ -64,7 +64,11 @@ def _file_name(message_id: str | None, now: datetime | None = None) -> str:
 
 
 def _write_atomically(directory: Path, name: str, data: bytes) -> Path:
-    """Write to a hidden temp file, fsync, then rename: a reader never sees half a message."""
+    """Write to a hidden temp file, then rename: a reader never sees half a message.
+
+    No fsync: the sink stands in for a mail server on a development machine. A killed sink loses
+    nothing (the kernel has the file); only a crash of the machine itself could. Profiled, the fsync
+    and the thread it ran in were a third of the sink's CPU per message."""
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".tmp")
     try:
@@ -72,7 +76,6 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> Path:
             os.fchmod(fh.fileno(), 0o644)  # mkstemp creates 0600; mail is meant to be read by the CLI/tools
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
         target = directory / name
         os.replace(tmp, target)
     except BaseException:
@@ -134,8 +137,7 @@ class MaildirHandler:
         data = _with_envelope_headers(envelope)
         name = _file_name(_message_id_of(data))
         try:
-            # fsync can take a while on a busy disk; keep the event loop (other sessions) responsive.
-            await asyncio.to_thread(_write_atomically, self.directory, name, data)
+            _write_atomically(self.directory, name, data)  # tens of microseconds: no thread needed
         except OSError as exc:
             log.error("smtp_sink.store_failed", error=str(exc))
             # 4xx: the client keeps the message and retries later, nothing is lost.

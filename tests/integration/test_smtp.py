@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import Iterator
 
+import aiosmtplib
 import pytest
 
 from cancelflow.smtp_sink import SmtpSink, _message_id_of, read_mailbox, safe_message_id
@@ -209,6 +210,22 @@ def test_safe_message_id():
     assert safe_message_id(None) == "no-message-id"
     assert safe_message_id("<../../etc>") == "etc"
     assert len(safe_message_id("<" + "x" * 500 + "@y>")) <= 80
+
+
+async def test_the_sink_stores_lines_that_start_with_a_dot_as_sent(tmp_path):
+    """SMTP doubles a leading dot on the wire (a lone dot ends the message); the sink must undo it, at
+    the start of the message too."""
+    body = b".first line starts with a dot\r\nmiddle\r\n.\r\n..two dots\r\nlast\r\n"
+    raw = b"Message-ID: <dots@x>\r\nSubject: dots\r\n\r\n" + body
+    mail = tmp_path / "mail"
+    async with SmtpSink(mail, "127.0.0.1", 0) as sink:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=5)
+        async with smtp:
+            await smtp.sendmail("a@example.com", ["b@example.com"], raw)
+            await smtp.sendmail("a@example.com", ["b@example.com"], b".")  # the whole message is one dot
+    stored = [path.read_bytes() for path in sorted(mail.glob("*.eml"))]
+    assert stored[0].endswith(raw)
+    assert stored[1].endswith(b"X-Original-To: b@example.com\r\n.\r\n")
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
