@@ -163,3 +163,17 @@ async def test_a_keys_records_run_in_order_and_duplicates_are_skipped(sessions) 
     assert commits == 3  # first's intent; first's answer with second's intent; second's answer
     assert await _phases(sessions, done_before) == []
     assert await _inbox(sessions) == {first.event_id, second.event_id}
+
+
+async def test_a_failure_around_a_handler_fails_the_rounds_so_no_record_is_lost(sessions, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Not a handler's error (its record would go one by one) but the rounds' own: the caller gets it
+    and hands every record to the one-by-one way, instead of committing offsets past a record that
+    was neither done nor handed back."""
+    handler = Outside(sessions, in_flight_together=1)
+
+    def broken(self: UnitOfWork, message: Message) -> None:
+        raise RuntimeError("the inbox row could not be kept")
+
+    monkeypatch.setattr(UnitOfWork, "mark_processed_later", broken)
+    with pytest.raises(RuntimeError, match="inbox row"):
+        await _rounds(sessions, [Chain([Step(0, a_request(), handler.handle)])])

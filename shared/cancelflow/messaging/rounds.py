@@ -59,7 +59,7 @@ class Chain:
     steps: list[Step]
     failed_at: int | None = None  # the record index from which this key's records go one by one
     error: Exception | None = None  # what the handler of that record raised
-    broken: Exception | None = None  # the shared transaction could not undo that record's work
+    broken: Exception | None = None  # the round went wrong around a record (not in its handler)
     finished: bool = False
     calling: bool = False  # parked before a call: waits for the round's commit, then calls
     _go: asyncio.Event = field(default_factory=asyncio.Event)
@@ -173,6 +173,8 @@ async def _run_chain(chain: Chain, uow: UnitOfWork, seen: set[str],
             uow.mark_processed_later(message)
             metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
             metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+    except Exception as exc:  # not the handler's: the round cannot say what became of this record
+        chain.broken = exc
     finally:
         chain.stop()
 
@@ -196,6 +198,9 @@ async def run_in_rounds(uow: UnitOfWork, chains: list[Chain], seen: set[str],
             if not calling:
                 return
             await asyncio.gather(*(chain.advance() for chain in calling))  # the calls, together
+            for chain in calling:
+                if chain.broken is not None:
+                    raise chain.broken
             await uow.resume()
             live = [chain for chain in calling if not chain.finished]
     finally:
