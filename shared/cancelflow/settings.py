@@ -59,7 +59,7 @@ class CommonSettings(BaseSettings):
     mail_from: str = Field("Billing <billing@localhost>", validation_alias="MAIL_FROM")
     # Notification: the longest wait between two delivery attempts while the mail server is away.
     smtp_retry_max_s: float = Field(60.0, gt=0, validation_alias="SMTP_RETRY_MAX_SECONDS")
-    smtp_connections: int = Field(4, ge=1, le=64, validation_alias="SMTP_CONNECTIONS")
+    smtp_connections: int = Field(8, ge=1, le=64, validation_alias="SMTP_CONNECTIONS")
     vendor_api_url: str | None = Field(None, validation_alias="VENDOR_API_URL")
     gateway_api_url: str | None = Field(None, validation_alias="GATEWAY_API_URL")
     vendor_sandbox_port: int = Field(8090, validation_alias="VENDOR_SANDBOX_PORT")

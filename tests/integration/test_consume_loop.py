@@ -1,0 +1,133 @@
+"""The consume loop's own rhythm, with a scripted consumer and a real SQLite unit of work: offsets are
+committed together (at most every COMMIT_EVERY_S, on an empty poll and at stop), and a batch lets the
+rest of the service run between its records."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+from sqlalchemy import MetaData
+
+from cancelflow import topics
+from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.events import CancellationRequested, RequestedBy, envelope_for
+from cancelflow.messaging.codec import EVENT_TYPE_HEADER, Message, encode
+from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.uow import UnitOfWork
+
+pytestmark = pytest.mark.timeout(30)
+
+METADATA = MetaData()
+MESSAGING = messaging_tables(METADATA)
+TP0, TP1 = TopicPartition(topics.REQUESTED, 0), TopicPartition(topics.REQUESTED, 1)
+
+
+def records(tp: TopicPartition, *offsets: int, event_type: str = "NotOurs", value: bytes = b"{}",
+            key: bytes = b"k") -> list[ConsumerRecord]:
+    return [ConsumerRecord(tp.topic, tp.partition, o, 0, 0, key, value, None, 1, 1,
+                           [(EVENT_TYPE_HEADER, event_type.encode())]) for o in offsets]
+
+
+class ScriptedConsumer:
+    """Hands out the scripted polls, then waits (as a consumer with nothing to read would)."""
+
+    def __init__(self, polls: list[dict[TopicPartition, list[ConsumerRecord]]]) -> None:
+        self.polls = list(polls)
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.drained = asyncio.Event()
+
+    async def getmany(self, timeout_ms: int = 0) -> dict[TopicPartition, list[ConsumerRecord]]:
+        if self.polls:
+            return self.polls.pop(0)
+        self.drained.set()
+        await asyncio.sleep(3600)
+        return {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+
+@pytest.fixture
+async def new_uow(tmp_path: Path):  # type: ignore[no-untyped-def]
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/loop.db")
+    await create_schema(engine, METADATA)
+    sessions = session_factory(engine)
+    try:
+        yield lambda message=None: UnitOfWork(sessions, MESSAGING, producer="test", message=message)
+    finally:
+        await engine.dispose()
+
+
+async def _run_until_drained(loop: ConsumeLoop, consumer: ScriptedConsumer) -> None:
+    task = asyncio.create_task(loop.run())
+    await asyncio.wait_for(consumer.drained.wait(), 10)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_offsets_are_committed_together_on_an_empty_poll_and_at_stop(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ConsumeLoop, "COMMIT_EVERY_S", 3600.0)  # only an empty poll or the stop commits
+    consumer = ScriptedConsumer([
+        {TP0: records(TP0, 0, 1)},
+        {TP0: records(TP0, 2), TP1: records(TP1, 0)},
+        {},
+        {TP1: records(TP1, 1, 2)},
+    ])
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
+                       service="test", group_id="g")
+    await _run_until_drained(loop, consumer)
+    # Two polls' offsets in one commit (at the empty poll), the last poll's at the stop.
+    assert consumer.commits == [{TP0: 3, TP1: 1}, {TP1: 3}]
+
+
+async def test_with_no_interval_every_poll_commits(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ConsumeLoop, "COMMIT_EVERY_S", 0.0)
+    consumer = ScriptedConsumer([{TP0: records(TP0, 0)}, {TP0: records(TP0, 1)}])
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
+                       service="test", group_id="g")
+    await _run_until_drained(loop, consumer)
+    assert consumer.commits == [{TP0: 1}, {TP0: 2}]
+
+
+async def test_a_batch_lets_the_service_run_between_its_records(new_uow) -> None:  # type: ignore[no-untyped-def]
+    """SQLite statements do not yield to the loop: without a yield per record, another task of the
+    service (an SMTP exchange, the relay) would wait for the whole batch."""
+    seen: list[str] = []
+
+    async def handle(msg: Message, uow: Any) -> None:
+        seen.append("record")
+
+    async def other_work() -> None:
+        while True:
+            seen.append("other")
+            await asyncio.sleep(0)
+
+    def value(i: int) -> bytes:
+        request_id = str(uuid.UUID(int=i + 1))
+        request = CancellationRequested(request_id=request_id, account_id="a", target="subscription",
+                                        subscription_id=f"s-{i}",
+                                        requested_by=RequestedBy(user_id="u", role="customer", channel="storefront"))
+        return encode(envelope_for(request, producer="test", correlation_id=request_id, causation_id=None))
+
+    batch = [r for i in range(3) for r in records(TP0, i, event_type="CancellationRequested", value=value(i),
+                                                      key=f"s-{i}".encode())]
+    consumer = ScriptedConsumer([{TP0: batch}])
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {"CancellationRequested": handle}, batch=True)],
+                       new_uow, service="test", group_id="g")  # type: ignore[arg-type]
+    other = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    await _run_until_drained(loop, consumer)
+    other.cancel()
+    handled = [i for i, what in enumerate(seen) if what == "record"]
+    assert len(handled) == 3
+    # Between two records of the one batch, the other task ran.
+    assert all("other" in seen[a:b] for a, b in zip(handled, handled[1:], strict=False))
