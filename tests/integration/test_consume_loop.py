@@ -5,6 +5,7 @@ rest of the service run between its records."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,16 @@ async def test_with_no_interval_every_poll_commits(new_uow, monkeypatch) -> None
 
 
 async def test_a_batch_lets_the_service_run_between_its_records(new_uow) -> None:  # type: ignore[no-untyped-def]
-    """SQLite statements do not yield to the loop: without a yield per record, another task of the
-    service (an SMTP exchange, the relay) would wait for the whole batch."""
+    """SQLite statements do not yield to the loop: unless the batch yields once its records have run
+    for YIELD_EVERY_S, another task of the service (an SMTP exchange, the relay) waits for the whole
+    batch."""
     seen: list[str] = []
 
     async def handle(msg: Message, uow: Any) -> None:
         seen.append("record")
+        started = time.perf_counter()
+        while time.perf_counter() - started < ConsumeLoop.YIELD_EVERY_S:  # a record's CPU-bound work
+            pass
 
     async def other_work() -> None:
         while True:
