@@ -11,6 +11,7 @@ import orjson
 
 from cancelflow import topics
 from cancelflow.events import CancellationReceived, Mode, VendorCancellationRequested, VendorProvisioned
+from cancelflow.sql import Db
 from status_tracker.projection import ReadModel
 
 CUSTOMER = {"user_id": "u-1", "role": "customer", "channel": "storefront"}
@@ -53,7 +54,7 @@ async def test_a_restarted_tracker_goes_on_from_its_database(services, publisher
     distinct = {r.event_id: r.payload["version"] for r in status.matching(about(rid))}
     assert sorted(distinct.values()) == [1, 2, 3]
     async with again.runtime.sessions() as session:
-        entry = await ReadModel.entry_in(session, str(rid))
+        entry = await ReadModel.entry_in(Db(session), str(rid))
     assert entry is not None and entry["version"] == 3
 
 

@@ -33,6 +33,7 @@ from cancelflow.events import (
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Db
 from cancelflow.testing.messages import handle, handle_in_rounds, message
 from payment_gateway import orm as payment_orm
 from payment_gateway.adapters.gateway import FakeGatewayClient, GatewayOutcome, RefundOutcome
@@ -295,7 +296,7 @@ async def test_billing_partial_commit_reduces_the_quantity(billing: Billing) -> 
 async def test_billing_platform_fault_reverts_and_disarms(billing: Billing) -> None:
     request = await billing.locked()
     async with session_factory(billing.engine)() as session, session.begin():
-        await BillingRepository(session).arm_fault("sub-1", "commit")
+        await BillingRepository(Db(session)).arm_fault("sub-1", "commit")
     emitted = await billing.send(provisioned(request.request_id))
     assert types(emitted) == ["Failed"]
     failed = emitted[0]["payload"]
@@ -583,7 +584,7 @@ async def test_payment_second_partial_refund_can_take_the_exact_rest(payments: P
     assert third[0]["payload"]["amount"] == "0.00"
     assert len(payments.refund_effects()) == 2
     async with session_factory(payments.engine)() as session, session.begin():
-        assert await Ledger(session).reserve("c1", Decimal("0.01")) is False
+        assert await Ledger(Db(session)).reserve("c1", Decimal("0.01")) is False
 
 
 async def test_payment_trial_owes_no_refund(payments: Payments) -> None:

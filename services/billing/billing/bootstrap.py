@@ -13,6 +13,7 @@ from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
+from cancelflow.sql import Db
 
 
 def build() -> ServiceRuntime:
@@ -51,7 +52,7 @@ def _arm_fault(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
         if not isinstance(subscription_id, str) or stage != "commit":
             return web.json_response({"error": "need subscription_id and stage 'commit'"}, status=400)
         async with runtime.sessions() as session, session.begin():
-            await BillingRepository(session).arm_fault(subscription_id, stage)
+            await BillingRepository(Db(session)).arm_fault(subscription_id, stage)
         return web.json_response({"armed": {"subscription_id": subscription_id, "stage": stage}}, status=201)
 
     return arm
@@ -77,7 +78,7 @@ def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
 
     async def view(request: web.Request) -> web.Response:
         async with runtime.sessions() as session:
-            repo = BillingRepository(session)
+            repo = BillingRepository(Db(session))
             row = await repo.subscription(request.match_info["subscription_id"])
             if row is None:
                 return web.json_response({"error": "unknown subscription"}, status=404)

@@ -44,7 +44,7 @@ class BillingHandlers:
 
     async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
         facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
-        repo = BillingRepository(uow.session, uow.db)
+        repo = BillingRepository(uow.db)
         await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED)
         await repo.schedule_renewal(facts)
 
@@ -52,7 +52,7 @@ class BillingHandlers:
 
     async def cancellation_requested(self, msg: Message, uow: UnitOfWork) -> None:
         request: CancellationRequested = msg.payload  # type: ignore[assignment]
-        repo = BillingRepository(uow.session, uow.db)
+        repo = BillingRepository(uow.db)
         request_id = str(request.request_id)
         if await repo.cancellation(request_id) is not None:
             log.info("request_id seen before: no new effect", request_id=request_id)
@@ -117,7 +117,7 @@ class BillingHandlers:
 
     async def _on_decision(self, uow: UnitOfWork, request_id: str, decision: str, decided_by: str,
                            note: str) -> None:
-        repo = BillingRepository(uow.session, uow.db)
+        repo = BillingRepository(uow.db)
         saga = await repo.cancellation(request_id)
         if saga is None:
             # Decisions travel on other partitions than their request: keep it until the request arrives.
@@ -178,7 +178,7 @@ class BillingHandlers:
 
     async def start_scheduled(self, uow: UnitOfWork, request_id: str) -> bool:
         """Called by the scheduler when a scheduled cancellation's period has ended."""
-        repo = BillingRepository(uow.session, uow.db)
+        repo = BillingRepository(uow.db)
         saga = await repo.cancellation(request_id)
         if saga is None or saga["state"] != "scheduled":
             return False
@@ -206,7 +206,7 @@ class BillingHandlers:
 
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
-        repo = BillingRepository(uow.session, uow.db)
+        repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
         if saga is None or saga["state"] != "awaiting_vendor":
             return
@@ -281,7 +281,7 @@ class BillingHandlers:
 
     async def vendor_failed(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorCancellationFailed = msg.payload  # type: ignore[assignment]
-        repo = BillingRepository(uow.session, uow.db)
+        repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
         if saga is None or saga["state"] != "awaiting_vendor":
             return

@@ -7,7 +7,6 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import orm
 from billing.domain import SubscriptionFacts
@@ -57,9 +56,8 @@ ADD_FAULT = Query(insert(_faults))
 
 
 class BillingRepository:
-    def __init__(self, session: AsyncSession, db: Db | None = None) -> None:
-        """`db`: the unit of work's, when there is one (it already knows its transaction's connection)."""
-        self.db = db if db is not None else Db(session)
+    def __init__(self, db: Db) -> None:
+        self.db = db
 
     async def subscription(self, subscription_id: str) -> dict[str, Any] | None:
         return await self.db.first(SUBSCRIPTION, subscription_id=subscription_id)

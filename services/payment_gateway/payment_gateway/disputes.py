@@ -28,7 +28,7 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
-from payment_gateway import domain, ledger
+from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient, GatewayError
 from payment_gateway.domain import ChargeBalance
 from payment_gateway.ledger import Ledger
@@ -50,7 +50,7 @@ class DisputeRefundHandlers:
         uow.emit(ChargesVerified(request_id=event.request_id, charges=answers))
 
     async def _verify(self, uow: UnitOfWork, charge: DisputedCharge) -> ChargeVerification:
-        local = await ledger.charge_row(uow.session, charge.charge_id)
+        local = await Ledger(uow.db).charge_row(charge.charge_id)
         guard = Decimal(str(local["amount"])) - Decimal(str(local["refunded_amount"])) if local else None
         base = {"charge_id": charge.charge_id, "gateway_charge_id": charge.gateway_charge_id,
                 "guard_refundable": guard}
@@ -73,12 +73,12 @@ class DisputeRefundHandlers:
     async def duplicate_refund_requested(self, msg: Message, uow: UnitOfWork) -> None:
         event: DuplicateRefundRequested = msg.payload  # type: ignore[assignment]
         request_id = str(event.request_id)
-        books = Ledger(uow.session, uow.db)
+        books = Ledger(uow.db)
         records: list[dict[str, Any]] = []
         planned = False
         for line in event.lines:
             key = domain.dispute_refund_key(request_id, line.charge_id)
-            record = await ledger.refund_record(uow.session, key)
+            record = await books.refund_record(key)
             if record is None:
                 record = await self._plan(uow, books, key, request_id, line)
                 planned = True
@@ -92,7 +92,7 @@ class DisputeRefundHandlers:
 
     async def _plan(self, uow: UnitOfWork, books: Ledger, key: str, request_id: str,
                     line: DuplicateRefundLine) -> dict[str, Any]:
-        charge = await ledger.charge_row(uow.session, line.charge_id)
+        charge = await books.charge_row(line.charge_id)
         balance = ChargeBalance(line.charge_id, line.gateway_charge_id, Decimal("0"), line.currency)
         refusal = None
         if line.idempotency_key != key:
@@ -110,14 +110,14 @@ class DisputeRefundHandlers:
             log.info("duplicate refund refused by the guard", key=key, error=refusal)
             await books.settle_refund(key, status="failed", error=refusal)
             metrics.REFUNDS.labels("failed").inc()
-        record = await ledger.refund_record(uow.session, key)
+        record = await books.refund_record(key)
         assert record is not None
         return record
 
     async def _issue(self, uow: UnitOfWork, books: Ledger, record: dict[str, Any]) -> RefundLine:
         key = record["idempotency_key"]
         if record["status"] == "pending":
-            charge = await ledger.charge_row(uow.session, record["charge_id"])
+            charge = await books.charge_row(record["charge_id"])
             async with uow.outside():
                 outcome = await self.gateway.refund(
                     key, gateway_charge_id=record["gateway_charge_id"], amount=Decimal(str(record["amount"])),

@@ -45,11 +45,11 @@ class PaymentHandlers:
         self.gateway = gateway
 
     async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
-        await Ledger(uow.session, uow.db).record_charge(msg.payload)  # type: ignore[arg-type]
+        await Ledger(uow.db).record_charge(msg.payload)  # type: ignore[arg-type]
 
     async def platform_committed(self, msg: Message, uow: UnitOfWork) -> None:
         event: PlatformCommitted = msg.payload  # type: ignore[assignment]
-        ledger = Ledger(uow.session, uow.db)
+        ledger = Ledger(uow.db)
         stop = event.full and not await ledger.schedule_stopped(event.subscription_id)
         records: list[dict] = []
         if event.refund_due:
@@ -96,7 +96,7 @@ class PaymentHandlers:
     async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
         """End of term: the recurring schedule stops now, the cancellation itself runs later."""
         event: CancellationScheduled = msg.payload  # type: ignore[assignment]
-        ledger = Ledger(uow.session, uow.db)
+        ledger = Ledger(uow.db)
         if not await ledger.schedule_stopped(event.subscription_id):
             async with uow.outside():
                 outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))

@@ -6,7 +6,6 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Numeric, bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from cancelflow.events import ChargeCaptured, utcnow
 from cancelflow.sql import Db, Query
@@ -37,9 +36,8 @@ ADD_SCHEDULE_STOP = Query(insert(orm.schedule_stops))
 
 
 class Ledger:
-    def __init__(self, session: AsyncSession, db: Db | None = None) -> None:
-        """`db`: the unit of work's, when there is one (it already knows its transaction's connection)."""
-        self.db = db if db is not None else Db(session)
+    def __init__(self, db: Db) -> None:
+        self.db = db
 
     async def record_charge(self, charge: ChargeCaptured) -> None:
         if await self.db.first(CHARGE, charge_id=charge.charge_id):
@@ -73,6 +71,14 @@ class Ledger:
         await self.db.run(SET_REFUNDED, match_charge_id=charge_id, refunded_amount=refunded + amount)
         return True
 
+    async def charge_row(self, charge_id: str) -> dict[str, Any] | None:
+        """The charge as the guard keeps it (amount, refunded_amount, ...), None when unknown."""
+        return await self.db.first(CHARGE, charge_id=charge_id)
+
+    async def refund_record(self, key: str) -> dict[str, Any] | None:
+        """The refund recorded under an idempotency key, None when there is none."""
+        return await self.db.first(REFUND, key=key)
+
     async def release(self, charge_id: str, amount: Decimal) -> None:
         await self.db.run(RELEASE, match_charge_id=charge_id, released=amount)
 
@@ -95,13 +101,3 @@ class Ledger:
     async def record_schedule_stop(self, subscription_id: str, request_id: str) -> None:
         await self.db.run(ADD_SCHEDULE_STOP, subscription_id=subscription_id, request_id=request_id,
                           stopped_at=utcnow())
-
-
-async def charge_row(session: AsyncSession, charge_id: str) -> dict[str, Any] | None:
-    """The charge as the guard keeps it (amount, refunded_amount, ...), None when unknown."""
-    return await Db(session).first(CHARGE, charge_id=charge_id)
-
-
-async def refund_record(session: AsyncSession, key: str) -> dict[str, Any] | None:
-    """The refund recorded under an idempotency key, None when there is none."""
-    return await Db(session).first(REFUND, key=key)

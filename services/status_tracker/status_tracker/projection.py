@@ -85,10 +85,9 @@ class ReadModel:
         return await db.scalar(VIEW, request_id=request_id)  # type: ignore[no-any-return]
 
     @classmethod
-    async def entry_in(cls, db: Db | AsyncSession, request_id: str) -> dict[str, Any] | None:
-        """The tracker's entry for a request, read in the caller's transaction (None before its first step).
-        Handlers pass their unit of work's `Db`, which keeps its driver connection for the transaction."""
-        view = await cls._view_in(db if isinstance(db, Db) else Db(db), request_id)
+    async def entry_in(cls, db: Db, request_id: str) -> dict[str, Any] | None:
+        """The tracker's entry for a request, read in the caller's transaction (None before its first step)."""
+        view = await cls._view_in(db, request_id)
         return view.get(ENTRY_KEY) if view else None
 
     async def stuck_candidates(self, before: datetime) -> list[dict[str, Any]]:
