@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from prometheus_client import REGISTRY
 from sqlalchemy import MetaData
 
 from cancelflow import topics
@@ -54,7 +55,7 @@ class ScriptedConsumer:
         self.commits.append(dict(offsets))
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        return None
+        return 10  # every partition ends at offset 10
 
 
 @pytest.fixture
@@ -88,6 +89,20 @@ async def test_offsets_are_committed_together_on_an_empty_poll_and_at_stop(new_u
     await _run_until_drained(loop, consumer)
     # Two polls' offsets in one commit (at the empty poll), the last poll's at the stop.
     assert consumer.commits == [{TP0: 3, TP1: 1}, {TP1: 3}]
+
+
+async def test_the_lag_is_reported_after_every_poll_not_only_at_commits(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ConsumeLoop, "COMMIT_EVERY_S", 3600.0)
+    consumer = ScriptedConsumer([{TP0: records(TP0, 0, 1, 2, 3)}])
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
+                       service="test", group_id="g")
+    task = asyncio.create_task(loop.run())
+    await asyncio.wait_for(consumer.drained.wait(), 10)  # handled, not committed: the stream stays busy
+    lag = REGISTRY.get_sample_value("cancelflow_consumer_lag", {"topic": TP0.topic, "partition": "0"})
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert consumer.commits == [{TP0: 4}]  # only at the stop
+    assert lag == 6  # read up to 4 of 10, reported before any commit
 
 
 async def test_with_no_interval_every_poll_commits(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]

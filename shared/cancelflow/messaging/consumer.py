@@ -87,6 +87,7 @@ class ConsumeLoop:
         try:
             while True:
                 offsets = await self._poll()
+                self._report_lag(offsets)  # what is left to read, handled or not yet committed
                 handled.update(offsets)
                 if handled and (not offsets or time.monotonic() - committed_at >= self.COMMIT_EVERY_S):
                     await self._commit(handled)
@@ -104,8 +105,6 @@ class ConsumeLoop:
             # A rebalance took the partitions away: the new owner gets these records again and its
             # inbox drops what we already committed in our database.
             log.warning("offset commit lost to a rebalance", error=str(exc))
-            return
-        self._report_lag(offsets)
 
     async def _poll(self) -> dict[TopicPartition, int]:
         """Fetch and handle one poll's records; the offsets to commit for them."""
