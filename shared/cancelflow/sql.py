@@ -17,11 +17,12 @@ transaction, BEGIN IMMEDIATE on SQLite) and commits nothing itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Executable
+from sqlalchemy import Executable, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -107,6 +108,24 @@ class Query:
         return f"Query({self.construct})"
 
 
+class Savepoint:
+    """A named savepoint as three plain statements, run by `Db.savepoint` (or one by one).
+
+    Through the session (`begin_nested()`), a savepoint cost as much as the statements inside it:
+    the session's transaction bookkeeping, SQLAlchemy's own SAVEPOINT statement and, afterwards, a
+    new lookup of the driver connection. As plain statements in the transaction it costs three
+    statements."""
+
+    __slots__ = ("begin", "release", "rollback_to")
+
+    def __init__(self, name: str) -> None:
+        if not name.isidentifier():
+            raise ValueError(f"not a savepoint name: {name!r}")
+        self.begin = Query(text(f"SAVEPOINT {name}"))
+        self.release = Query(text(f"RELEASE SAVEPOINT {name}"))
+        self.rollback_to = Query(text(f"ROLLBACK TO SAVEPOINT {name}"))
+
+
 class Db:
     """Runs `Query`s in a session's current transaction: `await db.first(SUBSCRIPTION, subscription_id=s)`.
 
@@ -166,13 +185,27 @@ class Db:
             return
         await self.session.execute(query.construct, list(rows))
 
+    @contextlib.asynccontextmanager
+    async def savepoint(self, savepoint: Savepoint) -> AsyncIterator[None]:
+        """What runs inside is undone, and the exception raised on, if it raises; the transaction
+        goes on either way."""
+        await self.run(savepoint.begin)
+        try:
+            yield
+        except Exception:
+            await self.run(savepoint.rollback_to)
+            await self.run(savepoint.release)
+            raise
+        await self.run(savepoint.release)
+
     async def _driver(self) -> Any:
         """The driver connection of the session's transaction, looked up once per transaction (asking
         the session costs two greenlet switches, more than running the statement)."""
         transaction = self._innermost()
         if transaction is None or transaction is not self._transaction:
             # The session begins its transaction when a statement first asks for the connection (BEGIN
-            # IMMEDIATE on SQLite), and a savepoint (`begin_nested`) the same way: ask for each.
+            # IMMEDIATE on SQLite), and a savepoint (`begin_nested`) the same way: ask for each
+            # (a `Savepoint` is a statement in the transaction, no new lookup).
             connection = await self.session.connection()
             self._connection = (await connection.get_raw_connection()).driver_connection
             self._transaction = self._innermost()

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 
 from cancelflow.db import create_schema, make_engine, session_factory
-from cancelflow.sql import Db, Query
+from cancelflow.sql import Db, Query, Savepoint
 
 metadata = MetaData()
 serials = itertools.count(1)
@@ -122,19 +122,32 @@ async def test_writes_report_rows_and_belong_to_the_session_transaction(sessions
         assert (await db.first(GET, thing_id="a"))["amount"] == Decimal("3.00")
 
 
-async def test_a_savepoint_undoes_only_its_own_statements(sessions) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("way", ["Db.savepoint", "begin_nested"])
+async def test_a_savepoint_undoes_only_its_own_statements(sessions, way) -> None:  # type: ignore[no-untyped-def]
     _, new_session = sessions
+    step = Savepoint("step")
+
+    def savepoint(session, db):  # type: ignore[no-untyped-def]
+        return db.savepoint(step) if way == "Db.savepoint" else session.begin_nested()
+
     async with new_session() as session, session.begin():
         db = Db(session)
         await db.run(ADD, id="kept")
         with pytest.raises(RuntimeError):
-            async with session.begin_nested():
+            async with savepoint(session, db):
                 await db.run(ADD, id="undone")
                 raise RuntimeError("the platform commit failed")
+        async with savepoint(session, db):
+            await db.run(ADD, id="inside")
         await db.run(ADD, id="after")
     async with new_session() as session:
         assert [row["id"] for row in await Db(session).all(Query(select(things.c.id).order_by(things.c.id)))] \
-            == ["after", "kept"]
+            == ["after", "inside", "kept"]
+
+
+def test_a_savepoint_name_must_be_a_plain_name() -> None:
+    with pytest.raises(ValueError, match="savepoint name"):
+        Savepoint("step; DROP TABLE things")
 
 
 async def test_sqlite_skips_sqlalchemy_execution_postgresql_goes_through_it(store, sessions) -> None:  # type: ignore[no-untyped-def]

@@ -33,8 +33,12 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.sql import Savepoint
 
 log = get_logger(__name__)
+
+# The platform commit after the vendor canceled: undone as a whole when it fails (scenario 3).
+PLATFORM_COMMIT = Savepoint("platform_commit")
 
 
 class BillingHandlers:
@@ -215,7 +219,7 @@ class BillingHandlers:
         # Disarmed outside the savepoint, so the injected fault fires once and stays spent.
         fault = await repo.take_fault(row["subscription_id"], "commit")
         try:
-            async with uow.session.begin_nested():
+            async with uow.db.savepoint(PLATFORM_COMMIT):
                 committed = await self._commit(repo, saga, row, inject_fault=fault)
         except Exception as exc:  # scenario 3: the vendor canceled, our platform did not
             log.error("platform commit failed after vendor success", error=repr(exc))

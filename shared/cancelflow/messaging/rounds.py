@@ -23,22 +23,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
-
 from cancelflow import metrics
 from cancelflow.events import Envelope, Payload
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.sql import Query
+from cancelflow.sql import Savepoint
 
 log = get_logger(__name__)
 
-# One record's savepoint at a time (their database work never overlaps), run as plain statements:
-# through the session's `begin_nested()` each cost as much as the record's own statements.
-SAVEPOINT = Query(text("SAVEPOINT round_step"))
-RELEASE = Query(text("RELEASE SAVEPOINT round_step"))
-ROLLBACK_TO = Query(text("ROLLBACK TO SAVEPOINT round_step"))
+# One record's savepoint at a time (their database work never overlaps).
+STEP = Savepoint("round_step")
 
 Handler = Callable[[Message, Any], Awaitable[None]]
 
@@ -106,21 +101,21 @@ class RoundStep:
         return self._uow.emit(payload, **kwargs)
 
     async def open(self) -> None:
-        await self._uow.db.run(SAVEPOINT)
+        await self._uow.db.run(STEP.begin)
         self._open = True
         self._outbox_mark, self._emitted_mark = self._uow.marks()
 
     async def close(self) -> None:
         self._open = False
-        await self._uow.db.run(RELEASE)
+        await self._uow.db.run(STEP.release)
 
     async def abandon(self) -> None:
         """Undo this record's statements and events of the current round (what an earlier round
         committed stays: it was the intent, committed before a call, as one by one)."""
         if self._open:
             self._open = False
-            await self._uow.db.run(ROLLBACK_TO)
-            await self._uow.db.run(RELEASE)
+            await self._uow.db.run(STEP.rollback_to)
+            await self._uow.db.run(STEP.release)
             self._uow.truncate(self._outbox_mark, self._emitted_mark)
 
     async def checkpoint(self) -> None:
