@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from cancelflow.http_client import json_object
 from cancelflow.sandboxes.gateway import build_gateway_app
 from cancelflow.sandboxes.vendor import build_vendor_app
 from payment_gateway.adapters.gateway import (
@@ -26,6 +27,18 @@ from provisioning.adapters.vendor import FakeVendorClient, VendorClient, VendorO
 # Small budgets so a test that spends all of it still takes well under a second.
 FAST = {"timeout": 0.3, "attempts": 3, "backoff_base": 0.01, "backoff_cap": 0.05}
 EFFECTIVE = date(2026, 11, 21)
+
+
+@pytest.mark.parametrize(("raw", "body"), [
+    (b'{"id": "re_1", "amount": "4.99"}', {"id": "re_1", "amount": "4.99"}),
+    (b"", {}),
+    (b"<html>Bad Gateway</html>", {"message": "<html>Bad Gateway</html>"}),
+    (b"[1, 2]", {"message": "[1, 2]"}),
+    (b"\xff not utf-8", {"message": "\ufffd not utf-8"}),
+    ("x" * 600, {"message": "x" * 500}),
+])
+def test_a_response_body_is_a_json_object_or_what_came_instead(raw, body) -> None:  # type: ignore[no-untyped-def]
+    assert json_object(raw) == body
 
 
 async def serve(app: web.Application) -> AsyncIterator[str]:

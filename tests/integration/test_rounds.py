@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, insert, select
 
 from cancelflow.db import create_schema, make_engine, session_factory
-from cancelflow.events import CancellationReceived, CancellationRequested, RequestedBy
+from cancelflow.events import CancellationReceived, CancellationRequested, RequestedBy, utcnow
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.store import messaging_tables
@@ -177,3 +177,18 @@ async def test_a_failure_around_a_handler_fails_the_rounds_so_no_record_is_lost(
     monkeypatch.setattr(UnitOfWork, "mark_processed_later", broken)
     with pytest.raises(RuntimeError, match="inbox row"):
         await _rounds(sessions, [Chain([Step(0, a_request(), handler.handle)])])
+
+
+@pytest.mark.parametrize("asked", [1, 3, 64, 256, 300])
+async def test_the_inbox_tells_which_of_a_polls_ids_it_holds(sessions, asked) -> None:  # type: ignore[no-untyped-def]
+    """One statement per 256 ids, padded to a power of two: the answer is the same for any count."""
+    held = [f"evt-{i}" for i in range(0, 600, 2)]
+    async with UnitOfWork(sessions, MESSAGING, producer="test") as uow:
+        await uow.db.run_many(MESSAGING.add_inbox, [
+            {"message_id": m, "topic": "t", "partition": 0, "offset": i, "processed_at": utcnow()}
+            for i, m in enumerate(held)])
+        await uow.commit()
+    ids = [f"evt-{i}" for i in range(asked)] + ["evt-0"]  # a repeated id, as a redelivery within a poll
+    async with UnitOfWork(sessions, MESSAGING, producer="test") as uow:
+        assert await uow.processed_among(ids) == {m for m in ids if m in set(held)}
+        assert await uow.processed_among(["evt-1"]) == set()

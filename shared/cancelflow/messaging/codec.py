@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -36,8 +37,8 @@ class Message:
     offset: int
     key: str | None
 
-    @property
-    def event_id(self) -> str:
+    @cached_property
+    def event_id(self) -> str:  # asked for several times per record (inbox, logs, causation)
         return str(self.envelope.event_id)
 
     @property

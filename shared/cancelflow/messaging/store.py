@@ -28,6 +28,9 @@ from sqlalchemy import (
 
 from cancelflow.sql import Query
 
+AMONG_MAX = 256
+AMONG_NAMES = tuple(f"m{i}" for i in range(AMONG_MAX))
+
 
 @dataclass(frozen=True)
 class MessagingTables:
@@ -42,6 +45,20 @@ class MessagingTables:
     @cached_property
     def inbox_has(self) -> Query:
         return Query(select(self.inbox.c.message_id).where(self.inbox.c.message_id == bindparam("message_id")))
+
+    def inbox_among(self, size: int) -> Query:
+        """Which of `size` message ids (parameters `m0`, `m1`, ...) the inbox holds. Sizes are powers of
+        two up to `AMONG_MAX` (callers pad with a repeated id), so only a few statements are ever built."""
+        if size not in self._among:
+            if size < 1 or size > AMONG_MAX or size & (size - 1):
+                raise ValueError(f"not a power of two up to {AMONG_MAX}: {size}")
+            ids = [bindparam(name) for name in AMONG_NAMES[:size]]
+            self._among[size] = Query(select(self.inbox.c.message_id).where(self.inbox.c.message_id.in_(ids)))
+        return self._among[size]
+
+    @cached_property
+    def _among(self) -> dict[int, Query]:
+        return {}
 
     @cached_property
     def add_outbox(self) -> Query:

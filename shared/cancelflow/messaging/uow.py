@@ -7,13 +7,12 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import Envelope, Payload, envelope_for, utcnow
 from cancelflow.messaging.codec import Message, encode
-from cancelflow.messaging.store import MessagingTables
+from cancelflow.messaging.store import AMONG_MAX, AMONG_NAMES, MessagingTables
 from cancelflow.sql import Db
 
 
@@ -100,13 +99,13 @@ class UnitOfWork:
     # --- a batch of records in one transaction ------------------------------------------------------
 
     async def processed_among(self, message_ids: list[str]) -> set[str]:
-        """Which of these ids the inbox already holds: one query for a whole batch."""
-        inbox = self._tables.inbox
+        """Which of these ids the inbox already holds: one query for a batch of up to `AMONG_MAX`."""
         found: set[str] = set()
-        for start in range(0, len(message_ids), 500):
-            chunk = message_ids[start:start + 500]
-            rows = await self.session.execute(select(inbox.c.message_id).where(inbox.c.message_id.in_(chunk)))
-            found.update(row[0] for row in rows)
+        for start in range(0, len(message_ids), AMONG_MAX):
+            chunk = message_ids[start:start + AMONG_MAX]
+            size = 1 << (len(chunk) - 1).bit_length()  # padded to a power of two with the last id
+            params = {name: chunk[min(i, len(chunk) - 1)] for i, name in enumerate(AMONG_NAMES[:size])}
+            found.update(row["message_id"] for row in await self.db.all(self._tables.inbox_among(size), **params))
         return found
 
     def begin_step(self, message: Message) -> None:
