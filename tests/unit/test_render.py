@@ -8,8 +8,18 @@ from email import policy
 from email.parser import BytesParser
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from notification.render import KINDS, audience, build_message, message_id_for, render
+from notification.render import (
+    KINDS,
+    _QuickFold,
+    audience,
+    build_message,
+    message_bytes,
+    message_id_for,
+    render,
+)
 
 SEED_VENDOR = ("Subscription failed to cancel due to Provisioning Error. "
                "Please try to cancel the subscription again.")
@@ -222,6 +232,30 @@ def test_build_message_non_ascii_and_several_recipients():
     parsed = BytesParser(policy=policy.default).parsebytes(msg.as_bytes())
     assert "Hello Zoë Ångström," in parsed.get_body(("plain",)).get_content()
     assert [a.addr_spec for a in parsed["To"].addresses] == ["a@example.com", "z@example.com"]
+
+
+@pytest.mark.parametrize(("variant", "encoding"), [
+    ("ascii", "7bit"), ("non-ascii", "quoted-printable"), ("long line", "quoted-printable")])
+def test_bodies_travel_as_is_when_they_can_and_read_back_exactly(variant, encoding):
+    context = {**FULL, "customer_name": {"ascii": "Jane Doe", "non-ascii": "Zoë Ångström",
+                                         "long line": "J" * 1200}[variant]}
+    rendered = render("completed", context)
+    raw = message_bytes("completed", context, rendered, sender="billing@example.com", to="jane@example.com",
+                        message_id="<m@x>")
+    assert raw.isascii() and max(len(line) for line in raw.split(b"\n")) <= 998
+    parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    parts = list(parsed.iter_parts())
+    assert [p["Content-Transfer-Encoding"] for p in parts] == [encoding] * 2
+    assert [p.get_content() for p in parts] == [rendered[1], rendered[2]]
+    assert parsed.get_boundary() not in rendered[1] + rendered[2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["Subject", "To", "X-Cancelflow-Request-Id"]),
+       st.text(st.characters(min_codepoint=9, max_codepoint=0x24F), max_size=100))
+def test_headers_are_written_as_the_standard_library_folds_them(name, value):
+    from email.policy import compat32
+    assert _QuickFold()._fold(name, value, True) == compat32._fold(name, value, True)
 
 
 def test_data_cannot_inject_headers():
