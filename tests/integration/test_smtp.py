@@ -14,7 +14,14 @@ import pytest
 
 from cancelflow.smtp_sink import SmtpSink, _message_id_of, read_mailbox, safe_message_id
 from cancelflow.testing.smtp import PERMANENT_FAILURE, TEMPORARY_FAILURE, RecordingSMTPServer
-from notification.adapters.mailer import AbstractMailer, FakeMailer, MailDeliveryError, MailerPool, SmtpMailer
+from notification.adapters.mailer import (
+    AbstractMailer,
+    FakeMailer,
+    MailDeliveryError,
+    MailerPool,
+    SmtpMailer,
+    envelope,
+)
 from notification.render import build_message, message_id_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -270,3 +277,21 @@ async def test_fake_mailer_records_and_fails_on_demand():
     assert [m["X-Cancelflow-Request-Id"] for m in mailer.sent] == ["a", "b"]
     assert len(mailer.of_kind("failed_vendor")) == 1
     assert mailer.attempts == 3
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_the_envelope_comes_from_the_header_block_only(newline: bytes) -> None:
+    raw = newline.join([
+        b"From: Billing <billing@example.com>",
+        b"To: Jane <jane@example.com>,",
+        b"  ops@example.com",
+        b"Cc: audit@example.com",
+        b"Subject: x",
+        b"",
+        b"To: body@example.com",  # a line of the body that looks like a header
+        b"",
+        b"Cc: other@example.com",
+    ])
+    assert envelope(raw) == ("billing@example.com", ["jane@example.com", "ops@example.com", "audit@example.com"])
+    with pytest.raises(ValueError, match="no From or no To"):
+        envelope(b"From: billing@example.com" + newline + newline + b"To: body@example.com")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import re
 import time
 from collections import deque
 from email.message import EmailMessage
@@ -54,11 +55,13 @@ class MailDeliveryError(Exception):
 Mail = EmailMessage | bytes
 
 _HEADERS_ONLY = BytesHeaderParser(policy=compat32)
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 
 
 def envelope(raw: bytes) -> tuple[str, list[str]]:
     """(MAIL FROM, RCPT TO) of a rendered message, from its From, To and Cc headers."""
-    headers = _HEADERS_ONLY.parsebytes(raw)
+    # Only the header block is parsed (the parser reads all it is given, bodies included).
+    headers = _HEADERS_ONLY.parsebytes(_END_OF_HEADERS.split(raw, maxsplit=1)[0] + b"\n\n")
     sender = parseaddr(str(headers.get("From", "")))[1]
     recipients = [address for _name, address in getaddresses(
         [str(v) for field in ("To", "Cc") for v in headers.get_all(field, [])]) if address]
