@@ -50,8 +50,12 @@ def make_engine(url: str) -> AsyncEngine:
     # A few pooled connections, so opening one per unit of work (NullPool) does not cost the pragmas
     # every time. BEGIN IMMEDIATE still serializes the writers.
 
+    writers = asyncio.Lock()  # this engine's connections queue here for the write lock (see InlineSqlite)
+
     async def connect() -> aiosqlite.Connection:
-        return await InlineSqlite(lambda: sqlite3.connect(path, timeout=30, check_same_thread=False), 64)
+        connection = InlineSqlite(lambda: sqlite3.connect(path, timeout=30, check_same_thread=False), 64)
+        connection.writers = writers
+        return await connection
 
     engine = create_async_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=False, async_creator=connect,
                                  **JSON_CODEC)
@@ -75,14 +79,43 @@ class InlineSqlite(aiosqlite.Connection):
     commits do not wait).
     A call made while the thread still works for this connection (its caller was cancelled, say at
     shutdown) queues behind it: a sqlite3 connection must never be used by two threads at once.
+
+    The connections of one engine (one process: its consumer, outbox relay, email sender, HTTP views)
+    first queue for the write lock among themselves, on `writers`, from BEGIN until their transaction
+    ends. Measured without it: a BEGIN that found this process's own consume loop holding the lock (it
+    yields between a batch's records) went to the thread and waited in SQLite's busy handler, which
+    sleeps in steps of up to 100 ms; the relay's events were late by that much. Queued, it begins
+    the moment the holder commits, without the thread. Other processes (a second instance) are still
+    waited for in the thread.
     """
 
     _in_thread = 0  # calls handed to the thread and not finished yet (only touched on the loop)
+    writers: asyncio.Lock | None = None  # shared by the connections of one engine
+    _writing = False  # this connection holds `writers`
 
     async def _execute(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
         may_wait = bool(args) and isinstance(args[0], str) and args[0].lstrip()[:5].upper() == "BEGIN"
+        if may_wait and self.writers is not None and not self._writing:
+            await self._queue_for_writing(self.writers)
+        try:
+            return await self._call(fn, args, kwargs, may_wait)
+        finally:
+            if self._writing and not (self._connection is not None and self._connection.in_transaction):
+                self._writing = False  # the transaction ended (commit, rollback, failed BEGIN, close)
+                self.writers.release()  # type: ignore[union-attr]
+
+    async def _queue_for_writing(self, writers: asyncio.Lock) -> None:
+        try:
+            async with asyncio.timeout(BUSY_TIMEOUT_MS / 1000):
+                await writers.acquire()
+        except TimeoutError:
+            raise sqlite3.OperationalError(
+                f"database is locked: this process's other writers held it for {BUSY_TIMEOUT_MS} ms") from None
+        self._writing = True
+
+    async def _call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], may_wait: bool) -> Any:
         if not self._in_thread:
             if not may_wait:
                 return fn(*args, **kwargs)

@@ -1,15 +1,18 @@
 """SQLite transactions (cancelflow.db.InlineSqlite): BEGIN IMMEDIATE runs on the event loop's thread
-when the database is free, and waits in aiosqlite's thread, not on the loop, when another connection
-(a second instance, or this process's own relay) holds the write lock."""
+when the database is free; the connections of one engine (one process) queue for the write lock among
+themselves; a BEGIN that finds another process (a second instance) holding it waits in aiosqlite's
+thread, not on the loop."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, func, insert, select, text
 
+from cancelflow import db
 from cancelflow.db import BUSY_TIMEOUT_MS, InlineSqlite, create_schema, make_engine, session_factory
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,3 +76,63 @@ async def test_a_busy_database_waits_in_the_thread_while_the_loop_runs_on(tmp_pa
     finally:
         await first.dispose()
         await second.dispose()
+
+
+async def test_writers_of_one_process_queue_and_begin_as_soon_as_the_holder_commits(
+        tmp_path: Path, thread_calls: list[int]) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/queue.db")
+    await create_schema(engine, METADATA)
+    sessions = session_factory(engine)
+    order: list[str] = []
+    try:
+        async with sessions() as warm, warm.begin():  # two pooled connections, set up beforehand
+            async with sessions() as other:
+                await other.connection()
+                await other.rollback()
+        thread_calls.clear()
+        holder_may_commit, holder_wrote = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with sessions() as session, session.begin():
+                await session.execute(insert(ROWS).values(id=1))
+                order.append("holder wrote")
+                holder_wrote.set()
+                await holder_may_commit.wait()
+
+        async def relay() -> int:
+            async with sessions() as session, session.begin():
+                await session.execute(insert(ROWS).values(id=2))  # BEGIN (the session's is lazy), insert
+                order.append("relay wrote")
+                return (await session.execute(select(func.count()).select_from(ROWS))).scalar_one()
+
+        holding = asyncio.create_task(holder())
+        await holder_wrote.wait()
+        queued = asyncio.create_task(relay())
+        with pytest.raises(TimeoutError):  # the relay waits for the holder (its BEGIN cannot succeed)
+            await asyncio.wait_for(asyncio.shield(queued), 0.3)
+        assert order == ["holder wrote"]
+        holder_may_commit.set()
+        _, rows_seen_by_relay = await asyncio.wait_for(asyncio.gather(holding, queued), 10)
+        assert rows_seen_by_relay == 2  # it began after the holder committed
+        assert thread_calls == []  # nobody waited in SQLite's busy handler
+    finally:
+        await engine.dispose()
+
+
+async def test_a_writer_queued_longer_than_the_busy_timeout_fails_clearly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/stuck.db")
+    await create_schema(engine, METADATA)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as holder, holder.begin():
+            await holder.execute(insert(ROWS).values(id=1))
+            monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 200)
+            with pytest.raises(Exception, match="this process's other writers") as failure:
+                async with sessions() as session, session.begin():
+                    await session.execute(insert(ROWS).values(id=2))
+            assert isinstance(failure.value.__cause__ or failure.value.orig, sqlite3.OperationalError)  # type: ignore[attr-defined]
+        async with sessions() as session, session.begin():  # the queue is free again
+            await session.execute(insert(ROWS).values(id=3))
+    finally:
+        await engine.dispose()
