@@ -102,9 +102,15 @@ class InlineSqlite(aiosqlite.Connection):
         try:
             return await self._call(fn, args, kwargs, may_wait)
         finally:
-            if self._writing and not (self._connection is not None and self._connection.in_transaction):
+            if self._writing and not self._in_transaction():
                 self._writing = False  # the transaction ended (commit, rollback, failed BEGIN, close)
                 self.writers.release()  # type: ignore[union-attr]
+
+    def _in_transaction(self) -> bool:
+        try:
+            return self._connection is not None and self._connection.in_transaction
+        except sqlite3.ProgrammingError:  # closed (mid-transaction: at shutdown, or an invalidated connection)
+            return False
 
     async def _queue_for_writing(self, writers: asyncio.Lock) -> None:
         try:

@@ -136,3 +136,17 @@ async def test_a_writer_queued_longer_than_the_busy_timeout_fails_clearly(
             await session.execute(insert(ROWS).values(id=3))
     finally:
         await engine.dispose()
+
+
+async def test_a_connection_closed_mid_transaction_frees_the_queue(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/closed.db")
+    await create_schema(engine, METADATA)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as session:
+            await session.execute(insert(ROWS).values(id=1))  # BEGIN: holds the queue
+            await (await session.connection()).invalidate()  # closed under the transaction
+        async with sessions() as session, session.begin():  # would wait out the busy timeout otherwise
+            await asyncio.wait_for(session.execute(insert(ROWS).values(id=2)), 5)
+    finally:
+        await engine.dispose()
