@@ -30,6 +30,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from cancelflow.logging import get_logger
+from cancelflow.mail import header_block
 
 log = get_logger(__name__)
 
@@ -97,12 +98,10 @@ def _with_envelope_headers(envelope: Envelope) -> bytes:
 # The Message-ID header with its folded continuation lines, in the header block. Found with a regular
 # expression: parsing the headers with the email package cost more than the rest of a delivery.
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-_HEADERS_END = re.compile(rb"\r?\n\r?\n")
 
 
 def _message_id_of(raw: bytes) -> str | None:
-    end = _HEADERS_END.search(raw)
-    found = _MESSAGE_ID.search(raw, 0, end.start() if end else len(raw))
+    found = _MESSAGE_ID.search(header_block(raw))
     return b" ".join(found.group(1).split()).decode("utf-8", "replace") if found else None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import re
 import time
 from collections import deque
 from email.message import EmailMessage
@@ -29,6 +28,7 @@ from aiosmtplib import (
 )
 
 from cancelflow.logging import get_logger
+from cancelflow.mail import header_block
 from cancelflow.metrics import EXTERNAL_CALL_SECONDS
 
 log = get_logger(__name__)
@@ -55,13 +55,12 @@ class MailDeliveryError(Exception):
 Mail = EmailMessage | bytes
 
 _HEADERS_ONLY = BytesHeaderParser(policy=compat32)
-_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 
 
 def envelope(raw: bytes) -> tuple[str, list[str]]:
     """(MAIL FROM, RCPT TO) of a rendered message, from its From, To and Cc headers."""
     # Only the header block is parsed (the parser reads all it is given, bodies included).
-    headers = _HEADERS_ONLY.parsebytes(_END_OF_HEADERS.split(raw, maxsplit=1)[0] + b"\n\n")
+    headers = _HEADERS_ONLY.parsebytes(header_block(raw) + b"\n\n")
     sender = parseaddr(str(headers.get("From", "")))[1]
     recipients = [address for _name, address in getaddresses(
         [str(v) for field in ("To", "Cc") for v in headers.get_all(field, [])]) if address]
