@@ -193,9 +193,13 @@ class Db:
         try:
             yield
         except Exception:
-            await self.run(savepoint.rollback_to)
-            await self.run(savepoint.release)
+            await self.undo(savepoint)
             raise
+        await self.run(savepoint.release)
+
+    async def undo(self, savepoint: Savepoint) -> None:
+        """Roll back to `savepoint` and release it: its statements are undone, the transaction goes on."""
+        await self.run(savepoint.rollback_to)
         await self.run(savepoint.release)
 
     async def _driver(self) -> Any:

@@ -114,8 +114,7 @@ class RoundStep:
         committed stays: it was the intent, committed before a call, as one by one)."""
         if self._open:
             self._open = False
-            await self._uow.db.run(STEP.rollback_to)
-            await self._uow.db.run(STEP.release)
+            await self._uow.db.undo(STEP)
             self._uow.truncate(self._outbox_mark, self._emitted_mark)
 
     async def checkpoint(self) -> None:
