@@ -184,17 +184,17 @@ class ConsumeLoop:
         way; the inbox drops what an earlier round committed."""
         prepared = self._prepare_groups(groups)
         chains = [Chain(steps) for steps, _ in prepared]
-        if not any(chain.steps for chain in chains):
-            return [records[cut:] for records, (_, cut) in zip(groups, prepared, strict=True) if cut is not None]
-        try:
-            async with self._new_uow(None) as uow:
-                seen = await uow.processed_among([step.message.event_id for chain in chains for step in chain.steps])
-                await run_in_rounds(uow, [chain for chain in chains if chain.steps], seen, _log_context)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("rounds failed; their records are handled one by one", error=repr(exc))
-            return groups
+        if any(chain.steps for chain in chains):
+            try:
+                async with self._new_uow(None) as uow:
+                    seen = await uow.processed_among([step.message.event_id for chain in chains
+                                                      for step in chain.steps])
+                    await run_in_rounds(uow, [chain for chain in chains if chain.steps], seen, _log_context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("rounds failed; their records are handled one by one", error=repr(exc))
+                return groups
         leftovers = []
         for records, chain, (_, cut) in zip(groups, chains, prepared, strict=True):
             start = chain.failed_at if chain.failed_at is not None else cut
