@@ -42,16 +42,13 @@ class Exchange:
         return self.failure is not None or (self.status or 0) >= 500
 
 
-def json_object(raw: bytes | str) -> dict[str, Any]:
+def json_object(raw: bytes) -> dict[str, Any]:
     """The JSON object of a response body, or {"message": what came instead}."""
     try:
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
         body = None
-    if isinstance(body, dict):
-        return body
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    return {"message": text[:500]}
+    return body if isinstance(body, dict) else {"message": raw.decode("utf-8", "replace")[:500]}
 
 
 def lower_keys(headers: Mapping[str, str]) -> dict[str, str]:

@@ -35,7 +35,7 @@ EFFECTIVE = date(2026, 11, 21)
     (b"<html>Bad Gateway</html>", {"message": "<html>Bad Gateway</html>"}),
     (b"[1, 2]", {"message": "[1, 2]"}),
     (b"\xff not utf-8", {"message": "\ufffd not utf-8"}),
-    ("x" * 600, {"message": "x" * 500}),
+    (b"x" * 600, {"message": "x" * 500}),
 ])
 def test_a_response_body_is_a_json_object_or_what_came_instead(raw, body) -> None:  # type: ignore[no-untyped-def]
     assert json_object(raw) == body
