@@ -4,8 +4,6 @@ customers whose contact arrives late, opt-out and stuck requests."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -39,7 +37,6 @@ from notification.adapters.mailer import FakeMailer, MailDeliveryError
 from notification.handlers import NotificationHandlers, humanize_seconds
 from notification.render import message_id_for
 from notification.sender import EmailSender
-from tests.conftest import eventually
 
 SUPPORT = "support@example.test"
 TODAY = date(2026, 11, 21)
@@ -251,71 +248,6 @@ async def test_a_stale_claim_of_a_live_process_is_retried(world: World) -> None:
     assert await world.sender.recover(older_than_s=60) == 1
     await world.deliver_all()
     assert len(world.sent_to(rid)) == 1
-
-
-# --- rounds: nobody waits for somebody else's slow send ----------------------------------------------
-
-
-class HeldMailer(FakeMailer):
-    """Holds the send of one request's email until `release` is set."""
-
-    def __init__(self, held: str) -> None:
-        super().__init__()
-        self.held = f"X-Cancelflow-Request-Id: {held}".encode()
-        self.holding, self.release = asyncio.Event(), asyncio.Event()
-
-    async def send(self, msg: Any) -> None:
-        if self.held in msg:
-            self.holding.set()
-            await self.release.wait()
-        await super().send(msg)
-
-
-async def status_of(world: World, rid: str) -> str:
-    return (await world.emails(rid))["completed"]["status"]
-
-
-async def is_sent(world: World, rid: str) -> bool:
-    return await status_of(world, rid) == "sent"
-
-
-async def test_each_email_is_recorded_sent_without_waiting_for_its_round(world: World) -> None:
-    slow, quick = await world.known(subscription="sub-a"), await world.known(subscription="sub-b")
-    await world.completed(slow, subscription="sub-a")
-    await world.completed(quick, subscription="sub-b")
-    world.mailer = HeldMailer(slow)
-    sender = world.new_sender()
-    round_ = asyncio.create_task(sender.deliver_due())  # one round holds both
-    await world.mailer.holding.wait()
-    await eventually(lambda: is_sent(world, quick), timeout=5, message="the quick email recorded")
-    assert await status_of(world, slow) == "sending"  # still in the SMTP handover
-    assert [e["request_id"] for e in await world.emitted("EmailSent")] == [quick]
-    world.mailer.release.set()
-    assert await round_ is True
-    assert await is_sent(world, slow)
-    assert sorted(e["request_id"] for e in await world.emitted("EmailSent")) == sorted([slow, quick])
-
-
-async def test_an_email_due_during_a_round_goes_out_before_that_round_ends(world: World) -> None:
-    slow = await world.known(subscription="sub-a")
-    await world.completed(slow, subscription="sub-a")
-    world.mailer = HeldMailer(slow)
-    sender = world.new_sender()
-    running = asyncio.create_task(sender.run())
-    try:
-        await world.mailer.holding.wait()
-        quick = await world.known(subscription="sub-b")
-        await world.completed(quick, subscription="sub-b")
-        sender.notify()  # what the service's commit does
-        await eventually(lambda: is_sent(world, quick), timeout=5, message="the quick email sent")
-        assert await status_of(world, slow) == "sending"
-        world.mailer.release.set()
-        await eventually(lambda: is_sent(world, slow), timeout=5, message="the slow email sent")
-    finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-    assert len(world.mailer.sent) == 2 and len(await world.emitted("EmailSent")) == 2
 
 
 # --- SMTP outages -------------------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 """Delivers owed emails: claim, send, then mark sent and emit EmailSent in one transaction.
 
-Each delivery is three steps, the first and last each a transaction around the SMTP handover. Claims
-are taken for a whole round of due emails at once and the sends of a round run concurrently; rounds
-overlap, and each sent email is recorded as soon as it is sent, together with the others sent while
-the previous record was being written (`cancelflow.groupcommit`):
+Each delivery is three steps, the first and last each a transaction around the SMTP handover (taken
+for a whole round of due emails at once; the sends of a round run concurrently):
 
 1. claim: `pending` -> `sending` (with `attempted_at`), conditional on the row still being `pending`,
    committed *before* the send (the intent is on record);
@@ -31,9 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
 
 import structlog
 from sqlalchemy import bindparam, select, update
@@ -41,7 +38,6 @@ from sqlalchemy import bindparam, select, update
 from cancelflow import metrics
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import EmailSent, Failed, Source, utcnow
-from cancelflow.groupcommit import GroupCommit
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Query
@@ -52,7 +48,6 @@ log = get_logger(__name__)
 emails = orm.emails
 
 BACKOFF_BASE_S = 0.5
-T = TypeVar("T")
 
 # The statements of a delivery, built once (cancelflow.sql). Each write is conditional on the row's
 # status, so a row someone else moved on is left alone (rowcount 0).
@@ -71,21 +66,15 @@ MARK_NOT_SENT = Query(update(emails).where(_SENDING))
 
 class EmailSender:
     def __init__(self, mailer: AbstractMailer, new_uow: Callable[[], UnitOfWork], *, idle_poll_s: float = 0.5,
-                 max_backoff_s: float = 60.0, stale_after_s: float = 120.0, round_limit: int = 100,
-                 max_in_flight: int = 200) -> None:
+                 max_backoff_s: float = 60.0, stale_after_s: float = 120.0) -> None:
         self.mailer = mailer
         self.new_uow = new_uow
         self.idle_poll_s = idle_poll_s
         self.max_backoff_s = max_backoff_s
         self.stale_after_s = stale_after_s
-        self.round_limit = round_limit
-        self.max_in_flight = max_in_flight
         self._wakeup = asyncio.Event()
-        self._outage_failures = 0  # consecutive "server unreachable" rounds; 0 when it answers
+        self._outage_failures = 0  # consecutive "server unreachable" failures; 0 when it answers
         self._next_stale_check = 0.0
-        self._in_flight = 0  # claimed emails whose round has not finished
-        # Each sent email is recorded as soon as it is sent, with the others sent meanwhile.
-        self._marks: GroupCommit[dict] = GroupCommit(self._mark_sent)
 
     def notify(self) -> None:
         self._wakeup.set()
@@ -95,47 +84,26 @@ class EmailSender:
         return min(self.max_backoff_s, BACKOFF_BASE_S * 2 ** min(max(failures, 1), 16))
 
     async def run(self) -> None:
-        """Rounds overlap: an email that becomes due while a round's sends are under way is claimed and
-        sent at once, not after that round (its sends queue for the mailer's connections)."""
         await self._recover_forever()
-        rounds: set[asyncio.Task[bool]] = set()
-        try:
-            while True:
-                if self._outage_failures:
-                    # The server is away: let the rounds under way end, wait out the backoff (new emails
-                    # do not cut it short), then probe with one email.
-                    await asyncio.gather(*rounds)
-                    await asyncio.sleep(self.backoff(self._outage_failures))
-                    await self._logged(self.deliver_due())
-                    continue
-                if self._in_flight >= self.max_in_flight:
-                    await asyncio.wait(rounds, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                self._wakeup.clear()  # before the claim: what is committed from now on wakes the next one
-                claimed = await self._logged(self._claim_due(min(self.round_limit,
-                                                                 self.max_in_flight - self._in_flight)))
-                if claimed:
-                    task = asyncio.create_task(self._logged(self._complete_round(claimed, self._outage_failures)))
-                    rounds.add(task)
-                    task.add_done_callback(rounds.discard)
-                    continue
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
-                except TimeoutError:
-                    pass
-        finally:
-            for task in rounds:
-                task.cancel()
-
-    @staticmethod
-    async def _logged(step: Awaitable[T]) -> T | None:
-        try:
-            return await step
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the database is away, say: the next round tries again
-            log.warning("email delivery round failed", error=repr(exc))
-            return None
+        while True:
+            try:
+                sent_any = await self.deliver_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("email delivery round failed", error=repr(exc))
+                sent_any = False
+            if self._outage_failures:
+                # The server is away: wait out the backoff (new emails do not cut it short).
+                await asyncio.sleep(self.backoff(self._outage_failures))
+                continue
+            if sent_any:
+                continue
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
+            except TimeoutError:
+                pass
 
     async def _recover_forever(self) -> None:
         while True:
@@ -169,53 +137,35 @@ class EmailSender:
                         "same Message-ID", kind=row["kind"], request_id=row["request_id"])
         return len(found)
 
-    async def deliver_due(self, limit: int | None = None) -> bool:
+    async def deliver_due(self, limit: int = 100) -> bool:
         """One round: the pending emails whose time has come, oldest first, claimed in one transaction,
-        handed to SMTP concurrently (as many at once as the mailer has connections), each recorded as
-        sent as soon as it is. True when one was sent. (`run` lets rounds overlap.)"""
-        claimed = await self._claim_due(limit or self.round_limit)
+        handed to SMTP concurrently (as many at once as the mailer has connections) and recorded as
+        sent in one transaction. True when one was sent."""
+        if time.monotonic() >= self._next_stale_check:
+            self._next_stale_check = time.monotonic() + self.stale_after_s / 4
+            await self.recover(older_than_s=self.stale_after_s)
+        # While the server is unreachable a round is one probe, not a knock per email.
+        claimed = await self._claim_due(1 if self._outage_failures else limit)
         if not claimed:
             return False
-        return await self._complete_round(claimed, self._outage_failures)
-
-    async def _complete_round(self, claimed: list[dict], outages_before: int) -> bool:
-        self._in_flight += len(claimed)
-        try:
-            outcomes = await asyncio.gather(*(self._deliver(row) for row in claimed))
-        finally:
-            self._in_flight -= len(claimed)
-        unreachable = False
+        outcomes = await asyncio.gather(*(self._send(row) for row in claimed))
+        sent = [row for row, error in zip(claimed, outcomes, strict=True) if error is None]
+        if sent:
+            self._outage_failures = 0
+            await self._mark_sent(sent)
+        outages_before, unreachable = self._outage_failures, False
         for row, error in zip(claimed, outcomes, strict=True):
             if error is not None:
                 with structlog.contextvars.bound_contextvars(request_id=row["request_id"],
                                                              correlation_id=row["request_id"]):
-                    unreachable |= await self._failed(row, error, outages_before) == "unreachable"
-        if unreachable:  # one outage per round, however many emails it held up (and rounds at once)
-            self._outage_failures = max(self._outage_failures, outages_before + 1)
-        return any(error is None for error in outcomes)
-
-    async def _deliver(self, row: dict) -> MailDeliveryError | None:
-        try:
-            await self.mailer.send(bytes(row["raw"]))
-        except MailDeliveryError as exc:
-            return exc
-        crash_point("notification.after_smtp_send")
-        self._outage_failures = 0
-        try:
-            await self._marks.add(row)
-        except Exception as exc:  # left `sending`: sent again (same Message-ID) once the claim is stale
-            log.warning("recording a sent email failed", error=repr(exc), request_id=row["request_id"])
-        return None
+                    unreachable |= await self._failed(row, error) == "unreachable"
+        if unreachable:  # one outage per round, however many emails it held up
+            self._outage_failures = outages_before + 1
+        return bool(sent)
 
     async def _claim_due(self, limit: int) -> list[dict]:
         """Record the intent before the sends: due `pending` rows become `sending`, in one transaction.
-        Rows another sender holds are skipped (PostgreSQL); SQLite serializes the whole transaction.
-        While the server is unreachable a round is one probe, not a knock per email."""
-        if time.monotonic() >= self._next_stale_check:
-            self._next_stale_check = time.monotonic() + self.stale_after_s / 4
-            await self.recover(older_than_s=self.stale_after_s)
-        if self._outage_failures:
-            limit = 1
+        Rows another sender holds are skipped (PostgreSQL); SQLite serializes the whole transaction."""
         async with self.new_uow() as uow:
             due = await uow.db.all(DUE, due_by=utcnow(), limit=limit)
             if due:
@@ -223,6 +173,14 @@ class EmailSender:
                 await uow.db.run_many(CLAIM, [{"match_id": row["id"], "attempted_at": now} for row in due])
                 await uow.commit(mark_processed=None)
         return due
+
+    async def _send(self, row: dict) -> MailDeliveryError | None:
+        try:
+            await self.mailer.send(bytes(row["raw"]))
+        except MailDeliveryError as exc:
+            return exc
+        crash_point("notification.after_smtp_send")
+        return None
 
     async def _mark_sent(self, rows: list[dict]) -> None:
         """`sending` -> `sent` and one `EmailSent` per row, for the rows still `sending` (so EmailSent is
@@ -237,12 +195,13 @@ class EmailSender:
         for row in rows:
             metrics.EMAILS.labels(row["kind"], "sent").inc()
 
-    async def _failed(self, row: dict, exc: MailDeliveryError, outages_before: int) -> str:
+    async def _failed(self, row: dict, exc: MailDeliveryError) -> str:
         attempts = row["attempts"] + 1
         unreachable = exc.retryable and exc.smtp_code is None  # no answer at all, not this message's fault
         if unreachable:
             # The loop waits (run()); the email is due again as soon as the wait is over.
-            backoff = self.backoff(outages_before + 1)
+            self._outage_failures += 1
+            backoff = self.backoff(self._outage_failures)
             retry_at = utcnow()
         else:
             self._outage_failures = 0  # the server answered
