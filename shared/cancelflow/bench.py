@@ -10,6 +10,7 @@ plain aiokafka relays carrying N messages through as many hops as a cancellation
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import time
@@ -49,6 +50,10 @@ class Measured:
     seconds: float
     latencies_ms: list[float]
     steps_ms: dict[str, float] = field(default_factory=dict)  # median time from one saga event to the next
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of every process during the run
+
+    def cpu_ms_per_request(self) -> dict[str, float]:
+        return {name: round(1000 * seconds / self.requests, 2) for name, seconds in self.cpu_s.items()}
 
     @property
     def per_second(self) -> float:
@@ -73,6 +78,9 @@ class BenchResult:
     paced: Measured | None
     baseline_per_s: float
     usage: dict[str, ProcessUsage] = field(default_factory=dict)
+    # The run's other processes (load generator, sandboxes, SMTP sink): not cancelflow's cost, but they
+    # share the machine's cores with it.
+    harness: dict[str, ProcessUsage] = field(default_factory=dict)
     store: str = "sqlite"
     instances: int = 1
     violations: dict[str, list[str]] = field(default_factory=dict)
@@ -95,6 +103,10 @@ class BenchResult:
             "p99_ms_paced": round(self.paced.percentile(99), 1) if self.paced else None,
             "rss_mb": {name: round(u.peak_rss_mb, 1) for name, u in self.usage.items()},
             "cpu_s": {name: round(u.cpu_seconds, 2) for name, u in self.usage.items()},
+            "cpu_s_harness": {name: round(u.cpu_seconds, 2) for name, u in self.harness.items()},
+            # Per request, every process (harness included): small batches cost more than a burst's.
+            "cpu_ms_per_request": self.burst.cpu_ms_per_request(),
+            "cpu_ms_per_request_paced": self.paced.cpu_ms_per_request() if self.paced else None,
             "steps_ms": {step: round(ms, 1) for step, ms in self.burst.steps_ms.items()},
             "steps_ms_paced": {step: round(ms, 1) for step, ms in self.paced.steps_ms.items()} if self.paced else None,
         }
@@ -104,8 +116,6 @@ class BenchResult:
 
 
 def _cpu_seconds(pid: int) -> float:
-    import os
-
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -117,7 +127,44 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _usage_since(pids: dict[str, int], cpu_before: dict[str, float]) -> dict[str, ProcessUsage]:
+    return {name: ProcessUsage(_cpu_seconds(pid) - cpu_before[name], _peak_rss_mb(pid)) for name, pid in pids.items()}
+
+
 BROKER = "broker"  # the embedded broker (Tansu)
+
+
+# The stack's processes that are not services, by what their command line holds.
+HARNESS = {b"-m cancelflow.smtp_sink ": "SMTP sink", b"-m cancelflow.sandboxes vendor ": "vendor sandbox",
+           b"-m cancelflow.sandboxes gateway ": "gateway sandbox", b"-m cancelflow up ": "stack supervisor"}
+LOAD_GENERATOR = "bench (load generator)"
+
+
+def harness_pids(stack: StackProcess, services: dict[str, int]) -> dict[str, int]:
+    """This process (it sends the requests and follows the status topic) and the stack's processes that
+    are not services or the broker: sandboxes, SMTP sink, supervisor."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    assert stack.process is not None
+    family, grew = {stack.process.pid}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    pids = {LOAD_GENERATOR: os.getpid()}
+    for pid in sorted(family - set(services.values())):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        name = next((label for needle, label in HARNESS.items() if needle in command), None)
+        if name is not None and name not in pids:
+            pids[name] = pid
+    return pids
 
 
 def service_pids(stack: StackProcess) -> dict[str, int]:
@@ -226,9 +273,18 @@ async def check_results(stack: StackProcess, client: StackClient, accepted: set[
     return invariants.check(evidence, invariants.Expectations(accepted=accepted))
 
 
+@dataclass
+class SystemRun:
+    burst: Measured
+    paced: Measured | None
+    usage: dict[str, ProcessUsage]  # cancelflow's processes (services, broker), during the burst
+    harness: dict[str, ProcessUsage]  # the run's other processes, during the burst
+    report: invariants.Report
+
+
 async def measure_system(stack: StackProcess, requests: int, paced_rate: float, paced_requests: int,
                          console: Console, instances: int = 1
-                         ) -> tuple[Measured, Measured | None, dict[str, ProcessUsage], invariants.Report]:
+                         ) -> SystemRun:
     account = f"acct-bench-{uuid.uuid4().hex[:6]}"
     today = datetime.now(UTC).date()
     samples = [sample_subscription(account_id=account, subscription_id=f"bench-{account[-6:]}-{n}", today=today)
@@ -246,7 +302,7 @@ async def measure_system(stack: StackProcess, requests: int, paced_rate: float, 
 
 async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra: list[subprocess.Popen[bytes]],
                    requests: int, paced_rate: float, paced_requests: int, console: Console, instances: int
-                   ) -> tuple[Measured, Measured | None, dict[str, ProcessUsage], invariants.Report]:
+                   ) -> SystemRun:
     async with StackClient(stack.endpoints, stack.settings) as client, \
             StatusWatcher(stack.endpoints.bootstrap, from_beginning=False, settings=stack.settings,
                           on_record=timer.observe) as watcher:
@@ -262,17 +318,21 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
                     extra += await scale_out(stack, instances)
                 names = [f"{name}#{n}" for name in SERVICES for n in range(2, instances + 1)]
                 pids.update(zip(names, (process.pid for process in extra), strict=True))
-            cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            harness = harness_pids(stack, pids)
+            everyone = pids | harness
+            cpu_before = {name: _cpu_seconds(pid) for name, pid in everyone.items()}
             task = bar.add_task(f"{requests} cancellations, as fast as possible", total=requests)
             burst = await _run(client, watcher, timer, samples[:requests], None,
                                lambda n: bar.update(task, completed=n))
-            usage = {name: ProcessUsage(_cpu_seconds(pid) - cpu_before[name], _peak_rss_mb(pid))
-                     for name, pid in pids.items()}
+            usage, harness_usage = _usage_since(pids, cpu_before), _usage_since(harness, cpu_before)
+            burst.cpu_s = {name: u.cpu_seconds for name, u in (usage | harness_usage).items()}
             paced = None
             if paced_requests:
                 task = bar.add_task(f"{paced_requests} cancellations at {paced_rate:g}/s", total=paced_requests)
+                cpu_before = {name: _cpu_seconds(pid) for name, pid in everyone.items()}
                 paced = await _run(client, watcher, timer, samples[requests:], paced_rate,
                                    lambda n: bar.update(task, completed=n))
+                paced.cpu_s = {name: u.cpu_seconds for name, u in _usage_since(everyone, cpu_before).items()}
             for name, pid in pids.items():
                 usage[name].peak_rss_mb = max(usage[name].peak_rss_mb, _peak_rss_mb(pid))
         with console.status("checking every invariant over the run's topics, ledgers, mailbox and databases ..."):
@@ -283,7 +343,7 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
     if paced is not None:
         paced.steps_ms = await step_times(stack.endpoints.bootstrap, stack.settings,
                                           {rid: timer.sent_wall_ms[rid] for rid in list(timer.sent)[requests:]})
-    return burst, paced, usage, report
+    return SystemRun(burst, paced, usage, harness_usage, report)
 
 
 
@@ -374,12 +434,22 @@ def render(result: BenchResult, console: Console) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    usage = Table(title="per process, during the burst")
-    for column in ("service", "CPU seconds", "peak RSS (MB)"):
-        usage.add_column(column, justify="right" if column != "service" else "left")
-    for name, u in sorted(result.usage.items()):
-        usage.add_row(name, f"{u.cpu_seconds:.2f}", f"{u.peak_rss_mb:.1f}" + (" [red]> 150[/]" if u.peak_rss_mb > 150
-                                                                              else ""))
+    usage = Table(title="per process", caption="dim: the harness (load generator, sandboxes, SMTP sink), sharing "
+                                               "the cores but not part of what a request costs")
+    for column in ("process", "CPU s, burst", "CPU ms/request, burst / paced", "peak RSS MB"):
+        usage.add_column(column, justify="right" if column != "process" else "left")
+    burst_ms, paced_ms = s["cpu_ms_per_request"], s["cpu_ms_per_request_paced"] or {}
+    # The harness shares the cores but is not part of what a request costs: shown dim.
+    for name, u, style in [*((n, u, "") for n, u in sorted(result.usage.items())),
+                           *((n, u, "dim") for n, u in sorted(result.harness.items()))]:
+        per_request = f"{burst_ms[name]:.2f} / " + (f"{paced_ms[name]:.2f}" if name in paced_ms else "-")
+        rss = f"{u.peak_rss_mb:.1f}" + (" [red]> 150[/]" if u.peak_rss_mb > 150 and not style else "")
+        usage.add_row(name, f"{u.cpu_seconds:.2f}", per_request, rss,
+                      style=style or None)
+    burst_cpu = sum(u.cpu_seconds for u in [*result.usage.values(), *result.harness.values()])
+    usage.add_row("total", f"{burst_cpu:.2f}",
+                  f"{sum(burst_ms.values()):.1f} / " + (f"{sum(paced_ms.values()):.1f}" if paced_ms else "-"), "",
+                  style="bold")
     console.print(usage)
     steps = Table(title="median time per step (ms): where a request's time goes")
     for column in ("step", "burst", "paced"):

@@ -441,16 +441,15 @@ def bench(
     with console.status(f"starting a stack in {run_dir} ..."):
         stack.start()
     try:
-        burst, paced_run, usage, report = asyncio.run(
-            measure_system(stack, requests, rate, paced, console, instances=instances))
+        run = asyncio.run(measure_system(stack, requests, rate, paced, console, instances=instances))
         with console.status(f"bare broker: {requests} messages through the same hops ..."):
             baseline = asyncio.run(measure_baseline(stack.endpoints.bootstrap, requests))
     finally:
         stack.stop()
         if server is not None:
             server.cleanup()
-    result = BenchResult(burst, paced_run, baseline, usage, store="postgresql" if pg else "sqlite",
-                         instances=instances, violations={k: v for k, v in report.violations.items() if v})
+    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store="postgresql" if pg else "sqlite",
+                         instances=instances, violations={k: v for k, v in run.report.violations.items() if v})
     render(result, console)
     if json_out:
         print(json.dumps(result.summary()))

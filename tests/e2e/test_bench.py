@@ -36,6 +36,14 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     assert set(figures["rss_mb"]) == {"billing", "provisioning", "payment_gateway", "dispute", "notification",
                                       "status_tracker", "broker"}
     assert figures["cpu_s"]["broker"] > 0  # what the broker costs is part of the picture
+    # and so is what else shares the cores during the burst
+    assert set(figures["cpu_s_harness"]) == {"bench (load generator)", "SMTP sink", "vendor sandbox",
+                                             "gateway sandbox", "stack supervisor"}
+    assert figures["cpu_s_harness"]["bench (load generator)"] > 0
+    # per request, in the burst and in the paced run, for every process of both kinds
+    everyone = figures["cpu_s"].keys() | figures["cpu_s_harness"].keys()
+    assert figures["cpu_ms_per_request"].keys() == figures["cpu_ms_per_request_paced"].keys() == everyone
+    assert sum(figures["cpu_ms_per_request_paced"].values()) > 0
     assert figures["steps_ms"], "the per-step breakdown is missing"
 
 
