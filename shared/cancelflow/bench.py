@@ -115,8 +115,13 @@ class BenchResult:
 # --- process usage, from /proc -------------------------------------------------------------------
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -144,17 +149,15 @@ def harness_pids(stack: StackProcess, services: dict[str, int]) -> dict[str, int
     """This process (it sends the requests and follows the status topic) and the stack's processes that
     are not services or the broker: sandboxes, SMTP sink, supervisor."""
     parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(entry.name)] = int(_stat(int(entry.name))[1])
         except (OSError, ValueError, IndexError):
             continue
     assert stack.process is not None
-    family, grew = {stack.process.pid}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in family} - family
+    family = {stack.process.pid}
+    while more := {pid for pid, parent in parents.items() if parent in family} - family:
         family |= more
-        grew = bool(more)
     pids = {LOAD_GENERATOR: os.getpid()}
     for pid in sorted(family - set(services.values())):
         try:
@@ -446,8 +449,7 @@ def render(result: BenchResult, console: Console) -> None:
         rss = f"{u.peak_rss_mb:.1f}" + (" [red]> 150[/]" if u.peak_rss_mb > 150 and not style else "")
         usage.add_row(name, f"{u.cpu_seconds:.2f}", per_request, rss,
                       style=style or None)
-    burst_cpu = sum(u.cpu_seconds for u in [*result.usage.values(), *result.harness.values()])
-    usage.add_row("total", f"{burst_cpu:.2f}",
+    usage.add_row("total", f"{sum(result.burst.cpu_s.values()):.2f}",
                   f"{sum(burst_ms.values()):.1f} / " + (f"{sum(paced_ms.values()):.1f}" if paced_ms else "-"), "",
                   style="bold")
     console.print(usage)
