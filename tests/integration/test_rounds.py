@@ -18,7 +18,7 @@ from cancelflow.events import CancellationReceived, CancellationRequested, Reque
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.store import messaging_tables
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.uow import OUTBOX, UnitOfWork
 from cancelflow.sql import Query
 from cancelflow.testing.messages import message
 
@@ -83,7 +83,7 @@ async def _rounds(sessions: Any, chains: list[Chain], seen: set[str] | None = No
     """Run the chains in rounds; the number of commits."""
     commits = 0
 
-    def committed() -> None:
+    def committed(_written: frozenset[str]) -> None:
         nonlocal commits
         commits += 1
 
@@ -192,3 +192,31 @@ async def test_the_inbox_tells_which_of_a_polls_ids_it_holds(sessions, asked) ->
     async with UnitOfWork(sessions, MESSAGING, producer="test") as uow:
         assert await uow.processed_among(ids) == {m for m in ids if m in set(held)}
         assert await uow.processed_among(["evt-1"]) == set()
+
+
+async def test_a_commit_tells_what_it_wrote_so_only_those_workers_wake(sessions) -> None:  # type: ignore[no-untyped-def]
+    """The relay is woken by a commit that added outbox rows, the email sender by one that made an email
+    due (`wrote`); a commit of neither wakes no one, and what was rolled back was never written."""
+    heard: list[frozenset[str]] = []
+    request: CancellationRequested = a_request().payload  # type: ignore[assignment]
+    received = CancellationReceived(request_id=request.request_id, account_id=request.account_id,
+                                    target=request.target, subscription_id=request.subscription_id,
+                                    mode=request.mode, requested_by=request.requested_by)
+
+    def uow() -> UnitOfWork:
+        return UnitOfWork(sessions, MESSAGING, producer="test", on_commit=heard.append)
+
+    async with uow() as plain:
+        await plain.db.run(ADD_EFFECT, request_id="w-1", phase="intent")
+        await plain.commit(mark_processed="evt-w-1")
+    async with uow() as emitting:
+        emitting.emit(received)
+        emitting.wrote("emails")
+        await emitting.checkpoint()  # an intent before a call: committed, so heard
+        await emitting.resume()
+        await emitting.commit(mark_processed="evt-w-2")  # nothing new since the checkpoint
+    async with uow() as rolled_back:
+        rolled_back.emit(received)
+        rolled_back.wrote("emails")
+        await rolled_back.db.run(ADD_EFFECT, request_id="w-3", phase="intent")
+    assert heard == [frozenset(), frozenset({OUTBOX, "emails"}), frozenset()]

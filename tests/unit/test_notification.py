@@ -34,7 +34,7 @@ from cancelflow.testing.messages import handle, message
 from notification import orm
 from notification import sender as sender_module
 from notification.adapters.mailer import FakeMailer, MailDeliveryError
-from notification.handlers import NotificationHandlers, humanize_seconds
+from notification.handlers import EMAILS_DUE, NotificationHandlers, humanize_seconds
 from notification.render import message_id_for
 from notification.sender import EmailSender
 
@@ -52,6 +52,7 @@ class World:
         self.handlers = NotificationHandlers(sender_address="billing@example.test", support_email=SUPPORT)
         self.mailer = FakeMailer()
         self.sender = self.new_sender()
+        self.written: list[frozenset[str]] = []  # what each handled record's commit wrote (wake-ups)
         h = self.handlers
         self.routes = {
             "SubscriptionActivated": h.subscription_activated, "CancellationReceived": h.cancellation_received,
@@ -67,7 +68,14 @@ class World:
         return EmailSender(self.mailer, self.new_uow, **{"max_backoff_s": 1.0, **kwargs})
 
     async def send(self, payload: Payload) -> bool:
-        return await handle(self.engine, orm, self.routes[payload.event_type], message(payload))
+        return await handle(self.engine, orm, self.routes[payload.event_type], message(payload),
+                            on_commit=self.written.append)
+
+    def woke_sender(self) -> bool:
+        """Whether a record handled since the last call made an email due (the sender's wake-up)."""
+        woke = any(EMAILS_DUE in written for written in self.written)
+        self.written.clear()
+        return woke
 
     async def emails(self, request_id: str | None = None) -> dict[str, dict[str, Any]]:
         query = select(orm.emails).order_by(orm.emails.c.id)
@@ -331,6 +339,23 @@ async def test_outcome_before_contact_waits_and_is_sent_when_the_contact_arrives
     await world.send(activated())
     await world.deliver_all()
     assert len(world.sent_to(rid)) == 2
+
+
+async def test_the_sender_is_woken_only_by_a_commit_that_made_an_email_due(world: World) -> None:
+    """Most records owe no email: their commits must not start a delivery round (measured: one claim
+    transaction per poll); every commit that made an email due must."""
+    rid = await world.known(contact=False)
+    assert not world.woke_sender()
+    await world.completed(rid)  # the customer's email waits for the contact: nothing due yet
+    assert (await world.emails(rid))["completed"]["status"] == "awaiting_contact"
+    assert not world.woke_sender()
+    await world.send(activated())  # the contact arrives: the kept email is due now
+    assert world.woke_sender()
+    await world.platform_failed(await world.known(subscription="sub-2"))  # support's alert is due at once
+    assert world.woke_sender()
+    await world.deliver_all()
+    await world.send(activated())  # nothing new owed
+    assert not world.woke_sender()
 
 
 async def test_another_accounts_contact_never_releases_the_email(world: World) -> None:

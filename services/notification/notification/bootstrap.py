@@ -12,7 +12,7 @@ from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from notification import orm, render
 from notification.adapters.mailer import MailerPool
-from notification.handlers import NotificationHandlers
+from notification.handlers import EMAILS_DUE, NotificationHandlers
 from notification.sender import EmailSender
 
 CONTACT = Query(select(orm.contacts.c.account_id)
@@ -46,7 +46,7 @@ def build() -> ServiceRuntime:
     }, batch=True))
     runtime.http.router.add_get("/contacts/{subscription_id}", _contact_known(runtime))
     runtime.http.router.add_get("/requests/{request_id}/emails", _emails_of(runtime))
-    runtime.after_commit.append(sender.notify)
+    runtime.wake_on(EMAILS_DUE, sender.notify)
     runtime.tasks.append(sender.run)
     runtime.on_stop.append(mailer.close)
     return runtime

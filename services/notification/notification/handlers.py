@@ -86,6 +86,7 @@ RELEASE_EMAIL = Query(update(emails).where(emails.c.id == bindparam("match_id"))
                       .values(status="pending", context=None))
 EMAIL_OWED = Query(select(emails.c.id).where(emails.c.message_id == bindparam("message_id")))
 ADD_EMAIL = Query(insert(emails))
+EMAILS_DUE = "emails"  # `UnitOfWork.wrote`: a commit that made an email due wakes the sender
 OPTED_OUT_BY = Query(select(opt_outs.c.request_id).where(opt_outs.c.account_id == bindparam("account_id")))
 ADD_OPT_OUT = Query(insert(opt_outs))
 
@@ -143,6 +144,7 @@ class NotificationHandlers:
                                        sender=self.sender_address, to=facts.customer.email,
                                        message_id=row["message_id"])
             await uow.db.run(RELEASE_EMAIL, match_id=row["id"], raw=raw, next_attempt_at=utcnow())
+            uow.wrote(EMAILS_DUE)
             log.info("customer contact arrived; owed email queued", kind=row["kind"])
 
     async def cancellation_received(self, msg: Message, uow: UnitOfWork) -> None:
@@ -375,3 +377,5 @@ class NotificationHandlers:
             ADD_EMAIL, request_id=request["request_id"], kind=kind, audience=audience, subject=subject,
             message_id=message_id, status=status, raw=raw, context=kept_context, attempts=0,
             next_attempt_at=now, created_at=now)
+        if status == "pending":
+            uow.wrote(EMAILS_DUE)

@@ -15,6 +15,8 @@ from cancelflow.messaging.codec import Message, encode
 from cancelflow.messaging.store import AMONG_MAX, AMONG_NAMES, MessagingTables
 from cancelflow.sql import Db
 
+OUTBOX = "outbox"  # what a unit of work wrote, for `on_commit`: outbox rows (the relay's wake-up)
+
 
 class UnitOfWork:
     """`async with uow:` opens a transaction; `emit` adds to the outbox; `commit` records the inbox.
@@ -25,7 +27,7 @@ class UnitOfWork:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables, *,
                  producer: str, message: Message | None = None,
-                 on_commit: Callable[[], None] | None = None, write_lock: asyncio.Lock | None = None) -> None:
+                 on_commit: Callable[[frozenset[str]], None] | None = None, write_lock: asyncio.Lock | None = None) -> None:
         self._sessions = sessions
         self._tables = tables
         self._producer = producer
@@ -42,6 +44,9 @@ class UnitOfWork:
         self._holding = False
         self._batched = False  # handling a batch of records in this one transaction
         self._inbox_rows: list[dict[str, Any]] = []
+        # What this transaction wrote that a worker of the process waits for (OUTBOX, and whatever a
+        # service names with `wrote`): handed to `on_commit`, so only those workers are woken.
+        self._written: set[str] = set()
 
     async def __aenter__(self) -> UnitOfWork:
         if self._write_lock is not None:
@@ -58,6 +63,7 @@ class UnitOfWork:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         # Whatever was not committed explicitly is rolled back (including on exceptions).
+        self._written.clear()
         try:
             await self.session.rollback()
             await self.session.close()
@@ -91,10 +97,21 @@ class UnitOfWork:
         })
         self.emitted.append(envelope)
 
+    def wrote(self, what: str) -> None:
+        """Say that this transaction wrote something a worker waits for (`on_commit` hears of it)."""
+        self._written.add(what)
+
     async def _flush_outbox(self) -> None:
         if self._outbox_rows:
             await self.db.run_many(self._tables.add_outbox, self._outbox_rows)
             self._outbox_rows.clear()
+            self._written.add(OUTBOX)
+
+    def _committed(self) -> None:
+        written = frozenset(self._written)
+        self._written.clear()
+        if self._on_commit:
+            self._on_commit(written)
 
     # --- a batch of records in one transaction ------------------------------------------------------
 
@@ -149,8 +166,7 @@ class UnitOfWork:
         self._release()
         # No explicit begin: the next statement starts a transaction, so none (and on SQLite no
         # write lock) is held while the handler waits on the vendor, the gateway or SMTP.
-        if self._on_commit:
-            self._on_commit()
+        self._committed()
 
     @contextlib.asynccontextmanager
     async def outside(self) -> AsyncIterator[None]:
@@ -185,5 +201,4 @@ class UnitOfWork:
         await self.session.commit()
         self._release()
         crash_point(f"{self._producer}.after_commit")
-        if self._on_commit:
-            self._on_commit()
+        self._committed()

@@ -24,9 +24,12 @@ def message(payload: Payload, *, correlation_id: str | None = None) -> Message:
     return decode(encode(envelope), topic=payload.topic, key=payload.record_key().encode())
 
 
-async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message) -> bool:
-    """What the consume loop does: skip a processed event id, else handle and commit. True when handled."""
-    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test", message=msg) as uow:
+async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message, *,
+                 on_commit: Callable[[frozenset[str]], None] | None = None) -> bool:
+    """What the consume loop does: skip a processed event id, else handle and commit. True when handled.
+    `on_commit` hears what the commit wrote, as the service's wake-ups do."""
+    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test", message=msg,
+                          on_commit=on_commit) as uow:
         if await uow.already_processed(msg.event_id):
             return False
         await handler(msg, uow)
