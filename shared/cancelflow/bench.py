@@ -83,12 +83,14 @@ class BenchResult:
     harness: dict[str, ProcessUsage] = field(default_factory=dict)
     store: str = "sqlite"
     instances: int = 1
+    fetch_wait_ms: int | None = None  # the services' CANCELFLOW_FETCH_MAX_WAIT_MS
     violations: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
             "store": self.store,
             "instances": self.instances,
+            "fetch_wait_ms": self.fetch_wait_ms,
             "requests": self.burst.requests,
             "correct": not self.violations,
             "violations": {k: v[:3] for k, v in self.violations.items()},
@@ -420,7 +422,7 @@ def _progress(console: Console) -> Progress:
 def render(result: BenchResult, console: Console) -> None:
     s = result.summary()
     table = Table(title=f"cancelflow bench ({result.store} stores, {result.instances} instance(s) of each service, "
-                        f"{s['requests']} requests)")
+                        f"{s['requests']} requests, fetch wait {s['fetch_wait_ms']} ms)")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")

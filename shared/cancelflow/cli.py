@@ -411,6 +411,9 @@ def bench(
                                   help="Processes of every service, in the same consumer groups (scale-out)."),
     json_out: bool = typer.Option(False, "--json", help="End with one JSON line of the figures."),
     data_dir: Path = typer.Option(Path("var"), "--data-dir", help="Where the run's own stack keeps its data."),
+    fetch_wait_ms: int | None = typer.Option(
+        None, "--fetch-wait-ms", min=1,
+        help="The services' fetch wait (CANCELFLOW_FETCH_MAX_WAIT_MS); default: the embedded stack's."),
 ) -> None:
     """Completed cancellations per second (with refunds and emails) on a stack of its own, latency
     percentiles as fast as possible and paced, per-service CPU and peak RSS, and the same number of
@@ -424,7 +427,10 @@ def bench(
 
     _stop_cleanly_on_sigterm()
     run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    env: dict[str, str] = {}
+    # The embedded stack as `cancelflow up` runs it (the test stack's shorter wait would be measured
+    # otherwise), or the wait asked for.
+    fetch_wait_ms = fetch_wait_ms or CommonSettings().fetch_max_wait_ms
+    env = {"CANCELFLOW_FETCH_MAX_WAIT_MS": str(fetch_wait_ms)}
     server = None
     if pg:
         import pgserver
@@ -449,7 +455,7 @@ def bench(
         if server is not None:
             server.cleanup()
     result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store="postgresql" if pg else "sqlite",
-                         instances=instances, violations={k: v for k, v in run.report.violations.items() if v})
+                         instances=instances, fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v})
     render(result, console)
     if json_out:
         print(json.dumps(result.summary()))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cancelflow.settings import CommonSettings
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 FIGURES = {"throughput_per_s", "baseline_per_s", "ratio", "p50_ms", "p99_ms", "p99_ms_paced", "rss_mb"}
@@ -31,6 +33,8 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     figures = bench_figures(tmp_path, "--requests", "24", "--paced", "12", "--rate", "20")
     assert FIGURES <= figures.keys()
     assert figures["instances"] == 1 and figures["correct"] is True and figures["violations"] == {}
+    # the embedded stack as `cancelflow up` runs it, not the test stack's shorter fetch wait
+    assert figures["fetch_wait_ms"] == CommonSettings().fetch_max_wait_ms
     assert figures["throughput_per_s"] > 0 and figures["baseline_per_s"] > 0
     assert figures["p50_ms"] <= figures["p99_ms"]
     assert set(figures["rss_mb"]) == {"billing", "provisioning", "payment_gateway", "dispute", "notification",
@@ -48,7 +52,8 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
 
 
 def test_two_instances_of_every_service_finish_the_run_correctly(tmp_path: Path) -> None:
-    figures = bench_figures(tmp_path, "--requests", "40", "--paced", "0", "--instances", "2")
+    figures = bench_figures(tmp_path, "--requests", "40", "--paced", "0", "--instances", "2", "--fetch-wait-ms", "50")
+    assert figures["fetch_wait_ms"] == 50
     assert figures["instances"] == 2 and figures["correct"] is True and figures["violations"] == {}
     assert {"billing#2", "status_tracker#2"} <= figures["cpu_s"].keys()
 
