@@ -25,6 +25,10 @@ EXTERNAL_CALL_SECONDS = Histogram("cancelflow_external_call_seconds", "Vendor/ga
 REFUNDS = Counter("cancelflow_refunds_total", "Refunds by outcome", ["outcome"])
 REFUND_AMOUNT = Counter("cancelflow_refund_amount_total", "Refunded amount", ["currency"])
 EMAILS = Counter("cancelflow_emails_total", "Emails by kind and outcome", ["kind", "outcome"])
+# Emails owed and not sent yet, by status (`pending`, `sending`, `awaiting_contact`), counted by the
+# sender every `stale_after_s / 4`: an email waiting for a customer's contact that never arrives is
+# otherwise silent.
+EMAILS_WAITING = Gauge("cancelflow_emails_waiting", "Emails owed and not sent yet", ["status"])
 # Requests not yet terminal, from the status tracker's views (refreshed every few seconds): how many
 # per state, and how long the oldest of each state has gone without a change ("stuck" requests).
 REQUESTS_OPEN = Gauge("cancelflow_requests_open", "Requests not in a terminal state", ["state"])

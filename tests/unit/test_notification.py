@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -356,6 +357,20 @@ async def test_the_sender_is_woken_only_by_a_commit_that_made_an_email_due(world
     await world.deliver_all()
     await world.send(activated())  # nothing new owed
     assert not world.woke_sender()
+
+
+async def test_emails_not_sent_yet_are_counted_by_status_for_operators(world: World) -> None:
+    """An email waiting for a contact that never comes would otherwise be silent (alert
+    CancelflowEmailsAwaitingContact): the sender counts what it owes into a gauge."""
+    rid = await world.known(contact=False)
+    await world.platform_failed(rid)  # the customer's email waits for the contact; support's is due
+    assert await world.sender.count_waiting() == {"pending": 1, "sending": 0, "awaiting_contact": 1}
+    assert REGISTRY.get_sample_value("cancelflow_emails_waiting", {"status": "awaiting_contact"}) == 1
+    await world.deliver_all()
+    assert await world.sender.count_waiting() == {"pending": 0, "sending": 0, "awaiting_contact": 1}
+    await world.send(activated())
+    assert await world.sender.count_waiting() == {"pending": 1, "sending": 0, "awaiting_contact": 0}
+    assert REGISTRY.get_sample_value("cancelflow_emails_waiting", {"status": "awaiting_contact"}) == 0
 
 
 async def test_another_accounts_contact_never_releases_the_email(world: World) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 
 from cancelflow import metrics
 from cancelflow.crashpoints import crash_point
@@ -56,6 +56,9 @@ LEFT_SENDING = Query(select(emails.c.id, emails.c.kind, emails.c.request_id).whe
 LEFT_SENDING_BEFORE = Query(select(emails.c.id, emails.c.kind, emails.c.request_id)
                             .where((emails.c.status == "sending") & (emails.c.attempted_at < bindparam("before"))))
 RESEND = Query(update(emails).where(_SENDING).values(status="pending"))
+WAITING_STATUSES = ("pending", "sending", "awaiting_contact")
+WAITING = Query(select(emails.c.status, func.count().label("emails"))
+                .where(or_(*(emails.c.status == status for status in WAITING_STATUSES))).group_by(emails.c.status))
 DUE = Query(select(emails).where((emails.c.status == "pending") & (emails.c.next_attempt_at <= bindparam("due_by")))
             .order_by(emails.c.id).limit(bindparam("limit")).with_for_update(skip_locked=True))
 CLAIM = Query(update(emails).where((emails.c.id == bindparam("match_id")) & (emails.c.status == "pending"))
@@ -137,6 +140,15 @@ class EmailSender:
                         "same Message-ID", kind=row["kind"], request_id=row["request_id"])
         return len(found)
 
+    async def count_waiting(self) -> dict[str, int]:
+        """Emails owed and not sent, by status, into `cancelflow_emails_waiting` (and returned)."""
+        async with self.new_uow() as uow:
+            counts = {row["status"]: row["emails"] for row in await uow.db.all(WAITING)}
+        waiting = {status: int(counts.get(status, 0)) for status in WAITING_STATUSES}
+        for status, count in waiting.items():
+            metrics.EMAILS_WAITING.labels(status).set(count)
+        return waiting
+
     async def deliver_due(self, limit: int = 100) -> bool:
         """One round: the pending emails whose time has come, oldest first, claimed in one transaction,
         handed to SMTP concurrently (as many at once as the mailer has connections) and recorded as
@@ -144,6 +156,7 @@ class EmailSender:
         if time.monotonic() >= self._next_stale_check:
             self._next_stale_check = time.monotonic() + self.stale_after_s / 4
             await self.recover(older_than_s=self.stale_after_s)
+            await self.count_waiting()
         # While the server is unreachable a round is one probe, not a knock per email.
         claimed = await self._claim_due(1 if self._outage_failures else limit)
         if not claimed:
