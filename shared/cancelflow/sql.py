@@ -154,8 +154,18 @@ class Db:
         return [dict(row) for row in (await self.session.execute(query.construct, params)).mappings()]
 
     async def first(self, query: Query, /, **params: Any) -> Row | None:
-        rows = await self.all(query, **params)
-        return rows[0] if rows else None
+        """The first row, or None; the rest are not fetched."""
+        if self._direct:
+            plan = query.plan(self._dialect, params)
+            driver = await self._driver()
+            cursor = await driver.execute(plan.sql, plan.parameters(params))
+            try:
+                values = await cursor.fetchone()
+            finally:
+                await cursor.close()
+            return None if values is None else plan.row(values)
+        row = (await self.session.execute(query.construct, params)).mappings().first()
+        return None if row is None else dict(row)
 
     async def scalar(self, query: Query, /, **params: Any) -> Any:
         row = await self.first(query, **params)

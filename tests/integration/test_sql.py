@@ -88,6 +88,10 @@ async def test_rows_come_back_as_sqlalchemy_returns_them(sessions) -> None:  # t
         assert await db.first(GET, thing_id="nope") is None
         assert await db.all(ACTIVE_IDS, active=True) == [{"id": "b"}, {"id": "c"}]
         assert await db.scalar(ACTIVE_IDS, active=False) == "a"
+        # of several rows, first and scalar give the first in the query's order
+        assert await db.first(ACTIVE_IDS, active=True) == {"id": "b"}
+        assert await db.scalar(ACTIVE_IDS, active=True) == "b"
+        assert await db.first(ACTIVE_IDS, active=None) is None
 
 
 async def test_values_are_stored_as_sqlalchemy_stores_them(sessions) -> None:  # type: ignore[no-untyped-def]
