@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cancelflow.events import REGISTRY, Envelope, Payload
-from cancelflow.topics import BY_NAME, SAGA, SAGA_READERS, TOPICS, Topic, saga_of
-
-COPY_TOPICS = {saga_of(service): types for service, types in SAGA_READERS.items()}
+from cancelflow.topics import BY_NAME, TOPICS, Topic
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_DIR = ROOT / "schemas"
@@ -213,10 +211,6 @@ def render_readme() -> str:
             f"{t.key}; configs: {_configs(t)}. Written by {t.written_by}; read by {t.read_by}."
         )
         lines.append("")
-        if t.name in COPY_TOPICS:
-            lines.append(f"Copies of the `{SAGA}` records of these types, byte for byte (same key and headers): "
-                         + ", ".join(f"`{event_type}`" for event_type in COPY_TOPICS[t.name]) + ".")
-            continue
         if not grouped[t.name]:
             lines.append("No event types yet.")
             continue

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import MetaData
 
-from cancelflow import db, migrations, topics
+from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
@@ -124,13 +124,6 @@ class ServiceRuntime:
                 callback()
 
     def add_route(self, route: Route) -> None:
-        if route.topic == topics.SAGA and self.name in topics.SAGA_READERS:
-            raise ValueError(f"{self.name} reads its own saga topic, {topics.saga_of(self.name)}, not the whole saga")
-        if route.topic == topics.saga_of(self.name) and set(route.handlers) != set(topics.SAGA_READERS[self.name]):
-            # The relays copy to a service's topic the types SAGA_READERS lists: anything else would
-            # never arrive, and a type listed but not handled would be copied for nothing.
-            raise ValueError(f"{self.name} handles {sorted(route.handlers)} on {route.topic}, but "
-                             f"topics.SAGA_READERS copies {sorted(topics.SAGA_READERS[self.name])} to it")
         self.routes.append(route)
 
     # --- HTTP --------------------------------------------------------------------------------

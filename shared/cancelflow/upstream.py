@@ -15,7 +15,6 @@ from cancelflow.messaging.codec import encode
 from cancelflow.messaging.kafka import make_producer
 from cancelflow.messaging.signatures import sign
 from cancelflow.settings import CommonSettings
-from cancelflow.topics import SAGA_COPIES
 
 
 class UpstreamPublisher:
@@ -39,11 +38,7 @@ class UpstreamPublisher:
         envelope = envelope_for(payload, producer=self.producer_name,
                                 correlation_id=correlation_id or str(getattr(payload, "request_id", uuid.uuid4())),
                                 causation_id=None)
-        value = encode(envelope)
-        # A saga event (tests and tools standing in for a service) goes where the outbox relays put it:
-        # the saga topic and the topic of each service that acts on it.
-        for topic in (payload.topic, *SAGA_COPIES.get(payload.event_type, ())):
-            await self.send_raw(topic, value, key=payload.record_key(), wait=wait)
+        await self.send_raw(payload.topic, encode(envelope), key=payload.record_key(), wait=wait)
         return envelope
 
     async def send_raw(self, topic: str, value: bytes | None, *, key: str | None, wait: bool = True,

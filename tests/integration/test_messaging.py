@@ -295,13 +295,8 @@ class FailingSagaService:
         settings = ServiceSettings(service=self.name, database_url_env=database_url, http_port=free_port(),
                                    kafka_bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=25)
         runtime = ServiceRuntime(self.name, settings, METADATA, MESSAGING)
-        runtime.add_route(Route(self.topic, {self.event_type: self.handle}))
+        runtime.add_route(Route(topics.SAGA, {self.event_type: self.handle}))
         return runtime
-
-    @property
-    def topic(self) -> str:
-        """What the service reads: its own saga topic when it is one of topics.SAGA_READERS."""
-        return topics.saga_of(self.name) if self.name in topics.SAGA_READERS else topics.SAGA
 
 
 async def test_saga_events_a_service_cannot_handle(broker, store, services, publisher, topic_reader, sub):
@@ -328,11 +323,11 @@ async def test_saga_events_a_service_cannot_handle(broker, store, services, publ
         entry = await dlq.wait_for(lambda e, s=service: e.event_type == "RecordDeadLettered"
                                    and e.payload["consumer_group"] == running[s.name].group_id
                                    and e.payload["request_id"] == s.request_id)
-        assert (entry.payload["reason"], entry.payload["topic"]) == ("handler_error", service.topic)
+        assert (entry.payload["reason"], entry.payload["topic"]) == ("handler_error", topics.SAGA)
     failed = await saga.wait_for(lambda e: e.event_type == "Failed" and e.payload["request_id"] == rid["step"])
     assert (failed.producer, failed.payload["source"], failed.payload["code"]) == (
         "provisioning", "vendor", "internal_error")
-    assert failed.payload["details"]["dead_lettered"].startswith(f"dlq:{step.topic}:")
+    assert failed.payload["details"]["dead_lettered"].startswith(f"dlq:{topics.SAGA}:")
 
     for service in (observer, answering):
         await eventually(lambda s=service: _outbox_empty(running[s.name].runtime), message="outbox emptied")

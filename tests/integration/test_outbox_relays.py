@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import MetaData, insert, select, text
 
-from cancelflow import db, topics
+from cancelflow import db
 from cancelflow.messaging.relay import BUSY, OutboxRelay
 from cancelflow.messaging.store import messaging_tables
 from tests.conftest import DatabaseFactory, eventually
@@ -32,7 +32,6 @@ class FakeProducer:
 
     def __init__(self, hold: bool = False) -> None:
         self.sent: list[bytes] = []
-        self.records: list[tuple[str, bytes, bytes | None, Any]] = []  # topic, value, key, headers
         self.asked = asyncio.Event()
         self.release = asyncio.Event()
         if not hold:
@@ -40,7 +39,6 @@ class FakeProducer:
 
     async def send(self, topic: str, *, value: bytes, key: bytes | None, headers: Any) -> asyncio.Future[Acked]:
         self.sent.append(value)
-        self.records.append((topic, value, key, headers))
         self.asked.set()
         ack: asyncio.Future[Acked] = asyncio.get_running_loop().create_future()
 
@@ -52,10 +50,10 @@ class FakeProducer:
         return ack
 
 
-async def add(sessions: Any, outbox: Any, value: bytes, *, topic: str = "t", event_type: str = "E") -> None:
+async def add(sessions: Any, outbox: Any, value: bytes) -> None:
     async with sessions() as session, session.begin():
-        await session.execute(insert(outbox).values(topic=topic, key="k", value=value, headers={"h": "1"},
-                                                    event_type=event_type, created_at=datetime.now(UTC)))
+        await session.execute(insert(outbox).values(topic="t", key="k", value=value, headers={}, event_type="E",
+                                                    created_at=datetime.now(UTC)))
 
 
 async def test_a_row_inserted_after_another_relay_emptied_the_table_survives(store: DatabaseFactory) -> None:
@@ -168,28 +166,3 @@ async def test_a_relay_that_died_in_its_round_leaves_the_lock_behind(store: Data
     finally:
         for engine in engines:
             await engine.dispose()
-
-
-async def test_a_saga_record_is_also_published_to_the_topic_of_each_service_that_acts_on_it(
-        store: DatabaseFactory) -> None:
-    """Services read only the saga events they act on (topics.SAGA_READERS): the relay publishes each
-    such record to the saga topic and then to theirs, same key, value and headers, in outbox order."""
-    metadata = MetaData()
-    tables = messaging_tables(metadata)
-    engine = db.make_engine(store("copies"))
-    try:
-        await db.create_schema(engine, metadata)
-        sessions = db.session_factory(engine)
-        producer = FakeProducer()
-        await add(sessions, tables.outbox, b"1", topic=topics.SAGA, event_type="VendorCancellationRequested")
-        await add(sessions, tables.outbox, b"2", topic=topics.SAGA, event_type="EmailSent")  # read by no one else
-        await add(sessions, tables.outbox, b"3", topic=topics.SAGA, event_type="PlatformCommitted")
-        await add(sessions, tables.outbox, b"4", topic=topics.STATUS, event_type="PlatformCommitted")  # not saga
-        assert await OutboxRelay(sessions, tables, producer).publish_pending() == 4  # type: ignore[arg-type]
-        assert [(topic, value) for topic, value, _, _ in producer.records] == [
-            (topics.SAGA, b"1"), (topics.saga_of("provisioning"), b"1"), (topics.SAGA, b"2"),
-            (topics.SAGA, b"3"), (topics.saga_of("payment_gateway"), b"3"), (topics.STATUS, b"4")]
-        assert {(key, tuple(headers)) for _, _, key, headers in producer.records[:2]} == {
-            (b"k", (("h", b"1"), ("cf-event-type", b"VendorCancellationRequested")))}
-    finally:
-        await engine.dispose()

@@ -34,7 +34,7 @@ def build() -> ServiceRuntime:
         "CancellationApproved": handlers.cancellation_approved,
         "CancellationDeclined": handlers.cancellation_declined,
     }, dead_letter=True, batch=True))
-    runtime.add_route(Route(topics.saga_of("billing"), {
+    runtime.add_route(Route(topics.SAGA, {
         "VendorProvisioned": handlers.vendor_provisioned,
         "VendorCancellationFailed": handlers.vendor_failed,
     }, batch=True))

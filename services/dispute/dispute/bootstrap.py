@@ -26,7 +26,7 @@ def build() -> ServiceRuntime:
     runtime = ServiceRuntime("dispute", settings, orm.metadata, orm.messaging)
     handlers = DisputeHandlers(window_hours=settings.duplicate_window_hours)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True))
-    runtime.add_route(Route(topics.saga_of("dispute"), {
+    runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "ChargesVerified": handlers.charges_verified,
         "DuplicateRefundsIssued": handlers.duplicate_refunds_issued,

@@ -24,7 +24,7 @@ def build() -> ServiceRuntime:
     disputes = DisputeRefundHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
                             dead_letter=True, batch=True))
-    runtime.add_route(Route(topics.saga_of("payment_gateway"), {
+    runtime.add_route(Route(topics.SAGA, {
         "PlatformCommitted": handlers.platform_committed,
         "CancellationScheduled": handlers.cancellation_scheduled,
         "ChargesVerificationRequested": disputes.charges_verification_requested,

@@ -17,7 +17,7 @@ def build() -> ServiceRuntime:
     vendor = VendorClient(settings.vendor_url, timeout=settings.vendor_timeout_s,
                           attempts=settings.vendor_attempts)
     handlers = ProvisioningHandlers(vendor)
-    runtime.add_route(Route(topics.saga_of("provisioning"), {
+    runtime.add_route(Route(topics.SAGA, {
         "VendorCancellationRequested": handlers.vendor_cancellation_requested,
     }, rounds=True))
     runtime.on_start.append(vendor.start)

@@ -10,7 +10,6 @@ import orjson
 from pydantic import ValidationError
 
 from cancelflow.events import REGISTRY, Envelope, Payload
-from cancelflow.topics import SAGA_COPIES
 
 MAX_RECORD_BYTES = 1024 * 1024  # CONTRACT.md section 7
 # Set by the outbox relay on every record: consumers skip types they do not handle without decoding.
@@ -84,7 +83,7 @@ def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int =
         detail = (f"{envelope.event_type} version {envelope.schema_version} is not known"
                   if known else f"event type {envelope.event_type!r} is not known")
         raise BadRecord(reason, detail, request_id=request_id)
-    if model.topic != topic and topic not in SAGA_COPIES.get(envelope.event_type, ()):
+    if model.topic != topic:
         raise BadRecord("wrong_topic", f"{envelope.event_type} does not belong on {topic}",
                         request_id=request_id)
     try:

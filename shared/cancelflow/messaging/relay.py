@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from cancelflow import metrics, topics
+from cancelflow import metrics
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.store import MessagingTables
@@ -89,20 +89,20 @@ class OutboxRelay:
             metrics.OUTBOX_BACKLOG.set(0)
             return 0
         # send() keeps per-partition order; awaiting every future before deleting keeps the
-        # at-least-once guarantee. A saga record goes to the saga topic, then to the topic of each
-        # service that acts on its type (topics.SAGA_COPIES), with the same key, value and headers.
-        futures, sent = [], []
-        for row in rows:
-            key = row["key"].encode() if row["key"] is not None else None
-            headers = [*((k, v.encode()) for k, v in (row["headers"] or {}).items()),
-                       (EVENT_TYPE_HEADER, row["event_type"].encode())]
-            copies = topics.SAGA_COPIES.get(row["event_type"], ()) if row["topic"] == topics.SAGA else ()
-            for topic in (row["topic"], *copies):
-                futures.append(await self._producer.send(topic, value=row["value"], key=key, headers=headers))
-                sent.append((topic, row["event_type"]))
+        # at-least-once guarantee.
+        futures = [
+            await self._producer.send(
+                row["topic"],
+                value=row["value"],
+                key=row["key"].encode() if row["key"] is not None else None,
+                headers=[*((k, v.encode()) for k, v in (row["headers"] or {}).items()),
+                         (EVENT_TYPE_HEADER, row["event_type"].encode())],
+            )
+            for row in rows
+        ]
         await asyncio.gather(*futures)
-        for topic, event_type in sent:
-            metrics.EVENTS_PRODUCED.labels(topic, event_type).inc()
+        for row in rows:
+            metrics.EVENTS_PRODUCED.labels(row["topic"], row["event_type"]).inc()
         async with self._sessions() as session, session.begin():
             db = Db(session)
             # by id, not by range: on PostgreSQL a lower id may commit after a higher one
