@@ -156,8 +156,8 @@ def harness_pids(stack: StackProcess, services: dict[str, int]) -> dict[str, int
             parents[int(entry.name)] = int(_stat(int(entry.name))[1])
         except (OSError, ValueError, IndexError):
             continue
-    assert stack.process is not None
-    family = {stack.process.pid}
+    assert stack.supervisor_pid is not None
+    family = {stack.supervisor_pid}
     while more := {pid for pid, parent in parents.items() if parent in family} - family:
         family |= more
     pids = {LOAD_GENERATOR: os.getpid()}

@@ -414,6 +414,9 @@ def bench(
     fetch_wait_ms: int | None = typer.Option(
         None, "--fetch-wait-ms", min=1,
         help="The services' fetch wait (CANCELFLOW_FETCH_MAX_WAIT_MS); default: the embedded stack's."),
+    running: bool = typer.Option(
+        False, "--running", help="Use the stack `cancelflow up` runs with this environment (its own sandboxes and "
+                                 "SMTP sink) instead of starting one; it is left running."),
 ) -> None:
     """Completed cancellations per second (with refunds and emails) on a stack of its own, latency
     percentiles as fast as possible and paced, per-service CPU and peak RSS, and the same number of
@@ -426,36 +429,49 @@ def bench(
     from cancelflow.testing.stack import StackProcess
 
     _stop_cleanly_on_sigterm()
-    run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
-    # The embedded stack as `cancelflow up` runs it (the test stack's shorter wait would be measured
-    # otherwise), or the wait asked for.
-    fetch_wait_ms = fetch_wait_ms or CommonSettings().fetch_max_wait_ms
-    env = {"CANCELFLOW_FETCH_MAX_WAIT_MS": str(fetch_wait_ms)}
     server = None
-    if pg:
-        import pgserver
+    if running:
+        if pg or fetch_wait_ms:
+            raise typer.BadParameter("--running measures the stack as it runs: no --pg or --fetch-wait-ms")
+        try:
+            stack = StackProcess.attach()
+        except RuntimeError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        if stack.info.get("mail_dir") is None or stack.settings.vendor_api_url or stack.settings.gateway_api_url:
+            raise typer.BadParameter("the running stack uses a real vendor, gateway or mail server: the bench loads "
+                                     "subscriptions into the sandboxes and reads the SMTP sink's mailbox")
+        fetch_wait_ms = stack.settings.fetch_max_wait_ms  # what this environment says the stack runs with
+    else:
+        run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+        # The embedded stack as `cancelflow up` runs it (the test stack's shorter wait would be measured
+        # otherwise), or the wait asked for.
+        fetch_wait_ms = fetch_wait_ms or CommonSettings().fetch_max_wait_ms
+        env = {"CANCELFLOW_FETCH_MAX_WAIT_MS": str(fetch_wait_ms)}
+        if pg:
+            import pgserver
 
-        from cancelflow.settings import SERVICES
+            from cancelflow.settings import SERVICES
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(run_dir / "pg", cleanup_mode="stop")
-        socket_dir = server.get_uri().split("host=", 1)[1]
-        for service, (prefix, _) in SERVICES.items():
-            server.psql(f"CREATE DATABASE bench_{service};")
-            env[f"{prefix}_DATABASE_URL"] = f"postgresql+asyncpg://postgres@/bench_{service}?host={socket_dir}"
-    stack = StackProcess(run_dir, extra_env=env)
-    with console.status(f"starting a stack in {run_dir} ..."):
-        stack.start()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            server = pgserver.get_server(run_dir / "pg", cleanup_mode="stop")
+            socket_dir = server.get_uri().split("host=", 1)[1]
+            for service, (prefix, _) in SERVICES.items():
+                server.psql(f"CREATE DATABASE bench_{service};")
+                env[f"{prefix}_DATABASE_URL"] = f"postgresql+asyncpg://postgres@/bench_{service}?host={socket_dir}"
+        stack = StackProcess(run_dir, extra_env=env)
+        with console.status(f"starting a stack in {run_dir} ..."):
+            stack.start()
     try:
         run = asyncio.run(measure_system(stack, requests, rate, paced, console, instances=instances))
         with console.status(f"bare broker: {requests} messages through the same hops ..."):
             baseline = asyncio.run(measure_baseline(stack.endpoints.bootstrap, requests))
     finally:
-        stack.stop()
+        stack.stop()  # a stack we attached to is left running
         if server is not None:
             server.cleanup()
-    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store="postgresql" if pg else "sqlite",
-                         instances=instances, fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v})
+    store = "sqlite" if all(url.startswith("sqlite") for url in stack.database_urls().values()) else "postgresql"
+    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store=store, instances=instances,
+                         fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v})
     render(result, console)
     if json_out:
         print(json.dumps(result.summary()))

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from cancelflow.settings import CommonSettings
+from cancelflow.stack.embedded import running_stack
+from cancelflow.testing.stack import StackProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -56,6 +58,26 @@ def test_two_instances_of_every_service_finish_the_run_correctly(tmp_path: Path)
     assert figures["fetch_wait_ms"] == 50
     assert figures["instances"] == 2 and figures["correct"] is True and figures["violations"] == {}
     assert {"billing#2", "status_tracker#2"} <= figures["cpu_s"].keys()
+
+
+def test_a_running_stack_is_measured_and_left_running(tmp_path: Path) -> None:
+    """`--running` measures the stack `cancelflow up` runs with this environment instead of starting one."""
+    stack = StackProcess(tmp_path / "stack").start()
+    command = [sys.executable, "-m", "cancelflow", "bench", "--running", "--requests", "12", "--paced", "0", "--json"]
+    try:
+        run = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        figures = json.loads(run.stdout.strip().splitlines()[-1])
+        assert figures["correct"] is True and figures["throughput_per_s"] > 0
+        assert figures["fetch_wait_ms"] == stack.settings.fetch_max_wait_ms  # the running stack's, not ours
+        assert set(figures["rss_mb"]) == {"billing", "provisioning", "payment_gateway", "dispute", "notification",
+                                          "status_tracker", "broker"}
+        assert "stack supervisor" in figures["cpu_s_harness"]
+        assert running_stack(stack.settings) is not None, "the bench stopped a stack it did not start"
+    finally:
+        stack.stop()
+    refused = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "no stack is running" in refused.stderr
 
 
 def _processes_of(run_dir: Path) -> list[int]:

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from cancelflow.ops import Endpoints
 from cancelflow.settings import SERVICES, CommonSettings
@@ -29,11 +30,38 @@ class StackProcess:
         env.update({"CANCELFLOW_DATA_DIR": str(data_dir), "CANCELFLOW_FETCH_MAX_WAIT_MS": "25"})
         env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
         env.update(extra_env or {})
+        self._configure(env)
+        self.log = data_dir / "up.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.attached_pid: int | None = None  # the supervisor of a stack we attached to (`attach`)
+        self.info: dict[str, Any] = {}  # an attached stack's stack.json
+
+    def _configure(self, env: dict[str, str]) -> None:
         self.env = env
         self.settings = CommonSettings(_env_file=None, **{k: v for k, v in env.items()})  # type: ignore[arg-type]
         self.endpoints = Endpoints.from_env(self.settings, env)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = data_dir / "up.log"
+
+    @classmethod
+    def attach(cls, env: dict[str, str] | None = None) -> StackProcess:
+        """The stack `cancelflow up` already runs with this environment (its data dir, ports and
+        settings): used as it is, and left running by `stop`."""
+        stack = cls.__new__(cls)
+        stack._configure(dict(os.environ if env is None else env))
+        info = running_stack(stack.settings)
+        if info is None:
+            raise RuntimeError(f"no stack is running on {stack.settings.data_dir.resolve()}: start one with "
+                               "`cancelflow up` (same environment), or leave out --running")
+        stack.data_dir = Path(info["data_dir"])
+        stack.log = stack.data_dir / "up.log"
+        stack.process = None
+        stack.attached_pid = int(info["pid"])
+        stack.info = info
+        return stack
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        """The `cancelflow up` process: started here, or the one attached to."""
+        return self.process.pid if self.process is not None else self.attached_pid
 
     def start(self, timeout: float = 120) -> StackProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +105,8 @@ class StackProcess:
 
     def service_pid(self, service: str) -> int | None:
         """The pid a service reports on /healthz (None while it is down or restarting)."""
-        prefix, _ = SERVICES[service]
-        url = f"http://127.0.0.1:{self.env[f'{prefix}_HTTP_PORT']}/healthz"
+        prefix, default = SERVICES[service]
+        url = f"http://127.0.0.1:{self.env.get(f'{prefix}_HTTP_PORT', default)}/healthz"
         try:
             with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2) as response:
                 return int(json.loads(response.read())["pid"])
@@ -87,7 +115,7 @@ class StackProcess:
 
     def broker_pid(self) -> int | None:
         """The embedded broker's pid, found by its listener address in /proc."""
-        needle = f"127.0.0.1:{self.env['CANCELFLOW_BROKER_PORT']}".encode()
+        needle = f"127.0.0.1:{self.settings.broker_port}".encode()
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 argv = cmdline.read_bytes()
