@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 from rich.console import Console
 from rich.table import Table
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from cancelflow import invariants, topics
 from cancelflow.events import CancellationApproved, CancellationRequested, envelope_for
@@ -196,15 +197,10 @@ class ChaosRun:
     @staticmethod
     async def _post(client: StackClient, url: str, body: dict[str, Any], *, within: float = 120.0) -> None:
         """A hook call that rides out our own faults: the service may be down for a restart right now."""
-        deadline = time.monotonic() + within
-        while True:
-            try:
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(aiohttp.ClientError),
+                                           stop=stop_after_delay(within), wait=wait_fixed(0.2), reraise=True):
+            with attempt:
                 await client.post_json(url, body)
-                return
-            except aiohttp.ClientError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
 
     async def _poison(self, client: StackClient, n: int) -> None:
         kind = POISONS[(n // self.config.poison_every) % len(POISONS)]
