@@ -142,11 +142,15 @@ class Db:
         self._transaction: object = None  # the session transaction `_connection` belongs to
         self._connection: Any = None
 
+    async def _execute(self, query: Query, params: dict[str, Any]) -> tuple[_Plan, Any]:
+        """On the driver connection (the direct way): the statement's plan and its open cursor."""
+        plan = query.plan(self._dialect, params)
+        driver = await self._driver()
+        return plan, await driver.execute(plan.sql, plan.parameters(params))
+
     async def all(self, query: Query, /, **params: Any) -> list[Row]:
         if self._direct:
-            plan = query.plan(self._dialect, params)
-            driver = await self._driver()
-            cursor = await driver.execute(plan.sql, plan.parameters(params))
+            plan, cursor = await self._execute(query, params)
             try:
                 return [plan.row(values) for values in await cursor.fetchall()]
             finally:
@@ -156,9 +160,7 @@ class Db:
     async def first(self, query: Query, /, **params: Any) -> Row | None:
         """The first row, or None; the rest are not fetched."""
         if self._direct:
-            plan = query.plan(self._dialect, params)
-            driver = await self._driver()
-            cursor = await driver.execute(plan.sql, plan.parameters(params))
+            plan, cursor = await self._execute(query, params)
             try:
                 values = await cursor.fetchone()
             finally:
@@ -174,9 +176,7 @@ class Db:
     async def run(self, query: Query, /, **params: Any) -> int:
         """An insert, update or delete; returns how many rows it touched."""
         if self._direct:
-            plan = query.plan(self._dialect, params)
-            driver = await self._driver()
-            cursor = await driver.execute(plan.sql, plan.parameters(params))
+            _, cursor = await self._execute(query, params)
             touched = int(cursor.rowcount)
             await cursor.close()
             return touched
