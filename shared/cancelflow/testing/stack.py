@@ -33,8 +33,7 @@ class StackProcess:
         self._configure(env)
         self.log = data_dir / "up.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.attached_pid: int | None = None  # the supervisor of a stack we attached to (`attach`)
-        self.info: dict[str, Any] = {}  # an attached stack's stack.json
+        self.info: dict[str, Any] = {}  # an attached stack's stack.json (`attach`)
 
     def _configure(self, env: dict[str, str]) -> None:
         self.env = env
@@ -54,14 +53,15 @@ class StackProcess:
         stack.data_dir = Path(info["data_dir"])
         stack.log = stack.data_dir / "up.log"
         stack.process = None
-        stack.attached_pid = int(info["pid"])
         stack.info = info
         return stack
 
     @property
     def supervisor_pid(self) -> int | None:
         """The `cancelflow up` process: started here, or the one attached to."""
-        return self.process.pid if self.process is not None else self.attached_pid
+        if self.process is not None:
+            return self.process.pid
+        return int(self.info["pid"]) if self.info else None
 
     def start(self, timeout: float = 120) -> StackProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
