@@ -86,18 +86,34 @@ async def test_a_request_without_progress_ends_in_manual_review(services, publis
 
 async def test_the_live_feed_streams_status_records(services, publisher, tmp_path):  # type: ignore[no-untyped-def]
     running = await services.start_service("status_tracker", f"sqlite+aiosqlite:///{tmp_path / 'f.db'}")
+    feed = running.runtime.feed
+    partitions = set(feed._partitions)
+    # Nobody connected: the feed does not read the topic (its partitions are paused).
+    assert not feed.following and running.runtime.feed._consumer.paused() == partitions
+
+    async def stream(rid: uuid.UUID, sub: str) -> dict:
+        async with aiohttp.ClientSession() as http, http.get(f"{running.http_url}/events") as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            await response.content.readuntil(b"\n\n")  # connected
+            assert feed.following and not feed._consumer.paused()
+            await publisher.publish(received(rid, sub))
+
+            async def next_status() -> dict:
+                while True:
+                    block = (await response.content.readuntil(b"\n\n")).decode()
+                    fields = dict(line.split(": ", 1) for line in block.strip().splitlines() if ": " in line)
+                    if fields.get("event") == "status" and orjson.loads(fields["data"])["request_id"] == str(rid):
+                        return orjson.loads(fields["data"])
+
+            return await asyncio.wait_for(next_status(), 30)
+
     rid, sub = uuid.uuid4(), f"sub-{uuid.uuid4().hex[:8]}"
-    async with aiohttp.ClientSession() as http, http.get(f"{running.http_url}/events") as response:
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        await response.content.readuntil(b"\n\n")  # connected
-        await publisher.publish(received(rid, sub))
-
-        async def next_status() -> dict:
-            while True:
-                block = (await response.content.readuntil(b"\n\n")).decode()
-                fields = dict(line.split(": ", 1) for line in block.strip().splitlines() if ": " in line)
-                if fields.get("event") == "status" and orjson.loads(fields["data"])["request_id"] == str(rid):
-                    return orjson.loads(fields["data"])
-
-        event = await asyncio.wait_for(next_status(), 30)
+    event = await stream(rid, sub)
+    assert event["request_id"] == str(rid) and event["state"] == "received" and event["version"] == 1
+    await publisher.publish(received(uuid.uuid4(), f"sub-{uuid.uuid4().hex[:8]}"))  # a status record for no one
+    await asyncio.wait_for(feed.idle.wait(), 30)  # the server notices the closed stream at that write
+    assert feed._consumer.paused() == partitions
+    # The next dashboard is moved to the topic's end and gets what happens from then on.
+    rid, sub = uuid.uuid4(), f"sub-{uuid.uuid4().hex[:8]}"
+    event = await stream(rid, sub)
     assert event["request_id"] == str(rid) and event["state"] == "received" and event["version"] == 1

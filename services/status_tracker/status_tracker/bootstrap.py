@@ -24,7 +24,7 @@ def build() -> ServiceRuntime:
     runtime.add_route(Route(topics.SAGA, handlers.routes(), dead_letter=True, batch=True))  # type: ignore[arg-type]
     runtime.stuck = StuckTimer(read_model, runtime.new_uow, lambda: runtime.consumer,  # type: ignore[attr-defined]
                                after_s=settings.stuck_after_s)
-    feed = StatusFeed(settings)
+    feed = runtime.feed = StatusFeed(settings)  # type: ignore[attr-defined]
     runtime.on_start.append(feed.start)
     runtime.on_stop.append(feed.stop)
     runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]

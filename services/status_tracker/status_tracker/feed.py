@@ -1,6 +1,11 @@
 """The live feed behind GET /events: `cancellations.status` followed from its end, fanned out to every
 connected dashboard. It reads the topic rather than hearing the agent, so any replica streams every
-request's changes, whichever replica folded them."""
+request's changes, whichever replica folded them.
+
+It reads only while a dashboard is connected. Following the topic with nobody listening cost a
+consumer's fetches (every status record decoded and dropped) on the tracker and on the broker; with
+the last dashboard gone the partitions are paused, and the next dashboard's subscription moves them
+to the topic's end before it is told it is connected, so it misses nothing from then on."""
 
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ class StatusFeed:
         self._settings = settings
         self._consumer: AIOKafkaConsumer | None = None
         self._subscribers: set[Subscriber] = set()
+        self._partitions: list[TopicPartition] = []
+        self._paused = False
+        self.idle = asyncio.Event()  # set while paused (no dashboard connected)
+        self._resuming = asyncio.Lock()
 
     async def start(self) -> None:
         settings = self._settings
@@ -38,10 +47,21 @@ class StatusFeed:
             **client_security(settings))
         await self._consumer.start()
         await self._consumer.topics()
-        partitions = [TopicPartition(topics.STATUS, p)
-                      for p in sorted(self._consumer.partitions_for_topic(topics.STATUS) or ())]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_end(*partitions)
+        self._partitions = [TopicPartition(topics.STATUS, p)
+                            for p in sorted(self._consumer.partitions_for_topic(topics.STATUS) or ())]
+        self._consumer.assign(self._partitions)
+        self._pause()  # until a dashboard connects
+
+    @property
+    def following(self) -> bool:
+        """Reading the topic (a dashboard is connected)."""
+        return not self._paused
+
+    def _pause(self) -> None:
+        assert self._consumer is not None
+        self._consumer.pause(*self._partitions)
+        self._paused = True
+        self.idle.set()
 
     async def run(self) -> None:
         assert self._consumer is not None
@@ -65,18 +85,33 @@ class StatusFeed:
                 self._drop(queue)
 
     def _drop(self, queue: Subscriber) -> None:
-        self._subscribers.discard(queue)
+        self.unsubscribe(queue)
         while not queue.empty():  # make room for the end marker
             queue.get_nowait()
         queue.put_nowait(None)
 
-    def subscribe(self) -> Subscriber:
+    async def subscribe(self) -> Subscriber:
+        """A queue of every status record from now on (the feed moves to the topic's end first if it
+        was paused)."""
         queue: Subscriber = asyncio.Queue(self.QUEUE_SIZE)
-        self._subscribers.add(queue)
+        self._subscribers.add(queue)  # first: a dashboard leaving meanwhile does not pause the feed
+        try:
+            async with self._resuming:
+                if self._paused and self._consumer is not None:
+                    # Paused partitions still take the seek; resuming after it, nothing older is read.
+                    await self._consumer.seek_to_end(*self._partitions)
+                    self._consumer.resume(*self._partitions)
+                    self._paused = False
+                    self.idle.clear()
+        except BaseException:
+            self.unsubscribe(queue)
+            raise
         return queue
 
     def unsubscribe(self, queue: Subscriber) -> None:
         self._subscribers.discard(queue)
+        if not self._subscribers and not self._paused and self._consumer is not None:
+            self._pause()
 
     async def ping(self) -> None:
         """A metadata round trip to the broker (for /readyz)."""

@@ -81,7 +81,7 @@ class _Api:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        queue = self._feed.subscribe()
+        queue = await self._feed.subscribe()
         try:
             await response.write(b"retry: 2000\n: connected\n\n")
             while True:
