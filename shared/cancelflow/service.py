@@ -86,9 +86,10 @@ class ServiceRuntime:
         self.metadata = metadata
         self.tables = tables
         self.engine = db.make_engine(settings.database_url())
-        self.sessions = db.session_factory(self.engine)
+        self.sessions = db.session_factory(self.engine)  # HTTP views, maintenance
+        self.transactions = db.transactions(self.engine)  # units of work and the relay (cancelflow.db)
         self.producer = make_producer(settings, client_id=f"cancelflow-{name}")
-        self.relay = OutboxRelay(self.sessions, tables, self.producer,
+        self.relay = OutboxRelay(self.transactions, tables, self.producer,
                                  round_lock=db.relay_round_lock(settings.database_url(), self.engine))
         self.routes: list[Route] = []
         self.http = web.Application()
@@ -111,7 +112,7 @@ class ServiceRuntime:
         })
 
     def new_uow(self, message: Message | None = None) -> UnitOfWork:
-        return UnitOfWork(self.sessions, self.tables, producer=self.name, message=message,
+        return UnitOfWork(self.transactions, self.tables, producer=self.name, message=message,
                           on_commit=self._committed, write_lock=self._write_lock)
 
     def wake_on(self, written: str, callback: Callable[[], None]) -> None:

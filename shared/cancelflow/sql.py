@@ -11,18 +11,20 @@ named `bindparam`s), and `Db` runs it:
   through SQLAlchemy (dates, decimals, booleans, JSON);
 - elsewhere (PostgreSQL), through SQLAlchemy, which still saves the building and the cache key.
 
-The transaction stays SQLAlchemy's: `Db` asks the session for its connection (which begins the
-transaction, BEGIN IMMEDIATE on SQLite) and commits nothing itself.
+`Db` commits nothing itself. It runs in a session's transaction (it asks the session for its
+connection, which begins the transaction) or, for units of work and relays on SQLite, in a
+`cancelflow.db.DriverTransaction`: the same statements on a driver connection with no session
+around them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Executable, text
+from sqlalchemy import Executable, bindparam, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -108,6 +110,36 @@ class Query:
         return f"Query({self.construct})"
 
 
+class Among:
+    """A statement with an IN list, which a `Query` cannot hold: `Among(lambda ids: select(t).where(
+    t.c.id.in_(ids)))`, run with `Db.among`. A statement is built for each power of two up to `most`
+    (a list is padded by repeating its last value, and longer lists go in chunks), so a handful are
+    ever built and each is compiled once, like any `Query`."""
+
+    __slots__ = ("_build", "most", "_names", "_queries")
+
+    def __init__(self, build: Callable[[list[Any]], Executable], *, most: int = 256) -> None:
+        self._build = build
+        self.most = most
+        self._names = tuple(f"among_{i}" for i in range(most))
+        self._queries: dict[int, Query] = {}
+
+    def query(self, size: int) -> Query:
+        """The statement for `size` values (a power of two up to `most`)."""
+        if size < 1 or size > self.most or size & (size - 1):
+            raise ValueError(f"not a power of two up to {self.most}: {size}")
+        if size not in self._queries:
+            self._queries[size] = Query(self._build([bindparam(name) for name in self._names[:size]]))
+        return self._queries[size]
+
+    def chunks(self, values: Sequence[Any]) -> Iterator[tuple[Query, dict[str, Any]]]:
+        """Each statement to run for `values`, with its parameters."""
+        for start in range(0, len(values), self.most):
+            chunk = values[start:start + self.most]
+            size = 1 << (len(chunk) - 1).bit_length()
+            yield self.query(size), {name: chunk[min(i, len(chunk) - 1)] for i, name in enumerate(self._names[:size])}
+
+
 class Savepoint:
     """A named savepoint as three plain statements, run by `Db.savepoint` (or one by one).
 
@@ -126,21 +158,37 @@ class Savepoint:
         self.rollback_to = Query(text(f"ROLLBACK TO SAVEPOINT {name}"))
 
 
+class DriverTransaction(Protocol):
+    """A transaction on a driver connection without a session (`cancelflow.db.DriverTransaction`)."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    async def connection(self) -> Any: ...
+
+
 class Db:
-    """Runs `Query`s in a session's current transaction: `await db.first(SUBSCRIPTION, subscription_id=s)`.
+    """Runs `Query`s in a session's current transaction, or a `DriverTransaction`:
+    `await db.first(SUBSCRIPTION, subscription_id=s)`.
 
     Rows come back as plain dicts on every database."""
 
-    __slots__ = ("session", "_dialect", "_direct", "_transaction", "_connection")
+    __slots__ = ("session", "_dialect", "_direct", "_transaction", "_connection", "_driver_tx")
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession | DriverTransaction) -> None:
         self.session = session
+        self._transaction: object = None  # the session transaction `_connection` belongs to
+        self._connection: Any = None
+        if not isinstance(session, AsyncSession):
+            self._driver_tx: DriverTransaction | None = session
+            self._dialect = session.dialect
+            self._direct = True
+            return
+        self._driver_tx = None
         bind = session.bind
         assert bind is not None, "a Db needs a session bound to an engine"
         self._dialect = bind.dialect
         self._direct = self._dialect.name == "sqlite"
-        self._transaction: object = None  # the session transaction `_connection` belongs to
-        self._connection: Any = None
 
     async def _execute(self, query: Query, params: dict[str, Any]) -> tuple[_Plan, Any]:
         """On the driver connection (the direct way): the statement's plan and its open cursor."""
@@ -195,6 +243,14 @@ class Db:
             return
         await self.session.execute(query.construct, list(rows))
 
+    async def among(self, among: Among, values: Sequence[Any]) -> list[Row]:
+        """The rows of an `Among` statement for `values`. A row matched by two values comes back once
+        per chunk that holds one of them (once, for lists of up to `most` values)."""
+        rows: list[Row] = []
+        for query, params in among.chunks(values):
+            rows.extend(await self.all(query, **params))
+        return rows
+
     @contextlib.asynccontextmanager
     async def savepoint(self, savepoint: Savepoint) -> AsyncIterator[None]:
         """What runs inside is undone, and the exception raised on, if it raises; the transaction
@@ -215,6 +271,9 @@ class Db:
     async def _driver(self) -> Any:
         """The driver connection of the session's transaction, looked up once per transaction (asking
         the session costs two greenlet switches, more than running the statement)."""
+        if self._driver_tx is not None:
+            return await self._driver_tx.connection()
+        assert isinstance(self.session, AsyncSession)
         transaction = self._innermost()
         if transaction is None or transaction is not self._transaction:
             # The session begins its transaction when a statement first asks for the connection (BEGIN
@@ -226,5 +285,6 @@ class Db:
         return self._connection
 
     def _innermost(self) -> object:
+        assert isinstance(self.session, AsyncSession)
         sync = self.session.sync_session
         return sync.get_nested_transaction() or sync.get_transaction()

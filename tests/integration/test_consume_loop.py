@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import MetaData
 
 from cancelflow import topics
-from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.db import create_schema, make_engine, transactions
 from cancelflow.events import CancellationRequested, RequestedBy, envelope_for
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, Message, encode
 from cancelflow.messaging.consumer import ConsumeLoop, Route
@@ -62,7 +62,7 @@ class ScriptedConsumer:
 async def new_uow(tmp_path: Path):  # type: ignore[no-untyped-def]
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/loop.db")
     await create_schema(engine, METADATA)
-    sessions = session_factory(engine)
+    sessions = transactions(engine)
     try:
         yield lambda message=None: UnitOfWork(sessions, MESSAGING, producer="test", message=message)
     finally:

@@ -42,6 +42,7 @@ from cancelflow.messaging.store import messaging_tables
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import CommonSettings, ServiceSettings
+from cancelflow.sql import Query
 from cancelflow.stack.broker import free_port
 from tests.conftest import eventually
 
@@ -55,6 +56,7 @@ EFFECTS = Table(
     Column("request_id", String(64), nullable=False, index=True),
     Column("event_id", String(64), nullable=False),
 )
+ADD_EFFECT = Query(insert(EFFECTS))
 
 
 class TinyService:
@@ -70,7 +72,7 @@ class TinyService:
         self.calls.append(request_id)
         if request.reason == "explode":
             raise RuntimeError("the handler exploded")
-        await uow.session.execute(insert(EFFECTS).values(request_id=request_id, event_id=msg.event_id))
+        await uow.db.run(ADD_EFFECT, request_id=request_id, event_id=msg.event_id)
         if self.mode == "rounds":
             async with uow.outside():  # as if it called the vendor
                 await asyncio.sleep(0)

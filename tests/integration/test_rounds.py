@@ -13,7 +13,7 @@ import orjson
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, insert, select
 
-from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.db import create_schema, make_engine, session_factory, transactions
 from cancelflow.events import CancellationReceived, CancellationRequested, RequestedBy, utcnow
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
@@ -79,6 +79,12 @@ async def sessions(store):  # type: ignore[no-untyped-def]
         await engine.dispose()
 
 
+def units(sessions: Any) -> Any:
+    """What the services' units of work open their transactions with on this store (driver
+    transactions on SQLite), for the engine `sessions` is bound to."""
+    return transactions(sessions.kw["bind"])
+
+
 async def _rounds(sessions: Any, chains: list[Chain], seen: set[str] | None = None) -> int:
     """Run the chains in rounds; the number of commits."""
     commits = 0
@@ -87,7 +93,7 @@ async def _rounds(sessions: Any, chains: list[Chain], seen: set[str] | None = No
         nonlocal commits
         commits += 1
 
-    async with UnitOfWork(sessions, MESSAGING, producer="test", on_commit=committed) as uow:
+    async with UnitOfWork(units(sessions), MESSAGING, producer="test", on_commit=committed) as uow:
         await run_in_rounds(uow, chains, set() if seen is None else seen, lambda _: contextlib.nullcontext())
     return commits
 
@@ -183,13 +189,13 @@ async def test_a_failure_around_a_handler_fails_the_rounds_so_no_record_is_lost(
 async def test_the_inbox_tells_which_of_a_polls_ids_it_holds(sessions, asked) -> None:  # type: ignore[no-untyped-def]
     """One statement per 256 ids, padded to a power of two: the answer is the same for any count."""
     held = [f"evt-{i}" for i in range(0, 600, 2)]
-    async with UnitOfWork(sessions, MESSAGING, producer="test") as uow:
+    async with UnitOfWork(units(sessions), MESSAGING, producer="test") as uow:
         await uow.db.run_many(MESSAGING.add_inbox, [
             {"message_id": m, "topic": "t", "partition": 0, "offset": i, "processed_at": utcnow()}
             for i, m in enumerate(held)])
         await uow.commit()
     ids = [f"evt-{i}" for i in range(asked)] + ["evt-0"]  # a repeated id, as a redelivery within a poll
-    async with UnitOfWork(sessions, MESSAGING, producer="test") as uow:
+    async with UnitOfWork(units(sessions), MESSAGING, producer="test") as uow:
         assert await uow.processed_among(ids) == {m for m in ids if m in set(held)}
         assert await uow.processed_among(["evt-1"]) == set()
 
@@ -204,7 +210,7 @@ async def test_a_commit_tells_what_it_wrote_so_only_those_workers_wake(sessions)
                                     mode=request.mode, requested_by=request.requested_by)
 
     def uow() -> UnitOfWork:
-        return UnitOfWork(sessions, MESSAGING, producer="test", on_commit=heard.append)
+        return UnitOfWork(units(sessions), MESSAGING, producer="test", on_commit=heard.append)
 
     async with uow() as plain:
         await plain.db.run(ADD_EFFECT, request_id="w-1", phase="intent")

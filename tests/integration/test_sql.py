@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 
 from cancelflow.db import create_schema, make_engine, session_factory
-from cancelflow.sql import Db, Query, Savepoint
+from cancelflow.sql import Among, Db, Query, Savepoint
 
 metadata = MetaData()
 serials = itertools.count(1)
@@ -174,3 +174,25 @@ async def test_in_lists_are_refused_on_the_direct_path(store, sessions) -> None:
                 await Db(session).all(among, ids=["a"])
         else:
             assert await Db(session).all(among, ids=["a"]) == []
+
+
+THINGS_AMONG = Among(lambda ids: select(things.c.id).where(things.c.id.in_(ids)), most=8)
+
+
+@pytest.mark.parametrize("asked", [1, 3, 8, 20])
+async def test_an_in_list_runs_as_padded_statements_built_once(sessions, asked) -> None:  # type: ignore[no-untyped-def]
+    """`Among`: a statement per power of two (padded with the last value), lists longer than `most`
+    in chunks; the rows are the same for any count, and each statement is compiled once."""
+    _, new_session = sessions
+    async with new_session() as session, session.begin():
+        await Db(session).run_many(ADD, [{"id": f"t{i}"} for i in range(0, 40, 2)])
+    values = [f"t{i}" for i in range(asked)] + ["t0"]  # a repeated value
+    async with new_session() as session:
+        found = await Db(session).among(THINGS_AMONG, values)
+    ids = [row["id"] for row in found]
+    assert set(ids) == {v for v in values if int(v[1:]) % 2 == 0}
+    if len(values) <= THINGS_AMONG.most:
+        assert len(ids) == len(set(ids))  # one statement: a repeated value matches its row once
+    assert set(THINGS_AMONG._queries) <= {1, 2, 4, 8}
+    with pytest.raises(ValueError, match="power of two"):
+        THINGS_AMONG.query(3)

@@ -1,19 +1,22 @@
 """SQLite transactions (cancelflow.db.InlineSqlite): BEGIN IMMEDIATE runs on the event loop's thread
 when the database is free; the connections of one engine (one process) queue for the write lock among
 themselves; a BEGIN that finds another process (a second instance) holding it waits in aiosqlite's
-thread, not on the loop."""
+thread, not on the loop. Units of work run without a session (`db.DriverTransaction`) and behave as
+one does."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, func, insert, select, text
 
 from cancelflow import db
 from cancelflow.db import BUSY_TIMEOUT_MS, InlineSqlite, create_schema, make_engine, session_factory
+from cancelflow.sql import Db, Query
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,3 +153,91 @@ async def test_a_connection_closed_mid_transaction_frees_the_queue(tmp_path: Pat
             await asyncio.wait_for(session.execute(insert(ROWS).values(id=2)), 5)
     finally:
         await engine.dispose()
+
+
+ADD_ROW = Query(insert(ROWS))
+ROW_IDS = Query(select(ROWS.c.id).order_by(ROWS.c.id))
+
+
+async def _ids(sessions: Any) -> list[int]:
+    async with sessions() as session:
+        return list((await session.execute(select(ROWS.c.id).order_by(ROWS.c.id))).scalars())
+
+
+async def test_driver_transactions_commit_roll_back_and_begin_again_as_a_session_does(tmp_path: Path) -> None:
+    """Units of work and relays on SQLite run without a session (`db.transactions`): the same
+    begin / commit / rollback / close, on connections kept for the next transaction."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/driver.db")
+    await create_schema(engine, METADATA)
+    new_tx, sessions = db.transactions(engine), session_factory(engine)
+    try:
+        async with new_tx() as tx, tx.begin():  # committed at the end of the block
+            await Db(tx).run(ADD_ROW, id=1)
+            first_connection = await tx.connection()
+        with pytest.raises(RuntimeError, match="the platform commit failed"):
+            async with new_tx() as tx, tx.begin():  # rolled back: the block raised
+                await Db(tx).run(ADD_ROW, id=2)
+                raise RuntimeError("the platform commit failed")
+        async with new_tx() as tx:
+            db_ = Db(tx)
+            await tx.begin()
+            with pytest.raises(RuntimeError, match="already open"):
+                await tx.begin()
+            await db_.run(ADD_ROW, id=3)
+            await tx.commit()
+            await db_.run(ADD_ROW, id=4)  # no transaction open: the statement begins one, as a session's does
+            assert (await tx.connection()).in_transaction
+            await tx.rollback()
+            await db_.run(ADD_ROW, id=5)
+            assert await db_.all(ROW_IDS) == [{"id": 1}, {"id": 3}, {"id": 5}]
+        # left open at close: rolled back, and the connection goes back for the next transaction
+        assert await _ids(sessions) == [1, 3]
+        async with new_tx() as tx:
+            assert await tx.connection() is first_connection
+    finally:
+        await engine.dispose()
+
+
+async def test_driver_transactions_queue_with_the_engines_sessions(tmp_path: Path, thread_calls: list[int]) -> None:
+    """A driver transaction and a session of the same engine (the consume loop and an HTTP view) queue
+    for the write lock together: the second begins the moment the first commits, without the thread."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/mixed.db")
+    await create_schema(engine, METADATA)
+    new_tx, sessions = db.transactions(engine), session_factory(engine)
+    try:
+        async with new_tx() as warm, warm.begin():  # both connected beforehand
+            pass
+        async with sessions() as other, other.begin():
+            await other.connection()
+        thread_calls.clear()
+        async with new_tx() as holder:
+            await Db(holder).run(ADD_ROW, id=1)  # begins: holds the write lock
+
+            async def waiter() -> int:
+                async with sessions() as session, session.begin():
+                    await session.execute(insert(ROWS).values(id=2))
+                    return (await session.execute(select(func.count()).select_from(ROWS))).scalar_one()
+
+            queued = asyncio.create_task(waiter())
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(queued), 0.3)
+            await holder.commit()
+            assert await asyncio.wait_for(queued, 10) == 2  # it began after the holder committed
+        assert thread_calls == []
+    finally:
+        await engine.dispose()
+
+
+async def test_disposing_the_engine_closes_its_driver_connections(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/disposed.db")
+    await create_schema(engine, METADATA)
+    new_tx = db.transactions(engine)
+    async with new_tx() as tx, tx.begin():
+        await Db(tx).run(ADD_ROW, id=1)
+        connection = await tx.connection()
+    await engine.dispose()
+    connection._thread.join(5)
+    assert not connection._thread.is_alive()  # the thread closed the connection and ended
+    with pytest.raises(RuntimeError, match="disposed"):
+        async with new_tx() as tx:
+            await tx.begin()

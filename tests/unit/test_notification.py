@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.db import create_schema, make_engine, transactions
 from cancelflow.events import (
     CancellationReceived,
     Failed,
@@ -62,7 +62,7 @@ class World:
         }
 
     def new_uow(self) -> UnitOfWork:
-        return UnitOfWork(session_factory(self.engine), orm.messaging, producer="notification")
+        return UnitOfWork(transactions(self.engine), orm.messaging, producer="notification")
 
     def new_sender(self, **kwargs: Any) -> EmailSender:
         """A sender as a (re)started process has it: same database, same mailer."""

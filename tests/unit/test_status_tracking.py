@@ -256,7 +256,7 @@ async def test_the_stuck_timer_flags_only_quiet_requests_of_partitions_read_to_t
     await handle(tracker_db, orm, handler, other)
 
     def new_uow() -> UnitOfWork:
-        return UnitOfWork(db.session_factory(tracker_db), orm.messaging, producer="status_tracker")
+        return UnitOfWork(db.transactions(tracker_db), orm.messaging, producer="status_tracker")
 
     timer = StuckTimer(read_model, new_uow, lambda: None, after_s=60)
     timer.caught_up_partitions = lambda: _partitions({0})  # type: ignore[method-assign]

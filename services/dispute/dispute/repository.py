@@ -9,11 +9,12 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 
 from cancelflow.events import utcnow
-from cancelflow.sql import Db, Query
+from cancelflow.sql import Among, Db, Query
 from dispute import orm
 from dispute.domain import Charge
 
 # The statements of every event, built once (cancelflow.sql).
+CHARGES_AMONG = Among(lambda ids: select(orm.charges).where(orm.charges.c.charge_id.in_(ids)))
 ACCOUNT_CHARGES = Query(select(orm.charges).where(orm.charges.c.account_id == bindparam("account_id")))
 CASE = Query(select(orm.disputes).where(orm.disputes.c.request_id == bindparam("request_id")))
 ADD_CASE = Query(insert(orm.disputes))
@@ -47,10 +48,7 @@ class DisputeRepository:
     async def charges(self, charge_ids: list[str]) -> dict[str, Charge]:
         if not charge_ids:
             return {}
-        # An IN list: the session's (a Query refuses them on SQLite), one statement for the request.
-        rows = (await self.db.session.execute(select(orm.charges).where(
-            orm.charges.c.charge_id.in_(charge_ids)))).mappings()
-        return {r["charge_id"]: _charge(r) for r in rows}
+        return {r["charge_id"]: _charge(r) for r in await self.db.among(CHARGES_AMONG, charge_ids)}
 
     async def account_charges(self, account_id: str) -> list[Charge]:
         return [_charge(r) for r in await self.db.all(ACCOUNT_CHARGES, account_id=account_id)]

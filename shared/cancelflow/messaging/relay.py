@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cancelflow import metrics
 from cancelflow.logging import get_logger
@@ -39,7 +39,7 @@ async def no_lock() -> AsyncIterator[bool]:
 
 
 class OutboxRelay:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables,
+    def __init__(self, sessions: Callable[[], Any], tables: MessagingTables,
                  producer: AIOKafkaProducer, *, batch_size: int = 500, idle_poll_s: float = 0.5,
                  round_lock: RoundLock = no_lock, busy_retry_s: float = 0.02) -> None:
         self._sessions = sessions

@@ -89,10 +89,6 @@ class RoundStep:
         self._emitted_mark = 0
 
     @property
-    def session(self) -> Any:
-        return self._uow.session
-
-    @property
     def db(self) -> Any:
         return self._uow.db
 

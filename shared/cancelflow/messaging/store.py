@@ -26,10 +26,7 @@ from sqlalchemy import (
     select,
 )
 
-from cancelflow.sql import Query
-
-AMONG_MAX = 256
-AMONG_NAMES = tuple(f"m{i}" for i in range(AMONG_MAX))
+from cancelflow.sql import Among, Query
 
 
 @dataclass(frozen=True)
@@ -46,19 +43,10 @@ class MessagingTables:
     def inbox_has(self) -> Query:
         return Query(select(self.inbox.c.message_id).where(self.inbox.c.message_id == bindparam("message_id")))
 
-    def inbox_among(self, size: int) -> Query:
-        """Which of `size` message ids (parameters `m0`, `m1`, ...) the inbox holds. Sizes are powers of
-        two up to `AMONG_MAX` (callers pad with a repeated id), so only a few statements are ever built."""
-        if size not in self._among:
-            if size < 1 or size > AMONG_MAX or size & (size - 1):
-                raise ValueError(f"not a power of two up to {AMONG_MAX}: {size}")
-            ids = [bindparam(name) for name in AMONG_NAMES[:size]]
-            self._among[size] = Query(select(self.inbox.c.message_id).where(self.inbox.c.message_id.in_(ids)))
-        return self._among[size]
-
     @cached_property
-    def _among(self) -> dict[int, Query]:
-        return {}
+    def inbox_among(self) -> Among:
+        """Which of a list of message ids the inbox holds (one statement per poll)."""
+        return Among(lambda ids: select(self.inbox.c.message_id).where(self.inbox.c.message_id.in_(ids)))
 
     @cached_property
     def add_outbox(self) -> Query:

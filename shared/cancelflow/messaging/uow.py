@@ -1,4 +1,7 @@
-"""The unit of work a handler runs in: one session, one transaction, the outbox and the inbox."""
+"""The unit of work a handler runs in: one transaction, the outbox and the inbox.
+
+The transaction is a session's, or on SQLite a `cancelflow.db.DriverTransaction` (`db.transactions`):
+both begin, commit, roll back and close the same way, and `Db` runs the statements in either."""
 
 from __future__ import annotations
 
@@ -7,13 +10,15 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import Envelope, Payload, envelope_for, utcnow
 from cancelflow.messaging.codec import Message, encode
-from cancelflow.messaging.store import AMONG_MAX, AMONG_NAMES, MessagingTables
+from cancelflow.messaging.store import MessagingTables
 from cancelflow.sql import Db
+
+# What a unit of work opens its transaction with: `cancelflow.db.transactions(engine)` (a session
+# factory, or driver transactions on SQLite). Typed loosely: both have begin/commit/rollback/close.
+Transactions = Callable[[], Any]
 
 OUTBOX = "outbox"  # what a unit of work wrote, for `on_commit`: outbox rows (the relay's wake-up)
 
@@ -25,7 +30,7 @@ class UnitOfWork:
     `checkpoint()` it, so a crash after the call is found and resolved on redelivery.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], tables: MessagingTables, *,
+    def __init__(self, sessions: Transactions, tables: MessagingTables, *,
                  producer: str, message: Message | None = None,
                  on_commit: Callable[[frozenset[str]], None] | None = None, write_lock: asyncio.Lock | None = None) -> None:
         self._sessions = sessions
@@ -35,8 +40,8 @@ class UnitOfWork:
         self._on_commit = on_commit
         self.emitted: list[Envelope] = []
         self._outbox_rows: list[dict[str, Any]] = []
-        self.session: AsyncSession
-        self.db: Db  # the session's statements, the fast way (cancelflow.sql)
+        self.session: Any  # the transaction: a session, or a DriverTransaction (SQLite)
+        self.db: Db  # the transaction's statements, the fast way (cancelflow.sql)
         # SQLite has one writer: concurrent units of work queue here instead of in SQLite's sleeping
         # busy handler. Held until the first commit or checkpoint; what follows a checkpoint (after a
         # vendor/gateway/SMTP call) is short and relies on SQLite's own lock.
@@ -116,14 +121,8 @@ class UnitOfWork:
     # --- a batch of records in one transaction ------------------------------------------------------
 
     async def processed_among(self, message_ids: list[str]) -> set[str]:
-        """Which of these ids the inbox already holds: one query for a batch of up to `AMONG_MAX`."""
-        found: set[str] = set()
-        for start in range(0, len(message_ids), AMONG_MAX):
-            chunk = message_ids[start:start + AMONG_MAX]
-            size = 1 << (len(chunk) - 1).bit_length()  # padded to a power of two with the last id
-            params = {name: chunk[min(i, len(chunk) - 1)] for i, name in enumerate(AMONG_NAMES[:size])}
-            found.update(row["message_id"] for row in await self.db.all(self._tables.inbox_among(size), **params))
-        return found
+        """Which of these ids the inbox already holds: one query for a poll's batch."""
+        return {row["message_id"] for row in await self.db.among(self._tables.inbox_among, message_ids)}
 
     def begin_step(self, message: Message) -> None:
         """Handle `message` inside the batch's transaction (what it emits joins the batch's outbox rows)."""

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cancelflow.db import session_factory
+from cancelflow.db import transactions
 from cancelflow.events import Payload, envelope_for
 from cancelflow.messaging.codec import Message, decode, encode
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
@@ -28,7 +28,7 @@ async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Me
                  on_commit: Callable[[frozenset[str]], None] | None = None) -> bool:
     """What the consume loop does: skip a processed event id, else handle and commit. True when handled.
     `on_commit` hears what the commit wrote, as the service's wake-ups do."""
-    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test", message=msg,
+    async with UnitOfWork(transactions(engine), orm.messaging, producer="test", message=msg,
                           on_commit=on_commit) as uow:
         if await uow.already_processed(msg.event_id):
             return False
@@ -41,7 +41,7 @@ async def handle_in_rounds(engine: AsyncEngine, orm: ModuleType, handler: Handle
     """What the consume loop does on a route handled in rounds (messaging/rounds.py), for one record:
     True when handled; the handler's exception is raised, as `handle` does."""
     chain = Chain([Step(0, msg, handler)])
-    async with UnitOfWork(session_factory(engine), orm.messaging, producer="test") as uow:
+    async with UnitOfWork(transactions(engine), orm.messaging, producer="test") as uow:
         seen = await uow.processed_among([msg.event_id])
         if seen:
             return False
