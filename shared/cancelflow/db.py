@@ -235,6 +235,12 @@ class DriverConnections:
     def transaction(self) -> DriverTransaction:
         return DriverTransaction(self)
 
+    def reads(self) -> DriverTransaction:
+        """For reads only: each statement runs on its own, outside a transaction (WAL: a consistent
+        snapshot per statement, and no wait for the write lock, which a writer of this process may
+        hold for a whole poll's batch)."""
+        return DriverTransaction(self, reads_only=True)
+
     async def acquire(self) -> InlineSqlite:
         if self._closed:
             raise RuntimeError("the engine was disposed")
@@ -268,18 +274,23 @@ class DriverTransaction:
     or `async with`), `commit()`, `rollback()`, `close()`, and `connection()` for `cancelflow.sql.Db`,
     which begins the transaction when none is open, as a session does after a commit."""
 
-    __slots__ = ("_pool", "_connection", "_open")
+    __slots__ = ("_pool", "_connection", "_open", "_reads_only")
 
-    def __init__(self, pool: DriverConnections) -> None:
+    def __init__(self, pool: DriverConnections, *, reads_only: bool = False) -> None:
         self._pool = pool
         self._connection: InlineSqlite | None = None
         self._open = False
+        self._reads_only = reads_only
 
     @property
     def dialect(self) -> Dialect:
         return self._pool.dialect
 
     async def connection(self) -> InlineSqlite:
+        if self._reads_only:
+            if self._connection is None:
+                self._connection = await self._pool.acquire()
+            return self._connection
         if not self._open:
             await self._begin()
         assert self._connection is not None
@@ -289,6 +300,8 @@ class DriverTransaction:
         return _Begin(self)
 
     async def _begin(self) -> None:
+        if self._reads_only:
+            raise RuntimeError("reads only: no transaction to begin")
         if self._open:
             raise RuntimeError("a transaction is already open")
         if self._connection is None:
@@ -350,6 +363,13 @@ def transactions(engine: AsyncEngine) -> Callable[[], AsyncSession | DriverTrans
     engine made by `make_engine`, sessions otherwise."""
     direct = _DIRECT.get(engine)
     return direct.transaction if direct is not None else session_factory(engine)
+
+
+def reads(engine: AsyncEngine) -> Callable[[], AsyncSession | DriverTransaction]:
+    """For a read that needs no transaction around it (the relay's look at the outbox): statements
+    on their own on SQLite (`DriverConnections.reads`), a session otherwise."""
+    direct = _DIRECT.get(engine)
+    return direct.reads if direct is not None else session_factory(engine)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -89,7 +89,7 @@ class ServiceRuntime:
         self.sessions = db.session_factory(self.engine)  # HTTP views, maintenance
         self.transactions = db.transactions(self.engine)  # units of work and the relay (cancelflow.db)
         self.producer = make_producer(settings, client_id=f"cancelflow-{name}")
-        self.relay = OutboxRelay(self.transactions, tables, self.producer,
+        self.relay = OutboxRelay(self.transactions, tables, self.producer, reads=db.reads(self.engine),
                                  round_lock=db.relay_round_lock(settings.database_url(), self.engine))
         self.routes: list[Route] = []
         self.http = web.Application()

@@ -64,8 +64,8 @@ async def test_a_row_inserted_after_another_relay_emptied_the_table_survives(sto
         await db.create_schema(engine, metadata)
         sessions = db.session_factory(engine)
         slow, fast = FakeProducer(hold=True), FakeProducer()
-        relay_a = OutboxRelay(db.transactions(engine), tables, slow)  # type: ignore[arg-type]
-        relay_b = OutboxRelay(db.transactions(engine), tables, fast)  # type: ignore[arg-type]
+        relay_a = OutboxRelay(db.transactions(engine), tables, slow, reads=db.reads(engine))  # type: ignore[arg-type]
+        relay_b = OutboxRelay(db.transactions(engine), tables, fast, reads=db.reads(engine))  # type: ignore[arg-type]
 
         await add(sessions, tables.outbox, b"X")
         a_round = asyncio.create_task(relay_a.publish_pending())
@@ -118,9 +118,9 @@ async def test_relays_of_one_outbox_take_turns_and_publish_each_row_once(store: 
         await db.create_schema(engines[0], metadata)
         sessions = [db.session_factory(e) for e in engines]
         slow, fast = FakeProducer(hold=True), FakeProducer()
-        relay_a = OutboxRelay(db.transactions(engines[0]), tables, slow,  # type: ignore[arg-type]
+        relay_a = OutboxRelay(db.transactions(engines[0]), tables, slow, reads=db.reads(engines[0]),  # type: ignore[arg-type]
                               round_lock=db.relay_round_lock(url, engines[0]))
-        relay_b = OutboxRelay(db.transactions(engines[1]), tables, fast,  # type: ignore[arg-type]
+        relay_b = OutboxRelay(db.transactions(engines[1]), tables, fast, reads=db.reads(engines[1]),  # type: ignore[arg-type]
                               round_lock=db.relay_round_lock(url, engines[1]))
 
         await add(sessions[0], tables.outbox, b"X")

@@ -241,3 +241,29 @@ async def test_disposing_the_engine_closes_its_driver_connections(tmp_path: Path
     with pytest.raises(RuntimeError, match="disposed"):
         async with new_tx() as tx:
             await tx.begin()
+
+
+async def test_a_read_outside_a_transaction_does_not_wait_for_the_writer(tmp_path: Path, thread_calls: list[int]) -> None:
+    """`db.reads` (the relay's look at the outbox): each statement on its own, so it sees what is
+    committed and does not queue behind a writer of the process holding the write lock."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/reads.db")
+    await create_schema(engine, METADATA)
+    new_tx, new_reads = db.transactions(engine), db.reads(engine)
+    try:
+        async with new_tx() as tx, tx.begin():
+            await Db(tx).run(ADD_ROW, id=1)
+        async with new_reads() as warm:  # connected beforehand
+            await Db(warm).all(ROW_IDS)
+        thread_calls.clear()
+        async with new_tx() as holder:
+            await Db(holder).run(ADD_ROW, id=2)  # holds the write lock, not committed
+            async with new_reads() as reads:
+                assert await asyncio.wait_for(Db(reads).all(ROW_IDS), 1) == [{"id": 1}]
+                with pytest.raises(RuntimeError, match="reads only"):
+                    await reads.begin()
+            await holder.commit()
+        async with new_reads() as reads:
+            assert await Db(reads).all(ROW_IDS) == [{"id": 1}, {"id": 2}]
+        assert thread_calls == []
+    finally:
+        await engine.dispose()

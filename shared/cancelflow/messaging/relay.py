@@ -41,8 +41,12 @@ async def no_lock() -> AsyncIterator[bool]:
 class OutboxRelay:
     def __init__(self, sessions: Callable[[], Any], tables: MessagingTables,
                  producer: AIOKafkaProducer, *, batch_size: int = 500, idle_poll_s: float = 0.5,
-                 round_lock: RoundLock = no_lock, busy_retry_s: float = 0.02) -> None:
+                 round_lock: RoundLock = no_lock, busy_retry_s: float = 0.02,
+                 reads: Callable[[], Any] | None = None) -> None:
         self._sessions = sessions
+        # The look at the outbox needs no transaction (`db.reads`: on SQLite it then does not wait for
+        # the write lock, which the consume loop holds for a poll's batch).
+        self._reads = reads or sessions
         self._round_lock = round_lock
         self._busy_retry_s = busy_retry_s
         self._tables = tables
@@ -83,7 +87,7 @@ class OutboxRelay:
             return await self._round()
 
     async def _round(self) -> int:
-        async with self._sessions() as session:
+        async with self._reads() as session:
             rows = await Db(session).all(self._tables.outbox_head, size=self._batch_size)
         if not rows:
             metrics.OUTBOX_BACKLOG.set(0)
