@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar, Token
+from typing import Any
 
 import structlog
 
@@ -19,12 +21,44 @@ def _scrub(_logger: object, _method: str, event_dict: dict) -> dict:
     return event_dict
 
 
+_RECORD: ContextVar[dict[str, Any] | None] = ContextVar("cancelflow_record_context", default=None)
+
+
+class record_context:  # noqa: N801 (used like structlog's bound_contextvars)
+    """`with record_context(request_id=..., ...):` every line logged inside carries these keys (unless
+    the line or structlog's own context names them). One context variable for the lot: structlog's
+    `bound_contextvars` sets one per key and cost about 10 microseconds for each record a consume
+    loop handles, against a fraction of one."""
+
+    __slots__ = ("_values", "_token")
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+        self._token: Token[dict[str, Any] | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _RECORD.set(self._values)
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._token is not None
+        _RECORD.reset(self._token)
+
+
+def _merge_record_context(_logger: object, _method: str, event_dict: dict) -> dict:
+    values = _RECORD.get()
+    if values:
+        for key, value in values.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
 def configure(service: str, *, level: str = "INFO", json: bool = False) -> None:
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     # The same steps for our lines and for the libraries' (aiokafka, aiohttp, ...): the request context,
     # level, time, the traceback as text, and masking last, so nothing printed escapes it.
     shared = [
         structlog.contextvars.merge_contextvars,
+        _merge_record_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

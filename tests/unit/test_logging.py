@@ -92,6 +92,21 @@ def test_library_lines_carry_the_request_context(json_logs: Any) -> None:
     assert (line["request_id"], line["correlation_id"], line["service"]) == ("r-1", "r-1", "billing")
 
 
+def test_a_records_context_names_its_lines_and_yields_to_what_a_line_says(json_logs: Any) -> None:
+    log = cf_logging.get_logger("t")
+    with cf_logging.record_context(request_id="r-1", event_type="RefundIssued"):
+        log.info("plain")
+        log.info("explicit", request_id="r-2")
+        with structlog.contextvars.bound_contextvars(event_type="bound"):
+            logging.getLogger("aiohttp").warning("library line")
+    log.info("after")
+    plain, explicit, library, after = json_logs()
+    assert (plain["request_id"], plain["event_type"]) == ("r-1", "RefundIssued")
+    assert explicit["request_id"] == "r-2"
+    assert (library["request_id"], library["event_type"]) == ("r-1", "bound")
+    assert "request_id" not in after and "event_type" not in after
+
+
 class _FakeUow:
     async def __aenter__(self) -> _FakeUow:
         return self

@@ -19,7 +19,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from cancelflow import metrics, topics
 from cancelflow.events import Failed, Source, ValidationCode
-from cancelflow.logging import get_logger
+from cancelflow.logging import get_logger, record_context
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, BadRecord, Message, decode
 from cancelflow.messaging.deadletter import (
     MAX_HANDLER_ATTEMPTS,
@@ -345,7 +345,7 @@ def _log_context(message: Message) -> contextlib.AbstractContextManager[object]:
     For requests and saga events request_id is the envelope's correlation_id (CONTRACT section 1);
     upstream facts (subscriptions, charges) belong to no request."""
     request_id = getattr(message.payload, "request_id", None)
-    return structlog.contextvars.bound_contextvars(
+    return record_context(
         event_type=message.event_type, event_id=message.event_id,
         correlation_id=message.envelope.correlation_id,
         request_id=str(request_id) if request_id is not None else None,
