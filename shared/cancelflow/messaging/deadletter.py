@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,7 +29,9 @@ class TransientError(Exception):
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientError | OperationalError | KafkaError | ConnectionError):
+    # sqlite3's own OperationalError (locked, busy, disk I/O, disk full): units of work on SQLite run
+    # on the driver without SQLAlchemy, which would have wrapped it in its OperationalError.
+    if isinstance(exc, TransientError | OperationalError | sqlite3.OperationalError | KafkaError | ConnectionError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
