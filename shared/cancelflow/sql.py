@@ -5,14 +5,16 @@ through SQLAlchemy's execution on every call cost about 150 microseconds, more t
 service's CPU, against about 4 for SQLite to run it. So a `Query` is built once (at import, with
 named `bindparam`s), and `Db` runs it:
 
-- on SQLite (the embedded default), straight on the driver connection of the unit of work's
-  transaction, with the SQL, parameter order and type conversions SQLAlchemy compiled for it the
-  first time: its own bind and result processors, so values go in and come back exactly as they do
-  through SQLAlchemy (dates, decimals, booleans, JSON);
-- elsewhere (PostgreSQL), through SQLAlchemy, which still saves the building and the cache key.
+- on the driver connection (SQLite always; PostgreSQL in units of work and relays), with the SQL,
+  parameter order and type conversions SQLAlchemy compiled for it the first time: its own bind and
+  result processors, so values go in and come back exactly as they do through SQLAlchemy (dates,
+  decimals, booleans, JSON). On PostgreSQL the result conversions depend on the column types the
+  server reports, so they are chosen when the statement is first prepared;
+- in a PostgreSQL session (HTTP views), through SQLAlchemy, which still saves the building and the
+  cache key.
 
 `Db` commits nothing itself. It runs in a session's transaction (it asks the session for its
-connection, which begins the transaction) or, for units of work and relays on SQLite, in a
+connection, which begins the transaction) or, for units of work and relays, in a
 `cancelflow.db.DriverTransaction`: the same statements on a driver connection with no session
 around them.
 """
@@ -20,6 +22,7 @@ around them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,7 +45,10 @@ class _Plan:
     fixed: dict[str, Any]  # values the statement carries (literals, scalar column defaults)
     computed: dict[str, Callable[[], Any]]  # column defaults computed per row (callables)
     keys: tuple[str, ...]  # result columns
-    results: tuple[Callable[[Any], Any] | None, ...]  # the result processor of each column
+    # The result processor of each column; None until the column types are known, for a dialect whose
+    # conversions depend on the types the server reports (asyncpg: numeric or float, by type oid).
+    results: tuple[Callable[[Any], Any] | None, ...] | None
+    types: tuple[Any, ...]  # the SQLAlchemy type of each result column
 
     @classmethod
     def compile(cls, construct: Executable, dialect: Dialect, names: Iterable[str]) -> _Plan:
@@ -69,8 +75,9 @@ class _Plan:
             fixed=fixed,
             computed=computed,
             keys=tuple(entry.keyname for entry in compiled._result_columns),
-            results=tuple(entry.type._cached_result_processor(dialect, None)
-                          for entry in compiled._result_columns),
+            results=(tuple(entry.type._cached_result_processor(dialect, None) for entry in compiled._result_columns)
+                     if dialect.name == "sqlite" else None if compiled._result_columns else ()),
+            types=tuple(entry.type for entry in compiled._result_columns),
         )
 
     def parameters(self, given: Mapping[str, Any]) -> list[Any]:
@@ -86,6 +93,7 @@ class _Plan:
         return values
 
     def row(self, values: Sequence[Any]) -> Row:
+        assert self.results is not None
         return {key: value if convert is None else convert(value)
                 for key, convert, value in zip(self.keys, self.results, values, strict=True)}
 
@@ -105,6 +113,17 @@ class Query:
         if plan is None:
             plan = self._plans[key] = _Plan.compile(self.construct, dialect, key[1])
         return plan
+
+    def typed(self, plan: _Plan, dialect: Dialect, column_types: Sequence[Any]) -> _Plan:
+        """`plan` with its result conversions, from the column types the server reported (kept for the
+        next call)."""
+        typed = dataclasses.replace(plan, results=tuple(
+            kind._cached_result_processor(dialect, column_type)
+            for kind, column_type in zip(plan.types, column_types, strict=True)))
+        for key, known in self._plans.items():
+            if known is plan:
+                self._plans[key] = typed
+        return typed
 
     def __repr__(self) -> str:
         return f"Query({self.construct})"
@@ -190,29 +209,25 @@ class Db:
         self._dialect = bind.dialect
         self._direct = self._dialect.name == "sqlite"
 
-    async def _execute(self, query: Query, params: dict[str, Any]) -> tuple[_Plan, Any]:
-        """On the driver connection (the direct way): the statement's plan and its open cursor."""
-        plan = query.plan(self._dialect, params)
+    async def _plan(self, query: Query, names: Iterable[str]) -> tuple[_Plan, Any]:
+        """The statement's plan for the driver connection (the direct way), and that connection."""
+        plan = query.plan(self._dialect, names)
         driver = await self._driver()
-        return plan, await driver.execute(plan.sql, plan.parameters(params))
+        if plan.results is None:  # result conversions that depend on the column types the server reports
+            plan = query.typed(plan, self._dialect, await driver.result_types(plan.sql))
+        return plan, driver
 
     async def all(self, query: Query, /, **params: Any) -> list[Row]:
         if self._direct:
-            plan, cursor = await self._execute(query, params)
-            try:
-                return [plan.row(values) for values in await cursor.fetchall()]
-            finally:
-                await cursor.close()
+            plan, driver = await self._plan(query, params)
+            return [plan.row(values) for values in await driver.rows(plan.sql, plan.parameters(params))]
         return [dict(row) for row in (await self.session.execute(query.construct, params)).mappings()]
 
     async def first(self, query: Query, /, **params: Any) -> Row | None:
         """The first row, or None; the rest are not fetched."""
         if self._direct:
-            plan, cursor = await self._execute(query, params)
-            try:
-                values = await cursor.fetchone()
-            finally:
-                await cursor.close()
+            plan, driver = await self._plan(query, params)
+            values = await driver.first_row(plan.sql, plan.parameters(params))
             return None if values is None else plan.row(values)
         row = (await self.session.execute(query.construct, params)).mappings().first()
         return None if row is None else dict(row)
@@ -224,10 +239,8 @@ class Db:
     async def run(self, query: Query, /, **params: Any) -> int:
         """An insert, update or delete; returns how many rows it touched."""
         if self._direct:
-            _, cursor = await self._execute(query, params)
-            touched = int(cursor.rowcount)
-            await cursor.close()
-            return touched
+            plan = query.plan(self._dialect, params)
+            return int(await (await self._driver()).touch(plan.sql, plan.parameters(params)))
         result = await self.session.execute(query.construct, params)
         return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -237,9 +250,7 @@ class Db:
             return
         if self._direct:
             plan = query.plan(self._dialect, rows[0])
-            driver = await self._driver()
-            cursor = await driver.executemany(plan.sql, [plan.parameters(row) for row in rows])
-            await cursor.close()
+            await (await self._driver()).many(plan.sql, [plan.parameters(row) for row in rows])
             return
         await self.session.execute(query.construct, list(rows))
 

@@ -26,8 +26,9 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from cancelflow.db import create_schema, make_engine, session_factory
+from cancelflow.db import create_schema, make_engine, reads, session_factory, transactions
 from cancelflow.sql import Among, Db, Query, Savepoint
 
 metadata = MetaData()
@@ -196,3 +197,32 @@ async def test_an_in_list_runs_as_padded_statements_built_once(sessions, asked) 
     assert set(THINGS_AMONG._queries) <= {1, 2, 4, 8}
     with pytest.raises(ValueError, match="power of two"):
         THINGS_AMONG.query(3)
+
+
+async def test_driver_transactions_read_and_store_values_as_sqlalchemy_does(store, sessions) -> None:  # type: ignore[no-untyped-def]
+    """Units of work run on the driver (`db.transactions`: InlineSqlite, or asyncpg on PostgreSQL) with
+    SQLAlchemy's own bind and result conversions: what they store and read back is what SQLAlchemy
+    stores and reads, JSON, decimals, dates and defaults included."""
+    engine, new_session = sessions
+    new_tx = transactions(engine)
+    async with new_tx() as tx, tx.begin():
+        assert not isinstance(tx, AsyncSession)  # the driver path on both stores
+        db = Db(tx)
+        await db.run(ADD, **FULL)
+        await db.run_many(ADD, [{"id": "b", "day": None, "at": None, "amount": None, "data": None},
+                                {"id": "c", "day": date(2026, 1, 31), "at": None, "amount": Decimal("0.10"),
+                                 "data": [1]}])
+        assert await db.run(SET, thing_id="c", amount=Decimal("0.20")) == 1
+        assert await db.run(DROP, thing_id="missing") == 0
+    async with new_session() as session, session.begin():
+        await session.execute(insert(things).values(**{**FULL, "id": "theirs"}))
+    async with reads(engine)() as reader, new_session() as session:  # no transaction: no write lock held
+        db = Db(reader)
+        for thing_id in ("a", "b", "c"):
+            theirs = (await session.execute(select(things).where(things.c.id == thing_id))).mappings().one()
+            assert await db.first(GET, thing_id=thing_id) == dict(theirs)
+        ours, theirs = await db.first(GET, thing_id="a"), await db.first(GET, thing_id="theirs")
+        assert {**ours, "id": None, "serial": None} == {**theirs, "id": None, "serial": None}
+        assert (await db.first(GET, thing_id="c"))["amount"] == Decimal("0.20")
+        assert await db.all(ACTIVE_IDS, active=True) == [{"id": "b"}, {"id": "c"}]
+        assert sorted(r["id"] for r in await db.among(THINGS_AMONG, ["a", "c", "zz"])) == ["a", "c"]

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 from types import SimpleNamespace
 
+import asyncpg
 import pytest
 from sqlalchemy.exc import OperationalError
 
@@ -18,6 +19,10 @@ from cancelflow.messaging import deadletter
     (sqlite3.OperationalError("database is locked"), True),
     (sqlite3.OperationalError("this process's other writers held it for 30000 ms"), True),
     (OperationalError("SELECT 1", {}, Exception("server closed the connection")), True),
+    (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"), True),
+    (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), True),
+    (asyncpg.exceptions.SerializationError("could not serialize access due to concurrent update"), True),
+    (asyncpg.exceptions.UniqueViolationError("duplicate key value violates unique constraint"), False),
     (deadletter.TransientError("the gateway is away"), True),
     (sqlite3.IntegrityError("UNIQUE constraint failed: inbox.message_id"), False),
     (ValueError("a handler bug"), False),

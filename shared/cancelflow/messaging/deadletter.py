@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -28,10 +29,18 @@ class TransientError(Exception):
     """Raised by a handler when the outside world is away (retry the record, do not dead-letter)."""
 
 
+# The drivers' own errors that say "the database is away or busy, try again" (units of work run on
+# the drivers without SQLAlchemy, which wrapped them): sqlite3's OperationalError (locked, busy, disk
+# I/O, disk full); PostgreSQL's connection errors (08), its operator's shutdowns (57), exhausted
+# resources (53: too many connections, disk full) and transaction rollbacks (40: serialization
+# failure, deadlock; retrying the transaction is the remedy).
+_DRIVER_TRANSIENT = (sqlite3.OperationalError, asyncpg.PostgresConnectionError,
+                     asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
+                     asyncpg.exceptions.TransactionRollbackError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    # sqlite3's own OperationalError (locked, busy, disk I/O, disk full): units of work on SQLite run
-    # on the driver without SQLAlchemy, which would have wrapped it in its OperationalError.
-    if isinstance(exc, TransientError | OperationalError | sqlite3.OperationalError | KafkaError | ConnectionError):
+    if isinstance(exc, (TransientError, OperationalError, KafkaError, ConnectionError, *_DRIVER_TRANSIENT)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
