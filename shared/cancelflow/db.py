@@ -278,6 +278,7 @@ class DriverConnections:
     """
 
     IDLE_MAX = 4  # connections kept open between transactions; more are opened while needed
+    OPEN_MAX = 10  # in use at once, as the engine's own pool on PostgreSQL (5 + 5); more wait their turn
 
     def __init__(self, connect: Callable[[], Awaitable[Any]], dialect: Dialect, *, begin: str) -> None:
         self._connect = connect  # a new `InlineSqlite` or `PgDriver`, set up as the engine's are
@@ -285,6 +286,7 @@ class DriverConnections:
         self.begin = begin  # the statement a transaction begins with
         self._idle: list[Any] = []
         self._closed = False
+        self._in_use = asyncio.Semaphore(self.OPEN_MAX)
 
     def transaction(self) -> DriverTransaction:
         return DriverTransaction(self)
@@ -298,11 +300,16 @@ class DriverConnections:
     async def acquire(self) -> Any:
         if self._closed:
             raise RuntimeError("the engine was disposed")
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed:
-                return connection
-        return await self._connect()
+        await self._in_use.acquire()
+        try:
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.closed:
+                    return connection
+            return await self._connect()
+        except BaseException:
+            self._in_use.release()
+            raise
 
     async def release(self, connection: Any) -> None:
         try:
@@ -311,6 +318,8 @@ class DriverConnections:
         except BaseException:
             connection.shut()  # in an unknown state: not reused
             raise
+        finally:
+            self._in_use.release()
         if self._closed or len(self._idle) >= self.IDLE_MAX:
             connection.shut()
         else:

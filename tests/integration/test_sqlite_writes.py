@@ -267,3 +267,25 @@ async def test_a_read_outside_a_transaction_does_not_wait_for_the_writer(tmp_pat
         assert thread_calls == []
     finally:
         await engine.dispose()
+
+
+async def test_driver_connections_in_use_at_once_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the engine's own pool: a transaction past `OPEN_MAX` waits for a connection to come back
+    (a failure storm's one-by-one retries must not open a connection each on PostgreSQL)."""
+    monkeypatch.setattr(db.DriverConnections, "OPEN_MAX", 2)
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/bounded.db")
+    await create_schema(engine, METADATA)
+    new_reads = db.reads(engine)
+    try:
+        async with new_reads() as first, new_reads() as second:
+            await Db(first).all(ROW_IDS)
+            await Db(second).all(ROW_IDS)
+            async with new_reads() as third:
+                waiting = asyncio.create_task(Db(third).all(ROW_IDS))
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiting), 0.3)
+                await first.close()  # its connection goes back: the third one gets it
+                assert await asyncio.wait_for(waiting, 5) == []
+                assert await third.connection() is not await second.connection()
+    finally:
+        await engine.dispose()
