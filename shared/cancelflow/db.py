@@ -442,26 +442,43 @@ class PgDriver:
         self._raw.terminate()
 
     async def run(self, sql: str) -> None:
-        await self._raw.execute(sql)
+        await self._lost_is_transient(self._raw.execute(sql))
 
     async def rows(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
-        return await self._raw.fetch(sql, *parameters)  # type: ignore[no-any-return]
+        return await self._lost_is_transient(self._raw.fetch(sql, *parameters))  # type: ignore[no-any-return]
 
     async def first_row(self, sql: str, parameters: Sequence[Any]) -> Any:
-        return await self._raw.fetchrow(sql, *parameters)
+        return await self._lost_is_transient(self._raw.fetchrow(sql, *parameters))
 
     async def touch(self, sql: str, parameters: Sequence[Any]) -> int:
-        status = await self._raw.execute(sql, *parameters)  # "UPDATE 3", "INSERT 0 1", "DELETE 0"
+        # the status: "UPDATE 3", "INSERT 0 1", "DELETE 0"
+        status = await self._lost_is_transient(self._raw.execute(sql, *parameters))
         count = status.rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else -1
 
     async def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._raw.executemany(sql, rows)
+        await self._lost_is_transient(self._raw.executemany(sql, rows))
 
     async def result_types(self, sql: str) -> list[int]:
         """The type oid of each result column (asyncpg keeps the prepared statement for the next call)."""
-        statement = await self._raw.prepare(sql)
+        statement = await self._lost_is_transient(self._raw.prepare(sql))
         return [attribute.type.oid for attribute in statement.get_attributes()]
+
+    async def _lost_is_transient(self, call: Awaitable[Any]) -> Any:
+        """A call that failed because the connection is gone (the server restarted, or ended an idle
+        connection) raises `ConnectionLost`, which the retry policy retries (on a new connection:
+        a closed one is not used again). Measured: asyncpg's own error for a connection the server
+        had ended while idle was an InternalClientError ('cannot switch to state ...')."""
+        try:
+            return await call
+        except Exception as exc:
+            if self._raw.is_closed():
+                raise ConnectionLost(f"the connection to PostgreSQL was lost: {exc!r}") from exc
+            raise
+
+
+class ConnectionLost(ConnectionError):
+    """A database connection ended under a statement (transient: retried on a new connection)."""
 
 
 def _pg_connector(engine: AsyncEngine) -> Callable[[], Awaitable[PgDriver]]:

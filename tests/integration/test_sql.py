@@ -22,13 +22,16 @@ from sqlalchemy import (
     bindparam,
     delete,
     event,
+    func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cancelflow.db import create_schema, make_engine, reads, session_factory, transactions
+from cancelflow.messaging import deadletter
 from cancelflow.sql import Among, Db, Query, Savepoint
 
 metadata = MetaData()
@@ -226,3 +229,30 @@ async def test_driver_transactions_read_and_store_values_as_sqlalchemy_does(stor
         assert (await db.first(GET, thing_id="c"))["amount"] == Decimal("0.20")
         assert await db.all(ACTIVE_IDS, active=True) == [{"id": "b"}, {"id": "c"}]
         assert sorted(r["id"] for r in await db.among(THINGS_AMONG, ["a", "c", "zz"])) == ["a", "c"]
+
+
+async def test_a_driver_connection_the_server_closed_is_not_used_again(store, sessions) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL closed an idle connection (restart, idle timeout): the transaction that finds it fails
+    with an error the retry policy retries, and the next one gets a new connection."""
+    if store.kind != "pg":
+        pytest.skip("PostgreSQL: the server ends a connection")
+    engine, new_session = sessions
+    new_tx = transactions(engine)
+    pid_query = Query(select(func.pg_backend_pid().label("pid")))
+    async with new_tx() as tx:
+        pid = (await Db(tx).first(pid_query))["pid"]
+    async with new_session() as session:  # the connection is idle in the driver pool now
+        await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    failures: list[BaseException] = []
+    for _ in range(2):
+        try:
+            async with new_tx() as tx, tx.begin():
+                await Db(tx).run(ADD, id="after-restart")
+                new_pid = (await Db(tx).first(pid_query))["pid"]
+            break
+        except Exception as exc:  # noqa: BLE001 - what the retry policy would see
+            failures.append(exc)
+    else:
+        pytest.fail(f"no transaction succeeded: {failures!r}")
+    assert new_pid != pid
+    assert all(deadletter.is_transient(exc) for exc in failures), failures
