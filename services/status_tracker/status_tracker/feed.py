@@ -35,8 +35,7 @@ class StatusFeed:
         self._consumer: AIOKafkaConsumer | None = None
         self._subscribers: set[Subscriber] = set()
         self._partitions: list[TopicPartition] = []
-        self._paused = False
-        self.idle = asyncio.Event()  # set while paused (no dashboard connected)
+        self.idle = asyncio.Event()  # set while the partitions are paused (no dashboard connected)
         self._resuming = asyncio.Lock()
 
     async def start(self) -> None:
@@ -55,12 +54,11 @@ class StatusFeed:
     @property
     def following(self) -> bool:
         """Reading the topic (a dashboard is connected)."""
-        return not self._paused
+        return not self.idle.is_set()
 
     def _pause(self) -> None:
         assert self._consumer is not None
         self._consumer.pause(*self._partitions)
-        self._paused = True
         self.idle.set()
 
     async def run(self) -> None:
@@ -97,11 +95,10 @@ class StatusFeed:
         self._subscribers.add(queue)  # first: a dashboard leaving meanwhile does not pause the feed
         try:
             async with self._resuming:
-                if self._paused and self._consumer is not None:
+                if self.idle.is_set() and self._consumer is not None:
                     # Paused partitions still take the seek; resuming after it, nothing older is read.
                     await self._consumer.seek_to_end(*self._partitions)
                     self._consumer.resume(*self._partitions)
-                    self._paused = False
                     self.idle.clear()
         except BaseException:
             self.unsubscribe(queue)
@@ -110,7 +107,7 @@ class StatusFeed:
 
     def unsubscribe(self, queue: Subscriber) -> None:
         self._subscribers.discard(queue)
-        if not self._subscribers and not self._paused and self._consumer is not None:
+        if not self._subscribers and not self.idle.is_set() and self._consumer is not None:
             self._pause()
 
     async def ping(self) -> None:
