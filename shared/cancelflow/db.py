@@ -373,16 +373,16 @@ class DriverTransaction:
         self._open = True
 
     async def commit(self) -> None:
-        if self._open:
-            assert self._connection is not None
-            self._open = False
-            await self._connection.run("COMMIT")
+        await self._end("COMMIT")
 
     async def rollback(self) -> None:
+        await self._end("ROLLBACK")
+
+    async def _end(self, sql: str) -> None:
         if self._open:
             assert self._connection is not None
             self._open = False
-            await self._connection.run("ROLLBACK")
+            await self._connection.run(sql)
 
     async def close(self) -> None:
         connection, self._connection, self._open = self._connection, None, False

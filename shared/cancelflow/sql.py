@@ -107,22 +107,24 @@ class Query:
         self.construct = construct
         self._plans: dict[tuple[int, frozenset[str]], _Plan] = {}
 
+    @staticmethod
+    def _key(dialect: Dialect, names: Iterable[str]) -> tuple[int, frozenset[str]]:
+        return id(dialect), frozenset(names)
+
     def plan(self, dialect: Dialect, names: Iterable[str]) -> _Plan:
-        key = (id(dialect), frozenset(names))
+        key = self._key(dialect, names)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = _Plan.compile(self.construct, dialect, key[1])
         return plan
 
-    def typed(self, plan: _Plan, dialect: Dialect, column_types: Sequence[Any]) -> _Plan:
-        """`plan` with its result conversions, from the column types the server reported (kept for the
-        next call)."""
-        typed = dataclasses.replace(plan, results=tuple(
+    def typed(self, dialect: Dialect, names: Iterable[str], column_types: Sequence[Any]) -> _Plan:
+        """The plan for `names` with its result conversions, from the column types the server reported
+        (kept for the next call)."""
+        plan = self.plan(dialect, names)
+        typed = self._plans[self._key(dialect, names)] = dataclasses.replace(plan, results=tuple(
             kind._cached_result_processor(dialect, column_type)
             for kind, column_type in zip(plan.types, column_types, strict=True)))
-        for key, known in self._plans.items():
-            if known is plan:
-                self._plans[key] = typed
         return typed
 
     def __repr__(self) -> str:
@@ -214,7 +216,7 @@ class Db:
         plan = query.plan(self._dialect, names)
         driver = await self._driver()
         if plan.results is None:  # result conversions that depend on the column types the server reports
-            plan = query.typed(plan, self._dialect, await driver.result_types(plan.sql))
+            plan = query.typed(self._dialect, names, await driver.result_types(plan.sql))
         return plan, driver
 
     async def all(self, query: Query, /, **params: Any) -> list[Row]:
