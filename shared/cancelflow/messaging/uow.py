@@ -1,7 +1,8 @@
 """The unit of work a handler runs in: one transaction, the outbox and the inbox.
 
-The transaction is a session's, or on SQLite a `cancelflow.db.DriverTransaction` (`db.transactions`):
-both begin, commit, roll back and close the same way, and `Db` runs the statements in either."""
+The transaction is a `cancelflow.db.DriverTransaction` (`db.transactions`: SQLite, and PostgreSQL
+through asyncpg) or a session: both begin, commit, roll back and close the same way, and `Db` runs
+the statements in either."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cancelflow.messaging.store import MessagingTables
 from cancelflow.sql import Db
 
 # What a unit of work opens its transaction with: `cancelflow.db.transactions(engine)` (a session
-# factory, or driver transactions on SQLite). Typed loosely: both have begin/commit/rollback/close.
+# factory, or driver transactions). Typed loosely: both have begin/commit/rollback/close.
 Transactions = Callable[[], Any]
 
 OUTBOX = "outbox"  # what a unit of work wrote, for `on_commit`: outbox rows (the relay's wake-up)
@@ -40,7 +41,7 @@ class UnitOfWork:
         self._on_commit = on_commit
         self.emitted: list[Envelope] = []
         self._outbox_rows: list[dict[str, Any]] = []
-        self.session: Any  # the transaction: a session, or a DriverTransaction (SQLite)
+        self.session: Any  # the transaction: a DriverTransaction, or a session
         self.db: Db  # the transaction's statements, the fast way (cancelflow.sql)
         # SQLite has one writer: concurrent units of work queue here instead of in SQLite's sleeping
         # busy handler. Held until the first commit or checkpoint; what follows a checkpoint (after a
