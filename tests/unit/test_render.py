@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html as htmllib
 import re
+from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesParser
 
@@ -13,7 +14,11 @@ from hypothesis import strategies as st
 
 from notification.render import (
     KINDS,
+    _classic,
+    _direct,
     _QuickFold,
+    _sent_as_is,
+    _written_as_is,
     audience,
     build_message,
     message_bytes,
@@ -256,6 +261,44 @@ def test_bodies_travel_as_is_when_they_can_and_read_back_exactly(variant, encodi
 def test_headers_are_written_as_the_standard_library_folds_them(name, value):
     from email.policy import compat32
     assert _QuickFold()._fold(name, value, True) == compat32._fold(name, value, True)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("reply_to", [None, "Support <support@example.com>"])
+def test_every_usual_email_is_written_directly_as_the_mime_classes_write_it(kind, reply_to, monkeypatch):
+    def compose() -> bytes:
+        return message_bytes(kind, FULL, render(kind, FULL), sender="Billing <billing@example.com>",
+                             to=["jane@example.com", "Jane Doe <jd@example.com>"], message_id="<m@x>",
+                             reply_to=reply_to, date=datetime(2026, 12, 6, tzinfo=UTC),
+                             boundary="==cancelflow-0123456789abcdef01234567==")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("notification.render._classic", None)  # fails if the usual email goes that way
+        direct = compose()
+    monkeypatch.setattr("notification.render._sent_as_is", lambda body: False)
+    assert direct == compose()
+
+
+_HEADER_VALUE = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=70) | st.text(
+    st.characters(min_codepoint=9, max_codepoint=0x17F), max_size=80)
+_BODY = st.text(st.characters(min_codepoint=9, max_codepoint=0x17F), max_size=400) | st.lists(
+    st.sampled_from(["Hello Jane,", "", "  Refund:   12.50 USD", "From here", ".", "x" * 998, "x" * 999,
+                     "--==cancelflow-", "\r", "tab\there"]), max_size=8).map("\n".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(subject=_HEADER_VALUE, request_id=_HEADER_VALUE, text=_BODY, html=_BODY)
+def test_the_direct_way_writes_what_the_mime_classes_write(subject, request_id, text, html):
+    headers = [("Subject", subject), ("From", "billing@example.com"), ("To", "Jane <jane@example.com>"),
+               ("Date", "Sun, 06 Dec 2026 00:00:00 +0000"), ("Message-ID", "<m@x>"),
+               ("X-Cancelflow-Kind", "completed"), ("X-Cancelflow-Request-Id", request_id),
+               ("Auto-Submitted", "auto-generated")]
+    boundary = "==cancelflow-0123456789abcdef01234567=="
+    classic = _classic(headers, text, html, boundary)
+    if all(_written_as_is(n, v) for n, v in headers) and _sent_as_is(text) and _sent_as_is(html):
+        assert _direct(headers, text, html, boundary) == classic
+    parsed = BytesParser(policy=policy.default).parsebytes(classic)
+    assert parsed.get_boundary() == boundary
 
 
 def test_data_cannot_inject_headers():
