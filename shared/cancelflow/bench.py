@@ -51,9 +51,19 @@ class Measured:
     latencies_ms: list[float]
     steps_ms: dict[str, float] = field(default_factory=dict)  # median time from one saga event to the next
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of every process during the run
+    # The embedded broker's CPU seconds while the first and the second half of the requests were sent:
+    # its cost per fetch grows with every record batch it holds (README, Performance item 29).
+    broker_cpu_s_halves: tuple[float, float] | None = None
 
     def cpu_ms_per_request(self) -> dict[str, float]:
         return {name: round(1000 * seconds / self.requests, 2) for name, seconds in self.cpu_s.items()}
+
+    def broker_ms_per_request_halves(self) -> list[float] | None:
+        if self.broker_cpu_s_halves is None:
+            return None
+        first = self.requests // 2
+        return [round(1000 * self.broker_cpu_s_halves[0] / max(first, 1), 2),
+                round(1000 * self.broker_cpu_s_halves[1] / max(self.requests - first, 1), 2)]
 
     @property
     def per_second(self) -> float:
@@ -109,6 +119,7 @@ class BenchResult:
             # Per request, every process (harness included): small batches cost more than a burst's.
             "cpu_ms_per_request": self.burst.cpu_ms_per_request(),
             "cpu_ms_per_request_paced": self.paced.cpu_ms_per_request() if self.paced else None,
+            "broker_ms_per_request_paced_halves": self.paced.broker_ms_per_request_halves() if self.paced else None,
             "steps_ms": {step: round(ms, 1) for step, ms in self.burst.steps_ms.items()},
             "steps_ms_paced": {step: round(ms, 1) for step, ms in self.paced.steps_ms.items()} if self.paced else None,
         }
@@ -201,11 +212,14 @@ class Timer:
 
 
 async def _run(client: StackClient, watcher: StatusWatcher, timer: Timer, samples: list[Any],
-               rate: float | None, progress: Callable[[int], None]) -> Measured:
+               rate: float | None, progress: Callable[[int], None],
+               halfway: Callable[[], None] | None = None) -> Measured:
     started = time.perf_counter()
     for n, sample in enumerate(samples):
         if rate:
             await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+        if halfway is not None and n == len(samples) // 2:
+            halfway()
         request_id = str(uuid.uuid4())
         timer.sent[request_id] = time.perf_counter()
         timer.sent_wall_ms[request_id] = time.time() * 1000
@@ -335,9 +349,18 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
             if paced_requests:
                 task = bar.add_task(f"{paced_requests} cancellations at {paced_rate:g}/s", total=paced_requests)
                 cpu_before = {name: _cpu_seconds(pid) for name, pid in everyone.items()}
+                broker_at = [cpu_before[BROKER]] if BROKER in everyone else None
+
+                def halfway() -> None:
+                    if broker_at is not None:
+                        broker_at.append(_cpu_seconds(everyone[BROKER]))
+
                 paced = await _run(client, watcher, timer, samples[requests:], paced_rate,
-                                   lambda n: bar.update(task, completed=n))
+                                   lambda n: bar.update(task, completed=n), halfway)
                 paced.cpu_s = {name: u.cpu_seconds for name, u in _usage_since(everyone, cpu_before).items()}
+                if broker_at is not None and len(broker_at) == 2:
+                    first = broker_at[1] - broker_at[0]
+                    paced.broker_cpu_s_halves = (first, paced.cpu_s[BROKER] - first)
             for name, pid in pids.items():
                 usage[name].peak_rss_mb = max(usage[name].peak_rss_mb, _peak_rss_mb(pid))
         with console.status("checking every invariant over the run's topics, ledgers, mailbox and databases ..."):
@@ -433,6 +456,8 @@ def render(result: BenchResult, console: Console) -> None:
         ("latency p50 / p95 / p99, as fast as possible (ms)", f"{s['p50_ms']} / {s['p95_ms']} / {s['p99_ms']}", ""),
         ("latency p50 / p95 / p99, paced (ms)", f"{s['p50_ms_paced']} / {s['p95_ms_paced']} / {s['p99_ms_paced']}",
          "p99 <= 1000"),
+        ("embedded broker CPU ms/request, paced: first / second half",
+         " / ".join(map(str, s["broker_ms_per_request_paced_halves"] or ["-"])), ""),
         ("invariant violations (reliability checker)",
          str(sum(len(v) for v in result.violations.values())) + (f" {s['violations']}" if s["violations"] else ""), "0"),
     ]
