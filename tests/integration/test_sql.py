@@ -231,11 +231,12 @@ async def test_driver_transactions_read_and_store_values_as_sqlalchemy_does(stor
         assert sorted(r["id"] for r in await db.among(THINGS_AMONG, ["a", "c", "zz"])) == ["a", "c"]
 
 
+@pytest.mark.pg
+@pytest.mark.parametrize("store", ["pg"], indirect=True)  # only a server can end a connection
 async def test_a_driver_connection_the_server_closed_is_not_used_again(store, sessions) -> None:  # type: ignore[no-untyped-def]
     """PostgreSQL closed an idle connection (restart, idle timeout): the transaction that finds it fails
     with an error the retry policy retries, and the next one gets a new connection."""
-    if store.kind != "pg":
-        pytest.skip("PostgreSQL: the server ends a connection")
+    assert store.kind == "pg"
     engine, new_session = sessions
     new_tx = transactions(engine)
     pid_query = Query(select(func.pg_backend_pid().label("pid")))
