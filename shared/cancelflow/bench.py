@@ -51,8 +51,10 @@ class Measured:
     latencies_ms: list[float]
     steps_ms: dict[str, float] = field(default_factory=dict)  # median time from one saga event to the next
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of every process during the run
-    # The embedded broker's CPU seconds while the first and the second half of the requests were sent:
-    # its cost per fetch grows with every record batch it holds (README, Performance item 29).
+    # The embedded broker's CPU seconds while the first and while the second half of the requests were
+    # being sent (not after the last: the drain would count for the second half only). Its cost per
+    # fetch grows with every record batch it holds (README, Performance item 29). In a run of a few
+    # seconds the first half also holds the pipeline filling up, so it reads a little low.
     broker_cpu_s_halves: tuple[float, float] | None = None
 
     def cpu_ms_per_request(self) -> dict[str, float]:
@@ -213,13 +215,15 @@ class Timer:
 
 async def _run(client: StackClient, watcher: StatusWatcher, timer: Timer, samples: list[Any],
                rate: float | None, progress: Callable[[int], None],
-               halfway: Callable[[], None] | None = None) -> Measured:
+               mark: Callable[[], None] | None = None) -> Measured:
+    """Send `samples` (at `rate` a second, or as fast as possible) and wait until every one is terminal.
+    `mark` is called when half of them have been sent and again when the last one has."""
     started = time.perf_counter()
     for n, sample in enumerate(samples):
         if rate:
             await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
-        if halfway is not None and n == len(samples) // 2:
-            halfway()
+        if mark is not None and n == len(samples) // 2:
+            mark()
         request_id = str(uuid.uuid4())
         timer.sent[request_id] = time.perf_counter()
         timer.sent_wall_ms[request_id] = time.time() * 1000
@@ -227,6 +231,8 @@ async def _run(client: StackClient, watcher: StatusWatcher, timer: Timer, sample
                                           subscription_id=sample.facts.subscription_id,
                                           request_id=uuid.UUID(request_id), wait=False)
     await client.publisher.flush()
+    if mark is not None:
+        mark()
     ids = list(timer.sent)[-len(samples):]
     while True:
         finished = sum(1 for r in ids if r in timer.done)
@@ -351,16 +357,16 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
                 cpu_before = {name: _cpu_seconds(pid) for name, pid in everyone.items()}
                 broker_at = [cpu_before[BROKER]] if BROKER in everyone else None
 
-                def halfway() -> None:
+                def mark() -> None:
                     if broker_at is not None:
                         broker_at.append(_cpu_seconds(everyone[BROKER]))
 
                 paced = await _run(client, watcher, timer, samples[requests:], paced_rate,
-                                   lambda n: bar.update(task, completed=n), halfway)
+                                   lambda n: bar.update(task, completed=n), mark)
                 paced.cpu_s = {name: u.cpu_seconds for name, u in _usage_since(everyone, cpu_before).items()}
-                if broker_at is not None and len(broker_at) == 2:
-                    first = broker_at[1] - broker_at[0]
-                    paced.broker_cpu_s_halves = (first, paced.cpu_s[BROKER] - first)
+                if broker_at is not None and len(broker_at) == 3:
+                    start, half, last = broker_at
+                    paced.broker_cpu_s_halves = (half - start, last - half)
             for name, pid in pids.items():
                 usage[name].peak_rss_mb = max(usage[name].peak_rss_mb, _peak_rss_mb(pid))
         with console.status("checking every invariant over the run's topics, ledgers, mailbox and databases ..."):

@@ -50,10 +50,11 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     everyone = figures["cpu_s"].keys() | figures["cpu_s_harness"].keys()
     assert figures["cpu_ms_per_request"].keys() == figures["cpu_ms_per_request_paced"].keys() == everyone
     assert sum(figures["cpu_ms_per_request_paced"].values()) > 0
-    # the broker's paced cost per request in each half of the paced run (6 requests each): the whole, split
+    # the broker's paced cost per request while each half of the paced run was sent (6 requests each);
+    # what it spent after the last send (the drain) is in neither half
     first, second = figures["broker_ms_per_request_paced_halves"]
     assert first > 0 and second > 0
-    assert (first + second) / 2 == pytest.approx(figures["cpu_ms_per_request_paced"]["broker"], abs=0.02)
+    assert (first + second) / 2 <= figures["cpu_ms_per_request_paced"]["broker"] + 0.01
     assert figures["steps_ms"], "the per-step breakdown is missing"
 
 
