@@ -5,26 +5,16 @@ are the script's to print, not a test's to time."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 from pathlib import Path
-from types import ModuleType
 
 from rich.console import Console
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("broker_fetch_cost", ROOT / "scripts" / "broker_fetch_cost.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_the_fetch_cost_script_measures_each_point(tmp_path: Path) -> None:
-    script = _load_script()
+    script = load_script("broker_fetch_cost")
     rows = asyncio.run(script.measure([0, 30], 1.0, str(tmp_path), Console(file=io.StringIO())))
     assert [row[0] for row in rows] == [0, 30]
     for _held, cpu_percent, fetches_per_s, cpu_per_fetch_us in rows:

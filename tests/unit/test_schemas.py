@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from types import ModuleType
 
 import jsonschema
 import pytest
@@ -27,21 +25,14 @@ from cancelflow.events import (
     SubscriptionActivated,
     envelope_for,
 )
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "schemas"
 REQUEST_ID = uuid.UUID("7d7f3c2e-0d7e-4d55-9f0b-2f4f1a6f7a10")
 
 
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_schemas", ROOT / "scripts" / "gen_schemas.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_script("gen_schemas")
 
 
 def _validator(event_type: str, version: int = 1) -> jsonschema.Draft202012Validator:
