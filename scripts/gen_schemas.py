@@ -120,6 +120,11 @@ def _events_by_topic() -> dict[str, list[type[Payload]]]:
     return grouped
 
 
+def _partitions(t: Topic) -> str:
+    embedded = t.partitions_on(embedded=True)
+    return str(t.partitions) if embedded == t.partitions else f"{t.partitions} ({embedded} on the embedded broker)"
+
+
 def _configs(topic: Topic) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in sorted(topic.configs.items())) or "defaults"
 
@@ -201,13 +206,13 @@ def render_readme() -> str:
     for t in TOPICS:
         visibility = "public (contract)" if t.public else "internal"
         lines.append(
-            f"| [`{t.name}`](#{t.name.replace('.', '')}) | {t.partitions} | {_cell(t.key)} | "
+            f"| [`{t.name}`](#{t.name.replace('.', '')}) | {_partitions(t)} | {_cell(t.key)} | "
             f"{_cell(t.written_by)} | {_cell(t.read_by)} | {visibility} | {_configs(t)} |"
         )
     for t in TOPICS:
         lines += ["", f"### `{t.name}`", ""]
         lines.append(
-            f"{'Public' if t.public else 'Internal'} topic, {t.partitions} partition(s), keyed by "
+            f"{'Public' if t.public else 'Internal'} topic, {_partitions(t)} partition(s), keyed by "
             f"{t.key}; configs: {_configs(t)}. Written by {t.written_by}; read by {t.read_by}."
         )
         lines.append("")

@@ -72,7 +72,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
     running = EmbeddedBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("broker"))
     running.start_blocking()
     try:
-        _run_blocking(create_topics(running.bootstrap))
+        _run_blocking(create_topics(running.bootstrap, embedded=True))
         yield running
     finally:
         running.stop_blocking()

@@ -57,6 +57,9 @@ def topics(
     retry_for: float = typer.Option(
         10.0, "--wait", min=0, help="Seconds to wait for the broker to answer (it may still be starting).",
     ),
+    embedded: bool = typer.Option(
+        False, "--embedded", help="The embedded broker (Tansu): the saga topic gets fewer partitions there.",
+    ),
 ) -> None:
     """Create every topic (idempotent) and show them with their partitions and configs."""
     from cancelflow.stack.broker import BrokerError, create_topics, describe_topics
@@ -64,7 +67,8 @@ def topics(
     bootstrap = bootstrap or _settings().bootstrap_servers
 
     async def create() -> tuple[list[str], dict[str, int]]:
-        created = await create_topics(bootstrap, retry_for=retry_for, replication_factor=replication_factor)
+        created = await create_topics(bootstrap, retry_for=retry_for, replication_factor=replication_factor,
+                                      embedded=embedded)
         return created, await describe_topics(bootstrap, [t.name for t in TOPICS])
 
     try:
@@ -84,7 +88,8 @@ def topics(
     console.print(table)
     # Existing topics are left as they are: say when one has fewer partitions than declared (less
     # parallelism; adding partitions moves keys, so that is an operator's decision).
-    short = [t.name for t in TOPICS if partitions.get(t.name, t.partitions) < t.partitions]
+    short = [f"{t.name} ({partitions[t.name]} of {t.partitions_on(embedded=embedded)})" for t in TOPICS
+             if partitions.get(t.name, t.partitions) < t.partitions_on(embedded=embedded)]
     if short:
         console.print(f"[yellow]fewer partitions than declared: {', '.join(short)}[/]")
 

@@ -19,6 +19,15 @@ class Topic:
     read_by: str
     public: bool = True
     configs: dict[str, str] = field(default_factory=dict)
+    # Fewer partitions on the embedded broker, where every fetch of a partition with new records lists
+    # every record batch that partition holds, and every relay round writes a batch to each partition its
+    # records go to: the broker's cost grows with the partitions (README, Performance item 30). Kafka
+    # gets `partitions`, the room to scale out.
+    embedded_partitions: int | None = None
+
+    def partitions_on(self, *, embedded: bool) -> int:
+        """How many partitions the topic is created with on the embedded broker, or on Kafka."""
+        return self.embedded_partitions if embedded and self.embedded_partitions else self.partitions
 
 
 PLATFORM_SUBSCRIPTIONS = "platform.subscriptions"
@@ -36,7 +45,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic(REQUESTED, 4, "subscription_id or account_id", "upstream apps (storefront, BSS)",
           "billing (intake: validates, dead-letters, routes charge disputes)"),
     Topic(SAGA, 4, "request_id", "billing, provisioning, payment-gateway, dispute, notification",
-          "every service (each handles its own event types)", public=False),
+          "every service (each handles its own event types)", public=False, embedded_partitions=2),
     Topic(STATUS, 4, "request_id", "status-tracker only", "support dashboards, the CLI",
           configs={"cleanup.policy": "compact"}),
     Topic(DLQ, 1, "key of the rejected record", "every service", "operators"),

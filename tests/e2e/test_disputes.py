@@ -284,7 +284,7 @@ def _partition(key: str, count: int) -> int:
 
 
 def _id_on_same_saga_partition(request_id: str) -> uuid.UUID:
-    count = BY_NAME[topics.SAGA].partitions
+    count = BY_NAME[topics.SAGA].partitions_on(embedded=True)  # the tests' broker is the embedded one
     while True:
         candidate = uuid.uuid4()
         if _partition(str(candidate), count) == _partition(request_id, count):

@@ -98,18 +98,21 @@ async def wait_for_broker(bootstrap: str, timeout: float = 15.0) -> None:  # noq
 
 
 async def create_topics(
-    bootstrap: str, topics: Iterable[Topic] = TOPICS, *, retry_for: float = 10.0, replication_factor: int = 1
+    bootstrap: str, topics: Iterable[Topic] = TOPICS, *, retry_for: float = 10.0, replication_factor: int = 1,
+    embedded: bool = False,
 ) -> list[str]:
     """Create every topic with its partitions and configs; existing topics are left alone.
 
     Returns the names actually created (empty when they all existed). `replication_factor` is 1 for
-    the embedded broker and a one-node Kafka; a production cluster wants 3.
+    the embedded broker and a one-node Kafka; a production cluster wants 3. `embedded`: the embedded
+    broker, where some topics get fewer partitions (`Topic.embedded_partitions`).
     """
     topics = list(topics)
     admin = await _admin_when_ready(bootstrap, retry_for)
     try:
         response = await admin.create_topics(
-            [NewTopic(t.name, t.partitions, replication_factor, topic_configs=dict(t.configs)) for t in topics]
+            [NewTopic(t.name, t.partitions_on(embedded=embedded), replication_factor, topic_configs=dict(t.configs))
+             for t in topics]
         )
     finally:
         await admin.close()

@@ -234,7 +234,7 @@ async def _start(
     if broker is not None:
         console.print(f"starting the embedded broker on {broker.bootstrap} ...")
         await broker.start()
-    created = await create_topics(settings.bootstrap_servers)
+    created = await create_topics(settings.bootstrap_servers, embedded=broker is not None)
     if created:
         console.print(f"created topics: {', '.join(created)}", soft_wrap=True)
     console.print(f"starting {len(supervisor.names)} processes ...")
