@@ -19,10 +19,10 @@ class Topic:
     read_by: str
     public: bool = True
     configs: dict[str, str] = field(default_factory=dict)
-    # Fewer partitions on the embedded broker, where every fetch of a partition with new records lists
-    # every record batch that partition holds, and every relay round writes a batch to each partition its
-    # records go to: the broker's cost grows with the partitions (README, Performance item 30). Kafka
-    # gets `partitions`, the room to scale out.
+    # Fewer partitions on the embedded broker, whose cost grows with them: every fetch answers for each
+    # partition (even an idle one), a fetch of a partition with new records lists every record batch it
+    # holds, and a relay round writes a batch to each partition its records go to (README, Performance
+    # item 30). Kafka gets `partitions`, the room to scale out.
     embedded_partitions: int | None = None
 
     def partitions_on(self, *, embedded: bool) -> int:
@@ -39,9 +39,9 @@ DLQ = "cancellations.dlq"
 
 TOPICS: tuple[Topic, ...] = (
     Topic(PLATFORM_SUBSCRIPTIONS, 3, "subscription_id", "upstream platform",
-          "billing, notification"),
+          "billing, notification", embedded_partitions=1),
     Topic(PAYMENTS_CHARGES, 3, "account_id", "upstream platform / gateway webhooks",
-          "payment-gateway, dispute"),
+          "payment-gateway, dispute", embedded_partitions=1),
     Topic(REQUESTED, 4, "subscription_id or account_id", "upstream apps (storefront, BSS)",
           "billing (intake: validates, dead-letters, routes charge disputes)"),
     Topic(SAGA, 4, "request_id", "billing, provisioning, payment-gateway, dispute, notification",
