@@ -4,15 +4,14 @@ outcome with its history in the release note's words, and stops the stack again.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cancelflow.settings import CommonSettings
 from cancelflow.stack.embedded import running_stack
+from cancelflow.testing.stack import StackProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -22,8 +21,10 @@ SEED_PLATFORM = ("The subscription cancellation process has encountered an error
 
 
 def test_the_demo_starts_a_stack_runs_every_scenario_and_stops_it(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "cancelflow", "demo", "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "400"})
+    # The environment of a test stack (free ports, this data dir), but the demo starts the stack itself.
+    stack = StackProcess(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "cancelflow", "demo"], capture_output=True, text=True,
+                         timeout=240, env={**stack.env, "COLUMNS": "400"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     said = " ".join(run.stdout.split())
     assert "all four scenarios ended as the release note describes" in said
@@ -31,4 +32,4 @@ def test_the_demo_starts_a_stack_runs_every_scenario_and_stops_it(tmp_path: Path
     assert "Status is set to canceled with effective date" in said
     assert "email to support: [cancelflow] Platform failure after vendor cancellation" in said
     assert sorted(p.name for p in tmp_path.glob("*.db")), "the demo's stack did not keep its data in its data dir"
-    assert running_stack(CommonSettings(data_dir=tmp_path)) is None, "the demo's own stack was left running"
+    assert running_stack(stack.settings) is None, "the demo's own stack was left running"
