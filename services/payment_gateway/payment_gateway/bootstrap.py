@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
+from cancelflow.sql import Db, Query
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
 from payment_gateway.disputes import DisputeRefundHandlers
@@ -36,17 +37,22 @@ def build() -> ServiceRuntime:
     return runtime
 
 
+CHARGE = Query(select(orm.charges).where(orm.charges.c.charge_id == bindparam("charge_id")))
+CHARGE_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id == bindparam("charge_id"))
+                       .order_by(orm.refunds.c.created_at))
+
+
 def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     """Read-only: a charge with its refund guard balance and the refunds issued against it."""
 
     async def view(request: web.Request) -> web.Response:
         charge_id = request.match_info["charge_id"]
         async with runtime.sessions() as session:
-            row = (await session.execute(select(orm.charges).where(orm.charges.c.charge_id == charge_id))).mappings().first()
+            db = Db(session)
+            row = await db.first(CHARGE, charge_id=charge_id)
             if row is None:
                 return web.json_response({"error": "unknown charge"}, status=404)
-            refunds = (await session.execute(select(orm.refunds).where(
-                orm.refunds.c.charge_id == charge_id).order_by(orm.refunds.c.created_at))).mappings().all()
+            refunds = await db.all(CHARGE_REFUNDS, charge_id=charge_id)
         body = {"charge": dict(row), "refundable": str(row["amount"] - row["refunded_amount"]),
                 "refunds": [dict(r) for r in refunds]}
         return json_response(body)
