@@ -291,14 +291,20 @@ def _body_charset(body: str) -> Charset:
     return _UTF8_AS_IS if as_is else _UTF8_QP
 
 
+def _written_as_is(name: str, value: str, max_line_length: int = 78) -> bool:
+    """A header `_QuickFold` writes as it is: short enough to need no folding, ASCII, printable, no
+    surrounding space."""
+    return (len(name) + 2 + len(value) <= max_line_length and value.isascii() and value.isprintable()
+            and value == value.strip())
+
+
 class _QuickFold(Compat32):
     """compat32, except that a header short enough to need no folding, ASCII and on one line, is
     written as it is instead of through a `Header` object (which gave the same bytes for a third of
     the cost of the whole message)."""
 
     def _fold(self, name: str, value: Any, sanitize: bool) -> str:
-        if (isinstance(value, str) and len(name) + 2 + len(value) <= (self.max_line_length or 78)
-                and value.isascii() and value.isprintable() and value == value.strip()):
+        if isinstance(value, str) and _written_as_is(name, value, self.max_line_length or 78):
             return f"{name}: {value}{self.linesep}"
         return super()._fold(name, value, sanitize)  # type: ignore[no-any-return]
 
@@ -375,12 +381,6 @@ def message_bytes(
     if all(_written_as_is(name, value) for name, value in headers) and _sent_as_is(text) and _sent_as_is(html):
         return _direct(headers, text, html, boundary)
     return _classic(headers, text, html, boundary)
-
-
-def _written_as_is(name: str, value: str) -> bool:
-    """What `_QuickFold` writes as it is: short, ASCII, printable, no surrounding space."""
-    return (len(name) + 2 + len(value) <= (_POLICY.max_line_length or 78) and value.isascii()
-            and value.isprintable() and value == value.strip())
 
 
 def _sent_as_is(body: str) -> bool:
