@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from cancelflow.bench import _cpu_seconds
+from cancelflow.bench import cpu_seconds
 from cancelflow.stack.broker import EmbeddedBroker, free_port
 
 TOPIC = "fetch-cost"
@@ -57,12 +57,12 @@ async def measure(held_points: list[int], seconds: float, data_dir: str, console
                     while held < target:  # one batch object per awaited send
                         await (await producer.send(TOPIC, PAYLOAD))
                         held += 1
-                    cpu, before, started, sent = _cpu_seconds(broker.pid), fetches, time.perf_counter(), 0
+                    cpu, before, started, sent = cpu_seconds(broker.pid), fetches, time.perf_counter(), 0
                     while time.perf_counter() - started < seconds:
                         await (await producer.send(TOPIC, PAYLOAD))
                         sent += 1
                         await asyncio.sleep(max(0.0, started + sent / RATE - time.perf_counter()))
-                    elapsed, used, brought = time.perf_counter() - started, _cpu_seconds(broker.pid) - cpu, fetches - before
+                    elapsed, used, brought = time.perf_counter() - started, cpu_seconds(broker.pid) - cpu, fetches - before
                     rows.append((target, round(100 * used / elapsed), round(brought / elapsed),
                                  round(1e6 * used / max(brought, 1))))
                     held += sent

@@ -135,7 +135,7 @@ def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -148,7 +148,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _usage_since(pids: dict[str, int], cpu_before: dict[str, float]) -> dict[str, ProcessUsage]:
-    return {name: ProcessUsage(_cpu_seconds(pid) - cpu_before[name], _peak_rss_mb(pid)) for name, pid in pids.items()}
+    return {name: ProcessUsage(cpu_seconds(pid) - cpu_before[name], _peak_rss_mb(pid)) for name, pid in pids.items()}
 
 
 BROKER = "broker"  # the embedded broker (Tansu)
@@ -345,7 +345,7 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
                 pids.update(zip(names, (process.pid for process in extra), strict=True))
             harness = harness_pids(stack, pids)
             everyone = pids | harness
-            cpu_before = {name: _cpu_seconds(pid) for name, pid in everyone.items()}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in everyone.items()}
             task = bar.add_task(f"{requests} cancellations, as fast as possible", total=requests)
             burst = await _run(client, watcher, timer, samples[:requests], None,
                                lambda n: bar.update(task, completed=n))
@@ -354,12 +354,12 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
             paced = None
             if paced_requests:
                 task = bar.add_task(f"{paced_requests} cancellations at {paced_rate:g}/s", total=paced_requests)
-                cpu_before = {name: _cpu_seconds(pid) for name, pid in everyone.items()}
+                cpu_before = {name: cpu_seconds(pid) for name, pid in everyone.items()}
                 broker_at = [cpu_before[BROKER]] if BROKER in everyone else None
 
                 def mark() -> None:
                     if broker_at is not None:
-                        broker_at.append(_cpu_seconds(everyone[BROKER]))
+                        broker_at.append(cpu_seconds(everyone[BROKER]))
 
                 paced = await _run(client, watcher, timer, samples[requests:], paced_rate,
                                    lambda n: bar.update(task, completed=n), mark)

@@ -58,7 +58,7 @@ def topics(
         10.0, "--wait", min=0, help="Seconds to wait for the broker to answer (it may still be starting).",
     ),
     embedded: bool = typer.Option(
-        False, "--embedded", help="The embedded broker (Tansu): the saga topic gets fewer partitions there.",
+        False, "--embedded", help="The embedded broker (Tansu): some topics get fewer partitions there.",
     ),
 ) -> None:
     """Create every topic (idempotent) and show them with their partitions and configs."""
