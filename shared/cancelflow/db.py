@@ -526,8 +526,17 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 async def create_schema(engine: AsyncEngine, metadata: MetaData) -> None:
+    """The tables and indexes of `metadata` that the database lacks (create_all adds no index to a
+    table that exists, such as one a newer release indexes)."""
+
+    def create(conn: Any) -> None:
+        metadata.create_all(conn)
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+
     async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+        await conn.run_sync(create)
 
 
 async def sqlite_outbox_ids_never_reused(engine: AsyncEngine, outbox: Table) -> None:

@@ -14,6 +14,8 @@ BAD_SIGNATURES = Counter("cancelflow_bad_signatures_total", "Upstream records wi
                          ["topic"])
 DEAD_LETTERED = Counter("cancelflow_dead_lettered_total", "Records sent to the DLQ", ["topic", "reason"])
 HANDLER_ERRORS = Counter("cancelflow_handler_errors_total", "Handler attempts that raised", ["event_type"])
+INBOX_PRUNED = Counter("cancelflow_inbox_pruned_total",
+                       "Inbox rows deleted after the retention period (CANCELFLOW_INBOX_RETENTION_DAYS)")
 OUTBOX_BACKLOG = Gauge("cancelflow_outbox_backlog", "Outbox rows not yet published")
 CONSUMER_LAG = Gauge("cancelflow_consumer_lag", "Records behind the partition end", ["topic", "partition"])
 OFFSET_GAPS = Counter("cancelflow_offset_gaps_total",

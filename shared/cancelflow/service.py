@@ -27,6 +27,7 @@ from cancelflow.messaging.consumer import ConsumeLoop, Route
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import make_consumer, make_producer
 from cancelflow.messaging.relay import OutboxRelay
+from cancelflow.messaging.retention import InboxPruner
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.store import MessagingTables
 from cancelflow.messaging.uow import OUTBOX, UnitOfWork
@@ -94,6 +95,9 @@ class ServiceRuntime:
         self.routes: list[Route] = []
         self.http = web.Application()
         self.tasks: list[Task] = []
+        self.inbox_pruner = InboxPruner(self.transactions, tables, retention_days=settings.inbox_retention_days)
+        if self.inbox_pruner.enabled:
+            self.tasks.append(self.inbox_pruner.run)
         self.on_start: list[Task] = []
         self.on_stop: list[Task] = []
         # Who to wake after a commit, by what the transaction wrote (`UnitOfWork.wrote`): the relay

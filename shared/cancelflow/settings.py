@@ -77,6 +77,10 @@ class CommonSettings(BaseSettings):
     # in days that only tests and demos set (production never does).
     scheduler_interval_s: float = Field(30.0, gt=0, validation_alias="SCHEDULER_INTERVAL_SECONDS")
     clock_offset_days: int = Field(0, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
+    # How long each service keeps the ids of the events it processed (its inbox), which drop a
+    # redelivered event: longer than the topics keep their records (Kafka's default is 7 days). 0 keeps
+    # them for ever (messaging/retention.py).
+    inbox_retention_days: float = Field(30.0, ge=0, validation_alias="CANCELFLOW_INBOX_RETENTION_DAYS")
     # Status tracker: an open request with no change for this long ends `manual_review` (code `timeout`).
     stuck_after_s: float = Field(600.0, gt=0, validation_alias="STUCK_AFTER_SECONDS")
     # Sandboxes and fault hooks: on in the embedded stack (`cancelflow up` sets it), off otherwise.

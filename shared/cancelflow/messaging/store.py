@@ -49,6 +49,13 @@ class MessagingTables:
         return Among(lambda ids: select(self.inbox.c.message_id).where(self.inbox.c.message_id.in_(ids)))
 
     @cached_property
+    def inbox_prune(self) -> Query:
+        """Delete up to `size` inbox rows processed before `before` (one chunk of messaging/retention.py)."""
+        old = (select(self.inbox.c.message_id).where(self.inbox.c.processed_at < bindparam("before"))
+               .limit(bindparam("size")))
+        return Query(delete(self.inbox).where(self.inbox.c.message_id.in_(old.scalar_subquery())))
+
+    @cached_property
     def add_outbox(self) -> Query:
         return Query(insert(self.outbox))
 
@@ -74,7 +81,8 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         Column("topic", String(200), nullable=False),
         Column("partition", Integer, nullable=False),
         Column("offset", BigInteger, nullable=False),
-        Column("processed_at", DateTime(timezone=True), nullable=False),
+        # indexed for pruning (messaging/retention.py)
+        Column("processed_at", DateTime(timezone=True), nullable=False, index=True),
     )
     outbox = Table(
         "outbox",
