@@ -10,7 +10,9 @@ plain aiokafka relays carrying N messages through as many hops as a cancellation
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import platform
 import statistics
 import subprocess
 import time
@@ -97,9 +99,11 @@ class BenchResult:
     instances: int = 1
     fetch_wait_ms: int | None = None  # the services' CANCELFLOW_FETCH_MAX_WAIT_MS
     violations: dict[str, list[str]] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)  # `machine()`, with the reference at the start and end
 
     def summary(self) -> dict[str, Any]:
         return {
+            "machine": self.machine,
             "store": self.store,
             "instances": self.instances,
             "fetch_wait_ms": self.fetch_wait_ms,
@@ -125,6 +129,43 @@ class BenchResult:
             "steps_ms": {step: round(ms, 1) for step, ms in self.burst.steps_ms.items()},
             "steps_ms_paced": {step: round(ms, 1) for step, ms in self.paced.steps_ms.items()} if self.paced else None,
         }
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def reference_us(units: int = 200, repeat: int = 5) -> float:
+    """How fast this machine runs Python now: microseconds per unit of a fixed piece of standard-library
+    work (build a small record, encode it as JSON, parse it back, sort its keys), the best of `repeat`.
+    It does not depend on cancelflow's code, so it compares machines, and minutes of one machine (a
+    virtual machine's speed drifts), across releases. Taken before and after the runs."""
+    def unit(n: int) -> None:
+        record = {f"field_{i}": [n, str(i) * 3, {"at": i * 1.5, "ok": i % 2 == 0}] for i in range(20)}
+        sorted(json.loads(json.dumps(record)))
+
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for n in range(units):
+            unit(n)
+        best = min(best, time.perf_counter() - started)
+    return round(best / units * 1e6, 1)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were taken on: cores, processor, Python, and `reference_us` now."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    memory_kb = next((int(line.split()[1]) for line in _read_lines("/proc/meminfo") if line.startswith("MemTotal:")), 0)
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(memory_kb / 1024 ** 2, 1),
+            "python": platform.python_version(), "reference_us": [reference_us()]}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 # --- process usage, from /proc -------------------------------------------------------------------
@@ -450,8 +491,12 @@ def _progress(console: Console) -> Progress:
 
 def render(result: BenchResult, console: Console) -> None:
     s = result.summary()
+    box = result.machine
+    caption = (f"on {box['cores']} cores ({box['cpu']}, {box['memory_gib']} GiB), Python {box['python']}; "
+               f"reference {' then '.join(map(str, box['reference_us']))} µs (bench.reference_us: lower is faster)"
+               if box else None)
     table = Table(title=f"cancelflow bench ({result.store} stores, {result.instances} instance(s) of each service, "
-                        f"{s['requests']} requests, fetch wait {s['fetch_wait_ms']} ms)")
+                        f"{s['requests']} requests, fetch wait {s['fetch_wait_ms']} ms)", caption=caption)
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")

@@ -430,10 +430,11 @@ def bench(
     import json
     from datetime import UTC, datetime
 
-    from cancelflow.bench import BenchResult, measure_baseline, measure_system, render
+    from cancelflow.bench import BenchResult, machine, measure_baseline, measure_system, reference_us, render
     from cancelflow.testing.stack import StackProcess
 
     _stop_cleanly_on_sigterm()
+    box = machine()  # and its reference speed again after the runs: the machine's speed drifts
     server = None
     if running:
         if pg or fetch_wait_ms:
@@ -476,7 +477,8 @@ def bench(
             server.cleanup()
     store = "sqlite" if all(url.startswith("sqlite") for url in stack.database_urls().values()) else "postgresql"
     result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store=store, instances=instances,
-                         fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v})
+                         fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v},
+                         machine={**box, "reference_us": [*box["reference_us"], reference_us()]})
     render(result, console)
     if json_out:
         print(json.dumps(result.summary()))

@@ -56,6 +56,10 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     assert first > 0 and second > 0
     assert (first + second) / 2 <= figures["cpu_ms_per_request_paced"]["broker"] + 0.01
     assert figures["steps_ms"], "the per-step breakdown is missing"
+    # what the figures were taken on, and how fast it ran Python before and after the runs
+    box = figures["machine"]
+    assert box["cores"] == os.cpu_count() and box["cpu"] and box["python"]
+    assert len(box["reference_us"]) == 2 and all(us > 0 for us in box["reference_us"])
 
 
 def test_two_instances_of_every_service_finish_the_run_correctly(tmp_path: Path) -> None:

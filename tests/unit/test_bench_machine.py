@@ -1,0 +1,33 @@
+"""The bench says what machine its figures were taken on, and how fast that machine ran Python."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from rich.console import Console
+
+from cancelflow import bench
+
+
+def test_the_reference_is_time_per_unit_of_work() -> None:
+    small = bench.reference_us(units=50, repeat=3)
+    assert 0 < small < 100_000
+    # per unit: twice the units take about as long each
+    assert bench.reference_us(units=100, repeat=3) < small * 3
+
+
+def test_the_machine_is_described_and_shown_under_the_figures() -> None:
+    box = bench.machine()
+    assert box["cores"] == os.cpu_count()
+    assert box["python"] == platform.python_version()
+    assert box["cpu"] and box["memory_gib"] > 0 and len(box["reference_us"]) == 1
+    burst = bench.Measured(requests=2, seconds=1.0, latencies_ms=[10.0, 20.0], cpu_s={"billing": 0.1})
+    result = bench.BenchResult(burst, None, 100.0, {"billing": bench.ProcessUsage(0.1, 80.0)},
+                               machine={**box, "reference_us": [150.0, 180.5]})
+    assert result.summary()["machine"]["reference_us"] == [150.0, 180.5]
+    console = Console(record=True, width=200)
+    bench.render(result, console)
+    shown = console.export_text()
+    assert f"on {box['cores']} cores ({box['cpu']}" in shown
+    assert "reference 150.0 then 180.5 µs" in shown
