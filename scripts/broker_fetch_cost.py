@@ -8,7 +8,7 @@ fetch of a partition that has records past the consumer's offset, lists every ba
 partition to find where to start. So a fetch that brings records costs more the longer the broker has
 run. This measures it on a broker of its own: ten consumer groups read one partition while a producer
 adds 50 records a second (one batch each), at each number of batches held; the broker's CPU (from /proc)
-divided by the fetches that brought records. README, Performance item 29, has the figures.
+divided by the fetches that brought records. docs/performance.md, item 29, has the figures.
 """
 
 from __future__ import annotations

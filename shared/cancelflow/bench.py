@@ -10,6 +10,7 @@ plain aiokafka relays carrying N messages through as many hops as a cancellation
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -55,7 +56,7 @@ class Measured:
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of every process during the run
     # The embedded broker's CPU seconds while the first and while the second half of the requests were
     # being sent (not after the last: the drain would count for the second half only). Its cost per
-    # fetch grows with every record batch it holds (README, Performance item 29). In a run of a few
+    # fetch grows with every record batch it holds (docs/performance.md, item 29). In a run of a few
     # seconds the first half also holds the pipeline filling up, so it reads a little low.
     broker_cpu_s_halves: tuple[float, float] | None = None
 
@@ -138,17 +139,25 @@ def reference_us(units: int = 200, repeat: int = 5) -> float:
     """How fast this machine runs Python now: microseconds per unit of a fixed piece of standard-library
     work (build a small record, encode it as JSON, parse it back, sort its keys), the best of `repeat`.
     It does not depend on cancelflow's code, so it compares machines, and minutes of one machine (a
-    virtual machine's speed drifts), across releases. Taken before and after the runs."""
+    virtual machine's speed drifts), across releases. Taken before and after the runs, with the garbage
+    collector off: after the runs this process holds every status record it read, and a collection
+    walking them would be timed too."""
     def unit(n: int) -> None:
         record = {f"field_{i}": [n, str(i) * 3, {"at": i * 1.5, "ok": i % 2 == 0}] for i in range(20)}
         sorted(json.loads(json.dumps(record)))
 
     best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        for n in range(units):
-            unit(n)
-        best = min(best, time.perf_counter() - started)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            started = time.perf_counter()
+            for n in range(units):
+                unit(n)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        if collecting:
+            gc.enable()
     return round(best / units * 1e6, 1)
 
 

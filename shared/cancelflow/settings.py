@@ -34,7 +34,7 @@ class CommonSettings(BaseSettings):
     # How long a fetch may wait. Kafka answers when a record arrives (500 is fine there). The embedded
     # broker answers about every half wait, records or not, so the wait sets each hop's latency and how
     # often every consumer polls: 25 kept 41% of a core busy on an idle stack, 100 keeps 14%; paced at
-    # 5 requests/s the stack used 1.03 cores with 25 and 0.73 with 100 (README, Performance, item 23).
+    # 5 requests/s the stack used 1.03 cores with 25 and 0.73 with 100 (docs/performance.md, item 23).
     fetch_max_wait_ms: int = Field(100, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
     # A fetch that skips offsets (the embedded broker does under concurrent produces) is read again; a
     # hole that stays this long is accepted (Apache Kafka has real ones next to transaction markers and

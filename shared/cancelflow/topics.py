@@ -21,7 +21,7 @@ class Topic:
     configs: dict[str, str] = field(default_factory=dict)
     # Fewer partitions on the embedded broker, whose cost grows with them: every fetch answers for each
     # partition (even an idle one), a fetch of a partition with new records lists every record batch it
-    # holds, and a relay round writes a batch to each partition its records go to (README, Performance
+    # holds, and a relay round writes a batch to each partition its records go to (docs/performance.md,
     # item 30). Kafka gets `partitions`, the room to scale out.
     embedded_partitions: int | None = None
 

@@ -1,5 +1,5 @@
 """scripts/broker_fetch_cost.py, small: it runs a broker of its own, measures at each point asked for, and
-counts the fetches that brought records (what the README's item 29 divides by). The figures themselves
+counts the fetches that brought records (what item 29 of docs/performance.md divides by). The figures themselves
 are the script's to print, not a test's to time."""
 
 from __future__ import annotations

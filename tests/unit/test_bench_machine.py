@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 
@@ -15,6 +16,16 @@ def test_the_reference_is_time_per_unit_of_work() -> None:
     assert 0 < small < 100_000
     # per unit: twice the units take about as long each
     assert bench.reference_us(units=100, repeat=3) < small * 3
+    assert gc.isenabled()  # switched off while timing, and back on
+
+
+def test_the_reference_leaves_a_collector_that_was_off_off() -> None:
+    gc.disable()
+    try:
+        bench.reference_us(units=5, repeat=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_the_machine_is_described_and_shown_under_the_figures() -> None:
