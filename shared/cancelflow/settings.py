@@ -36,7 +36,7 @@ class CommonSettings(BaseSettings):
     # often every consumer polls: 25 kept 41% of a core busy on an idle stack, 100 kept 14%; paced at
     # 5 requests/s the stack used 1.03 cores with 25 and 0.73 with 100 (docs/performance.md, item 23).
     # 200: a steady 100 requests/s costs about 10% less CPU per request than with 100, and the stack
-    # keeps up instead of queueing (paced p99 about 1.4 s against 6 s over 15 s), for about 170 ms more
+    # queues far less (paced p99 about 1.4 s against 6 s over 15 s), for about 170 ms more
     # per request at low load (item 31).
     fetch_max_wait_ms: int = Field(200, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
     # A fetch that skips offsets (the embedded broker does under concurrent produces) is read again; a
