@@ -7,6 +7,7 @@ truncated or garbage bytes) and throws raw bytes at the codec."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cancelflow import topics
-from cancelflow.events import CancellationRequested, SubscriptionActivated, envelope_for
+from cancelflow.events import CancellationRequested, Envelope, SubscriptionActivated, envelope_for
 from cancelflow.messaging.codec import BadRecord, Message, decode, encode
 
 REASONS = {"empty", "too_large", "not_json", "not_an_envelope", "unknown_event_type", "unknown_schema_version",
@@ -100,3 +101,17 @@ def test_an_event_on_another_topic_is_rejected() -> None:
         assert bad.reason == "wrong_topic"
     else:
         raise AssertionError("a subscription fact on the request topic was accepted")
+
+
+@PROFILE
+@given(payload=st.dictionaries(st.text(max_size=10), json_values, max_size=6), text=st.text(min_size=1),
+       micro=st.integers(0, 999_999))
+def test_encode_writes_what_dumping_the_envelope_with_orjson_writes(payload: dict[str, Any], text: str,
+                                                                     micro: int) -> None:
+    envelope = Envelope(event_id=uuid.uuid4(), event_type=text, schema_version=1,
+                        occurred_at=datetime(2026, 12, 6, 1, 2, 3, micro, tzinfo=UTC), correlation_id=text,
+                        causation_id=None, producer="storefront", payload=payload)
+    assert encode(envelope) == orjson.dumps(envelope.model_dump(mode="json"))
+    # and it decodes back to the same envelope (with a payload decoding accepts)
+    request = envelope.model_copy(update={"event_type": "CancellationRequested", "payload": _valid()["payload"]})
+    assert decode(encode(request), topic=topics.REQUESTED).envelope == request

@@ -93,5 +93,11 @@ def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int =
     return Message(envelope, payload, topic, partition, offset, key.decode("utf-8", "replace") if key else None)
 
 
+_ENVELOPE_JSON = Envelope.__pydantic_serializer__
+
+
 def encode(envelope: Envelope) -> bytes:
-    return orjson.dumps(envelope.model_dump(mode="json"))
+    """The record value: the envelope as compact JSON, written by pydantic-core in one pass (the same
+    bytes as `orjson.dumps(envelope.model_dump(mode="json"))`, in about half the time; one encode per
+    record every service emits)."""
+    return _ENVELOPE_JSON.to_json(envelope)
