@@ -2,7 +2,8 @@
 reason, never another exception: a poison record cannot stop a partition (CONTRACT.md section 7).
 
 Hypothesis mutates valid envelopes (dropped, retyped or extra fields, wrong versions and types,
-truncated or garbage bytes) and throws raw bytes at the codec."""
+truncated or garbage bytes) and throws raw bytes at the codec. And the other way: what `encode` writes
+for generated envelopes is exactly what dumping them with orjson writes, and decodes back."""
 
 from __future__ import annotations
 
