@@ -165,7 +165,7 @@ def machine() -> dict[str, Any]:
     """What the figures were taken on: cores, processor, Python, and `reference_us` now."""
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor() or platform.machine())
-    memory_kb = next((int(line.split()[1]) for line in _read_lines("/proc/meminfo") if line.startswith("MemTotal:")), 0)
+    memory_kb = _kb(_read_lines("/proc/meminfo"), "MemTotal:")
     return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(memory_kb / 1024 ** 2, 1),
             "python": platform.python_version(), "reference_us": [reference_us()]}
 
@@ -175,6 +175,11 @@ def _read_lines(path: str) -> list[str]:
         return Path(path).read_text().splitlines()
     except OSError:
         return []
+
+
+def _kb(lines: list[str], key: str) -> int:
+    """The value of a `key  N kB` line of a /proc file (/proc/meminfo, /proc/PID/status); 0 without one."""
+    return next((int(line.split()[1]) for line in lines if line.startswith(key)), 0)
 
 
 # --- process usage, from /proc -------------------------------------------------------------------
@@ -191,10 +196,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return _kb(Path(f"/proc/{pid}/status").read_text().splitlines(), "VmHWM:") / 1024
 
 
 def _usage_since(pids: dict[str, int], cpu_before: dict[str, float]) -> dict[str, ProcessUsage]:
