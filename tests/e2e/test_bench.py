@@ -17,6 +17,7 @@ import pytest
 from cancelflow.settings import CommonSettings
 from cancelflow.stack.embedded import running_stack
 from cancelflow.testing.stack import StackProcess
+from tests.scripts import load_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -56,6 +57,8 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     assert first > 0 and second > 0
     assert (first + second) / 2 <= figures["cpu_ms_per_request_paced"]["broker"] + 0.01
     assert figures["steps_ms"], "the per-step breakdown is missing"
+    # the saga events of a cancellation, in order: what scripts/kafka_floor.py's stand-ins publish
+    assert [step.split(" -> ")[1] for step in figures["steps_ms"]] == list(load_script("kafka_floor").SAGA_STEPS)
     # what the figures were taken on, and how fast it ran Python before and after the runs
     box = figures["machine"]
     assert box["cores"] == os.cpu_count() and box["cpu"] and box["python"]

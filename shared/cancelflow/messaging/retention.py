@@ -3,7 +3,7 @@
 The inbox makes a redelivered event a no-op (messaging/uow.py): its id is found and the event dropped.
 A redelivery can only bring what a topic still holds, so an id needs keeping as long as the topics
 keep their records (Kafka's default retention is 7 days), and no longer: without pruning the inbox
-grows by every event a service reads (about ten saga events per cancellation, in each service).
+grows by every event a service reads (six saga events per cancellation, in each service).
 
 Every service runs an `InboxPruner` (`CANCELFLOW_INBOX_RETENTION_DAYS`, 30 by default, 0 keeps every
 id): at start and then hourly it deletes the rows processed before the retention period, in chunks of
