@@ -313,7 +313,9 @@ class RequestDeclined(SagaEvent):
 
 @register
 class CancellationScheduled(SagaEvent):
-    """End-of-term: auto-renew is off now; the vendor-first steps run when the period ends."""
+    """End-of-term: the vendor-first steps run when the period ends. A full cancellation stops auto-renew
+    now (billing, and the gateway's schedule on this event); a partial one (`full` false) keeps it: the
+    subscription renews with the licenses that are left."""
 
     event_type: ClassVar[str] = "CancellationScheduled"
 
@@ -322,6 +324,7 @@ class CancellationScheduled(SagaEvent):
     run_on: date
     history: str
     snapshot: SubscriptionSnapshot
+    full: bool = True
 
 
 @register

@@ -18,9 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing import orm as billing_orm
 from billing.handlers import BillingHandlers
 from billing.repository import BillingRepository
-from cancelflow.db import create_schema, make_engine, session_factory
+from billing.scheduler import EndOfTermScheduler
+from cancelflow.db import create_schema, make_engine, session_factory, transactions
 from cancelflow.events import (
     CancellationRequested,
+    CancellationScheduled,
     ChargeCaptured,
     Payload,
     PlatformCommitted,
@@ -354,6 +356,52 @@ async def test_billing_activation_during_a_cancellation_keeps_the_lock(billing: 
     sub = await billing.subscription()
     assert sub["provisioning_status"] == "In Progress"
     assert sub["quantity"] == 6
+
+
+async def test_billing_full_end_of_term_stops_auto_renew_now(billing: Billing) -> None:
+    await billing.send(activated())
+    emitted = await billing.send(requested(mode="end_of_term"))
+    assert types(emitted) == ["CancellationReceived", "CancellationScheduled"]
+    assert emitted[1]["payload"]["full"] is True
+    sub = await billing.subscription()
+    assert (sub["auto_renew"], sub["status"]) == (False, "active")
+    assert await billing.billings() == ["canceled"]
+    assert await billing.history() == ["Auto-renew is set to off; the subscription will be canceled with "
+                                       "effective date 2026-12-01"]
+    # An upstream refresh meanwhile does not turn it back on, nor bring a renewal back.
+    await billing.send(activated(quantity=6))
+    sub = await billing.subscription()
+    assert (sub["auto_renew"], sub["quantity"]) == (False, 6)
+    assert "scheduled" not in await billing.billings()
+
+
+async def test_billing_partial_end_of_term_keeps_renewing_with_the_licenses_left(billing: Billing) -> None:
+    await billing.send(activated())
+    request = requested(mode="end_of_term", quantity=2)
+    emitted = await billing.send(request)
+    assert types(emitted) == ["CancellationReceived", "CancellationScheduled"]
+    assert emitted[1]["payload"]["full"] is False
+    sub = await billing.subscription()
+    assert sub["auto_renew"] is True
+    assert await billing.billings() == ["scheduled"]
+    assert await billing.history() == ["Quantity will be set to 3 with effective date 2026-12-01"]
+    # An upstream refresh keeps its auto-renew: only a full end-of-term cancellation holds it off.
+    await billing.send(activated())
+    assert (await billing.subscription())["auto_renew"] is True
+
+    # The period ends: the vendor removes the licenses, and the renewal bills the 3 that are left.
+    scheduler = EndOfTermScheduler(
+        lambda: UnitOfWork(transactions(billing.engine), billing_orm.messaging, producer="test"),
+        billing.handlers.start_scheduled, FixedClock(PERIOD_END))  # type: ignore[arg-type]
+    assert await scheduler.run_due() == 1
+    assert types((await outbox(billing.engine, billing_orm))[-1:]) == ["VendorCancellationRequested"]
+    emitted = await billing.send(provisioned(request.request_id, new_quantity=3))
+    assert emitted[0]["payload"]["full"] is False and emitted[0]["payload"]["refund_due"] is False
+    sub = await billing.subscription()
+    assert (sub["quantity"], sub["auto_renew"]) == (3, True)
+    renewals = await rows(billing.engine, billing_orm.scheduled_billings)
+    assert [(r["status"], Decimal(str(r["amount"]))) for r in renewals
+            if r["status"] == "scheduled"] == [("scheduled", Decimal("30.00"))]
 
 
 # --- provisioning -------------------------------------------------------------------------------------
@@ -691,6 +739,22 @@ async def test_payment_schedule_stop_failure_keeps_the_refund_pending_for_the_re
     assert [r["status"] for r in await rows(payments.engine, payment_orm.refunds)] == ["succeeded"]
     assert await payments.refunded_amount() == Decimal("10.00")
     assert types(await outbox(payments.engine, payment_orm)) == ["RefundIssued"]
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "partial"])
+async def test_payment_end_of_term_stops_the_schedule_only_for_a_full_cancellation(payments: Payments,
+                                                                                  full: bool) -> None:
+    scheduled = CancellationScheduled(
+        request_id=uuid.uuid4(), account_id="acc-1", subscription_id="sub-1", run_on=PERIOD_END,
+        history="(scheduled)", full=full,
+        snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized"))
+    await handle(payments.engine, payment_orm, payments.handlers.cancellation_scheduled, message(scheduled))
+    stops = [call for call in payments.gateway.calls if call["call"] == "stop_schedule"]
+    emitted = await outbox(payments.engine, payment_orm)
+    if full:
+        assert len(stops) == 1 and types(emitted) == ["AutoRenewStopped"]
+    else:  # the subscription renews with the licenses that are left
+        assert stops == [] and emitted == []
 
 
 async def test_payment_unknown_outcome_is_retried_with_the_same_key(payments: Payments) -> None:

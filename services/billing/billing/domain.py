@@ -20,6 +20,7 @@ HISTORY_QUANTITY = "Quantity is set to {quantity} with effective date {effective
 HISTORY_VENDOR_ERROR = ("Subscription failed to cancel due to Provisioning Error. "
                         "Please try to cancel the subscription again.")
 HISTORY_SCHEDULED = "Auto-renew is set to off; the subscription will be canceled with effective date {effective_date}"
+HISTORY_SCHEDULED_PARTIAL = "Quantity will be set to {quantity} with effective date {effective_date}"
 HISTORY_PLATFORM_ERROR = ("The subscription cancellation process has encountered an error on our "
                           "Platform. Please contact your administrator")
 

@@ -49,6 +49,10 @@ class BillingHandlers:
     async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
         facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
         repo = BillingRepository(uow.db)
+        if facts.auto_renew and await repo.ends_at_term(facts.subscription_id):
+            # An upstream refresh does not undo a scheduled end-of-term cancellation: auto-renew stays
+            # off, and no renewal comes back (the gateway's schedule stays stopped too).
+            facts = facts.model_copy(update={"auto_renew": False})
         await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED)
         await repo.schedule_renewal(facts)
 
@@ -164,18 +168,25 @@ class BillingHandlers:
             await self._lock_and_ask_vendor(uow, repo, saga, row)
 
     async def _schedule(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, row: dict) -> None:
-        """End of term: auto-renew stops now (billing here, the gateway's schedule via the event)."""
+        """End of term, full: auto-renew stops now (billing here, the gateway's schedule via the event).
+        Partial: nothing stops. The subscription goes on with the licenses that are left, so it keeps
+        renewing; the commit at the end of the term reprices the renewal (`_commit`)."""
         subscription_id = row["subscription_id"]
-        history = domain.HISTORY_SCHEDULED.format(effective_date=saga["run_on"].isoformat())
-        await repo.update_subscription(subscription_id, auto_renew=False)
-        await repo.cancel_scheduled_billings(subscription_id)
+        full = saga["new_quantity"] == 0
+        if full:
+            history = domain.HISTORY_SCHEDULED.format(effective_date=saga["run_on"].isoformat())
+            await repo.update_subscription(subscription_id, auto_renew=False)
+            await repo.cancel_scheduled_billings(subscription_id)
+        else:
+            history = domain.HISTORY_SCHEDULED_PARTIAL.format(quantity=saga["new_quantity"],
+                                                              effective_date=saga["run_on"].isoformat())
         await repo.add_history(subscription_id, saga["request_id"], history)
         await repo.set_cancellation(saga["request_id"], state="scheduled")
         after = await repo.subscription(subscription_id)
         assert after is not None
         uow.emit(CancellationScheduled(
             request_id=saga["request_id"], account_id=row["account_id"], subscription_id=subscription_id,
-            run_on=saga["run_on"], history=history,
+            run_on=saga["run_on"], history=history, full=full,
             snapshot=repo.snapshot(after, effective_date=saga["effective_date"],
                                    access_end_date=saga["access_end_date"])))
         self.on_scheduled()

@@ -43,6 +43,10 @@ IN_FLIGHT = Query(select(_cancellations.c.request_id).where(
     (_cancellations.c.subscription_id == bindparam("subscription_id"))
     & (_cancellations.c.request_id != bindparam("exclude"))
     & or_(_cancellations.c.state == "scheduled", _cancellations.c.state == "awaiting_vendor")).limit(1))
+# A full end-of-term cancellation waiting for its date: the subscription does not renew.
+ENDING_AT_TERM = Query(select(_cancellations.c.request_id).where(
+    (_cancellations.c.subscription_id == bindparam("subscription_id")) & (_cancellations.c.state == "scheduled")
+    & (_cancellations.c.new_quantity == 0)).limit(1))
 
 PARKED_ID = Query(select(_parked.c.request_id).where(_parked.c.request_id == bindparam("request_id")))
 PARKED = Query(select(_parked).where(_parked.c.request_id == bindparam("request_id")))
@@ -134,6 +138,10 @@ class BillingRepository:
     async def in_flight(self, subscription_id: str, *, exclude: str) -> bool:
         """Another request for the subscription is scheduled or at the vendor (it holds the lock)."""
         return await self.db.first(IN_FLIGHT, subscription_id=subscription_id, exclude=exclude) is not None
+
+    async def ends_at_term(self, subscription_id: str) -> bool:
+        """A full end-of-term cancellation of the subscription is scheduled (auto-renew stopped for it)."""
+        return await self.db.first(ENDING_AT_TERM, subscription_id=subscription_id) is not None
 
     async def park_decision(self, request_id: str, *, decision: str, decided_by: str, note: str) -> None:
         if await self.db.first(PARKED_ID, request_id=request_id) is not None:

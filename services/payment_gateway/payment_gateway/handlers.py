@@ -94,8 +94,11 @@ class PaymentHandlers:
         return outcomes
 
     async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
-        """End of term: the recurring schedule stops now, the cancellation itself runs later."""
+        """End of term: the recurring schedule stops now, the cancellation itself runs later. A partial
+        one keeps the schedule: the subscription renews with the licenses that are left."""
         event: CancellationScheduled = msg.payload  # type: ignore[assignment]
+        if not event.full:
+            return
         ledger = Ledger(uow.db)
         if not await ledger.schedule_stopped(event.subscription_id):
             async with uow.outside():
