@@ -194,6 +194,8 @@ async def test_bad_records_are_dead_lettered_and_the_partition_flows(broker, sto
     missing_field = envelope_dict(a_request(sub, request_id=rid["field"]))
     del missing_field["payload"]["account_id"]
     too_large = envelope_dict(a_request(sub, request_id=rid["large"], reason="x" * (MAX_RECORD_BYTES + 1)))
+    no_uuid = envelope_dict(a_request(sub))  # a request id that is no UUID: no request to reject
+    no_uuid["payload"]["request_id"] = "req-42"
     # (reason, bytes, request id the DLQ entry and the Failed event carry)
     poison: list[tuple[str, bytes, str | None]] = [
         ("not_json", b"\xff\xfe{ this is not JSON", None),
@@ -202,6 +204,7 @@ async def test_bad_records_are_dead_lettered_and_the_partition_flows(broker, sto
         ("unknown_schema_version", orjson.dumps(unknown_version), rid["version"]),
         ("invalid_payload", orjson.dumps(missing_field), rid["field"]),
         ("too_large", orjson.dumps(too_large), None),
+        ("invalid_payload", orjson.dumps(no_uuid), None),
     ]
     valid = a_request(sub)
 

@@ -12,11 +12,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cancelflow import topics
-from cancelflow.events import CancellationRequested, Envelope, SubscriptionActivated, envelope_for
+from cancelflow.events import (
+    CancellationRequested,
+    Envelope,
+    Failed,
+    Source,
+    SubscriptionActivated,
+    ValidationCode,
+    envelope_for,
+)
 from cancelflow.messaging.codec import BadRecord, Message, decode, encode
 
 REASONS = {"empty", "too_large", "not_json", "not_an_envelope", "unknown_event_type", "unknown_schema_version",
@@ -37,6 +46,8 @@ json_values = st.recursive(
     max_leaves=8)
 envelope_fields = st.sampled_from(["event_id", "event_type", "schema_version", "occurred_at", "correlation_id",
                                    "causation_id", "producer", "payload"])
+# request ids: a UUID (the valid one), or any string (a bad record may name anything)
+request_ids = st.uuids().map(str) | st.text(max_size=70)
 payload_fields = st.sampled_from(["request_id", "account_id", "requested_by", "target", "subscription_id", "mode",
                                   "effective_date", "quantity", "charge_ids", "requires_approval"])
 
@@ -53,7 +64,8 @@ def mutated_envelopes(draw: st.DrawFn) -> bytes:
         elif isinstance(envelope.get("payload"), dict) and action == "drop_payload":
             envelope["payload"].pop(draw(payload_fields), None)
         elif isinstance(envelope.get("payload"), dict) and action == "set_payload":
-            envelope["payload"][draw(payload_fields)] = draw(json_values)
+            field = draw(payload_fields)
+            envelope["payload"][field] = draw(request_ids if field == "request_id" else json_values)
         else:
             envelope[draw(st.text(max_size=10))] = draw(json_values)
     raw = orjson.dumps(envelope)
@@ -67,6 +79,10 @@ def _decoded_or_rejected(raw: bytes | None, topic: str) -> None:
         message = decode(raw, topic=topic, partition=0, offset=0, key=b"k")
     except BadRecord as bad:
         assert bad.reason in REASONS and bad.detail.strip()
+        if bad.request_id is not None:
+            # the dead-letter path publishes a `rejected` status for it: that must be possible
+            Failed(request_id=bad.request_id, source=Source.validation, code=ValidationCode.bad_input,
+                   message=bad.detail)
     else:
         assert isinstance(message, Message) and message.topic == topic
 
@@ -87,6 +103,28 @@ def test_arbitrary_bytes_are_rejected_with_a_reason(raw: bytes | None) -> None:
 @given(json_values)
 def test_any_json_value_is_decoded_or_rejected(value: Any) -> None:
     _decoded_or_rejected(orjson.dumps(value), topics.PLATFORM_SUBSCRIPTIONS)
+
+
+@pytest.mark.parametrize("request_id", ["req-42", "x" * 64, "", "12345678-1234-1234-1234-1234567890"])
+def test_a_bad_record_names_a_request_only_by_a_uuid(request_id: str) -> None:
+    """A record whose request id is no UUID is dead-lettered without a `rejected` status (there is no
+    request it could be about); building one raised, and the consumer stopped on the record."""
+    envelope = _valid()
+    envelope["payload"]["request_id"] = request_id
+    with pytest.raises(BadRecord) as bad:
+        decode(orjson.dumps(envelope), topic=topics.REQUESTED)
+    assert bad.value.request_id is None
+    _decoded_or_rejected(orjson.dumps(envelope), topics.REQUESTED)
+
+
+def test_a_bad_record_names_its_request_in_the_canonical_form() -> None:
+    envelope = _valid()
+    rid = uuid.uuid4()
+    envelope["payload"]["request_id"] = str(rid).upper()
+    del envelope["payload"]["account_id"]
+    with pytest.raises(BadRecord) as bad:
+        decode(orjson.dumps(envelope), topic=topics.REQUESTED)
+    assert bad.value.request_id == str(rid)
 
 
 def test_an_event_on_another_topic_is_rejected() -> None:

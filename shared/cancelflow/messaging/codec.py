@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -54,11 +55,18 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def _guess_request_id(data: Any) -> str | None:
+    """The request a bad record speaks for, when it names one: a UUID, as every request id is (CONTRACT.md
+    section 4). Anything else names no request: a `rejected` status could not carry it."""
     if not isinstance(data, dict):
         return None
     payload = data.get("payload")
     candidate = payload.get("request_id") if isinstance(payload, dict) else None
-    return candidate if isinstance(candidate, str) and 0 < len(candidate) <= 64 else None
+    if not isinstance(candidate, str) or not 0 < len(candidate) <= 64:
+        return None
+    try:
+        return str(uuid.UUID(candidate))
+    except ValueError:
+        return None
 
 
 def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int = 0,
