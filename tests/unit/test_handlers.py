@@ -180,7 +180,9 @@ async def billing(billing_engine: AsyncEngine) -> Billing:
 async def test_billing_request_locks_the_subscription_and_asks_the_vendor(billing: Billing) -> None:
     await billing.send(activated())
     request = requested()
-    msg = message(request)
+    # The upstream app's own trace id: everything the request causes is correlated by its request id
+    # (CONTRACT.md section 1), not by what the record that brought it carried.
+    msg = message(request, correlation_id="storefront-trace-77")
     emitted = await billing.send(request, msg)
     assert types(emitted) == ["CancellationReceived", "VendorCancellationRequested"]
     received, command = emitted

@@ -87,9 +87,11 @@ class UnitOfWork:
     def emit(self, payload: Payload, *, correlation_id: str | None = None, key: str | None = None,
              headers: dict[str, str] | None = None) -> Envelope:
         causation = self.message.event_id if self.message else None
-        correlation = correlation_id or (self.message.envelope.correlation_id if self.message else None)
-        if correlation is None:
-            correlation = str(getattr(payload, "request_id", "")) or payload.record_key()
+        # CONTRACT.md section 1: what a request causes is correlated by its request id. Otherwise the
+        # handled record's correlation goes on (an upstream record's own trace id stops at its request).
+        request_id = getattr(payload, "request_id", None)
+        correlation = (correlation_id or (str(request_id) if request_id else None)
+                       or (self.message.envelope.correlation_id if self.message else None) or payload.record_key())
         envelope = envelope_for(payload, producer=self._producer, correlation_id=correlation,
                                 causation_id=causation)
         self.emit_envelope(envelope, topic=payload.topic, key=key or payload.record_key(), headers=headers)
