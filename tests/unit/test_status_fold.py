@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from cancelflow.events import (
+    ApprovalPending,
     CancellationReceived,
     EmailSent,
     Failed,
@@ -198,6 +199,24 @@ def test_rejection_without_received_first() -> None:
     # A dead-lettered request only ever gets a Failed(validation).
     view = fold(failed(Source.validation, code="bad_input"))[-1]
     assert view["state"] == "rejected"
+
+
+@pytest.mark.parametrize("before", ["received", "pending_approval"])
+def test_a_dead_lettered_record_of_a_request_under_way_does_not_end_it(before: str) -> None:
+    """A garbled copy of the request, or an approval that could not be read, is set aside: billing never
+    saw it, and the request goes on (it was marked rejected, and then completed under that state)."""
+    bad = failed(Source.validation, code="bad_input", message="invalid_payload: payload.account_id: Field required",
+                 details={"dead_lettered": "cancellations.requested:0:17"})
+    steps: list[Payload] = [received()]
+    if before == "pending_approval":
+        steps.append(ApprovalPending(request_id=RID, subscription_id="sub-1", snapshot=SubscriptionSnapshot(
+            subscription_status="active", provisioning_status="Synchronized")))
+    views = fold(*steps, bad, vendor_requested(), provisioned(), committed(), refunded())
+    assert views[len(steps)]["state"] == before
+    assert messages(views[len(steps)])[-1] == ("A record for this request was set aside "
+                                                "(cancellations.requested:0:17): invalid_payload: "
+                                                "payload.account_id: Field required")
+    assert views[-1]["state"] == "completed" and views[-1]["error"] is None
 
 
 def test_notification_failure_only_adds_history() -> None:

@@ -167,6 +167,11 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
     if e.source is Source.notification:
         _say(view, at, f"Notification problem: {e.message}")
         return
+    if e.details.get("dead_lettered") and view["state"] is not None:
+        # A bad record naming a request already under way (a garbled copy of the request, an approval that
+        # could not be read) was set aside: the request itself goes on, and says so.
+        _say(view, at, f"A record for this request was set aside ({e.details['dead_lettered']}): {e.message}")
+        return
     view.update(state=FAILED_STATE[e.source].value, stage=e.source.value,
                 error={"source": e.source.value, "code": e.code, "message": e.message})
     _snapshot(view, e.snapshot)
