@@ -160,6 +160,7 @@ async def test_platform_failure_after_vendor_success_reverts_and_alerts_support(
     assert by_kind["support_platform_failure"]["To"] == SUPPORT
     alert = by_kind["support_platform_failure"].get_body(("plain",)).get_content()
     assert sample.facts.vendor_subscription_id in alert and rid in alert and ids["account"] in alert
+    assert "injected platform fault at stage 'commit'" in alert  # the error itself, for whoever finishes it
     _, billing_view = await client.get_json(f"{client.endpoints.billing}/subscriptions/{sample.facts.subscription_id}")
     assert billing_view["subscription"]["status"] == "active"
 

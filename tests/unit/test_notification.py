@@ -114,7 +114,7 @@ class World:
         await self.send(VendorCancellationRequested(
             request_id=request_id, account_id=account, subscription_id=subscription, vendor="acme",
             vendor_subscription_id=f"V-{subscription}", effective_date=TODAY, current_quantity=1, new_quantity=0,
-            snapshot=SubscriptionSnapshot(provisioning_status="In Progress")))
+            snapshot=SubscriptionSnapshot(provisioning_status="In Progress", access_end_date=TODAY)))
         return str(request_id)
 
     async def completed(self, request_id: str, subscription: str = "sub-1") -> None:
@@ -131,7 +131,8 @@ class World:
         await self.send(Failed(request_id=uuid.UUID(request_id), source=Source.platform, code="commit_failed",
                                message="database said no", history="The subscription cancellation process has "
                                "encountered an error on our Platform. Please contact your administrator",
-                               details={"vendor": "acme", "vendor_subscription_id": "V-sub-1"}))
+                               details={"vendor": "acme", "vendor_subscription_id": "V-sub-1",
+                                        "platform_error": "IntegrityError('subscriptions.quantity')"}))
 
 
 def activated(account: str = "acc-1", subscription: str = "sub-1",
@@ -202,8 +203,10 @@ async def test_platform_failure_alerts_support_with_the_timeline(world: World) -
     assert set(mails) == {"failed_platform", "support_platform_failure"}
     assert mails["support_platform_failure"]["To"] == SUPPORT
     alert = text(mails["support_platform_failure"])
+    # the error the commit met (the status says only the seed's text), and when access was to end
     for fact in (rid, "acc-1", "sub-1", "V-sub-1", "jane@example.com", "Timeline", "Request received",
-                 "vendor acme asked to cancel V-sub-1", "encountered an error on our Platform"):
+                 "vendor acme asked to cancel V-sub-1", "encountered an error on our Platform",
+                 "IntegrityError('subscriptions.quantity')", f"Access end date: {TODAY}"):
         assert fact in alert, fact
 
 

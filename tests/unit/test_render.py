@@ -112,6 +112,22 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+def test_a_vendor_failure_at_the_end_of_term_says_auto_renew_stays_off():
+    """The end-of-term run stopped auto-renew when it was scheduled, and a vendor failure does not turn it
+    back on: the email must not say that nothing changed. A partial one kept auto-renew: it may."""
+    for partial, expected, absent in ((False, "automatic renewal stays off", "Nothing has changed"),
+                                      (True, "Nothing has changed", "automatic renewal stays off")):
+        context = {**FULL, "mode": "end_of_term", "partial": partial, "removed_quantity": 2 if partial else None}
+        _, text, html = render("failed_vendor", context)
+        assert expected in flat(text) and expected in visible(html)
+        assert absent not in flat(text) and absent not in visible(html)
+
+
+def test_the_platform_failure_alert_carries_the_error_recorded():
+    _, text, html = render("support_platform_failure", {**FULL, "platform_error": "IntegrityError('quantity')"})
+    assert "IntegrityError('quantity')" in flat(text) and "IntegrityError('quantity')" in visible(html)
+
+
 def test_every_kind_is_covered():
     assert set(SUBJECTS) == set(KINDS) == set(FACTS)
 

@@ -168,6 +168,8 @@ class NotificationHandlers:
                  else f"cancel {e.vendor_subscription_id}")
         await self._learn(uow, str(e.request_id), vendor=e.vendor, vendor_subscription_id=e.vendor_subscription_id,
                           effective_date=e.effective_date.isoformat(),
+                          access_end_date=(e.snapshot.access_end_date.isoformat()
+                                           if e.snapshot and e.snapshot.access_end_date else None),
                           new_quantity=e.new_quantity or None,
                           removed_quantity=(e.current_quantity - e.new_quantity) if e.new_quantity else None,
                           _note=(msg, f"Provisioning status is set to In Progress; vendor {e.vendor} asked to "
@@ -243,7 +245,8 @@ class NotificationHandlers:
         await self._owe(uow, str(e.request_id), request, kinds, error_source=e.source.value, error_code=e.code,
                         error_message=e.message, reason=e.message, refund=refund,
                         transactions=refunds or None, **{k: v for k, v in details.items()
-                                                         if k in ("vendor", "vendor_subscription_id")})
+                                                         if k in ("vendor", "vendor_subscription_id",
+                                                                  "platform_error")})
 
     async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
         """No progress for too long: support gets everything it needs, the customer that it is being

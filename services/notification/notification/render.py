@@ -78,7 +78,7 @@ CONTEXT_KEYS: tuple[str, ...] = (
     "mode", "effective_date", "access_end_date",
     "refund",            # dict: amount, currency, status (+ charge_id, idempotency_key, gateway_error)
     "error_source", "error_code", "error_message",
-    "vendor", "vendor_subscription_id",
+    "vendor", "vendor_subscription_id", "platform_error",
     "reason", "decided_by", "note",
     "charges",           # list of dicts: charge_id, amount, currency, kind (refund|reversal), ...
     "charge_ids",        # list of str: the charges a charges request named
