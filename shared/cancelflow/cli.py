@@ -201,7 +201,8 @@ def cancel(
     requires_approval: bool = typer.Option(False, "--requires-approval"),
     opt_out: bool = typer.Option(False, "--opt-out-of-emails"),
     request_id: str | None = typer.Option(None, "--request-id", help="Reuse an id (a repeat has no new effect)."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for the outcome and print it."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the outcome and print it; exit 0 when it completed "
+                              "(or waits for its end of term or an operator), 1 when it ended otherwise."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait with --wait."),
 ) -> None:
     """Publish a CancellationRequested on cancellations.requested, as an upstream app would."""
@@ -230,7 +231,7 @@ def cancel(
                     reason=reason, requires_approval=requires_approval, opt_out_of_emails=opt_out,
                     request_id=uuid.UUID(request_id) if request_id else None)
                 console.print(f"published CancellationRequested [bold]{rid}[/]")
-                return await watcher.terminal(rid, timeout=timeout) if watcher else None
+                return await watcher.wait_for(rid, _settled, timeout) if watcher else None
             finally:
                 if watcher:
                     await watcher.__aexit__(None, None, None)
@@ -245,6 +246,63 @@ def cancel(
         raise typer.Exit(3) from None
     if status is not None:
         print_status(status)
+        if status["state"] not in _WAITING and status["state"] != "completed":
+            raise typer.Exit(1)
+
+
+# Where a request waits for something outside the stack: its end of term, or an operator's decision.
+_WAITING = ("scheduled", "pending_approval")
+
+
+def _settled(status: dict) -> bool:
+    from cancelflow.ops import is_terminal
+
+    return is_terminal(status) or status["state"] in _WAITING
+
+
+@app.command()
+def sample(
+    account: str = typer.Option(..., "--account", help="The account that owns it."),
+    subscription: str = typer.Option(..., "--subscription", help="The subscription id."),
+    quantity: int = typer.Option(1, "--quantity", help="Licenses."),
+    price: str = typer.Option("30.00", "--price", help="Price of one license for the period (USD)."),
+    days_into_period: int = typer.Option(10, "--days-into-period", help="Days of the 30-day period gone by."),
+    trial: bool = typer.Option(False, "--trial", help="A trial: no charge, never refunded."),
+    duplicate_charges: int = typer.Option(0, "--duplicate-charges",
+                                          help="Capture the period's charge this many more times."),
+) -> None:
+    """Load a sample subscription and its charge into the running stack, as the upstream platform and the
+    gateway would (something to cancel)."""
+    from datetime import UTC, datetime
+
+    from cancelflow.ops import StackClient, sample_subscription, with_duplicate_charges
+
+    made = with_duplicate_charges(sample_subscription(
+        account_id=account, subscription_id=subscription, today=datetime.now(UTC).date(), price=price,
+        quantity=quantity, days_into_period=days_into_period, status="trial" if trial else "active"),
+        duplicate_charges)
+
+    async def load() -> None:
+        async with StackClient(_endpoints()) as stack:
+            await stack.load_for_dispute([made], timeout=60)
+
+    try:
+        with console.status("publishing the subscription and its charges, waiting for the services to have them ..."):
+            asyncio.run(load())
+    except (OSError, TimeoutError) as exc:
+        console.print(f"[red]the stack did not take it: {exc}[/] (is `cancelflow up` running?)")
+        raise typer.Exit(1) from None
+    facts = made.facts
+    table = Table(title=f"subscription {facts.subscription_id} of account {facts.account_id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("status", facts.status)
+    table.add_row("licenses", f"{facts.quantity} at {facts.unit_price} {facts.currency}")
+    table.add_row("period", f"{facts.current_period_start} to {facts.current_period_end}")
+    for charge in made.charges:
+        table.add_row("charge", f"{charge.charge_id}: {charge.amount} {charge.currency}, "
+                                f"captured {charge.captured_at:%Y-%m-%d %H:%M}")
+    console.print(table)
 
 
 @app.command()

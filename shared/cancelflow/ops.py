@@ -91,6 +91,19 @@ def sample_subscription(*, account_id: str, subscription_id: str, today: date, p
     return SampleSubscription(facts, [] if status == "trial" else [charge])
 
 
+def with_duplicate_charges(sample: SampleSubscription, count: int) -> SampleSubscription:
+    """The sample with `count` more captures of its first charge, an hour apart (charge ids
+    `ch-<subscription>-2`, `-3`, ...): what the multiple-charge flow refunds."""
+    if count <= 0 or not sample.charges:
+        return sample
+    first = sample.charges[0]
+    copies = [first.model_copy(update={"charge_id": f"{first.charge_id}-{n}",
+                                       "gateway_charge_id": f"{first.gateway_charge_id}-{n}",
+                                       "captured_at": first.captured_at + timedelta(hours=n - 1)})
+              for n in range(2, count + 2)]
+    return SampleSubscription(sample.facts, [first, *copies])
+
+
 class StackClient:
     """HTTP and Kafka access to a running stack (`async with StackClient(endpoints) as stack`)."""
 
