@@ -743,6 +743,37 @@ async def test_payment_schedule_stop_failure_keeps_the_refund_pending_for_the_re
     assert types(await outbox(payments.engine, payment_orm)) == ["RefundIssued"]
 
 
+async def test_payment_a_refused_schedule_stop_is_manual_review_not_a_retry_for_ever(payments: Payments) -> None:
+    """A 4xx from the gateway is final: retrying the record for ever held every record behind it."""
+    await payments.charge()
+    refused = GatewayOutcome(False, False, 409, "schedule_locked", "The schedule is locked by a dispute", False)
+    payments.gateway.stop_schedule = lambda *a, **k: asyncio.sleep(0, refused)  # type: ignore[method-assign]
+    emitted = await payments.commit(platform_committed())
+    assert types(emitted) == ["Failed"]
+    failed = emitted[0]["payload"]
+    assert (failed["source"], failed["code"], failed["retryable"]) == ("payment", "auto_renew_stop_failed", False)
+    assert failed["message"] == ("The gateway refused to stop auto-renew: 409 schedule_locked: "
+                                 "The schedule is locked by a dispute")
+    # the refund went out in the same round and is recorded as issued; the schedule is not recorded stopped
+    assert [line["outcome"] for line in failed["details"]["refunds"]] == ["succeeded"]
+    assert failed["details"]["auto_renew_stopped"] is False
+    assert [r["status"] for r in await rows(payments.engine, payment_orm.refunds)] == ["succeeded"]
+    assert not await rows(payments.engine, payment_orm.schedule_stops)
+
+
+async def test_payment_a_refused_schedule_stop_at_the_end_of_term_is_manual_review(payments: Payments) -> None:
+    refused = GatewayOutcome(False, False, 404, "no_schedule", "No schedule for this subscription", False)
+    payments.gateway.stop_schedule = lambda *a, **k: asyncio.sleep(0, refused)  # type: ignore[method-assign]
+    scheduled = CancellationScheduled(
+        request_id=uuid.uuid4(), account_id="acc-1", subscription_id="sub-1", run_on=PERIOD_END, history="(scheduled)",
+        snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized"))
+    await handle(payments.engine, payment_orm, payments.handlers.cancellation_scheduled, message(scheduled))
+    emitted = await outbox(payments.engine, payment_orm)
+    assert types(emitted) == ["Failed"]
+    assert emitted[0]["payload"]["code"] == "auto_renew_stop_failed"
+    assert emitted[0]["payload"]["details"]["scheduled"] is True
+
+
 @pytest.mark.parametrize("full", [True, False], ids=["full", "partial"])
 async def test_payment_end_of_term_stops_the_schedule_only_for_a_full_cancellation(payments: Payments,
                                                                                   full: bool) -> None:

@@ -128,6 +128,20 @@ def test_the_platform_failure_alert_carries_the_error_recorded():
     assert "IntegrityError('quantity')" in flat(text) and "IntegrityError('quantity')" in visible(html)
 
 
+def test_auto_renew_the_gateway_would_not_stop_is_told_as_such():
+    """The refund went out; auto-renew is what a person must stop: the email must not say the refund failed."""
+    context = {**FULL, "error_source": "payment", "error_code": "auto_renew_stop_failed",
+               "reason": "The gateway refused to stop auto-renew: 409 schedule_locked: locked",
+               "refund": {**FULL["refund"], "status": "succeeded"}}
+    _, text, html = render("manual_review", context)
+    for said in (flat(text), visible(html)):
+        assert "automatic renewal could not be stopped automatically" in said
+        assert "24.98 USD has been refunded" in said
+        assert "could not be issued" not in said and "Refund under review" not in said
+    _, text, _ = render("manual_review", {**context, "refund": None, "scheduled": True})
+    assert "Your cancellation is scheduled for the end of the current period, but its automatic renewal" in flat(text)
+
+
 def test_every_kind_is_covered():
     assert set(SUBJECTS) == set(KINDS) == set(FACTS)
 

@@ -219,6 +219,14 @@ def test_a_dead_lettered_record_of_a_request_under_way_does_not_end_it(before: s
     assert views[-1]["state"] == "completed" and views[-1]["error"] is None
 
 
+def test_a_refused_auto_renew_stop_keeps_the_refund_issued() -> None:
+    line = {"charge_id": "c1", "amount": "10.00", "currency": "USD", "outcome": "succeeded"}
+    view = fold(received(), vendor_requested(), provisioned(), committed(),
+                failed(Source.payment, code="auto_renew_stop_failed", details={"refunds": [line]}))[-1]
+    assert view["state"] == "manual_review"
+    assert view["refund"] == {"amount": "10.00", "currency": "USD", "status": "succeeded"}
+
+
 def test_notification_failure_only_adds_history() -> None:
     views = fold(received(), vendor_requested(), provisioned(), committed(), refunded(),
                  failed(Source.notification, message="SMTP down"))

@@ -238,15 +238,17 @@ class NotificationHandlers:
         refunds = details.get("refunds") or []
         refund = None
         if refunds:
-            first = refunds[0]
-            refund = {"amount": first["amount"], "currency": first["currency"], "status": "failed",
+            # The one a person must look at: a refused refund (auto-renew may have been what failed)
+            first = next((r for r in refunds if r.get("outcome") != "succeeded"), refunds[0])
+            refund = {"amount": first["amount"], "currency": first["currency"],
+                      "status": "succeeded" if first.get("outcome") == "succeeded" else "failed",
                       "charge_id": first["charge_id"], "idempotency_key": first["idempotency_key"],
                       "gateway_error": first.get("error")}
         await self._owe(uow, str(e.request_id), request, kinds, error_source=e.source.value, error_code=e.code,
                         error_message=e.message, reason=e.message, refund=refund,
                         transactions=refunds or None, **{k: v for k, v in details.items()
                                                          if k in ("vendor", "vendor_subscription_id",
-                                                                  "platform_error")})
+                                                                  "platform_error", "scheduled")})
 
     async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
         """No progress for too long: support gets everything it needs, the customer that it is being

@@ -79,6 +79,7 @@ CONTEXT_KEYS: tuple[str, ...] = (
     "refund",            # dict: amount, currency, status (+ charge_id, idempotency_key, gateway_error)
     "error_source", "error_code", "error_message",
     "vendor", "vendor_subscription_id", "platform_error",
+    "scheduled",         # bool: an end-of-term cancellation that waits for its date
     "reason", "decided_by", "note",
     "charges",           # list of dicts: charge_id, amount, currency, kind (refund|reversal), ...
     "charge_ids",        # list of str: the charges a charges request named

@@ -34,10 +34,21 @@ from payment_gateway.ledger import Ledger
 log = get_logger(__name__)
 
 
-def _require_stopped(outcome: GatewayOutcome) -> None:
-    if not outcome.ok:
-        # Stopping a schedule is idempotent at the gateway: retry the record until it answers.
+def _stopped(outcome: GatewayOutcome) -> bool:
+    """Whether the gateway stopped the recurring schedule. An error worth retrying (5xx, timeout) retries
+    the record: stopping is idempotent at the gateway. A refusal (4xx) is final: False, and a person
+    stops auto-renew (the request ends `manual_review`), instead of the record being retried for ever
+    with every record behind it waiting."""
+    if outcome.ok:
+        return True
+    if outcome.retryable:
         raise TransientError(f"gateway could not stop the recurring schedule: {outcome.message}")
+    log.error("gateway refused to stop the recurring schedule", code=outcome.code, error=outcome.message)
+    return False
+
+
+def _refusal(outcome: GatewayOutcome) -> str:
+    return f"The gateway refused to stop auto-renew: {outcome.http_status} {outcome.code}: {outcome.message}"
 
 
 class PaymentHandlers:
@@ -54,25 +65,27 @@ class PaymentHandlers:
         records: list[dict] = []
         if event.refund_due:
             records = await ledger.refunds_for(str(event.request_id)) or await self._plan_refunds(uow, ledger, event)
-        outcomes = await self._at_gateway(uow, event, stop, [r for r in records if r["status"] == "pending"])
-        if stop:
+        outcomes, refused = await self._at_gateway(uow, event, stop,
+                                                   [r for r in records if r["status"] == "pending"])
+        if stop and refused is None:
             await self._record_schedule_stop(ledger, event)
-        if not event.refund_due:
+        if not event.refund_due and refused is None:
             uow.emit(RefundIssued(request_id=event.request_id, subscription_id=event.subscription_id,
                                   amount=Decimal("0"), currency=event.currency, status="not_due",
                                   auto_renew_stopped=event.full))
             return
         lines = [await self._settle(ledger, record, outcomes.get(record["idempotency_key"])) for record in records]
-        self._conclude(uow, event, lines, event.full)
+        self._conclude(uow, event, lines, event.full and refused is None, refused)
 
     async def _at_gateway(self, uow: UnitOfWork, event: PlatformCommitted, stop: bool,
-                          pending: list[dict]) -> dict[str, RefundOutcome]:
+                          pending: list[dict]) -> tuple[dict[str, RefundOutcome], GatewayOutcome | None]:
         """Stop the recurring schedule (when `stop`) and issue the pending refunds together: one round
         trip to the gateway, not one after the other. What was planned (refund keys, reservations) is
         committed before any call. Unless every answer is final, this raises and nothing is recorded:
-        the record is retried and asks again with the same keys (every call is idempotent there)."""
+        the record is retried and asks again with the same keys (every call is idempotent there).
+        Returns the refunds' outcomes, and the gateway's answer when it refused to stop the schedule."""
         if not stop and not pending:
-            return {}
+            return {}, None
         async with uow.outside():
             calls = [self._refund(record, event) for record in pending]
             if stop:
@@ -83,15 +96,17 @@ class PaymentHandlers:
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
+        refused = None
         if stop:
-            _require_stopped(answers.pop())
+            answer = answers.pop()
+            refused = None if _stopped(answer) else answer
         outcomes: dict[str, RefundOutcome] = dict(zip((r["idempotency_key"] for r in pending), answers, strict=True))
         for key, outcome in outcomes.items():
             if outcome.status == "unknown":
                 # The gateway may or may not have refunded: keep the reservation and the key, and
                 # ask again later with the same key (it answers with the first result).
                 raise TransientError(f"refund {key} outcome unknown: {outcome.message}")
-        return outcomes
+        return outcomes, refused
 
     async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
         """End of term: the recurring schedule stops now, the cancellation itself runs later. A partial
@@ -103,7 +118,13 @@ class PaymentHandlers:
         if not await ledger.schedule_stopped(event.subscription_id):
             async with uow.outside():
                 outcome = await self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id))
-            _require_stopped(outcome)
+            if not _stopped(outcome):
+                # Support stops it by hand; the cancellation itself still runs when the period ends.
+                uow.emit(Failed(request_id=event.request_id, source=Source.payment, code="auto_renew_stop_failed",
+                                message=_refusal(outcome), retryable=False,
+                                details={"account_id": event.account_id, "subscription_id": event.subscription_id,
+                                         "auto_renew_stopped": False, "scheduled": True}))
+                return
             await self._record_schedule_stop(ledger, event)
         uow.emit(AutoRenewStopped(request_id=event.request_id, subscription_id=event.subscription_id))
 
@@ -161,14 +182,19 @@ class PaymentHandlers:
                           error=record.get("error"))
 
     @staticmethod
-    def _conclude(uow: UnitOfWork, event: PlatformCommitted, lines: list[RefundLine], stopped: bool) -> None:
+    def _conclude(uow: UnitOfWork, event: PlatformCommitted, lines: list[RefundLine], stopped: bool,
+                  refused: GatewayOutcome | None = None) -> None:
         failed = [line for line in lines if line.outcome == "failed"]
-        if failed:
-            # The cancellation stays committed; a person finishes the refund (state manual_review).
+        if failed or refused is not None:
+            # The cancellation stays committed; a person finishes the refund or stops auto-renew
+            # (state manual_review).
+            said = [] if not failed else ["The gateway refused the refund: "
+                                          + "; ".join(line.error or "" for line in failed)]
+            said += [] if refused is None else [_refusal(refused)]
             uow.emit(Failed(
-                request_id=event.request_id, source=Source.payment, code="refund_failed",
-                message="The gateway refused the refund: " + "; ".join(line.error or "" for line in failed),
-                retryable=False,
+                request_id=event.request_id, source=Source.payment,
+                code="refund_failed" if failed else "auto_renew_stop_failed",
+                message=". ".join(said), retryable=False,
                 details={"account_id": event.account_id, "subscription_id": event.subscription_id,
                          "refunds": [line.model_dump(mode="json") for line in lines],
                          "auto_renew_stopped": stopped},

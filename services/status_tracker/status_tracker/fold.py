@@ -177,9 +177,11 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
     _snapshot(view, e.snapshot)
     if e.source is Source.payment:
         refunds = e.details.get("refunds") or []
-        if refunds:
+        if refunds:  # all issued when it was auto-renew that the gateway would not stop
             total = sum((Decimal(r["amount"]) for r in refunds), Decimal("0"))
-            view["refund"] = {"amount": f"{total:.2f}", "currency": refunds[0]["currency"], "status": "failed"}
+            issued = all(r.get("outcome") == "succeeded" for r in refunds)
+            view["refund"] = {"amount": f"{total:.2f}", "currency": refunds[0]["currency"],
+                              "status": "succeeded" if issued else "failed"}
     _say(view, at, e.history or f"{e.source.value} error ({e.code}): {e.message}")
 
 
