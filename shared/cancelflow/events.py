@@ -33,10 +33,11 @@ _MONEY = re.compile(r"^-?\d{1,12}(\.\d{1,2})?$")
 
 
 def _parse_money(value: Any) -> Decimal:
-    # Floats are refused: money arrives as a decimal string ("49.95") and must not pick up binary noise.
+    # Money is a decimal string ("49.95", CONTRACT.md section 1): a JSON number is the wrong type (a float
+    # would bring binary noise). Code passes Decimals.
     if isinstance(value, Decimal):
         return value.quantize(Decimal("0.01"))
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if not isinstance(value, str):
         raise ValueError("money must be a decimal string such as \"49.95\"")
     text = str(value)
     if not _MONEY.match(text):

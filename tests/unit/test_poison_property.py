@@ -127,6 +127,39 @@ def test_a_bad_record_names_its_request_in_the_canonical_form() -> None:
     assert bad.value.request_id == str(rid)
 
 
+def _activated() -> dict[str, Any]:
+    facts = SubscriptionActivated(
+        subscription_id="s", account_id="a", customer={"email": "a@b.c", "name": "n"}, product_name="p",
+        vendor="v", vendor_subscription_id="vs", billing_period="monthly", unit_price="1.00", currency="USD",
+        quantity=2, status="active", current_period_start="2026-11-01", current_period_end="2026-12-01",
+        auto_renew=True)
+    return orjson.loads(encode(envelope_for(facts, producer="platform", correlation_id="s", causation_id=None)))
+
+
+@pytest.mark.parametrize(("where", "field", "value"), [
+    ("payload", "quantity", "2"),
+    ("payload", "quantity", 2.0),
+    ("payload", "auto_renew", "yes"),
+    ("payload", "auto_renew", 1),
+    ("payload", "current_period_start", 1764547200),
+    ("payload", "unit_price", 1),
+    ("payload", "unit_price", 1.0),
+    ("payload", "account_id", 7),
+    ("envelope", "schema_version", True),
+    ("envelope", "schema_version", "1"),
+    ("envelope", "occurred_at", 1764547200),
+])
+def test_a_value_of_the_wrong_json_type_is_bad_input(where: str, field: str, value: Any) -> None:
+    """CONTRACT.md section 1: wrong types are bad input, not quietly converted."""
+    envelope = _activated()
+    assert decode(orjson.dumps(envelope), topic=topics.PLATFORM_SUBSCRIPTIONS)  # as it is: fine
+    (envelope["payload"] if where == "payload" else envelope)[field] = value
+    with pytest.raises(BadRecord) as bad:
+        decode(orjson.dumps(envelope), topic=topics.PLATFORM_SUBSCRIPTIONS)
+    assert bad.value.reason == ("invalid_payload" if where == "payload" else "not_an_envelope")
+    assert field in bad.value.detail
+
+
 def test_an_event_on_another_topic_is_rejected() -> None:
     facts = SubscriptionActivated(
         subscription_id="s", account_id="a", customer={"email": "a@b.c", "name": "n"}, product_name="p",

@@ -75,15 +75,17 @@ def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int =
         raise BadRecord("empty", "the record has no value (tombstone or empty)")
     if len(value) > MAX_RECORD_BYTES:
         raise BadRecord("too_large", f"the record is {len(value)} bytes, over the 1 MiB limit")
+    # Strict, as JSON (CONTRACT.md section 1: wrong types are bad input): `"2"` is no quantity, `1` no
+    # date, `"yes"` no bool. Parsed once by pydantic-core; orjson reads a record only to say what is wrong.
     try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise BadRecord("not_json", f"the record is not JSON: {exc}") from None
-    request_id = _guess_request_id(data)
-    try:
-        envelope = Envelope.model_validate(data)
+        envelope = Envelope.model_validate_json(value, strict=True)
     except ValidationError as exc:
-        raise BadRecord("not_an_envelope", _first_error(exc), request_id=request_id) from None
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError as not_json:
+            raise BadRecord("not_json", f"the record is not JSON: {not_json}") from None
+        raise BadRecord("not_an_envelope", _first_error(exc), request_id=_guess_request_id(data)) from None
+    request_id = _guess_request_id({"payload": envelope.payload})
     model = REGISTRY.get((envelope.event_type, envelope.schema_version))
     if model is None:
         known = any(t == envelope.event_type for t, _ in REGISTRY)
@@ -95,7 +97,7 @@ def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int =
         raise BadRecord("wrong_topic", f"{envelope.event_type} does not belong on {topic}",
                         request_id=request_id)
     try:
-        payload = model.model_validate(envelope.payload)
+        payload = model.model_validate_json(orjson.dumps(envelope.payload), strict=True)
     except ValidationError as exc:
         raise BadRecord("invalid_payload", _first_error(exc), request_id=request_id) from None
     return Message(envelope, payload, topic, partition, offset, key.decode("utf-8", "replace") if key else None)
