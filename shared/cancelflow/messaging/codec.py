@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -97,7 +98,11 @@ def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int =
         raise BadRecord("wrong_topic", f"{envelope.event_type} does not belong on {topic}",
                         request_id=request_id)
     try:
-        payload = model.model_validate_json(orjson.dumps(envelope.payload), strict=True)
+        body = orjson.dumps(envelope.payload)
+    except TypeError:  # an integer beyond 64 bits, which orjson does not write: the standard library does
+        body = json.dumps(envelope.payload).encode()
+    try:
+        payload = model.model_validate_json(body, strict=True)
     except ValidationError as exc:
         raise BadRecord("invalid_payload", _first_error(exc), request_id=request_id) from None
     return Message(envelope, payload, topic, partition, offset, key.decode("utf-8", "replace") if key else None)
