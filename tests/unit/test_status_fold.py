@@ -219,6 +219,13 @@ def test_a_dead_lettered_record_of_a_request_under_way_does_not_end_it(before: s
     assert views[-1]["state"] == "completed" and views[-1]["error"] is None
 
 
+def test_a_step_that_could_not_handle_its_record_still_fails_the_request() -> None:
+    step = failed(Source.vendor, code="internal_error", message="provisioning could not handle it",
+                  details={"dead_lettered": "cancellations.saga:1:40"})
+    view = fold(received(), vendor_requested(), step)[-1]
+    assert view["state"] == "failed" and view["error"]["source"] == "vendor"
+
+
 def test_a_refused_auto_renew_stop_keeps_the_refund_issued() -> None:
     line = {"charge_id": "c1", "amount": "10.00", "currency": "USD", "outcome": "succeeded"}
     view = fold(received(), vendor_requested(), provisioned(), committed(),

@@ -167,9 +167,10 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
     if e.source is Source.notification:
         _say(view, at, f"Notification problem: {e.message}")
         return
-    if e.details.get("dead_lettered") and view["state"] is not None:
+    if e.source is Source.validation and e.details.get("dead_lettered") and view["state"] is not None:
         # A bad record naming a request already under way (a garbled copy of the request, an approval that
-        # could not be read) was set aside: the request itself goes on, and says so.
+        # could not be read) was set aside: the request itself goes on, and says so. (A step's own record
+        # that could not be handled fails the request at its step: source vendor, platform, payment.)
         _say(view, at, f"A record for this request was set aside ({e.details['dead_lettered']}): {e.message}")
         return
     view.update(state=FAILED_STATE[e.source].value, stage=e.source.value,
