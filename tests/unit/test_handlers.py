@@ -354,10 +354,45 @@ async def test_billing_vendor_failure_reverts(billing: Billing) -> None:
 
 async def test_billing_activation_during_a_cancellation_keeps_the_lock(billing: Billing) -> None:
     await billing.locked()
-    await billing.send(activated(quantity=6))
+    await billing.send(activated(quantity=6, product_name="Acme CRM Plus"))
     sub = await billing.subscription()
     assert sub["provisioning_status"] == "In Progress"
-    assert sub["quantity"] == 6
+    assert sub["product_name"] == "Acme CRM Plus"  # facts that change nothing the cancellation counts on
+    assert sub["quantity"] == 5  # no billing change proceeds while the lock is held
+
+
+async def test_billing_a_partial_refund_counts_the_licenses_the_vendor_was_asked_to_reduce(billing: Billing) -> None:
+    """An upstream update of the quantity while the vendor works made the refund's share 5 of 8 instead
+    of 2 of 5 (found by probing a running stack)."""
+    request = await billing.locked(requested(quantity=2))
+    await billing.send(activated(quantity=8))
+    committed = (await billing.send(provisioned(request.request_id, new_quantity=3)))[0]["payload"]
+    assert (committed["quantity_before"], committed["quantity_after"]) == (5, 3)
+    assert (await billing.subscription())["quantity"] == 3
+
+
+async def test_billing_a_canceled_subscription_stays_canceled_whatever_upstream_says(billing: Billing) -> None:
+    """A refresh of the upstream platform brought a canceled subscription back to active, and a second
+    cancellation then refunded again."""
+    request = await billing.locked()
+    await billing.send(provisioned(request.request_id))
+    await billing.send(activated(quantity=2))  # newer than the cancellation
+    sub = await billing.subscription()
+    assert (sub["status"], sub["auto_renew"], sub["provisioning_status"]) == ("canceled", False, "Synchronized")
+    assert "scheduled" not in await billing.billings()
+    again = await billing.send(requested())
+    assert types(again) == ["CancellationReceived", "Failed"]
+    assert again[1]["payload"]["code"] == "not_active"
+
+
+async def test_billing_facts_older_than_our_last_change_are_not_applied(billing: Billing) -> None:
+    request = await billing.locked()
+    await billing.send(provisioned(request.request_id))
+    stale = message(activated(product_name="Old name"))
+    stale = Message(stale.envelope.model_copy(update={"occurred_at": datetime(2026, 11, 1, tzinfo=UTC)}),
+                    stale.payload, stale.topic, stale.partition, stale.offset, stale.key)
+    assert await billing.send(stale.payload, stale) == []
+    assert (await billing.subscription())["product_name"] == "Acme CRM"
 
 
 async def test_billing_full_end_of_term_stops_auto_renew_now(billing: Billing) -> None:

@@ -7,6 +7,7 @@ record commit together (see cancelflow.messaging).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from billing import domain
 from billing.clock import Clock
@@ -49,11 +50,19 @@ class BillingHandlers:
     async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
         facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
         repo = BillingRepository(uow.db)
-        if facts.auto_renew and await repo.ends_at_term(facts.subscription_id):
-            # An upstream refresh does not undo a scheduled end-of-term cancellation: auto-renew stays
-            # off, and no renewal comes back (the gateway's schedule stays stopped too).
+        existing = await repo.subscription(facts.subscription_id)
+        if existing is not None and msg.envelope.occurred_at < _utc(existing["updated_at"]):
+            # Facts from before our last change of the subscription (a cancellation committed since,
+            # a lock taken): applying them would undo what happened after them.
+            log.info("subscription facts older than our last change of it: not applied",
+                     subscription_id=facts.subscription_id, occurred_at=msg.envelope.occurred_at.isoformat())
+            return
+        if facts.auto_renew and existing is not None and (
+                existing["status"] == domain.CANCELED or await repo.ends_at_term(facts.subscription_id)):
+            # An upstream refresh does not undo a cancellation, done or scheduled for the end of the
+            # term: auto-renew stays off, and no renewal comes back (the gateway's schedule stays stopped).
             facts = facts.model_copy(update={"auto_renew": False})
-        await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED)
+        await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED, existing=existing)
         await repo.schedule_renewal(facts)
 
     # --- intake ------------------------------------------------------------------------------
@@ -323,3 +332,8 @@ def _received(request: CancellationRequested) -> CancellationReceived:
         reason=request.reason, requires_approval=request.requires_approval,
         opt_out_of_emails=request.opt_out_of_emails,
     )
+
+
+def _utc(at: datetime) -> datetime:
+    """A stored timestamp as an aware UTC one (SQLite gives them back without their zone)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
 from billing import orm
-from billing.domain import SubscriptionFacts
+from billing.domain import CANCELED, IN_PROGRESS, SubscriptionFacts
 from cancelflow.events import SubscriptionActivated, SubscriptionSnapshot, utcnow
 from cancelflow.sql import Db, Query
 
@@ -82,7 +82,9 @@ class BillingRepository:
                                     effective_date=effective_date or row["effective_date"],
                                     access_end_date=access_end_date)
 
-    async def upsert_subscription(self, facts: SubscriptionActivated, *, provisioning_status: str) -> None:
+    async def upsert_subscription(self, facts: SubscriptionActivated, *, provisioning_status: str,
+                                  existing: dict[str, Any] | None) -> None:
+        """The upstream platform's facts, as far as our own state lets them in (`existing`: the row now)."""
         values = dict(
             account_id=facts.account_id, product_name=facts.product_name, vendor=facts.vendor,
             vendor_subscription_id=facts.vendor_subscription_id, billing_period=facts.billing_period,
@@ -90,15 +92,23 @@ class BillingRepository:
             status=facts.status, trial=facts.status == "trial", current_period_start=facts.current_period_start,
             current_period_end=facts.current_period_end, auto_renew=facts.auto_renew, updated_at=utcnow(),
         )
-        existing = await self.subscription(facts.subscription_id)
         if existing is None:
             await self.db.run(ADD_SUBSCRIPTION, subscription_id=facts.subscription_id,
                               provisioning_status=provisioning_status, effective_date=None, **values)
         else:
-            if existing["provisioning_status"] == "In Progress":
-                # A cancellation holds the lock: keep its view of status until it ends.
+            if existing["status"] == CANCELED:
+                # Canceled here, vendor first: a refresh of the upstream platform does not bring it back
+                # (a second cancellation would have refunded again), nor its renewal.
                 values.pop("status")
                 values.pop("trial")
+                values["auto_renew"] = False
+            elif existing["provisioning_status"] == IN_PROGRESS:
+                # A cancellation holds the lock: no billing change proceeds (CONTRACT.md section 5). Its
+                # status and its quantity stay what the vendor was asked to change (the refund's
+                # share is counted from that quantity).
+                values.pop("status")
+                values.pop("trial")
+                values.pop("quantity")
             await self.db.run(SET_SUBSCRIPTION, match_subscription_id=facts.subscription_id, **values)
 
     async def update_subscription(self, subscription_id: str, **values: Any) -> None:
