@@ -135,6 +135,13 @@ def test_an_integer_beyond_64_bits_is_read_like_any_other(field: str) -> None:
     assert getattr(message.payload, field, None) == (2**70 if field == "quantity" else None)
 
 
+def test_a_payload_sent_without_its_envelope_still_names_its_request() -> None:
+    bare = _valid()["payload"]
+    with pytest.raises(BadRecord) as bad:
+        decode(orjson.dumps(bare), topic=topics.REQUESTED)
+    assert bad.value.reason == "not_an_envelope" and bad.value.request_id == bare["request_id"]
+
+
 def test_a_bad_record_names_its_request_in_the_canonical_form() -> None:
     envelope = _valid()
     rid = uuid.uuid4()

@@ -61,7 +61,8 @@ def _guess_request_id(data: Any) -> str | None:
     if not isinstance(data, dict):
         return None
     payload = data.get("payload")
-    candidate = payload.get("request_id") if isinstance(payload, dict) else None
+    # In the payload; or at the top, when a producer sent the payload without its envelope.
+    candidate = payload.get("request_id") if isinstance(payload, dict) else data.get("request_id")
     if not isinstance(candidate, str) or not 0 < len(candidate) <= 64:
         return None
     try:
