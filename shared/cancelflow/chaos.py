@@ -35,7 +35,7 @@ SERVICES = ("billing", "provisioning", "payment_gateway", "dispute", "notificati
 # Every named crash point (shared/cancelflow/crashpoints.py): each fires once per run.
 CRASH_POINTS = ("billing.after_commit", "provisioning.after_vendor_call", "payment_gateway.after_refund_call",
                 "notification.after_smtp_send", "payment_gateway.after_commit", "provisioning.after_commit",
-                "status_tracker.after_commit")
+                "status_tracker.after_commit", "dispute.after_commit", "notification.after_commit")
 
 # (scenario, weight): what each request meets on its way.
 SCENARIOS = (
