@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
-from prometheus_client import REGISTRY
 from sqlalchemy import MetaData
 
-from cancelflow import topics
+from cancelflow import metrics, topics
 from cancelflow.db import create_schema, make_engine, transactions
 from cancelflow.events import CancellationRequested, RequestedBy, envelope_for
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, Message, encode
 from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.store import messaging_tables
 from cancelflow.messaging.uow import UnitOfWork
 
@@ -43,6 +43,8 @@ class ScriptedConsumer:
         self.polls = list(polls)
         self.commits: list[dict[TopicPartition, int]] = []
         self.drained = asyncio.Event()
+        self.assigned = {TP0, TP1}
+        self.ends = {TP0: 10, TP1: 10}  # where each partition ends, as the broker says
 
     async def getmany(self, timeout_ms: int = 0) -> dict[TopicPartition, list[ConsumerRecord]]:
         if self.polls:
@@ -55,7 +57,55 @@ class ScriptedConsumer:
         self.commits.append(dict(offsets))
 
     def highwater(self, tp: TopicPartition) -> int | None:
-        return 10  # every partition ends at offset 10
+        return self.ends[tp]
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.ends[tp] for tp in partitions}
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return 2  # the group had committed up to offset 2 before this loop started
+
+
+class LagGauge:
+    """Stands in for the lag gauge: what it says per partition, and a wake-up for whoever waits on it."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], float] = {}
+        self.changed = asyncio.Condition()
+        self._key: tuple[str, str] = ("", "")
+
+    def labels(self, topic: str, partition: str) -> LagGauge:
+        self._key = (topic, partition)
+        return self
+
+    def set(self, value: float) -> None:
+        self.values[self._key] = value
+        asyncio.get_running_loop().create_task(self._wake())
+
+    def remove(self, topic: str, partition: str) -> None:
+        self.values.pop((topic, partition), None)
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def becomes(self, tp: TopicPartition, value: float | None) -> None:
+        """Until the gauge of `tp` says `value` (None: no gauge), at most 5 s."""
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(
+                lambda: self.values.get((tp.topic, str(tp.partition))) == value), 5)
+
+
+@pytest.fixture
+def lag(monkeypatch: pytest.MonkeyPatch) -> LagGauge:
+    gauge = LagGauge()
+    monkeypatch.setattr(metrics, "CONSUMER_LAG", gauge)
+    monkeypatch.setattr(ConsumeLoop, "LAG_EVERY_S", 0.01)
+    return gauge
 
 
 @pytest.fixture
@@ -91,18 +141,46 @@ async def test_offsets_are_committed_together_on_an_empty_poll_and_at_stop(new_u
     assert consumer.commits == [{TP0: 3, TP1: 1}, {TP1: 3}]
 
 
-async def test_the_lag_is_reported_after_every_poll_not_only_at_commits(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_the_lag_counts_what_is_handled_not_what_is_committed(new_uow, monkeypatch, lag) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(ConsumeLoop, "COMMIT_EVERY_S", 3600.0)
     consumer = ScriptedConsumer([{TP0: records(TP0, 0, 1, 2, 3)}])
     loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
                        service="test", group_id="g")
     task = asyncio.create_task(loop.run())
     await asyncio.wait_for(consumer.drained.wait(), 10)  # handled, not committed: the stream stays busy
-    lag = REGISTRY.get_sample_value("cancelflow_consumer_lag", {"topic": TP0.topic, "partition": "0"})
+    await lag.becomes(TP0, 6)  # read up to 4 of 10, reported before any commit
+    await lag.becomes(TP1, 8)  # nothing read there yet: from the group's committed offset (2)
+    # A rebalance takes TP1 away: its gauge goes, instead of saying 8 for ever.
+    consumer.assigned = {TP0}
+    await lag.becomes(TP1, None)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert consumer.commits == [{TP0: 4}]  # only at the stop
-    assert lag == 6  # read up to 4 of 10, reported before any commit
+
+
+async def test_the_lag_grows_while_a_poll_is_retried(new_uow, lag) -> None:  # type: ignore[no-untyped-def]
+    """A handler that keeps meeting a transient error holds the loop in its poll; the gauge used to be set
+    only after polls, so it froze and the lag alert missed the stuck partition."""
+    away = asyncio.Event()
+
+    async def database_away(message: Message, uow: UnitOfWork) -> None:
+        away.set()
+        raise TransientError("the database is away")
+
+    value = encode(envelope_for(CancellationRequested(
+        request_id=uuid.uuid4(), account_id="a", target="subscription", subscription_id="s", mode="immediate",
+        requested_by=RequestedBy(user_id="u", role="customer", channel="bss")),
+        producer="test", correlation_id="c", causation_id=None))
+    consumer = ScriptedConsumer([{TP0: records(TP0, 2, event_type="CancellationRequested", value=value)}])
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {"CancellationRequested": database_away})],
+                       new_uow, service="test", group_id="g")  # type: ignore[arg-type]
+    task = asyncio.create_task(loop.run())
+    await asyncio.wait_for(away.wait(), 10)
+    await lag.becomes(TP0, 8)  # 2 committed, the end at 10
+    consumer.ends[TP0] = 25  # records keep arriving behind the stuck one
+    await lag.becomes(TP0, 23)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_with_no_interval_every_poll_commits(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -67,6 +67,10 @@ class ConsumeLoop:
     # measured, each SMTP command waited out a batch. It yields once this long has passed. Yielding
     # after every record cost a sixth of the throughput of a 1,000-request burst.
     YIELD_EVERY_S = 0.005
+    # How often the lag gauge is set, from the broker's end offsets: on a timer rather than after each
+    # poll, so that it also grows while a poll's records are retried (the loop waits then) and it
+    # forgets partitions a rebalance took away.
+    LAG_EVERY_S = 5.0
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
                  new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
@@ -80,20 +84,23 @@ class ConsumeLoop:
         self._group_id = group_id
         self._signatures = signatures
         self._slots = asyncio.Semaphore(concurrency)
+        self._done: dict[TopicPartition, int] = {}  # the next offset to handle, per partition
 
     async def run(self) -> None:
         handled: dict[TopicPartition, int] = {}  # offsets handled and not committed yet
         committed_at = time.monotonic()
+        lag = asyncio.create_task(self._report_lag())
         try:
             while True:
                 offsets = await self._poll()
-                self._report_lag(offsets)  # what is left to read, handled or not yet committed
+                self._done.update(offsets)
                 handled.update(offsets)
                 if handled and (not offsets or time.monotonic() - committed_at >= self.COMMIT_EVERY_S):
                     await self._commit(handled)
                     handled.clear()
                     committed_at = time.monotonic()
         finally:
+            lag.cancel()
             if handled:  # stopping: commit what was handled (best effort; the inbox covers the rest)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._commit(handled), 2)
@@ -137,11 +144,30 @@ class ConsumeLoop:
             for record in records:
                 await self.process(record)
 
-    def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
-        for tp, position in offsets.items():
-            end = self._consumer.highwater(tp)
-            if end is not None:
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
+    async def _report_lag(self) -> None:
+        """Every LAG_EVERY_S: the records of each assigned partition not handled yet (handled or not
+        committed, the end offset minus what this loop handled, or the group's committed offset
+        before it handled any), and no gauge for a partition that is not ours any more."""
+        shown: set[TopicPartition] = set()
+        while True:
+            await asyncio.sleep(self.LAG_EVERY_S)
+            try:
+                mine = set(self._consumer.assignment())
+                for tp in shown - mine:
+                    metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+                    self._done.pop(tp, None)
+                shown &= mine
+                ends = await self._consumer.end_offsets(list(mine)) if mine else {}
+                for tp, end in ends.items():
+                    done = self._done.get(tp)
+                    if done is None:
+                        done = await self._consumer.committed(tp) or 0
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
+                    shown.add(tp)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker away: the next round reports again
+                log.debug("lag not reported", error=repr(exc))
 
     async def _in_one_transaction(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
         """Handle the records of batch routes in one transaction, each key's records in order, and
