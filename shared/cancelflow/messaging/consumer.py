@@ -160,8 +160,8 @@ class ConsumeLoop:
                 ends = await self._consumer.end_offsets(list(mine)) if mine else {}
                 for tp, end in ends.items():
                     done = self._done.get(tp)
-                    if done is None:
-                        done = await self._consumer.committed(tp) or 0
+                    if done is None:  # asked once per assignment; the loop moves it on from there
+                        done = self._done.setdefault(tp, await self._consumer.committed(tp) or 0)
                     metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
                     shown.add(tp)
             except asyncio.CancelledError:
