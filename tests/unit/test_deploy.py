@@ -159,7 +159,9 @@ def test_topics_job_runs_cancelflow_topics() -> None:
 def test_migrate_job_runs_cancelflow_migrate() -> None:
     [main] = find("Job", "cancelflow-migrate")["spec"]["template"]["spec"]["containers"]
     assert main["command"] == ["cancelflow", "migrate"]
-    assert {"secretRef": {"name": "cancelflow-databases"}} in main["envFrom"]
+    # its own database URLs: users that may change the schema, which the services' users need not
+    assert {"secretRef": {"name": "cancelflow-migration-databases"}} in main["envFrom"]
+    assert {"secretRef": {"name": "cancelflow-databases"}} not in main["envFrom"]
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
