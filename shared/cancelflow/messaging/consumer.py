@@ -85,6 +85,8 @@ class ConsumeLoop:
         self._signatures = signatures
         self._slots = asyncio.Semaphore(concurrency)
         self._done: dict[TopicPartition, int] = {}  # the next offset to handle, per partition
+        self._assigned: frozenset[TopicPartition] = frozenset()  # as of the last poll
+        self._lag_now = asyncio.Event()  # the assignment changed: report the lag without waiting
 
     async def run(self) -> None:
         handled: dict[TopicPartition, int] = {}  # offsets handled and not committed yet
@@ -94,6 +96,10 @@ class ConsumeLoop:
             while True:
                 offsets = await self._poll()
                 self._done.update(offsets)
+                assigned = frozenset(self._consumer.assignment())
+                if assigned != self._assigned:
+                    self._assigned = assigned
+                    self._lag_now.set()
                 handled.update(offsets)
                 if handled and (not offsets or time.monotonic() - committed_at >= self.COMMIT_EVERY_S):
                     await self._commit(handled)
@@ -145,12 +151,14 @@ class ConsumeLoop:
                 await self.process(record)
 
     async def _report_lag(self) -> None:
-        """Every LAG_EVERY_S: the records of each assigned partition not handled yet (handled or not
-        committed, the end offset minus what this loop handled, or the group's committed offset
-        before it handled any), and no gauge for a partition that is not ours any more."""
+        """Every LAG_EVERY_S, and as soon as the assignment changes: the records of each assigned
+        partition not handled yet (the end offset minus what this loop handled, or the group's
+        committed offset before it handled any), and no gauge for a partition that is not ours any more."""
         shown: set[TopicPartition] = set()
         while True:
-            await asyncio.sleep(self.LAG_EVERY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lag_now.wait(), self.LAG_EVERY_S)
+            self._lag_now.clear()
             try:
                 mine = set(self._consumer.assignment())
                 for tp in shown - mine:
