@@ -164,7 +164,8 @@ def service_settings_class(service: str) -> type[ServiceSettings]:
         {
             "__annotations__": {"database_url_env": str | None, "http_port": int, "service": str},
             "service": service,
-            "database_url_env": Field(None, validation_alias=AliasChoices(f"{prefix}_DATABASE_URL")),
+            # Out of the repr: a PostgreSQL URL carries its password.
+            "database_url_env": Field(None, validation_alias=AliasChoices(f"{prefix}_DATABASE_URL"), repr=False),
             "http_port": Field(port, validation_alias=AliasChoices(f"{prefix}_HTTP_PORT")),
         },
     )

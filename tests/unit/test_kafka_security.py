@@ -62,3 +62,12 @@ def test_children_get_the_real_password_not_a_mask() -> None:
     env = child_env(configured, {})
     assert env["KAFKA_SASL_PASSWORD"] == "p4ss"
     assert "p4ss" not in repr(configured)
+
+
+def test_a_database_password_is_not_in_the_settings_repr(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from cancelflow.settings import service_settings
+
+    monkeypatch.setenv("BILLING_DATABASE_URL", "postgresql+asyncpg://billing:s3cret@db/billing")
+    configured = service_settings("billing")
+    assert configured.database_url() == "postgresql+asyncpg://billing:s3cret@db/billing"
+    assert "s3cret" not in repr(configured) and "s3cret" not in str(configured)
