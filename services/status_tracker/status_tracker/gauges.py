@@ -7,7 +7,6 @@ are refreshed every `interval_s` from its database.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from cancelflow import metrics
 from cancelflow.events import TERMINAL_STATES, State
 from cancelflow.logging import get_logger
+from cancelflow.periodic import repeat
 from status_tracker import orm
 
 log = get_logger(__name__)
@@ -49,13 +49,7 @@ def refresher(sessions: async_sessionmaker[AsyncSession], interval_s: float = 15
     """A runtime task that keeps the gauges fresh until cancelled."""
 
     async def open_request_gauges() -> None:
-        while True:
-            try:
-                await refresh(sessions)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database may be away; /readyz says so, try again later
-                log.warning("open-request gauges not refreshed", error=repr(exc))
-            await asyncio.sleep(interval_s)
+        # The database may be away; /readyz says so, and the next round tries again.
+        await repeat(lambda: refresh(sessions), every_s=interval_s, failed="open-request gauges not refreshed")
 
     return open_request_gauges

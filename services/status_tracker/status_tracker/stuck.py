@@ -8,7 +8,6 @@ end count: a backlog may hold the very progress that would make the alert false.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,6 +18,7 @@ from cancelflow import topics
 from cancelflow.events import utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.periodic import repeat
 from status_tracker import tracking
 from status_tracker.projection import ReadModel
 
@@ -36,14 +36,8 @@ class StuckTimer:
         self._flagged: dict[str, float] = {}  # request_id -> when RequestStuck was emitted (monotonic)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.flag_stuck()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # database or broker away: the next tick tries again
-                log.warning("stuck-request check failed", error=repr(exc))
+        # Database or broker away: the next tick tries again.
+        await repeat(self.flag_stuck, every_s=self.interval_s, at_once=False, failed="stuck-request check failed")
 
     async def caught_up_partitions(self) -> set[int]:
         consumer = self._consumer()

@@ -32,6 +32,7 @@ from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.periodic import repeat
 
 log = get_logger(__name__)
 
@@ -155,27 +156,24 @@ class ConsumeLoop:
         partition not handled yet (the end offset minus what this loop handled, or the group's
         committed offset before it handled any), and no gauge for a partition that is not ours any more."""
         shown: set[TopicPartition] = set()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lag_now.wait(), self.LAG_EVERY_S)
-            self._lag_now.clear()
-            try:
-                mine = set(self._consumer.assignment())
-                for tp in shown - mine:
-                    metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
-                    self._done.pop(tp, None)
-                shown &= mine
-                ends = await self._consumer.end_offsets(list(mine)) if mine else {}
-                for tp, end in ends.items():
-                    done = self._done.get(tp)
-                    if done is None:  # asked once per assignment; the loop moves it on from there
-                        done = self._done.setdefault(tp, await self._consumer.committed(tp) or 0)
-                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
-                    shown.add(tp)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker away: the next round reports again
-                log.debug("lag not reported", error=repr(exc))
+
+        async def report() -> None:
+            mine = set(self._consumer.assignment())
+            for tp in shown - mine:
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+                self._done.pop(tp, None)
+            shown.intersection_update(mine)
+            ends = await self._consumer.end_offsets(list(mine)) if mine else {}
+            for tp, end in ends.items():
+                done = self._done.get(tp)
+                if done is None:  # asked once per assignment; the loop moves it on from there
+                    done = self._done.setdefault(tp, await self._consumer.committed(tp) or 0)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
+                shown.add(tp)
+
+        # The broker away: the next round reports again.
+        await repeat(report, every_s=self.LAG_EVERY_S, at_once=False, wakeup=self._lag_now,
+                     failed="lag not reported", level="debug")
 
     async def _in_one_transaction(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
         """Handle the records of batch routes in one transaction, each key's records in order, and

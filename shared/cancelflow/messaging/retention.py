@@ -22,6 +22,7 @@ from cancelflow import metrics
 from cancelflow.events import utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.store import MessagingTables
+from cancelflow.periodic import repeat
 from cancelflow.sql import Db
 
 log = get_logger(__name__)
@@ -61,12 +62,11 @@ class InboxPruner:
         return deleted
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database away: the rows wait for the next pass
-                log.warning("inbox not pruned", error=str(exc))
+        # The database away: the rows wait for the next pass.
+        await repeat(self._pass, every_s=self._interval_s, failed="inbox not pruned")
+
+    async def _pass(self) -> None:
+        try:
+            await self.prune()
+        finally:
             self.passes += 1
-            await asyncio.sleep(self._interval_s)
