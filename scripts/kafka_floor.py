@@ -29,11 +29,10 @@ from multiprocessing.synchronize import Event
 
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cancelflow import topics
-from cancelflow.bench import cpu_seconds
+from cancelflow.bench import cpu_seconds, progress_bar
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.consumer import ConsumeLoop
 from cancelflow.messaging.gaps import GapGuard
@@ -171,8 +170,7 @@ async def measure(requests: int, rate: float | None, fetch_wait_ms: int, console
                     await _load(broker.bootstrap, settings, 20, None, {}, lambda n: None)
                 pids = {service: process.pid for service, process in processes.items() if process.pid}
                 pids |= {"broker": broker.pid, "load generator and status reader": os.getpid()}
-                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), console=console) as progress:
+                with progress_bar(console) as progress:
                     task = progress.add_task(f"{requests} cancellations" + (f" at {rate:g}/s" if rate else ""),
                                              total=requests)
                     return await _load(broker.bootstrap, settings, requests, rate, pids,

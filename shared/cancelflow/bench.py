@@ -383,7 +383,7 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
     async with StackClient(stack.endpoints, stack.settings) as client, \
             StatusWatcher(stack.endpoints.bootstrap, from_beginning=False, settings=stack.settings,
                           on_record=timer.observe) as watcher:
-        with _progress(console) as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("loading subscriptions and charges", total=len(samples))
             for start in range(0, len(samples), 100):
                 await client.load(samples[start:start + 100], timeout=300)
@@ -495,7 +495,7 @@ async def _receive(consumer: AIOKafkaConsumer, count: int) -> None:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
 
