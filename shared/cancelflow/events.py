@@ -186,6 +186,7 @@ class ChargeCaptured(Payload):
     gateway_charge_id: str = Field(min_length=1)
     period_start: date
     period_end: date
+    quantity: int | None = Field(None, ge=1, description="the licenses this charge pays for; absent = the subscription's")
 
 
 # --- upstream requests (section 4) -------------------------------------------------------------
@@ -221,6 +222,7 @@ class CancellationRequested(Payload):
     reason: str = ""
     requires_approval: bool = False
     opt_out_of_emails: bool = False
+    retry_of: uuid.UUID | None = Field(None, description="the request an operator's retry repeats (section 11)")
 
     @model_validator(mode="after")
     def _target_fields(self) -> CancellationRequested:
@@ -595,6 +597,17 @@ class HistoryEntry(BaseModel):
     message: str
 
 
+class Resolution(BaseModel):
+    """CONTRACT.md section 11: what an operator did about a finished request."""
+
+    model_config = ConfigDict(extra="ignore")
+    by: str
+    at: AwareDatetime
+    action: str
+    note: str = ""
+    request_id: uuid.UUID | None = Field(None, description="the new request of a retry")
+
+
 @register
 class CancellationStatusChanged(Payload):
     """CONTRACT.md section 6: the full current view of a request, one record per change."""
@@ -619,6 +632,8 @@ class CancellationStatusChanged(Payload):
     history: list[HistoryEntry] = Field(default_factory=list)
     version: int = Field(ge=1)
     updated_at: AwareDatetime
+    retry_of: uuid.UUID | None = None
+    resolution: Resolution | None = None
 
 
 @register
