@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -240,3 +241,55 @@ async def test_stuck_request_alerts_support_and_tells_the_customer_once(client, 
     assert status["state"] == "declined"
     assert sorted(_by_kind(smtp, rid)) == ["declined", "manual_review", "support_stuck"]
     assert all(len(copies) == 1 for copies in _by_kind(smtp, rid).values())
+
+
+async def test_a_stuck_request_that_completes_after_all_shows_it_resolved_by_the_system(tmp_path_factory, today):
+    """The vendor hangs past STUCK_AFTER_SECONDS: the request is set aside (manual_review, support and
+    the customer told). The vendor's next attempt cancels, the platform commits and the refund goes
+    out: the status shows all of it, and that the system resolved the case, so nobody refunds by hand."""
+    mailbox = RecordingSMTPServer().start()
+    env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(mailbox.port), "SUPPORT_EMAIL": SUPPORT,
+           "STUCK_AFTER_SECONDS": "2", "VENDOR_TIMEOUT_SECONDS": "6", "VENDOR_ATTEMPTS": "3"}
+    stack = StackProcess(tmp_path_factory.mktemp("stuck-then-done"), extra_env=env).start()
+    try:
+        async with StackClient(stack.endpoints, stack.settings) as client, \
+                StatusWatcher(stack.endpoints.bootstrap) as watcher:
+            tag = uuid.uuid4().hex[:8]
+            sample = sample_subscription(account_id=f"acct-{tag}", subscription_id=f"sub-late-{tag}", today=today)
+            await client.load([sample])
+            await client.post_json(f"{client.endpoints.vendor}/_sandbox/rules", {
+                "match": {"vendor_subscription_id": sample.facts.vendor_subscription_id},
+                "respond": {"timeout": True}, "times": 1})
+            rid = await client.request_cancellation(account_id=f"acct-{tag}",
+                                                    subscription_id=sample.facts.subscription_id)
+
+            aside = await watcher.terminal(rid, timeout=60)
+            assert (aside["state"], aside["error"]["code"], aside["refund"]) == ("manual_review", "timeout", None)
+            done = await watcher.wait_for(rid, lambda s: s["resolution"] is not None and email_count(s) >= 3,
+                                          timeout=90)
+
+            gateway = await client.get_json(f"{client.endpoints.gateway}/_sandbox/ledger")
+            [refund] = [e for e in gateway[1]["effects"] if e["type"] in ("refund", "reversal")
+                        and e.get("gateway_charge_id") == sample.charges[0].gateway_charge_id]
+            assert done["state"] == "manual_review"  # terminal, never left (CONTRACT.md section 6)
+            assert done["refund"] == {"amount": f"{Decimal(str(refund['amount'])):.2f}", "currency": "USD",
+                                      "status": "succeeded"}
+            assert (done["subscription_status"], done["provisioning_status"]) == ("canceled", "Synchronized")
+            assert (done["resolution"]["by"], done["resolution"]["action"]) == ("system", "completed")
+            assert done["error"] is None
+            assert any(h["message"].startswith("Resolved by the system: the cancellation completed")
+                       for h in done["history"])
+            versions = [r["version"] for r in watcher.history_of(rid)]
+            assert versions == list(range(1, len(versions) + 1))
+            page = await client.status(rid)  # what the dashboard's request page renders
+            assert page is not None and page["resolution"]["action"] == "completed" and page["refund"] is not None
+
+            mails = {kind: copies for kind, copies in _by_kind(mailbox, rid).items()}
+            assert sorted(mails) == ["completed", "manual_review", "support_stuck"]
+            assert all(len(copies) == 1 for copies in mails.values())
+            alert = " ".join(mails["support_stuck"][0].get_body(("plain",)).get_content().split())
+            assert "The request was not stopped" in alert and "may still complete" in alert
+    finally:
+        code = stack.stop()
+        mailbox.stop()
+    assert code == 0, stack.log.read_text()[-3000:]

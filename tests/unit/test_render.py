@@ -379,3 +379,10 @@ def test_support_stuck_for_a_request_nobody_knows_says_the_customer_was_not_told
     _, text, html = render("support_stuck", {"request_id": "r", "stage": "validation", "stuck_for": "2 hours"})
     for body in (flat(text), visible(html)):
         assert "the customer has not been told" in body and "validation" in body and "2 hours" in body
+
+
+def test_support_stuck_says_the_work_goes_on_and_to_check_before_acting_by_hand():
+    _, text, html = render("support_stuck", {"request_id": "r", "account_id": "a", "stage": "vendor"})
+    for body in (flat(text), visible(html)):
+        assert "The request was not stopped" in body and "it may still complete (or fail) by itself" in body
+        assert "Check its status right before acting by hand" in body

@@ -18,6 +18,7 @@ from cancelflow.events import (
     PlatformCommitted,
     RefundIssued,
     RefundLine,
+    RequestStuck,
     Source,
     State,
     SubscriptionSnapshot,
@@ -77,6 +78,10 @@ def refunded() -> RefundIssued:
                       idempotency_key="cf-refund-x-c1", kind="refund", outcome="succeeded", refund_id="re_1")
     return RefundIssued(request_id=RID, subscription_id="sub-1", amount="16.65", currency="USD",
                         status="succeeded", lines=[line], auto_renew_stopped=True)
+
+
+def stuck(stage: str = "vendor") -> RequestStuck:
+    return RequestStuck(request_id=RID, stage=stage, since=T0, stuck_for_seconds=700)
 
 
 def email() -> EmailSent:
@@ -286,6 +291,67 @@ def test_rejected_is_never_left() -> None:
     view = fold(received(), failed(Source.validation, code="provisioning_in_progress"), vendor_requested())[-1]
     assert view["state"] == "rejected"
     assert view["stage"] == "validation"
+
+
+# --- set aside by the stuck timer, and the work went on ---------------------------------------------
+
+
+def test_a_request_set_aside_that_completes_after_all_shows_it_and_is_resolved_by_the_system() -> None:
+    views = fold(received(), vendor_requested(), stuck(), provisioned(), committed(), refunded(), email())
+    aside, going_on, done = views[2], views[4], views[-1]
+    assert (aside["state"], aside["error"]["code"]) == ("manual_review", "timeout")
+    # On its way: the state stays (terminal), the fields move, the timeout stays until the outcome.
+    assert (going_on["state"], going_on["stage"], going_on["error"]) == ("manual_review", "payment", aside["error"])
+    assert going_on["subscription_status"] == "canceled" and going_on.get("resolution") is None
+    # Completed after all: the refund, the subscription's state and the resolution, by the system.
+    assert done["state"] == "manual_review"  # CONTRACT.md section 6: one terminal state, never left
+    assert done["refund"] == {"amount": "16.65", "currency": "USD", "status": "succeeded"}
+    assert (done["subscription_status"], done["provisioning_status"]) == ("canceled", "Synchronized")
+    assert (done["stage"], done["error"]) == ("notification", None)
+    assert {k: done["resolution"][k] for k in ("by", "action")} == {"by": "system", "action": "completed"}
+    assert "16.65 USD refunded" in done["resolution"]["note"]
+    resolved = "Resolved by the system: the cancellation completed after it was set aside for manual review"
+    assert any(m.startswith(resolved) for m in messages(done))
+    assert messages(done)[-1].startswith("Email ")  # the email after it: history only
+
+
+def test_a_request_set_aside_that_fails_at_the_vendor_after_all_is_resolved_as_failed() -> None:
+    fail = failed(Source.vendor, code="vendor_rejected", message="Subscription is locked", history=SEED_VENDOR,
+                  snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized"))
+    view = fold(received(), vendor_requested(), stuck(), vendor_failed(), fail)[-1]
+    assert view["state"] == "manual_review"
+    assert view["error"] == {"source": "vendor", "code": "vendor_rejected", "message": "Subscription is locked"}
+    assert view["provisioning_status"] == "Synchronized" and view["refund"] is None
+    assert (view["resolution"]["by"], view["resolution"]["action"]) == ("system", "failed")
+
+
+def test_a_request_set_aside_whose_refund_is_refused_stays_supports_for_that_reason() -> None:
+    line = {"charge_id": "c1", "amount": "16.65", "currency": "USD", "outcome": "failed"}
+    view = fold(received(), vendor_requested(), stuck(), provisioned(), committed(),
+                failed(Source.payment, code="refund_failed", details={"refunds": [line]}))[-1]
+    assert view["state"] == "manual_review" and view.get("resolution") is None
+    assert view["error"]["source"] == "payment" and view["refund"]["status"] == "failed"
+
+
+def test_a_request_set_aside_at_validation_goes_on_from_received() -> None:
+    views = fold(received(), stuck("validation"), vendor_requested(), provisioned(), committed(), refunded())
+    assert views[2]["stage"] == "vendor" and views[2]["provisioning_status"] == "In Progress"
+    assert views[-1]["resolution"]["action"] == "completed"
+
+
+def test_a_resolved_request_is_not_resolved_again() -> None:
+    done = fold(received(), vendor_requested(), stuck(), provisioned(), committed(), refunded())[-1]
+    for late in (refunded(), stuck(), failed(Source.vendor)):
+        after = apply(done, late, T0 + timedelta(minutes=5))
+        assert after is None or {k: v for k, v in after.items() if k != "history"} == {
+            k: v for k, v in done.items() if k != "history"}
+    assert apply(fold(received(), vendor_requested(), stuck())[-1], stuck(), T0 + timedelta(minutes=5)) is None
+
+
+def test_a_manual_review_of_a_refused_refund_is_not_reopened_by_a_late_refund() -> None:
+    fail = failed(Source.payment, code="refund_failed", details={})
+    view = fold(received(), vendor_requested(), provisioned(), committed(), fail, refunded())[-1]
+    assert view["refund"] is None and view.get("resolution") is None and view["error"]["source"] == "payment"
 
 
 # --- events that change nothing ----------------------------------------------------------------------

@@ -171,6 +171,23 @@ def test_a_stuck_request_ends_in_manual_review_with_a_timeout_error() -> None:
     assert tracking.track(step.entry, msg(again, T0 + timedelta(minutes=15))).status is None
 
 
+def test_a_stuck_request_that_completes_after_all_publishes_it_resolved_by_the_system() -> None:
+    rid = uuid.uuid4()
+    entry, _ = fold_all([msg(e, T0) for e in story(rid)[:2]])
+    [stuck] = tracking.overdue([entry], T0 + timedelta(minutes=12), 600)  # type: ignore[list-item]
+    later = [msg(stuck, T0 + timedelta(minutes=12))] + [
+        msg(e, T0 + timedelta(minutes=13 + i), offset=i + 1) for i, e in enumerate(story(rid)[2:])]
+    entry, records = fold_all(later, entry)
+    assert [r.payload["version"] for r in records] == [3, 4, 5, 6]  # one record per change, in order
+    assert [r.payload["state"] for r in records] == ["manual_review"] * 4  # the terminal state stays
+    final = records[-1].payload
+    assert final["resolution"]["by"] == "system" and final["resolution"]["action"] == "completed"
+    assert final["refund"] == {"amount": "0.00", "currency": "USD", "status": "not_due"} and final["error"] is None
+    assert any("Resolved by the system" in h["message"] for h in final["history"])
+    assert entry is not None and tracking.document(entry)["error_help"] is None
+    assert [e["code"] for e in entry["errors"]] == ["timeout"]  # what happened on the way is kept
+
+
 def test_a_stuck_alert_overtaken_by_progress_is_dropped() -> None:
     rid = uuid.uuid4()
     entry, _ = fold_all([msg(e, T0) for e in story(rid)[:2]])

@@ -1,7 +1,9 @@
 """Folding saga events into a request's view (CONTRACT.md section 6). Pure: no I/O.
 
 `apply(view, event, at)` returns the new view, or None when the event changes nothing. A terminal
-state is never left: later events (emails) only add history.
+state is never left: later events (emails) only add history. One exception to "only history": a request
+the stuck timer set aside (`manual_review`, code `timeout`) was never stopped, so what its steps do
+afterwards still shows in its fields, and its outcome resolves the case (`resolution` by the system).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from cancelflow.events import (
 )
 
 View = dict[str, Any]
+
+STUCK_CODE = "timeout"  # the error code of a request the stuck timer set aside
 
 LEGAL: dict[State, frozenset[State]] = {
     State.received: frozenset({State.pending_approval, State.in_progress, State.scheduled, State.rejected,
@@ -66,6 +70,8 @@ def is_legal(before: State | None, after: State) -> bool:
 
 
 def apply(view: View, event: Payload, at: datetime) -> View | None:
+    if is_set_aside(view):
+        return _work_went_on(view, event, at)
     new = {**view, "history": list(view["history"])}
     handler = _HANDLERS.get(type(event))
     if handler is None:
@@ -80,6 +86,50 @@ def apply(view: View, event: Payload, at: datetime) -> View | None:
         # illegally: keep only the history the event adds.
         new = {**view, "history": new["history"]}
     return None if new == view else new
+
+
+def is_set_aside(view: View) -> bool:
+    """Set aside by the stuck timer and not resolved since: its services may still finish it."""
+    error = view["error"] or {}
+    return (view["state"] == State.manual_review.value and error.get("code") == STUCK_CODE
+            and not view.get("resolution"))
+
+
+def _work_went_on(view: View, event: Payload, at: datetime) -> View | None:
+    """Fold `event` as if the timer had not spoken (from the state it found), keep `manual_review` (a
+    terminal state is never left, CONTRACT.md section 6) and let the fields tell what happened. An
+    outcome other than a failed refund resolves the case: nobody should act on it by hand any more."""
+    if isinstance(event, RequestStuck):
+        return None  # set aside once is enough
+    found = State.received if view["stage"] == Source.validation.value else State.in_progress
+    shadow = apply({**view, "state": found.value}, event, at)
+    if shadow is None:
+        return None
+    outcome = State(shadow["state"])
+    if outcome not in TERMINAL_STATES:
+        return {**shadow, "state": view["state"], "error": view["error"]}
+    if outcome is State.manual_review:  # a refund refused after all: still support's, for that reason now
+        return shadow
+    note = _resolved_note(outcome, shadow)
+    resolution = {"by": "system", "at": at.isoformat(), "action": outcome.value, "note": note}
+    resolved = {**shadow, "state": view["state"], "resolution": resolution}
+    _say(resolved, at, f"Resolved by the system: {note}")
+    return resolved
+
+
+def _resolved_note(outcome: State, view: View) -> str:
+    if outcome is not State.completed:
+        error = view["error"]
+        reason = f" ({error['source']} error: {error['message']})" if error else ""
+        return f"the request ended {outcome.value} after it was set aside for manual review{reason}"
+    refund = view["refund"]
+    if refund is None or refund["status"] == "not_due":
+        money = "no refund was due"
+    else:
+        status = "" if refund["status"] == "succeeded" else f" ({refund['status'].replace('_', ' ')})"
+        money = f"{refund['amount']} {refund['currency']} refunded{status}"
+    return (f"the cancellation completed after it was set aside for manual review; {money}; "
+            "nothing to do by hand")
 
 
 def _say(view: View, at: datetime, message: str) -> None:
@@ -201,7 +251,7 @@ def _stuck(view: View, e: RequestStuck, at: datetime) -> None:
     at_step = f" at the {stage} step" if stage else ""
     message = f"No progress{at_step} for {waited}; set aside for manual review and support alerted"
     view.update(state=State.manual_review.value, stage=stage or view["stage"],
-                error={"source": source, "code": "timeout", "message": message})
+                error={"source": source, "code": STUCK_CODE, "message": message})
     _say(view, at, message)
 
 

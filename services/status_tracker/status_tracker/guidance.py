@@ -37,8 +37,9 @@ _BY_SOURCE: dict[str, Help] = {
 _BY_CODE: dict[str, Help] = {
     "timeout": Help(
         label="No progress", action="contact_support",
-        advice="The request made no progress for too long and support was alerted. Check the step it "
-               "stopped at before doing anything: retrying may apply a change twice."),
+        advice="The request made no progress for too long and support was alerted. It was not stopped: "
+               "it may still complete by itself, and this page shows it if it does. Check the step it "
+               "stopped at before doing anything by hand: retrying or refunding may apply a change twice."),
     "provisioning_in_progress": Help(
         label="Rejected", action="wait",
         advice="Another request for this subscription was in flight. Wait for it to finish, then retry "

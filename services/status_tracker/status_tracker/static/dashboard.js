@@ -39,6 +39,20 @@ function badge(state) {
   return el("span", { className: `badge ${state}`, text: STATE_NAMES[state] || state });
 }
 
+// A finished request someone acted on keeps its state (CONTRACT.md sections 6 and 11); this says who
+// resolved it and how, e.g. the system, when a request set aside as stuck completed after all.
+function resolutionText(resolution) {
+  if (!resolution) return "";
+  const who = resolution.by === "system" ? "the system" : resolution.by;
+  const what = STATE_NAMES[resolution.action] || resolution.action.replace("_", " ");
+  return `${what}: resolved by ${who}`;
+}
+
+function resolved(status) {
+  if (!status.resolution) return null;
+  return el("span", { className: `badge resolved ${status.resolution.action}`, text: resolutionText(status.resolution) });
+}
+
 function shortId(id) { return id.slice(0, 8); }
 
 function age(since) {
@@ -128,7 +142,7 @@ function listPage() {
       el("code", { text: shortId(status.request_id) }));
     const tr = el("tr", { dataset: { requestId: status.request_id, state: status.state } },
       el("td", {}, link),
-      el("td", { className: "state" }, badge(status.state)),
+      el("td", { className: "state" }, badge(status.state), " ", resolved(status)),
       el("td", { className: "stage", text: status.stage || "" }),
       el("td", { text: status.subscription_id || (status.charge_ids || []).join(", ") }),
       el("td", { text: status.account_id || "" }),
@@ -221,6 +235,14 @@ function requestPage() {
     document.getElementById("stage-text").textContent = doc.stage ? `stage: ${doc.stage}` : "";
     document.getElementById("version-text").textContent = `version ${doc.version}, updated ${when(doc.updated_at)}`;
 
+    const resolution = document.getElementById("resolution-panel");
+    resolution.hidden = !doc.resolution;
+    if (doc.resolution) {
+      resolution.className = `resolution-panel ${doc.resolution.action}`;
+      document.getElementById("resolution-title").textContent = `${resolutionText(doc.resolution)}, ${when(doc.resolution.at)}`;
+      document.getElementById("resolution-note").textContent = doc.resolution.note || "";
+    }
+
     const panel = document.getElementById("error-panel");
     panel.hidden = !doc.error;
     if (doc.error) {
@@ -275,7 +297,8 @@ function requestPage() {
     if (doc.version <= version) return;
     version = doc.version;
     render(doc);
-    if (before) announce(`Updated: ${STATE_NAMES[doc.state] || doc.state}, version ${doc.version}`);
+    const outcome = doc.resolution ? ` (${resolutionText(doc.resolution)})` : "";
+    if (before) announce(`Updated: ${STATE_NAMES[doc.state] || doc.state}${outcome}, version ${doc.version}`);
   }
 
   follow((status) => {
