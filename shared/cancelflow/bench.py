@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -59,6 +60,9 @@ class Measured:
     # fetch grows with every record batch it holds (docs/performance.md, item 29). In a run of a few
     # seconds the first half also holds the pipeline filling up, so it reads a little low.
     broker_cpu_s_halves: tuple[float, float] | None = None
+    # Notification's recording of each email the SMTP server accepted (a transaction per email, so a
+    # crash repeats at most one per connection): (seconds spent, emails), from its /metrics.
+    email_records: tuple[float, int] | None = None
 
     def cpu_ms_per_request(self) -> dict[str, float]:
         return {name: round(1000 * seconds / self.requests, 2) for name, seconds in self.cpu_s.items()}
@@ -69,6 +73,12 @@ class Measured:
         first = self.requests // 2
         return [round(1000 * self.broker_cpu_s_halves[0] / max(first, 1), 2),
                 round(1000 * self.broker_cpu_s_halves[1] / max(self.requests - first, 1), 2)]
+
+    def email_record_ms(self) -> float | None:
+        """Mean milliseconds to record one accepted email as sent."""
+        if not self.email_records or not self.email_records[1]:
+            return None
+        return round(1000 * self.email_records[0] / self.email_records[1], 2)
 
     @property
     def per_second(self) -> float:
@@ -127,6 +137,8 @@ class BenchResult:
             "cpu_ms_per_request": self.burst.cpu_ms_per_request(),
             "cpu_ms_per_request_paced": self.paced.cpu_ms_per_request() if self.paced else None,
             "broker_ms_per_request_paced_halves": self.paced.broker_ms_per_request_halves() if self.paced else None,
+            "email_record_ms": self.burst.email_record_ms(),
+            "email_record_ms_paced": self.paced.email_record_ms() if self.paced else None,
             "steps_ms": {step: round(ms, 1) for step, ms in self.burst.steps_ms.items()},
             "steps_ms_paced": {step: round(ms, 1) for step, ms in self.paced.steps_ms.items()} if self.paced else None,
         }
@@ -320,6 +332,18 @@ async def step_times(bootstrap: str, settings: Any, sent_wall_ms: dict[str, floa
     return {step: statistics.median(values) for step, values in gaps.items() if len(values) * 2 >= len(stamps)}
 
 
+async def email_records(client: StackClient) -> tuple[float, int]:
+    """(seconds, emails) the (first) notification process spent recording accepted emails as sent."""
+    _, text = await client.get_json(f"{client.endpoints.notification}/metrics")
+    found = {sample.name: sample.value for family in text_string_to_metric_families(text)
+             if family.name == "cancelflow_email_record_seconds" for sample in family.samples}
+    return found.get("cancelflow_email_record_seconds_sum", 0.0), int(found.get("cancelflow_email_record_seconds_count", 0))
+
+
+def _since(before: tuple[float, int], after: tuple[float, int]) -> tuple[float, int]:
+    return after[0] - before[0], after[1] - before[1]
+
+
 async def scale_out(stack: StackProcess, instances: int, timeout_s: float = 180) -> list[subprocess.Popen[bytes]]:
     """`instances - 1` more processes of every service (same databases, same consumer groups), returned
     once every group has that many members and is stable again."""
@@ -398,9 +422,12 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
             harness = harness_pids(stack, pids)
             everyone = pids | harness
             cpu_before = {name: cpu_seconds(pid) for name, pid in everyone.items()}
+            records_before = await email_records(client)
             task = bar.add_task(f"{requests} cancellations, as fast as possible", total=requests)
             burst = await _run(client, watcher, timer, samples[:requests], None,
                                lambda n: bar.update(task, completed=n))
+            records_after = await email_records(client)
+            burst.email_records = _since(records_before, records_after)
             usage, harness_usage = _usage_since(pids, cpu_before), _usage_since(harness, cpu_before)
             burst.cpu_s = {name: u.cpu_seconds for name, u in (usage | harness_usage).items()}
             paced = None
@@ -416,6 +443,7 @@ async def _measure(stack: StackProcess, samples: list[Any], timer: Timer, extra:
                 paced = await _run(client, watcher, timer, samples[requests:], paced_rate,
                                    lambda n: bar.update(task, completed=n), mark)
                 paced.cpu_s = {name: u.cpu_seconds for name, u in _usage_since(everyone, cpu_before).items()}
+                paced.email_records = _since(records_after, await email_records(client))
                 if broker_at is not None and len(broker_at) == 3:
                     start, half, last = broker_at
                     paced.broker_cpu_s_halves = (half - start, last - half)
@@ -518,6 +546,8 @@ def render(result: BenchResult, console: Console) -> None:
         ("latency p50 / p95 / p99, as fast as possible (ms)", f"{s['p50_ms']} / {s['p95_ms']} / {s['p99_ms']}", ""),
         ("latency p50 / p95 / p99, paced (ms)", f"{s['p50_ms_paced']} / {s['p95_ms_paced']} / {s['p99_ms_paced']}",
          "p99 <= 1000"),
+        ("email recorded as sent, ms per email (its own transaction): burst / paced",
+         f"{s['email_record_ms']} / {s['email_record_ms_paced']}", ""),
         ("embedded broker CPU ms/request, paced: first / second half",
          " / ".join(map(str, s["broker_ms_per_request_paced_halves"] or ["-"])), ""),
         ("invariant violations (reliability checker)",

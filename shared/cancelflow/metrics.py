@@ -27,6 +27,11 @@ EXTERNAL_CALL_SECONDS = Histogram("cancelflow_external_call_seconds", "Vendor/ga
 REFUNDS = Counter("cancelflow_refunds_total", "Refunds by outcome", ["outcome"])
 REFUND_AMOUNT = Counter("cancelflow_refund_amount_total", "Refunded amount", ["currency"])
 EMAILS = Counter("cancelflow_emails_total", "Emails by kind and outcome", ["kind", "outcome"])
+# Each email the SMTP server accepted is recorded as sent in a transaction of its own, before its
+# connection carries another (a kill repeats at most one email per connection): what that costs.
+EMAIL_RECORD_SECONDS = Histogram("cancelflow_email_record_seconds",
+                                 "Recording one accepted email as sent (its own transaction)",
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 # Emails owed and not sent yet, by status (`pending`, `sending`, `awaiting_contact`), counted by the
 # sender every `stale_after_s / 4`: an email waiting for a customer's contact that never arrives is
 # otherwise silent.

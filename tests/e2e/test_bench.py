@@ -56,6 +56,8 @@ def test_a_bench_run_is_correct_and_reports_its_figures(tmp_path: Path) -> None:
     first, second = figures["broker_ms_per_request_paced_halves"]
     assert first > 0 and second > 0
     assert (first + second) / 2 <= figures["cpu_ms_per_request_paced"]["broker"] + 0.01
+    # what recording each accepted email as sent costs (a transaction per email), in both runs
+    assert figures["email_record_ms"] > 0 and figures["email_record_ms_paced"] > 0
     assert figures["steps_ms"], "the per-step breakdown is missing"
     # the saga events of a cancellation, in order: what scripts/kafka_floor.py's stand-ins publish
     assert [step.split(" -> ")[1] for step in figures["steps_ms"]] == list(load_script("kafka_floor").SAGA_STEPS)

@@ -9,6 +9,8 @@ systems recognise; the status history (EmailSent) names each email once.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -107,6 +109,62 @@ async def test_kill_between_smtp_send_and_record_delivers_one_message(store, req
             [row] = await client.emails(rid)
             assert (row["status"], row["attempts"]) == ("sent", 2)
     finally:
+        code = stack.stop()
+        mailbox.stop()
+    assert code == 0, stack.log.read_text()[-3000:]
+
+
+# --- killed in the middle of a round -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("pg", marks=pytest.mark.pg)])
+async def test_a_kill_mid_round_repeats_at_most_one_email_per_smtp_connection(store, request, tmp_path_factory,
+                                                                              today):
+    """30 outcomes wait for the mail server, then go out in one round over SMTP_CONNECTIONS connections;
+    notification is killed (kill -9) the instant the server receives the 10th. After the restart every
+    customer has their email, and at most SMTP_CONNECTIONS of them got it twice (the messages in flight),
+    each with its original Message-ID. (Recording the round after it was all sent repeated all 10.)"""
+    connections, kill_at = 4, 10
+    mailbox = RecordingSMTPServer().start()
+    env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(mailbox.port), "SUPPORT_EMAIL": SUPPORT,
+           "SMTP_RETRY_MAX_SECONDS": "1", "SMTP_CONNECTIONS": str(connections)}
+    if store == "pg":
+        env.update(_pg_urls(request.getfixturevalue("pg_server"), f"round{uuid.uuid4().hex[:8]}"))
+    stack = StackProcess(tmp_path_factory.mktemp(f"round-{store}"), extra_env=env).start()
+    try:
+        async with StackClient(stack.endpoints, stack.settings) as client, \
+                StatusWatcher(stack.endpoints.bootstrap) as watcher:
+            tag = uuid.uuid4().hex[:8]
+            samples = [sample_subscription(account_id=f"acct-{tag}", subscription_id=f"sub-round{n}-{tag}",
+                                           today=today) for n in range(30)]
+            await client.load(samples)
+            mailbox.stop()  # the outcomes pile up, and go out together once the server is back
+            rids = [await client.request_cancellation(account_id=f"acct-{tag}",
+                                                      subscription_id=sample.facts.subscription_id)
+                    for sample in samples]
+            for rid in rids:
+                assert (await watcher.terminal(rid, timeout=120))["state"] == "completed"
+            for rid in rids:
+                await _until(lambda rid=rid: _emails_are(client, rid, {"completed": "pending"}),
+                             f"the email of {rid} owed", timeout=60)
+
+            _, health = await client.get_json(f"{client.endpoints.notification}/healthz")
+            mailbox.on_message = lambda received: os.kill(health["pid"], signal.SIGKILL) if received == kill_at else None
+            mailbox.start()
+            await mailbox.wait_until(lambda _: all(_mails(mailbox, rid) for rid in rids), timeout=120)
+            for rid in rids:  # each recorded as sent, once
+                assert email_count(await watcher.terminal(rid, emails=1, timeout=60)) == 1
+            _, restarted = await client.get_json(f"{client.endpoints.notification}/healthz")
+            assert restarted["pid"] != health["pid"]  # it was killed, and the supervisor restarted it
+
+            copies = {rid: _mails(mailbox, rid) for rid in rids}
+            repeated = sum(len(mails) - 1 for mails in copies.values())
+            assert 1 <= repeated <= connections, {rid[:8]: len(m) for rid, m in copies.items() if len(m) > 1}
+            for rid, mails in copies.items():
+                assert {_mid(m) for m in mails} == {message_id_for(rid, "completed")}
+                assert {e["status"] for e in await client.emails(rid)} == {"sent"}
+    finally:
+        mailbox.on_message = None
         code = stack.stop()
         mailbox.stop()
     assert code == 0, stack.log.read_text()[-3000:]

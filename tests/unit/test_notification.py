@@ -4,6 +4,7 @@ customers whose contact arrives late, opt-out and stuck requests."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -84,6 +85,11 @@ class World:
             query = query.where(orm.emails.c.request_id == request_id)
         async with self.engine.connect() as conn:
             return {r["kind"]: dict(r) for r in (await conn.execute(query)).mappings().all()}
+
+    async def emails_by_message_id(self) -> dict[str, dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(orm.emails))).mappings().all()
+        return {r["message_id"]: dict(r) for r in rows}
 
     async def outbox(self) -> list[dict[str, Any]]:
         table = orm.messaging.outbox
@@ -238,6 +244,37 @@ async def test_kill_after_send_resends_the_same_message_and_emits_email_sent_onc
     assert copies[0].as_bytes() == copies[1].as_bytes()  # byte for byte the same message
     assert (await world.emails(rid))["completed"]["status"] == "sent"
     assert len(await world.emitted("EmailSent")) == 1
+
+
+class WatchfulMailer(FakeMailer):
+    """Counts, each time the server accepts a message, the accepted messages not yet recorded as sent:
+    what a kill at that instant would send again."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__()
+        self.world = world
+        self.unrecorded: list[int] = []
+
+    async def send(self, msg: Any) -> None:
+        await asyncio.sleep(0)  # the other connections move on meanwhile
+        await super().send(msg)
+        accepted = {mid(m) for m in self.sent}
+        rows = (await self.world.emails_by_message_id()).values()
+        self.unrecorded.append(sum(1 for r in rows if r["message_id"] in accepted and r["status"] != "sent"))
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+async def test_each_message_is_recorded_before_its_connection_carries_another(world: World, connections: int) -> None:
+    """A kill resends at most the messages in flight, one per SMTP connection, never a whole round."""
+    rids = [await world.known(subscription=f"sub-{n}") for n in range(12)]
+    for n, rid in enumerate(rids):
+        await world.completed(rid, subscription=f"sub-{n}")
+    world.mailer = WatchfulMailer(world)
+    sender = world.new_sender(in_flight=connections)
+    assert await sender.deliver_due()  # one round of all twelve
+    assert len(world.mailer.sent) == 12 and len(await world.emitted("EmailSent")) == 12
+    assert max(world.mailer.unrecorded) <= connections, world.mailer.unrecorded
+    assert max(world.mailer.unrecorded) == connections or connections == 1  # they did go out concurrently
 
 
 async def test_a_claim_is_not_taken_twice(world: World) -> None:

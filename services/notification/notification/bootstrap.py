@@ -28,7 +28,8 @@ def build() -> ServiceRuntime:
     runtime = ServiceRuntime("notification", settings, orm.metadata, orm.messaging)
     handlers = NotificationHandlers(sender_address=settings.mail_from, support_email=settings.support_email)
     mailer = MailerPool.from_settings(settings)
-    sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s)
+    sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s,
+                         in_flight=settings.smtp_connections)
     runtime.on_start.append(render.load_templates)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
                             batch=True))

@@ -1,22 +1,25 @@
-"""Delivers owed emails: claim, send, then mark sent and emit EmailSent in one transaction.
+"""Delivers owed emails: claim, send, then mark sent and emit EmailSent, one message at a time.
 
-Each delivery is three steps, the first and last each a transaction around the SMTP handover (taken
-for a whole round of due emails at once; the sends of a round run concurrently):
+Each delivery is three steps, the first and last each a transaction around the SMTP handover:
 
 1. claim: `pending` -> `sending` (with `attempted_at`), conditional on the row still being `pending`,
-   committed *before* the send (the intent is on record);
+   committed *before* the send (the intent is on record); a whole round of due emails is claimed in
+   one transaction;
 2. send the stored message, whose Message-ID is derived from (request, kind) and never changes;
 3. mark: `sending` -> `sent` and `EmailSent` into the outbox, conditional on the row still being
-   `sending`, so EmailSent is emitted once per email whatever happens.
+   `sending`, so EmailSent is emitted once per email whatever happens. Each message is marked as soon
+   as the server accepted it, and its connection takes the next message only once the mark committed.
 
 A process killed between 2 and 3 leaves the row `sending`. SMTP offers no way to ask the server
 whether it got the message, so on restart (`recover`) such a row is sent again, *with the same
-Message-ID*: delivery is at-least-once on the wire and exactly-once as the recipient sees it, because
-mail systems recognise a message they already have by its Message-ID (duplicate suppression in MTAs,
-mailbox stores and clients; the test mailbox counts distinct Message-IDs). The window is a single
-SMTP transaction, and EmailSent (what the status history shows) is still emitted once. Within a
-running process a row left `sending` by an error after the send is retried the same way once its
-claim is older than `stale_after_s`.
+Message-ID*: mail systems recognise a message they already have by its Message-ID (duplicate
+suppression in MTAs, mailbox stores and clients; the test mailbox counts distinct Message-IDs). Since
+a message is recorded before its connection carries another, a kill repeats at most one message per
+SMTP connection (`in_flight`, SMTP_CONNECTIONS), never a whole round (CONTRACT.md section 5, emails);
+the price is one small transaction per email instead of one per round (docs/performance.md). Rows
+claimed but not yet handed over are simply sent after the restart. Within a running process a row
+left `sending` by an error after the send is retried the same way once its claim is older than
+`stale_after_s`.
 
 SMTP outages: a retryable failure (server unreachable, timeout, 4xx) keeps the email `pending` with
 `next_attempt_at` pushed back exponentially up to `max_backoff_s` (SMTP_RETRY_MAX_SECONDS); while the
@@ -69,8 +72,10 @@ MARK_NOT_SENT = Query(update(emails).where(_SENDING))
 
 class EmailSender:
     def __init__(self, mailer: AbstractMailer, new_uow: Callable[[], UnitOfWork], *, idle_poll_s: float = 0.5,
-                 max_backoff_s: float = 60.0, stale_after_s: float = 120.0) -> None:
+                 max_backoff_s: float = 60.0, stale_after_s: float = 120.0, in_flight: int = 1) -> None:
         self.mailer = mailer
+        # Messages handed to SMTP and not yet recorded, at most: one per connection of the mailer.
+        self._in_flight = asyncio.Semaphore(in_flight)
         self.new_uow = new_uow
         self.idle_poll_s = idle_poll_s
         self.max_backoff_s = max_backoff_s
@@ -151,8 +156,8 @@ class EmailSender:
 
     async def deliver_due(self, limit: int = 100) -> bool:
         """One round: the pending emails whose time has come, oldest first, claimed in one transaction,
-        handed to SMTP concurrently (as many at once as the mailer has connections) and recorded as
-        sent in one transaction. True when one was sent."""
+        handed to SMTP concurrently (`in_flight` at once, as many as the mailer has connections), each
+        recorded as sent as soon as the server accepted it. True when one was sent."""
         if time.monotonic() >= self._next_stale_check:
             self._next_stale_check = time.monotonic() + self.stale_after_s / 4
             await self.recover(older_than_s=self.stale_after_s)
@@ -161,20 +166,21 @@ class EmailSender:
         claimed = await self._claim_due(1 if self._outage_failures else limit)
         if not claimed:
             return False
-        outcomes = await asyncio.gather(*(self._send(row) for row in claimed))
-        sent = [row for row, error in zip(claimed, outcomes, strict=True) if error is None]
-        if sent:
+        outcomes = await asyncio.gather(*(self._deliver(row) for row in claimed), return_exceptions=True)
+        if any(outcome is None for outcome in outcomes):
             self._outage_failures = 0
-            await self._mark_sent(sent)
         outages_before, unreachable = self._outage_failures, False
         for row, error in zip(claimed, outcomes, strict=True):
-            if error is not None:
+            if isinstance(error, MailDeliveryError):
                 with structlog.contextvars.bound_contextvars(request_id=row["request_id"],
                                                              correlation_id=row["request_id"]):
                     unreachable |= await self._failed(row, error) == "unreachable"
         if unreachable:  # one outage per round, however many emails it held up
             self._outage_failures = outages_before + 1
-        return bool(sent)
+        for error in outcomes:  # a mark that could not commit: its row stays `sending` (stale_after_s)
+            if isinstance(error, BaseException) and not isinstance(error, MailDeliveryError):
+                raise error
+        return any(outcome is None for outcome in outcomes)
 
     async def _claim_due(self, limit: int) -> list[dict]:
         """Record the intent before the sends: due `pending` rows become `sending`, in one transaction.
@@ -187,26 +193,30 @@ class EmailSender:
                 await uow.commit(mark_processed=None)
         return due
 
-    async def _send(self, row: dict) -> MailDeliveryError | None:
-        try:
-            await self.mailer.send(bytes(row["raw"]))
-        except MailDeliveryError as exc:
-            return exc
-        crash_point("notification.after_smtp_send")
+    async def _deliver(self, row: dict) -> MailDeliveryError | None:
+        """Send one message and record it as sent before this connection carries another, so a kill
+        repeats at most the messages in flight."""
+        async with self._in_flight:
+            try:
+                await self.mailer.send(bytes(row["raw"]))
+            except MailDeliveryError as exc:
+                return exc
+            crash_point("notification.after_smtp_send")
+            await self._mark_sent(row)
         return None
 
-    async def _mark_sent(self, rows: list[dict]) -> None:
-        """`sending` -> `sent` and one `EmailSent` per row, for the rows still `sending` (so EmailSent is
-        emitted once per email whatever happens)."""
+    async def _mark_sent(self, row: dict) -> None:
+        """`sending` -> `sent` and its `EmailSent`, if the row is still `sending` (so EmailSent is emitted
+        once per email whatever happens)."""
+        started = time.perf_counter()
         async with self.new_uow() as uow:
-            for row in rows:
-                if await uow.db.run(MARK_SENT, match_id=row["id"], sent_at=utcnow()) == 1:
-                    uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
-                                       subject=row["subject"], message_id=row["message_id"]),
-                             correlation_id=row["request_id"])
+            if await uow.db.run(MARK_SENT, match_id=row["id"], sent_at=utcnow()) == 1:
+                uow.emit(EmailSent(request_id=row["request_id"], kind=row["kind"], audience=row["audience"],
+                                   subject=row["subject"], message_id=row["message_id"]),
+                         correlation_id=row["request_id"])
             await uow.commit(mark_processed=None)
-        for row in rows:
-            metrics.EMAILS.labels(row["kind"], "sent").inc()
+        metrics.EMAIL_RECORD_SECONDS.observe(time.perf_counter() - started)
+        metrics.EMAILS.labels(row["kind"], "sent").inc()
 
     async def _failed(self, row: dict, exc: MailDeliveryError) -> str:
         attempts = row["attempts"] + 1

@@ -62,6 +62,9 @@ class RecordingSMTPServer:
         self._received: list[ReceivedMail] = []
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._failures: list[str] = []
+        # Called on the server thread with the count received so far, each time a message arrives and
+        # before the client gets its 250: a test can kill the sender at that very instant.
+        self.on_message: Callable[[int], None] | None = None
         self._connections_before = 0  # sessions accepted by listeners of earlier start()s
         self._listener: SmtpListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +176,9 @@ class RecordingSMTPServer:
                                                parse_message(raw)))
             self._cond.notify_all()
             waiters = list(self._async_waiters)
+            received = len(self._received)
+        if self.on_message is not None:
+            self.on_message(received)
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)
