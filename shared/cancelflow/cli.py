@@ -159,6 +159,7 @@ def print_status(status: dict) -> None:
     """A request's status record as support reads it: the view, then its history."""
     error = status.get("error")
     refund = status.get("refund")
+    resolution = status.get("resolution")
     view = Table(show_header=False, title=f"request {status['request_id']}")
     view.add_column("field", style="bold")
     view.add_column("value")
@@ -173,6 +174,7 @@ def print_status(status: dict) -> None:
         ("access ends", status.get("access_end_date")),
         ("refund", f"{refund['amount']} {refund['currency']} ({refund['status']})" if refund else "-"),
         ("error", f"{error['source']} / {error['code']}: {error['message']}" if error else "-"),
+        ("resolution", f"{resolution['action']}, by {resolution['by']}: {resolution['note']}" if resolution else "-"),
         ("version", str(status.get("version"))),
     ]
     for name, value in rows:

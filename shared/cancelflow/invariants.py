@@ -186,6 +186,10 @@ def owed_kinds(status: dict[str, Any]) -> tuple[str, ...]:
     error = status.get("error") or {}
     if error.get("code") == "timeout":
         return ("manual_review", "support_stuck")
+    resolution = status.get("resolution") or {}
+    if resolution.get("by") == "system":  # set aside as stuck, then finished by itself: both are told
+        outcome = OWED.get((resolution["action"], error.get("source"), status.get("target") or ""), ())
+        return ("manual_review", "support_stuck", *outcome)
     return OWED.get((status["state"], error.get("source"), status.get("target") or ""), ())
 
 

@@ -87,6 +87,19 @@ def test_emails_doubled_or_missing() -> None:
         evidence, Expectations(accepted={"r1"}, injected_bad_keys={"bad-1"}, smtp_up=False))
 
 
+def test_a_stuck_request_finished_by_the_system_owes_the_stuck_emails_and_its_outcome() -> None:
+    evidence = clean()
+    timeout = {"source": "vendor", "code": "timeout", "message": "No progress"}
+    resolved = {"by": "system", "at": "2026-11-21T10:00:00+00:00", "action": "completed", "note": ""}
+    evidence.statuses = [status("r1", 1, "received"), status("r1", 2, "in_progress"),
+                         status("r1", 3, "manual_review", error=timeout),
+                         status("r1", 4, "manual_review", resolution=resolved)]
+    evidence.mails = [mail("r1", "manual_review", "<m@x>"), mail("r1", "support_stuck", "<s@x>")]
+    assert violated(evidence) == {"every owed email delivered once SMTP is back"}  # no "completed" email
+    evidence.mails.append(mail("r1", "completed", "<a@x>"))
+    assert violated(evidence) == set()
+
+
 def test_dead_letters_must_be_the_injected_ones() -> None:
     evidence = clean()
     evidence.dead_letters.append({"original_key": "r-valid", "reason": "handler_error", "detail": "x",
