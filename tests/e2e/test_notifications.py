@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from playwright.async_api import async_playwright, expect
 
 from cancelflow.events import CancellationDeclined, RequestStuck
 from cancelflow.ops import StackClient, StatusWatcher, email_count, sample_subscription
@@ -28,6 +29,7 @@ from cancelflow.testing.stack import StackProcess
 from notification.render import message_id_for
 from tests.e2e.conftest import SUPPORT, _pg_urls
 from tests.e2e.test_cancellation_flow import _finish, _mails
+from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 
 pytestmark = pytest.mark.e2e
 
@@ -339,8 +341,9 @@ async def test_a_stuck_request_that_completes_after_all_shows_it_resolved_by_the
                        for h in done["history"])
             versions = [r["version"] for r in watcher.history_of(rid)]
             assert versions == list(range(1, len(versions) + 1))
-            page = await client.status(rid)  # what the dashboard's request page renders
-            assert page is not None and page["resolution"]["action"] == "completed" and page["refund"] is not None
+            document = await client.status(rid)  # what the dashboard's request page renders
+            assert document is not None and document["resolution"]["action"] == "completed"
+            await _dashboard_shows_it_resolved(client.endpoints.status, rid, done["refund"]["amount"])
 
             mails = {kind: copies for kind, copies in _by_kind(mailbox, rid).items()}
             assert sorted(mails) == ["completed", "manual_review", "support_stuck"]
@@ -351,3 +354,23 @@ async def test_a_stuck_request_that_completes_after_all_shows_it_resolved_by_the
         code = stack.stop()
         mailbox.stop()
     assert code == 0, stack.log.read_text()[-3000:]
+
+
+async def _dashboard_shows_it_resolved(status_url: str, rid: str, amount: str) -> None:
+    if not HAVE_CHROMIUM:
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CANCELFLOW_CHROMIUM)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{status_url}/ui/requests/{rid}")
+            await expect(page.locator("#resolution-panel")).to_contain_text("Completed: resolved by the system")
+            await expect(page.locator("#resolution-panel")).to_contain_text("nothing to do by hand")
+            await expect(page.locator("#refund")).to_have_text(f"Refund: {amount} USD (succeeded)")
+            await expect(page.locator("#details")).to_contain_text("canceled")
+            await expect(page.locator("#error-panel")).to_be_hidden()
+            await page.goto(f"{status_url}/")
+            await expect(page.locator(f'tr[data-request-id="{rid}"] td.state')).to_have_text(
+                "Manual review Completed: resolved by the system")
+        finally:
+            await browser.close()

@@ -142,7 +142,7 @@ function listPage() {
       el("code", { text: shortId(status.request_id) }));
     const tr = el("tr", { dataset: { requestId: status.request_id, state: status.state } },
       el("td", {}, link),
-      el("td", { className: "state" }, badge(status.state), " ", resolved(status)),
+      el("td", { className: "state" }, badge(status.state), ...(status.resolution ? [" ", resolved(status)] : [])),
       el("td", { className: "stage", text: status.stage || "" }),
       el("td", { text: status.subscription_id || (status.charge_ids || []).join(", ") }),
       el("td", { text: status.account_id || "" }),
