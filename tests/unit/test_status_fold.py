@@ -8,8 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cancelflow.events import (
+    TERMINAL_STATES,
     ApprovalPending,
     CancellationReceived,
     EmailSent,
@@ -346,6 +349,27 @@ def test_a_resolved_request_is_not_resolved_again() -> None:
         assert after is None or {k: v for k, v in after.items() if k != "history"} == {
             k: v for k, v in done.items() if k != "history"}
     assert apply(fold(received(), vendor_requested(), stuck())[-1], stuck(), T0 + timedelta(minutes=5)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(at=st.integers(min_value=1, max_value=4), again=st.lists(st.integers(min_value=0, max_value=6), max_size=4))
+def test_wherever_the_timer_speaks_the_fields_end_as_without_it(at: int, again: list[int]) -> None:
+    """The timer setting a request aside anywhere before its outcome, events redelivered anywhere: the
+    refund, subscription and provisioning status, dates and stage end as on the plain success path;
+    the state is the first terminal one; and the case is resolved by the system exactly once."""
+    plain = [received(), vendor_requested(), provisioned(), committed(), refunded(), email()]
+    events: list[Payload] = [*plain[:at], stuck("validation" if at == 1 else "vendor"), *plain[at:]]
+    for i in sorted(again, reverse=True):
+        events.insert(i + 1, events[i])  # a redelivered copy right after the original
+    views = fold(*events)
+    done, expected = views[-1], fold(*plain)[-1]
+    for key in ("refund", "subscription_status", "provisioning_status", "effective_date", "access_end_date",
+                "stage", "error"):
+        assert done[key] == expected[key], key
+    first_terminal = next(v["state"] for v in views if State(v["state"]) in TERMINAL_STATES)
+    assert first_terminal == done["state"] == "manual_review"
+    assert done["resolution"]["action"] == "completed"
+    assert sum(m.startswith("Resolved by the system") for m in messages(done)) == 1
 
 
 def test_a_manual_review_of_a_refused_refund_is_not_reopened_by_a_late_refund() -> None:
