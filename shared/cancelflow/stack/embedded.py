@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -52,6 +53,9 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
             out.pop(alias, None)
         else:
             out[alias] = _env_value(value)
+    if settings.producer_keys and not settings.service_keys:
+        # Keys on cover the internal topics too (CONTRACT.md section 10): a fresh key per service.
+        out["CANCELFLOW_SERVICE_KEYS"] = ",".join(f"{service}:{secrets.token_hex(32)}" for service in SERVICES)
     if settings.kafka_bootstrap_servers is None and "KAFKA_SESSION_TIMEOUT_MS" not in env:
         # On the embedded broker a short session lets a restarted service resume within seconds.
         out["KAFKA_SESSION_TIMEOUT_MS"] = "6000"
