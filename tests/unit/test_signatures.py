@@ -7,6 +7,7 @@ import ast
 import inspect
 from pathlib import Path
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -184,3 +185,25 @@ def test_the_relay_signs_each_record_as_its_service() -> None:
     assert BOTH is not None and BOTH.problem(topics.SAGA, VALUE, headers) is None
     unsigned = OutboxRelay(lambda: None, None, None)  # type: ignore[arg-type]
     assert [name for name, _ in unsigned._headers(row)] == ["x", "cf-event-type"]
+
+
+def test_the_live_feed_shows_only_statuses_the_tracker_signed() -> None:
+    from types import SimpleNamespace
+
+    from status_tracker.feed import StatusFeed
+
+    status = orjson.dumps({"event_id": "e1", "event_type": "CancellationStatusChanged",
+                           "payload": {"request_id": "r1", "state": "completed"}})
+    lie = orjson.dumps({"event_id": "e2", "event_type": "RecordDeadLettered", "payload": {"request_id": "r1"}})
+
+    def record(value: bytes, headers: list[tuple[str, bytes]]) -> SimpleNamespace:
+        return SimpleNamespace(topic=topics.STATUS, value=value, headers=headers)
+
+    feed = StatusFeed(service_settings("status_tracker", service_keys=SERVICE_KEYS))
+    assert feed._status_of(record(status, signature_headers(status, "status_tracker", "status_tracker-key"))) == {
+        "event_id": "e1", "request_id": "r1", "state": "completed"}
+    assert feed._status_of(record(status, [])) is None
+    assert feed._status_of(record(status, signature_headers(status, "billing", "billing-key"))) is None
+    assert feed._status_of(record(lie, signature_headers(lie, "status_tracker", "status_tracker-key"))) is None
+    unsigned_feed = StatusFeed(service_settings("status_tracker"))
+    assert unsigned_feed._status_of(record(status, [])) is not None  # keys off: as before
