@@ -21,6 +21,7 @@ from sqlalchemy import MetaData
 
 from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
+from cancelflow.http_guard import allowed_hosts, guard
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
@@ -95,7 +96,8 @@ class ServiceRuntime:
                                  round_lock=db.relay_round_lock(settings.database_url(), self.engine),
                                  signer=(name, signing_key) if signing_key else None)
         self.routes: list[Route] = []
-        self.http = web.Application()
+        # Browsers: no foreign Origin on a change, no foreign Host at all (cancelflow/http_guard.py).
+        self.http = web.Application(middlewares=[guard(allowed_hosts(settings.http_host, settings.allowed_hosts))])
         self.tasks: list[Task] = []
         self.inbox_pruner = InboxPruner(self.transactions, tables, retention_days=settings.inbox_retention_days)
         if self.inbox_pruner.enabled:

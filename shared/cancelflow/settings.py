@@ -87,7 +87,7 @@ class CommonSettings(BaseSettings):
     # Billing: how often the end-of-term scheduler looks for periods that ended; and a clock offset
     # in days that only tests and demos set (production never does).
     scheduler_interval_s: float = Field(30.0, gt=0, validation_alias="SCHEDULER_INTERVAL_SECONDS")
-    clock_offset_days: int = Field(0, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
+    clock_offset_days: int = Field(0, ge=-3650, le=3650, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
     # How long each service keeps the ids of the events it processed (its inbox), which drop a
     # redelivered event: longer than the topics keep their records (Kafka's default is 7 days). 0 keeps
     # them for ever (messaging/retention.py).
@@ -164,6 +164,9 @@ class ServiceSettings(CommonSettings):
 
     service: str = "service"
     http_host: str = Field("127.0.0.1", validation_alias="CANCELFLOW_HTTP_HOST")
+    # Host names the HTTP port answers to besides loopback and `http_host` (comma-separated; `*`: any),
+    # and whose pages may POST to it (cancelflow/http_guard.py).
+    allowed_hosts: str | None = Field(None, validation_alias="CANCELFLOW_ALLOWED_HOSTS")
     database_url_env: str | None = None
     http_port: int = 0
 
