@@ -166,13 +166,19 @@ def test_producer_keys_without_service_keys_refuse_to_start(monkeypatch: pytest.
     assert "billing-key" not in repr(configured)
 
 
-def test_cancelflow_up_makes_service_keys_when_producer_keys_are_set() -> None:
-    env = child_env(CommonSettings(CANCELFLOW_PRODUCER_KEYS="platform:plat"), {})  # type: ignore[call-arg]
-    keys = parse_keys(env["CANCELFLOW_SERVICE_KEYS"])
+def test_cancelflow_up_makes_service_keys_when_producer_keys_are_set(tmp_path: Path) -> None:
+    def env(**values: str) -> dict[str, str]:
+        return child_env(CommonSettings(CANCELFLOW_DATA_DIR=str(tmp_path), **values), {})  # type: ignore[arg-type]
+
+    made = env(CANCELFLOW_PRODUCER_KEYS="platform:plat")["CANCELFLOW_SERVICE_KEYS"]
+    keys = parse_keys(made)
     assert set(keys) == set(SERVICES)
     assert len({k for (k,) in keys.values()}) == len(SERVICES) and all(len(k) == 64 for (k,) in keys.values())
-    assert "CANCELFLOW_SERVICE_KEYS" not in child_env(CommonSettings(), {})  # embedded default: unsigned
-    given = child_env(CommonSettings(CANCELFLOW_PRODUCER_KEYS="p:k", CANCELFLOW_SERVICE_KEYS=SERVICE_KEYS), {})  # type: ignore[call-arg]
+    # Kept in the data dir, readable by its owner only: a restart signs and checks with the same keys.
+    assert (tmp_path / "service-keys").stat().st_mode & 0o777 == 0o600
+    assert env(CANCELFLOW_PRODUCER_KEYS="platform:plat")["CANCELFLOW_SERVICE_KEYS"] == made
+    assert "CANCELFLOW_SERVICE_KEYS" not in env()  # embedded default: unsigned
+    given = env(CANCELFLOW_PRODUCER_KEYS="p:k", CANCELFLOW_SERVICE_KEYS=SERVICE_KEYS)
     assert given["CANCELFLOW_SERVICE_KEYS"] == SERVICE_KEYS
 
 
