@@ -22,7 +22,7 @@ from cancelflow.events import (
     envelope_for,
 )
 from cancelflow.messaging.codec import encode
-from cancelflow.messaging.signatures import SignatureCheck, sign, signature_headers
+from cancelflow.messaging.signatures import SignatureCheck, parse_keys, sign, signature_headers
 from cancelflow.ops import sample_subscription
 from cancelflow.settings import SERVICES
 from cancelflow.testing.smtp import RecordingSMTPServer
@@ -33,14 +33,12 @@ from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _read_t
 pytestmark = pytest.mark.e2e
 
 KEYS = "storefront:new-key,storefront:old-key,bss:bss-key,platform:platform-key"
-SERVICE_KEYS = ",".join(f"{service}:{service}-key" for service in SERVICES)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, smtp: RecordingSMTPServer) -> Iterator[StackProcess]:  # type: ignore[no-untyped-def]
     process = StackProcess(tmp_path_factory.mktemp("stack-signed"), extra_env={
-        "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "CANCELFLOW_PRODUCER_KEYS": KEYS,
-        "CANCELFLOW_SERVICE_KEYS": SERVICE_KEYS})
+        "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "CANCELFLOW_PRODUCER_KEYS": KEYS})
     process.start()
     yield process
     assert process.stop() == 0
@@ -133,7 +131,7 @@ async def test_forged_charges_are_not_ingested(client, stack, ids, today):
     # A signed charge on the same account (so the same partition, behind the forged one): once both
     # services know it, they have read past the forged one.
     marker = sample_subscription(account_id=ids["account"], subscription_id=f"sub-rch-{ids['tag']}", today=today)
-    await client.load([marker])
+    await client.load_for_dispute([marker])  # waits until payment-gateway and dispute both have it
     dead = await _read_topic(stack.endpoints.bootstrap, topics.DLQ,
                              lambda r: orjson.loads(r.value)["payload"]["topic"] == topics.PAYMENTS_CHARGES
                              and r.key == charge.account_id.encode(), 1)
@@ -174,7 +172,10 @@ async def test_forged_saga_events_move_no_money(client, watcher, stack, ids, tod
     assert (await _finish(watcher, genuine_rid))["state"] == "completed"  # signed by each service: accepted
     [committed] = await _read_topic(stack.endpoints.bootstrap, topics.SAGA, lambda r: r.key == genuine_rid.encode()
                                     and orjson.loads(r.value)["event_type"] == "PlatformCommitted", 1)
-    assert SignatureCheck.from_text(None, SERVICE_KEYS).problem(  # type: ignore[union-attr]
+    # `cancelflow up` made the services' keys (none were given) and kept them in the data dir.
+    service_keys = (stack.data_dir / "service-keys").read_text()
+    assert set(parse_keys(service_keys)) == set(SERVICES)
+    assert SignatureCheck.from_text(None, service_keys).problem(  # type: ignore[union-attr]
         topics.SAGA, committed.value, committed.headers) is None
     gateway_url = client.endpoints.payment_gateway
     before = await _metric(client, gateway_url, "cancelflow_bad_signatures_total", topics.SAGA)
@@ -190,7 +191,7 @@ async def test_forged_saga_events_move_no_money(client, watcher, stack, ids, tod
     forgeries = [
         (duplicate.request_id, _saga_record(duplicate, "dispute"), []),  # unsigned
         (not_owner.request_id, value := _saga_record(not_owner, "billing"),  # signed by a non-owner's key
-         signature_headers(value, "notification", "notification-key")),
+         signature_headers(value, "notification", parse_keys(service_keys)["notification"][0])),
         (genuine_rid, orjson.dumps(replay), [h for h in committed.headers if h[0].startswith("cf-")]),
     ]
     for rid, value, headers in forgeries:
