@@ -28,6 +28,7 @@ from cancelflow.settings import SERVICES
 from cancelflow.testing.smtp import RecordingSMTPServer
 from cancelflow.testing.stack import StackProcess
 from cancelflow.upstream import UpstreamPublisher
+from tests.e2e.conftest import _pg_urls
 from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _read_topic
 
 pytestmark = pytest.mark.e2e
@@ -35,10 +36,12 @@ pytestmark = pytest.mark.e2e
 KEYS = "storefront:new-key,storefront:old-key,bss:bss-key,platform:platform-key"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, smtp: RecordingSMTPServer) -> Iterator[StackProcess]:  # type: ignore[no-untyped-def]
-    process = StackProcess(tmp_path_factory.mktemp("stack-signed"), extra_env={
-        "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "CANCELFLOW_PRODUCER_KEYS": KEYS})
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("pg", marks=pytest.mark.pg)])
+def stack(request, tmp_path_factory, smtp: RecordingSMTPServer) -> Iterator[StackProcess]:  # type: ignore[no-untyped-def]
+    env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "CANCELFLOW_PRODUCER_KEYS": KEYS}
+    if request.param == "pg":  # the relays read what they sign from PostgreSQL's outboxes
+        env.update(_pg_urls(request.getfixturevalue("pg_server"), uuid.uuid4().hex[:8]))
+    process = StackProcess(tmp_path_factory.mktemp(f"stack-signed-{request.param}"), extra_env=env)
     process.start()
     yield process
     assert process.stop() == 0
