@@ -185,6 +185,7 @@ REQUIRED_ALERTS = {
     "CancelflowOutboxBacklog": "cancelflow_outbox_backlog",
     "CancelflowVendorFailureRate": "cancelflow_external_call_seconds_count",
     "CancelflowRefundsFailing": "cancelflow_refunds_total",
+    "CancelflowForgedInternalRecords": "cancelflow_bad_signatures_total",
 }
 
 
