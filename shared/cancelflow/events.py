@@ -93,6 +93,11 @@ class ValidationCode(StrEnum):
     bad_input = "bad_input"
 
 
+# The services, by the names they sign with (`published_by` below).
+BILLING, PROVISIONING, PAYMENT_GATEWAY = frozenset({"billing"}), frozenset({"provisioning"}), frozenset({"payment_gateway"})
+DISPUTE, NOTIFICATION, STATUS_TRACKER = frozenset({"dispute"}), frozenset({"notification"}), frozenset({"status_tracker"})
+
+
 # --- base classes ------------------------------------------------------------------------------
 
 
@@ -105,6 +110,9 @@ class Payload(BaseModel):
     schema_version: ClassVar[int] = 1
     topic: ClassVar[str]
     key_field: ClassVar[str] = "request_id"
+    # An internal type: the services whose signature a consumer accepts on it (CONTRACT.md section 10).
+    # None: any of our services (a dead letter), or an upstream type (its producers are configured).
+    published_by: ClassVar[frozenset[str] | None] = None
 
     def record_key(self) -> str:
         return str(getattr(self, self.key_field))
@@ -269,6 +277,7 @@ class CancellationReceived(SagaEvent):
     """The intake accepted the record as a request: what the tracker starts the request's view from."""
 
     event_type: ClassVar[str] = "CancellationReceived"
+    published_by: ClassVar[frozenset[str] | None] = BILLING
 
     account_id: str
     target: Literal["subscription", "charges"]
@@ -298,6 +307,7 @@ class ApprovalPending(SagaEvent):
     """A valid storefront request waits for an operator (no side effect until approved)."""
 
     event_type: ClassVar[str] = "ApprovalPending"
+    published_by: ClassVar[frozenset[str] | None] = BILLING
 
     subscription_id: str
     snapshot: SubscriptionSnapshot
@@ -308,6 +318,7 @@ class RequestDeclined(SagaEvent):
     """An operator declined a request that was pending approval; the customer is told."""
 
     event_type: ClassVar[str] = "RequestDeclined"
+    published_by: ClassVar[frozenset[str] | None] = BILLING
 
     subscription_id: str | None = None
     decided_by: str
@@ -321,6 +332,7 @@ class CancellationScheduled(SagaEvent):
     subscription renews with the licenses that are left."""
 
     event_type: ClassVar[str] = "CancellationScheduled"
+    published_by: ClassVar[frozenset[str] | None] = BILLING
 
     account_id: str
     subscription_id: str
@@ -335,6 +347,7 @@ class AutoRenewStopped(SagaEvent):
     """The gateway's recurring schedule for the subscription is stopped."""
 
     event_type: ClassVar[str] = "AutoRenewStopped"
+    published_by: ClassVar[frozenset[str] | None] = PAYMENT_GATEWAY
 
     subscription_id: str
 
@@ -344,6 +357,7 @@ class VendorCancellationRequested(SagaEvent):
     """Billing locked the subscription (provisioning `In Progress`) and asks provisioning to go to the vendor."""
 
     event_type: ClassVar[str] = "VendorCancellationRequested"
+    published_by: ClassVar[frozenset[str] | None] = BILLING
 
     account_id: str
     subscription_id: str
@@ -360,6 +374,7 @@ class VendorProvisioned(SagaEvent):
     """The vendor confirmed the cancellation (or had already applied it)."""
 
     event_type: ClassVar[str] = "VendorProvisioned"
+    published_by: ClassVar[frozenset[str] | None] = PROVISIONING
 
     subscription_id: str
     vendor: str
@@ -374,6 +389,7 @@ class VendorCancellationFailed(SagaEvent):
     """The vendor refused or could not be reached within the retry budget; billing reverts."""
 
     event_type: ClassVar[str] = "VendorCancellationFailed"
+    published_by: ClassVar[frozenset[str] | None] = PROVISIONING
 
     subscription_id: str
     vendor: str
@@ -390,6 +406,7 @@ class PlatformCommitted(SagaEvent):
     """Billing committed the cancellation on our platform; what the money side needs to refund."""
 
     event_type: ClassVar[str] = "PlatformCommitted"
+    published_by: ClassVar[frozenset[str] | None] = BILLING
 
     account_id: str
     subscription_id: str
@@ -426,6 +443,7 @@ class RefundIssued(SagaEvent):
     """The money step is done: the refund went through, or no refund was due."""
 
     event_type: ClassVar[str] = "RefundIssued"
+    published_by: ClassVar[frozenset[str] | None] = PAYMENT_GATEWAY | DISPUTE
 
     subscription_id: str | None = None
     amount: Money
@@ -441,6 +459,7 @@ class Failed(SagaEvent):
     payment -> manual_review (the cancellation stays committed)."""
 
     event_type: ClassVar[str] = "Failed"
+    published_by: ClassVar[frozenset[str] | None] = BILLING | PROVISIONING | PAYMENT_GATEWAY | DISPUTE | NOTIFICATION
 
     source: Source
     code: str
@@ -456,6 +475,7 @@ class EmailSent(SagaEvent):
     """An outcome email (or a support alert) was delivered; the tracker adds it to the history."""
 
     event_type: ClassVar[str] = "EmailSent"
+    published_by: ClassVar[frozenset[str] | None] = NOTIFICATION
 
     kind: str
     audience: Literal["customer", "support"]
@@ -469,6 +489,7 @@ class RequestStuck(SagaEvent):
     and the customer is told it is being reviewed (one of each per request)."""
 
     event_type: ClassVar[str] = "RequestStuck"
+    published_by: ClassVar[frozenset[str] | None] = STATUS_TRACKER
 
     stage: str
     since: AwareDatetime
@@ -494,6 +515,7 @@ class ChargesVerificationRequested(SagaEvent):
     with the gateway (captured, settled, refunded, disputed) before anything is refunded."""
 
     event_type: ClassVar[str] = "ChargesVerificationRequested"
+    published_by: ClassVar[frozenset[str] | None] = DISPUTE
 
     account_id: str
     charges: list[DisputedCharge]
@@ -522,6 +544,7 @@ class ChargesVerified(SagaEvent):
     """Payment-gateway's answer to ChargesVerificationRequested: the gateway's view of each charge."""
 
     event_type: ClassVar[str] = "ChargesVerified"
+    published_by: ClassVar[frozenset[str] | None] = PAYMENT_GATEWAY
 
     charges: list[ChargeVerification]
 
@@ -544,6 +567,7 @@ class DuplicateRefundRequested(SagaEvent):
     idempotency keys as cancellation refunds (the gateway decides reversal or refund)."""
 
     event_type: ClassVar[str] = "DuplicateRefundRequested"
+    published_by: ClassVar[frozenset[str] | None] = DISPUTE
 
     account_id: str
     lines: list[DuplicateRefundLine]
@@ -555,6 +579,7 @@ class DuplicateRefundsIssued(SagaEvent):
     too little left of the charge, or the gateway refused) with the error."""
 
     event_type: ClassVar[str] = "DuplicateRefundsIssued"
+    published_by: ClassVar[frozenset[str] | None] = PAYMENT_GATEWAY
 
     lines: list[RefundLine]
 
@@ -566,6 +591,7 @@ class DisputeStepRecorded(SagaEvent):
     request's status history."""
 
     event_type: ClassVar[str] = "DisputeStepRecorded"
+    published_by: ClassVar[frozenset[str] | None] = DISPUTE
 
     step: str
     actor: str
@@ -613,6 +639,7 @@ class CancellationStatusChanged(Payload):
     """CONTRACT.md section 6: the full current view of a request, one record per change."""
 
     event_type: ClassVar[str] = "CancellationStatusChanged"
+    published_by: ClassVar[frozenset[str] | None] = STATUS_TRACKER
     topic: ClassVar[str] = topics.STATUS
 
     request_id: uuid.UUID

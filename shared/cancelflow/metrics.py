@@ -10,7 +10,7 @@ EVENTS_PRODUCED = Counter("cancelflow_events_produced_total", "Records published
 HANDLER_SECONDS = Histogram("cancelflow_handler_seconds", "Handler latency", ["event_type"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 INBOX_DUPLICATES = Counter("cancelflow_inbox_duplicates_total", "Redelivered events skipped", ["topic"])
-BAD_SIGNATURES = Counter("cancelflow_bad_signatures_total", "Upstream records without a valid producer signature",
+BAD_SIGNATURES = Counter("cancelflow_bad_signatures_total", "Records without a valid signature of their producer (CONTRACT.md section 10)",
                          ["topic"])
 DEAD_LETTERED = Counter("cancelflow_dead_lettered_total", "Records sent to the DLQ", ["topic", "reason"])
 HANDLER_ERRORS = Counter("cancelflow_handler_errors_total", "Handler attempts that raised", ["event_type"])

@@ -21,6 +21,7 @@ from sqlalchemy import MetaData
 
 from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
+from cancelflow.http_guard import allowed_hosts, guard
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
@@ -90,10 +91,13 @@ class ServiceRuntime:
         self.sessions = db.session_factory(self.engine)  # HTTP views, maintenance
         self.transactions = db.transactions(self.engine)  # units of work and the relay (cancelflow.db)
         self.producer = make_producer(settings, client_id=f"cancelflow-{name}")
+        signing_key = settings.service_signing_key(name)
         self.relay = OutboxRelay(self.transactions, tables, self.producer, reads=db.reads(self.engine),
-                                 round_lock=db.relay_round_lock(settings.database_url(), self.engine))
+                                 round_lock=db.relay_round_lock(settings.database_url(), self.engine),
+                                 signer=(name, signing_key) if signing_key else None)
         self.routes: list[Route] = []
-        self.http = web.Application()
+        # Browsers: no foreign Origin on a change, no foreign Host at all (cancelflow/http_guard.py).
+        self.http = web.Application(middlewares=[guard(allowed_hosts(settings.http_host, settings.allowed_hosts))])
         self.tasks: list[Task] = []
         self.inbox_pruner = InboxPruner(self.transactions, tables, retention_days=settings.inbox_retention_days)
         if self.inbox_pruner.enabled:
@@ -167,7 +171,8 @@ class ServiceRuntime:
                 self.consumer = consumer
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
-                                   signatures=SignatureCheck.from_text(self.settings.producer_keys),
+                                   signatures=SignatureCheck.from_text(self.settings.producer_keys,
+                                                                       self.settings.service_keys),
                                    concurrency=self.settings.handler_concurrency, gap_guard=gap_guard)
                 workers.append(asyncio.create_task(loop.run(), name="consume"))
             workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))

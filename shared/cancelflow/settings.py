@@ -9,7 +9,15 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, computed_field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # service name -> (env prefix, default HTTP port)
@@ -79,7 +87,7 @@ class CommonSettings(BaseSettings):
     # Billing: how often the end-of-term scheduler looks for periods that ended; and a clock offset
     # in days that only tests and demos set (production never does).
     scheduler_interval_s: float = Field(30.0, gt=0, validation_alias="SCHEDULER_INTERVAL_SECONDS")
-    clock_offset_days: int = Field(0, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
+    clock_offset_days: int = Field(0, ge=-3650, le=3650, validation_alias="CANCELFLOW_CLOCK_OFFSET_DAYS")
     # How long each service keeps the ids of the events it processed (its inbox), which drop a
     # redelivered event: longer than the topics keep their records (Kafka's default is 7 days). 0 keeps
     # them for ever (messaging/retention.py).
@@ -90,6 +98,9 @@ class CommonSettings(BaseSettings):
     enable_fault_hooks: bool = Field(False, validation_alias="CANCELFLOW_ENABLE_FAULT_HOOKS")
     # CONTRACT.md section 10: "name:key,name:key" (several keys per name for rotation); unset: unchecked.
     producer_keys: str | None = Field(None, validation_alias="CANCELFLOW_PRODUCER_KEYS", repr=False)
+    # Section 10, internal topics: "service:key,..." (each service signs with its first key and checks the
+    # others'); required when producer keys are set (`cancelflow up` makes them), unset: unsigned.
+    service_keys: str | None = Field(None, validation_alias="CANCELFLOW_SERVICE_KEYS", repr=False)
     log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")
     log_json: bool = Field(False, validation_alias="CANCELFLOW_LOG_JSON")
 
@@ -101,12 +112,13 @@ class CommonSettings(BaseSettings):
                              "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
         return self
 
-    @field_validator("producer_keys")
+    @field_validator("producer_keys", "service_keys")
     @classmethod
-    def _producer_keys_parse(cls, value: str | None) -> str | None:
-        from cancelflow.messaging.signatures import parse_producer_keys
+    def _keys_parse(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from cancelflow.messaging.signatures import parse_keys
 
-        parse_producer_keys(value)  # fail fast on a malformed list
+        variable = cls.model_fields[info.field_name].validation_alias  # type: ignore[index]
+        parse_keys(value, str(variable))  # fail fast on a malformed list
         return value
 
     def signing_key(self, producer: str) -> str | None:
@@ -114,6 +126,13 @@ class CommonSettings(BaseSettings):
         from cancelflow.messaging.signatures import parse_producer_keys
 
         keys = parse_producer_keys(self.producer_keys).get(producer)
+        return keys[0] if keys else None
+
+    def service_signing_key(self, service: str) -> str | None:
+        """The key `service` signs what it publishes with (the first listed), or None (unsigned)."""
+        from cancelflow.messaging.signatures import parse_keys
+
+        keys = parse_keys(self.service_keys, "CANCELFLOW_SERVICE_KEYS").get(service)
         return keys[0] if keys else None
 
     @computed_field  # type: ignore[prop-decorator]
@@ -145,8 +164,25 @@ class ServiceSettings(CommonSettings):
 
     service: str = "service"
     http_host: str = Field("127.0.0.1", validation_alias="CANCELFLOW_HTTP_HOST")
+    # Host names the HTTP port answers to besides loopback and `http_host` (comma-separated; `*`: any),
+    # and whose pages may POST to it (cancelflow/http_guard.py).
+    allowed_hosts: str | None = Field(None, validation_alias="CANCELFLOW_ALLOWED_HOSTS")
     database_url_env: str | None = None
     http_port: int = 0
+
+    @model_validator(mode="after")
+    def _internal_keys_with_upstream_keys(self) -> ServiceSettings:
+        """Keys on must cover every topic: with upstream keys, every service needs every service's key
+        (its own to sign, the others' to check what they publish)."""
+        from cancelflow.messaging.signatures import parse_keys
+
+        keys = parse_keys(self.service_keys, "CANCELFLOW_SERVICE_KEYS")
+        if self.producer_keys and not keys:
+            raise ValueError("CANCELFLOW_PRODUCER_KEYS is set: set CANCELFLOW_SERVICE_KEYS too "
+                             "(service:key for each of the six services; `cancelflow up` makes them)")
+        if keys and (missing := sorted(set(SERVICES) - set(keys))):
+            raise ValueError(f"CANCELFLOW_SERVICE_KEYS has no key for {', '.join(missing)}")
+        return self
 
     def database_url(self) -> str:
         if self.database_url_env:

@@ -104,6 +104,7 @@ async def test_vendor_failure_reverts_and_says_so(client, watcher, smtp, ids, to
     assert status["error"]["source"] == "vendor"
     assert "locked by a reseller hold" in status["error"]["message"]
     assert (status["subscription_status"], status["provisioning_status"]) == ("active", "Synchronized")
+    assert status["effective_date"] is None and status["access_end_date"] is None  # nothing took effect
     vendor_records = [h["message"] for h in status["history"] if h["message"].startswith(HISTORY_VENDOR_ERROR)]
     assert len(vendor_records) == 1 and "locked by a reseller hold" in vendor_records[0]
     vendor = await _ledger(client, client.endpoints.vendor)

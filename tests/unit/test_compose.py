@@ -152,8 +152,8 @@ def test_topics_is_a_one_shot_after_kafka() -> None:
 
 
 def test_mail_and_status_ports() -> None:
-    assert "8025:8025" in SERVICES_YAML["mailpit"]["ports"]
-    assert "8080:8080" in SERVICES_YAML["status-tracker"]["ports"]
+    assert "127.0.0.1:8025:8025" in SERVICES_YAML["mailpit"]["ports"]
+    assert "127.0.0.1:8080:8080" in SERVICES_YAML["status-tracker"]["ports"]
 
 
 @pytest.mark.parametrize(("sandbox", "port"), [("vendor", 8090), ("gateway", 8091)])
@@ -236,8 +236,8 @@ def test_every_image_is_pinned() -> None:
 def test_monitoring_images_and_ports() -> None:
     assert SERVICES_YAML["prometheus"]["image"].startswith("prom/prometheus:v")
     assert SERVICES_YAML["grafana"]["image"].startswith("grafana/grafana:")
-    assert "9090:9090" in SERVICES_YAML["prometheus"]["ports"]
-    assert "3000:3000" in SERVICES_YAML["grafana"]["ports"]
+    assert "127.0.0.1:9090:9090" in SERVICES_YAML["prometheus"]["ports"]
+    assert "127.0.0.1:3000:3000" in SERVICES_YAML["grafana"]["ports"]
     assert SERVICES_YAML["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
 
 
@@ -287,3 +287,21 @@ def test_grafana_is_provisioned_with_the_datasource_and_dashboard() -> None:
     assert not unknown, f"the dashboard uses metrics nobody exports: {unknown}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_every_published_port_binds_loopback_only() -> None:
+    # "Nothing exposed by default": Kafka (PLAINTEXT, no ACLs), Mailpit (every customer email), the status
+    # API, Prometheus and Grafana are reachable from this machine only.
+    published = {name: spec["ports"] for name, spec in SERVICES_YAML.items() if "ports" in spec}
+    assert set(published) == {"kafka", "mailpit", "status-tracker", "prometheus", "grafana"}
+    for name, ports in published.items():
+        for port in ports:
+            assert isinstance(port, str) and port.startswith("127.0.0.1:") and port.count(":") == 2, (name, port)
+
+
+def test_grafana_needs_a_password_from_env() -> None:
+    env = SERVICES_YAML["grafana"]["environment"]
+    password = env["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password  # no default: required
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert ":-" not in password  # no fallback such as admin

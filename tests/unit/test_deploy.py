@@ -185,6 +185,7 @@ REQUIRED_ALERTS = {
     "CancelflowOutboxBacklog": "cancelflow_outbox_backlog",
     "CancelflowVendorFailureRate": "cancelflow_external_call_seconds_count",
     "CancelflowRefundsFailing": "cancelflow_refunds_total",
+    "CancelflowForgedInternalRecords": "cancelflow_bad_signatures_total",
 }
 
 
@@ -237,3 +238,14 @@ def _anchor(heading: str) -> str:
     """GitHub's anchor for a Markdown heading."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
     return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_signature_keys_come_together_from_one_secret(service: str) -> None:
+    # CONTRACT.md section 10: upstream keys on means internal keys on, for every service.
+    env = {e["name"]: e for e in container(find("Deployment", k8s_name(service)))["env"]}
+    for name in ("CANCELFLOW_PRODUCER_KEYS", "CANCELFLOW_SERVICE_KEYS"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("cancelflow-producer-keys", name)
+    [keys] = [d for d in documents(K8S / "secret.example.yaml") if d["metadata"]["name"] == "cancelflow-producer-keys"]
+    assert {entry.split(":")[0] for entry in keys["stringData"]["CANCELFLOW_SERVICE_KEYS"].split(",")} == set(SERVICES)

@@ -195,6 +195,31 @@ def test_payment_failure_is_manual_review() -> None:
     assert view["subscription_status"] == "canceled"
 
 
+ACTIVE = SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized")
+
+
+@pytest.mark.parametrize("steps", [
+    pytest.param(lambda: [received(), vendor_requested(), vendor_failed(),
+                          failed(Source.vendor, snapshot=ACTIVE)], id="vendor"),
+    pytest.param(lambda: [received(), vendor_requested(), provisioned(),
+                          failed(Source.platform, snapshot=ACTIVE)], id="platform"),
+    # A rejection's snapshot is the subscription as it is, which may carry an earlier cancellation's date.
+    pytest.param(lambda: [received(), failed(Source.validation, code="provisioning_in_progress", snapshot=(
+        ACTIVE.model_copy(update={"effective_date": EFFECTIVE, "provisioning_status": "In Progress"})))],
+        id="rejected"),
+])
+def test_dates_that_did_not_take_effect_are_null(steps) -> None:  # type: ignore[no-untyped-def]
+    view = fold(*steps())[-1]
+    assert view["state"] in {"failed", "rejected"} and view["subscription_status"] == "active"
+    assert view["effective_date"] is None and view["access_end_date"] is None
+
+
+def test_a_payment_failure_keeps_the_dates_of_the_committed_cancellation() -> None:
+    view = fold(received(), vendor_requested(), provisioned(), committed(), failed(Source.payment))[-1]
+    assert view["state"] == "manual_review"
+    assert view["effective_date"] == view["access_end_date"] == EFFECTIVE.isoformat()
+
+
 def test_validation_failure_is_rejected() -> None:
     fail = failed(Source.validation, code="not_owner", message="The subscription does not belong to this account.")
     view = fold(received(), fail)[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from billing import orm
-from billing.clock import Clock
+from billing.clock import MAX_OFFSET_DAYS, Clock
 from billing.handlers import BillingHandlers
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
@@ -45,9 +45,18 @@ def build() -> ServiceRuntime:
     return runtime
 
 
+async def _json_object(request: web.Request) -> dict:  # type: ignore[type-arg]
+    """The body as a JSON object, or {} (the hooks then say what they need)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def _arm_fault(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     async def arm(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await _json_object(request)
         subscription_id, stage = body.get("subscription_id"), body.get("stage", "commit")
         if not isinstance(subscription_id, str) or stage != "commit":
             return web.json_response({"error": "need subscription_id and stage 'commit'"}, status=400)
@@ -62,10 +71,11 @@ def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermSchedu
     """Test/demo hook: move billing's today by `offset_days` (end-of-term runs without waiting a month)."""
 
     async def set_clock(request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await _json_object(request)
         offset = body.get("offset_days")
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            return web.json_response({"error": "need an integer offset_days"}, status=400)
+        if not isinstance(offset, int) or isinstance(offset, bool) or abs(offset) > MAX_OFFSET_DAYS:
+            return web.json_response({"error": f"need an integer offset_days between -{MAX_OFFSET_DAYS} and "
+                                               f"{MAX_OFFSET_DAYS}"}, status=400)
         await clock.set_offset(runtime.sessions, offset)
         scheduler.notify()
         return web.json_response({"today": clock.today().isoformat(), "offset_days": offset})

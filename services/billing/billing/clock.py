@@ -11,6 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from billing import orm
 from cancelflow.sql import Db, Query
 
+# How far tests and demos may move today, either way: ten years (a date past year 9999 cannot exist).
+MAX_OFFSET_DAYS = 3650
+
 OFFSET = Query(select(orm.clock.c.offset_days))
 SET_OFFSET = Query(update(orm.clock))
 ADD_OFFSET = Query(insert(orm.clock))

@@ -14,12 +14,14 @@ import contextlib
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from cancelflow import topics
+from cancelflow.events import CancellationStatusChanged
 from cancelflow.logging import get_logger
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
+from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -37,6 +39,7 @@ class StatusFeed:
         self._partitions: list[TopicPartition] = []
         self.idle = asyncio.Event()  # set while the partitions are paused (no dashboard connected)
         self._resuming = asyncio.Lock()
+        self._signatures = SignatureCheck.from_text(None, settings.service_keys)
 
     async def start(self) -> None:
         settings = self._settings
@@ -68,12 +71,25 @@ class StatusFeed:
             batch = await gaps.check(self._consumer, await self._consumer.getmany(timeout_ms=1000))
             for records in batch.values():
                 for record in records:
-                    try:
-                        envelope = orjson.loads(record.value)
-                        status = {"event_id": envelope["event_id"], **envelope["payload"]}
-                    except (orjson.JSONDecodeError, KeyError, TypeError):
-                        continue  # we are the topic's only writer; nothing else belongs here
-                    self._fan_out(status)
+                    if status := self._status_of(record):
+                        self._fan_out(status)
+
+    def _status_of(self, record: ConsumerRecord) -> dict[str, Any] | None:
+        """The status a record carries, or None when it is not one of ours: the tracker is the topic's
+        only writer, and with service keys it signs each record (CONTRACT.md section 10)."""
+        signatures = self._signatures
+        if signatures and signatures.problem(record.topic, record.value, record.headers):
+            return None
+        try:
+            envelope = orjson.loads(record.value)
+            status = {"event_id": envelope["event_id"], **envelope["payload"]}
+            event_type = envelope["event_type"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        if signatures and (event_type != CancellationStatusChanged.event_type
+                           or signatures.not_owner(record.topic, event_type, record.headers)):
+            return None
+        return status
 
     def _fan_out(self, status: dict[str, Any]) -> None:
         for queue in list(self._subscribers):

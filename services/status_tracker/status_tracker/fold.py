@@ -226,6 +226,10 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
     view.update(state=FAILED_STATE[e.source].value, stage=e.source.value,
                 error={"source": e.source.value, "code": e.code, "message": e.message})
     _snapshot(view, e.snapshot)
+    if FAILED_STATE[e.source] is not State.manual_review:
+        # Rejected or failed: the cancellation did not take effect, so no date of it stands (the
+        # subscription is as it was). A payment failure comes after the commit: its dates did.
+        view.update(effective_date=None, access_end_date=None)
     if e.source is Source.payment:
         refunds = e.details.get("refunds") or []
         if refunds:  # all issued when it was auto-renew that the gateway would not stop

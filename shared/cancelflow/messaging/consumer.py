@@ -265,6 +265,8 @@ class ConsumeLoop:
                              offset=record.offset, key=record.key)
         except BadRecord:
             return False
+        if self._signatures and self._signatures.not_owner(record.topic, message.event_type, record.headers):
+            return False
         handler = route.handlers.get(message.event_type)
         return None if handler is None else (message, handler)
 
@@ -294,11 +296,7 @@ class ConsumeLoop:
             return
         forged = self._signatures.problem(record.topic, record.value, record.headers) if self._signatures else None
         if forged is not None:
-            # No effect, and no status either: an unauthenticated record may not speak for a request.
-            metrics.BAD_SIGNATURES.labels(record.topic).inc()
-            if route.dead_letter:
-                with structlog.contextvars.bound_contextvars(topic=record.topic):
-                    await self._dead_letter(record, "bad_signature", forged, None)
+            await self._forged(route, record, forged)
             return
         try:
             message = decode(record.value, topic=record.topic, partition=record.partition,
@@ -310,11 +308,22 @@ class ConsumeLoop:
                 ):
                     await self._dead_letter(record, bad.reason, bad.detail, bad.request_id)
             return
+        if self._signatures and (foreign := self._signatures.not_owner(record.topic, message.event_type,
+                                                                      record.headers)):
+            await self._forged(route, record, foreign)
+            return
         handler = route.handlers.get(message.event_type)
         if handler is None:
             return  # a known event for another service
         with _log_context(message):
             await self._handle(record, route, message, handler)
+
+    async def _forged(self, route: Route, record: ConsumerRecord, problem: str) -> None:
+        # No effect, and no status either: an unauthenticated record may not speak for a request.
+        metrics.BAD_SIGNATURES.labels(record.topic).inc()
+        if route.dead_letter:
+            with structlog.contextvars.bound_contextvars(topic=record.topic):
+                await self._dead_letter(record, "bad_signature", problem, None)
 
     async def _handle(self, record: ConsumerRecord, route: Route, message: Message, handler: Handler) -> None:
         async def attempt() -> None:

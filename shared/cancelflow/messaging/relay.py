@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from cancelflow import metrics
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
+from cancelflow.messaging.signatures import signature_headers
 from cancelflow.messaging.store import MessagingTables
 from cancelflow.sql import Db
 
@@ -42,8 +43,10 @@ class OutboxRelay:
     def __init__(self, sessions: Callable[[], Any], tables: MessagingTables,
                  producer: AIOKafkaProducer, *, batch_size: int = 500, idle_poll_s: float = 0.5,
                  round_lock: RoundLock = no_lock, busy_retry_s: float = 0.02,
-                 reads: Callable[[], Any] | None = None) -> None:
+                 reads: Callable[[], Any] | None = None, signer: tuple[str, str] | None = None) -> None:
         self._sessions = sessions
+        # (service, key): every record is signed as this service's (CONTRACT.md section 10); None: unsigned.
+        self._signer = signer
         # The look at the outbox needs no transaction (`db.reads`: on SQLite it then does not wait for
         # the write lock, which the consume loop holds for a poll's batch).
         self._reads = reads or sessions
@@ -86,6 +89,13 @@ class OutboxRelay:
                 return BUSY
             return await self._round()
 
+    def _headers(self, row: dict[str, Any]) -> list[tuple[str, bytes]]:
+        headers = [*((k, v.encode()) for k, v in (row["headers"] or {}).items()),
+                   (EVENT_TYPE_HEADER, row["event_type"].encode())]
+        if self._signer is not None:
+            headers += signature_headers(bytes(row["value"]), *self._signer)
+        return headers
+
     async def _round(self) -> int:
         async with self._reads() as session:
             rows = await Db(session).all(self._tables.outbox_head, size=self._batch_size)
@@ -99,8 +109,7 @@ class OutboxRelay:
                 row["topic"],
                 value=row["value"],
                 key=row["key"].encode() if row["key"] is not None else None,
-                headers=[*((k, v.encode()) for k, v in (row["headers"] or {}).items()),
-                         (EVENT_TYPE_HEADER, row["event_type"].encode())],
+                headers=self._headers(row),
             )
             for row in rows
         ]

@@ -23,6 +23,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cancelflow.http_guard import LOOPBACK, guard
+
 MATCH_FIELDS = ("vendor_subscription_id", "gateway_charge_id", "subscription_id")
 DEFAULT_HANG_SECONDS = 30.0
 
@@ -418,7 +420,8 @@ async def _release_on_shutdown(app: web.Application) -> None:
 
 def new_sandbox_app(sandbox: Sandbox) -> web.Application:
     """An app with the health, rule and ledger routes; the caller adds its own `/v1` routes."""
-    app = web.Application()
+    # No Host check (services reach them by container name); a page elsewhere may not set rules.
+    app = web.Application(middlewares=[guard(LOOPBACK, check_host=False)])
     app[SANDBOX] = sandbox
     app.on_shutdown.append(_release_on_shutdown)
     app.router.add_get("/healthz", _healthz)

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from cancelflow.stack.broker import BrokerError, EmbeddedBroker, create_topics, 
 from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
 
 STACK_FILE = "stack.json"
+SERVICE_KEYS_FILE = "service-keys"  # made by `cancelflow up` when keys are on and none are given
 LOCALHOST = "127.0.0.1"
 
 OnReady = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -52,6 +54,9 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
             out.pop(alias, None)
         else:
             out[alias] = _env_value(value)
+    if settings.producer_keys and not settings.service_keys:
+        # Keys on cover the internal topics too (CONTRACT.md section 10).
+        out["CANCELFLOW_SERVICE_KEYS"] = _service_keys(_data_dir(settings))
     if settings.kafka_bootstrap_servers is None and "KAFKA_SESSION_TIMEOUT_MS" not in env:
         # On the embedded broker a short session lets a restarted service resume within seconds.
         out["KAFKA_SESSION_TIMEOUT_MS"] = "6000"
@@ -62,6 +67,20 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
         PYTHONUNBUFFERED="1",  # log lines reach the log files as they happen
     )
     return out
+
+
+def _service_keys(data: Path) -> str:
+    """A key per service, made once per data dir and kept there (owner-only), so that records signed
+    before a restart still check after it (on Kafka, where they outlive the stack)."""
+    path = data / SERVICE_KEYS_FILE
+    if path.exists():
+        return path.read_text().strip()
+    keys = ",".join(f"{service}:{secrets.token_hex(32)}" for service in SERVICES)
+    data.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(keys)
+    return keys
 
 
 def _env_value(value: object) -> str:
