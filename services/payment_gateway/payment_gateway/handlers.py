@@ -84,7 +84,8 @@ class PaymentHandlers:
                                   amount=Decimal("0"), currency=event.currency, status="not_due",
                                   auto_renew_stopped=event.full))
             return
-        lines = [await self._settle(ledger, record, outcomes.get(record["idempotency_key"])) for record in records]
+        lines = [await self._settle(ledger, record, outcomes.get(record["idempotency_key"])) for record in records
+                 if record["status"] != "not_due"]
         self._conclude(uow, event, lines, event.full and refused is None, refused, foreign)
 
     async def _at_gateway(self, uow: UnitOfWork, event: PlatformCommitted, stop: bool,
@@ -161,13 +162,17 @@ class PaymentHandlers:
             share = domain.fair_share(terms, earlier, removed=removed,
                                       unused=domain.unused_days(start, end, event.effective_date))
             amount = min(share.amount, charge.refundable)
-            if amount <= 0:
+            if share.licenses == 0 and amount <= 0:
                 continue
-            if not await ledger.reserve(charge.charge_id, amount):
+            if amount > 0 and not await ledger.reserve(charge.charge_id, amount):
                 raise TransientError(f"charge {charge.charge_id} balance changed while planning; replanning")
-            await ledger.add_refund(key=domain.refund_key(request_id, charge.charge_id), request_id=request_id,
-                                    charge=charge, amount=amount, licenses=share.licenses,
-                                    licenses_paid=licenses_paid, effective_date=event.effective_date)
+            key = domain.refund_key(request_id, charge.charge_id)
+            await ledger.add_refund(key=key, request_id=request_id, charge=charge, amount=max(amount, domain.ZERO),
+                                    licenses=share.licenses, licenses_paid=licenses_paid,
+                                    effective_date=event.effective_date)
+            if amount <= 0:
+                # Nothing to send the gateway, but the licenses count: they were removed from the charge.
+                await ledger.settle_refund(key, status="not_due")
         # `platform_committed` commits these (intent and reservation) before any gateway call: they
         # survive a crash.
         return await ledger.refunds_for(request_id)

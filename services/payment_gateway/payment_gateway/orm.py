@@ -35,7 +35,8 @@ refunds = Table(
     Column("gateway_charge_id", String(200), nullable=False),
     Column("amount", Numeric(12, 2), nullable=False),
     Column("currency", String(3), nullable=False),
-    Column("status", String(20), nullable=False),  # pending | succeeded | failed
+    # pending | succeeded | failed | not_due (licenses removed, nothing left to refund of them)
+    Column("status", String(20), nullable=False),
     Column("kind", String(20), nullable=True),  # refund | reversal (the gateway decides)
     Column("refund_id", String(200), nullable=True),
     Column("error", Text, nullable=True),
