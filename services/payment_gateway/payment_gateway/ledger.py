@@ -110,7 +110,9 @@ class Ledger:
         return True
 
     async def earlier_refunds(self, gateway_charge_id: str, period_start: date, period_end: date) -> EarlierRefunds:
-        """What cancellation refunds of the gateway charge took so far (failed ones not counted)."""
+        """What cancellation refunds of the gateway charge took so far (failed ones not counted). Read
+        under the gateway charge's lock: a request planned at the same time is counted once committed."""
+        await self._refundable(gateway_charge_id, lock=True)
         rows = await self.db.all(EARLIER_CANCELLATION_REFUNDS, gateway_charge_id=gateway_charge_id)
         return EarlierRefunds(
             licenses=sum(r["licenses"] for r in rows),
