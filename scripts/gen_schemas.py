@@ -185,6 +185,8 @@ Every record on every topic is one UTF-8 JSON object:
   (`"EUR"`); the schemas say exactly that, and it is what every producer must write. JSON numbers are
   not money: a fraction would pick up binary rounding. (The consumers are a little more lenient than
   the schema, normalising `"49.9"` or an integer to two places, so old producers keep working.)
+  Money is never negative, and a charge's `amount` is above zero: `"-30.00"` or a charge of `"0.00"`
+  is bad input, dead-lettered with its reason. A price may be `"0.00"` (a free plan or a trial).
   Refunds round half to even to two places.
 - **Dates** are `YYYY-MM-DD`, in UTC. Period ends (`current_period_end`, `period_end`) are exclusive.
 - **Timestamps** are RFC 3339 with an offset, written in UTC (`2026-11-21T09:30:00Z`).

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -29,27 +30,44 @@ from cancelflow import topics
 
 # --- value types -------------------------------------------------------------------------------
 
-_MONEY = re.compile(r"^-?\d{1,12}(\.\d{1,2})?$")
+_MONEY = re.compile(r"^\d{1,12}(\.\d{1,2})?$")
 
 
 def _parse_money(value: Any) -> Decimal:
     # Money is a decimal string ("49.95", CONTRACT.md section 1): a JSON number is the wrong type (a float
-    # would bring binary noise). Code passes Decimals.
+    # would bring binary noise). Code passes Decimals. Never negative: a refund is its own event.
     if isinstance(value, Decimal):
+        if not value.is_finite() or value < 0:
+            raise ValueError(f"not a money amount: {value}")
         return value.quantize(Decimal("0.01"))
     if not isinstance(value, str):
         raise ValueError("money must be a decimal string such as \"49.95\"")
     text = str(value)
     if not _MONEY.match(text):
-        raise ValueError(f"not a money amount with at most two decimals: {text!r}")
+        raise ValueError(f"not a money amount (digits, at most two decimals, never negative): {text!r}")
     return Decimal(text).quantize(Decimal("0.01"))
+
+
+def _positive(amount: Decimal) -> Decimal:
+    if amount <= 0:
+        raise ValueError(f"an amount must be positive, not {amount:.2f}")
+    return amount
 
 
 Money = Annotated[
     Decimal,
     BeforeValidator(_parse_money),
     PlainSerializer(lambda d: f"{d:.2f}", return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^-?\d+\.\d{2}$", "examples": ["49.95"]}),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+\.\d{2}$", "examples": ["49.95"]}),
+]
+# What was paid (a captured charge): above zero (CONTRACT.md section 5, "amounts are positive").
+PositiveMoney = Annotated[
+    Decimal,
+    BeforeValidator(_parse_money),
+    AfterValidator(_positive),
+    PlainSerializer(lambda d: f"{d:.2f}", return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+\.\d{2}$", "not": {"pattern": r"^0+\.00$"},
+                    "examples": ["49.95"]}),
 ]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
 
@@ -188,7 +206,7 @@ class ChargeCaptured(Payload):
     charge_id: str = Field(min_length=1)
     account_id: str = Field(min_length=1)
     subscription_id: str = Field(min_length=1)
-    amount: Money
+    amount: PositiveMoney
     currency: Currency
     captured_at: AwareDatetime
     gateway_charge_id: str = Field(min_length=1)
@@ -419,6 +437,9 @@ class PlatformCommitted(SagaEvent):
     period_end: date
     quantity_before: int
     quantity_after: int
+    period_quantity: int | None = Field(None, ge=1, description="the subscription's quantity when the period "
+                                                                 "began: the licenses a charge without its own "
+                                                                 "quantity paid for")
     currency: Currency
     refund_due: bool
     history: str

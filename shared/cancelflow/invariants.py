@@ -12,7 +12,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from datetime import date
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from email.message import EmailMessage
 from typing import Any
 
@@ -91,6 +92,7 @@ def check(evidence: Evidence, expected: Expectations) -> Report:
     _emails(report, evidence.mails, by_request, expected)
     _dead_letters(report, evidence.dead_letters, expected)
     _databases(report, evidence.databases, expected)
+    _refunds_follow_the_formula(report, evidence.databases)
     return report
 
 
@@ -247,6 +249,8 @@ async def read_databases(urls: dict[str, str]) -> dict[str, dict[str, Any]]:
                     "outbox": (await conn.execute(select(func.count()).select_from(text("outbox")))).scalar_one()}
                 for what, sql in _HALF_DONE.get(service, {}).items():
                     facts[what] = (await conn.execute(text(sql))).scalar_one()
+                if service == "payment_gateway":
+                    facts["refund_books"] = await _refund_books(conn)
             found[service] = facts
         finally:
             await engine.dispose()
@@ -280,3 +284,76 @@ async def read_databases_when_drained(urls: dict[str, str], *, within_s: float =
         if not any(facts.get("outbox") for facts in found.values()) or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.5)  # the relays publish on their own schedule: look again
+
+
+# --- refunds per charge and period versus the formula (CONTRACT.md section 5) ----------------------
+# Judged from payment-gateway's own store, and written apart from payment_gateway.domain on purpose:
+# a checker sharing the code it checks would share its mistakes.
+
+FORMULA = "refunds per charge and period within the formula"
+_CHARGES_SQL = "SELECT gateway_charge_id, amount, period_start, period_end, quantity FROM charges"
+_REFUNDS_SQL = ("SELECT idempotency_key, gateway_charge_id, amount, status, licenses, licenses_paid, effective_date "
+                "FROM refunds WHERE idempotency_key LIKE 'cf-refund-%' AND status <> 'failed'")
+
+
+async def _refund_books(conn: Any) -> dict[str, list[dict[str, Any]]]:
+    return {"charges": [dict(r) for r in (await conn.execute(text(_CHARGES_SQL))).mappings()],
+            "refunds": [dict(r) for r in (await conn.execute(text(_REFUNDS_SQL))).mappings()]}
+
+
+def _refunds_follow_the_formula(report: Report, databases: dict[str, dict[str, Any]]) -> None:
+    books = (databases.get("payment_gateway") or {}).get("refund_books")
+    if books is None:
+        return
+    for what in refund_formula_violations(books["charges"], books["refunds"], report):
+        report.fail(FORMULA, what)
+
+
+def refund_formula_violations(charges: list[dict[str, Any]], refunds: list[dict[str, Any]],
+                              report: Report | None = None) -> list[str]:
+    """Per gateway charge: the licenses its cancellation refunds removed never exceed the licenses it paid
+    for, and together they refund no more than
+    round_half_even(captured * sum(licenses * unused_days) / (licenses_paid * period_days), 2)."""
+    found: list[str] = []
+    by_charge: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for refund in refunds:
+        if refund["licenses"] is not None:  # refunds from before the basis was recorded cannot be judged
+            by_charge[refund["gateway_charge_id"]].append(refund)
+    for gateway_charge_id, taken in sorted(by_charge.items()):
+        if report is not None:
+            report.checked[FORMULA] += 1
+        records = [c for c in charges if c["gateway_charge_id"] == gateway_charge_id]
+        if not records:
+            found.append(f"{gateway_charge_id}: refunded, but no such charge")
+            continue
+        captured = min(_cents(c["amount"]) for c in records)
+        start, end = _day(records[0]["period_start"]), _day(records[0]["period_end"])
+        period_days = (end - start).days
+        said = {c["quantity"] for c in records if c["quantity"]}
+        counted = {r["licenses_paid"] for r in taken}
+        if len(counted) > 1 or (said and counted != said):
+            found.append(f"{gateway_charge_id}: refunds count {sorted(counted)} licenses paid, the charge says "
+                         f"{sorted(said) or 'nothing'}")
+        paid_for = min(said or counted)
+        licenses = sum(r["licenses"] for r in taken)
+        if licenses > paid_for:
+            found.append(f"{gateway_charge_id}: {licenses} licenses refunded of {paid_for} paid for")
+        license_days = sum(r["licenses"] * min(max((end - _day(r["effective_date"])).days, 0), period_days)
+                           for r in taken)
+        with localcontext() as exact:
+            exact.prec = 60
+            allowed = (captured * license_days / (paid_for * period_days) if period_days > 0 and paid_for > 0
+                       else Decimal(0)).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)
+        refunded = sum((_cents(r["amount"]) for r in taken), Decimal("0.00"))
+        if refunded > allowed:
+            found.append(f"{gateway_charge_id}: {refunded} refunded for {licenses} of {paid_for} licenses, "
+                         f"the formula allows {allowed}")
+    return found
+
+
+def _cents(value: Any) -> Decimal:
+    return Decimal(str(value)).quantize(Decimal("0.01"))
+
+
+def _day(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])

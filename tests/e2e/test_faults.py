@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from cancelflow.chaos import CRASH_POINTS, SERVICES, ChaosConfig, ChaosRun, chaos_env
+from cancelflow.invariants import FORMULA
 from cancelflow.testing.smtp import RecordingSMTPServer
 from cancelflow.testing.stack import StackProcess
 
@@ -36,6 +37,7 @@ async def test_a_short_chaos_run_keeps_every_promise(chaos_stack) -> None:  # ty
     result = await ChaosRun(stack, smtp, config).run()
 
     assert result.report.ok, {k: v[:3] for k, v in result.report.violations.items() if v}
+    assert result.report.checked[FORMULA] > 0  # refunds judged against CONTRACT.md section 5
     assert set(result.crash_points_fired) == set(CRASH_POINTS)
     assert result.faults["SMTP down"] == 1 and result.faults["broker paused (SIGSTOP)"] == 1
     assert sum(v for k, v in result.faults.items() if k.startswith("kill -9")) >= 2

@@ -13,6 +13,7 @@ import pytest
 
 from cancelflow.events import CancellationApproved, CancellationDeclined
 from cancelflow.ops import sample_subscription
+from tests.conftest import eventually
 from tests.e2e.conftest import SUPPORT
 from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _mails
 
@@ -237,3 +238,57 @@ async def test_past_dated_before_the_period_started_is_rejected_but_period_start
                                             effective_date=sample.facts.current_period_start)
     status = await _finish(watcher, rid)
     assert status["state"] == "completed" and status["refund"]["amount"] == "30.00"
+
+
+async def test_licenses_removed_in_steps_with_a_refresh_between_refund_what_one_request_would(
+        client, watcher, ids, today):
+    """5 licenses at 30.00, a third used: remove 2, the upstream platform refreshes with 5, remove 4,
+    cancel the rest. 100.00 of 150.00 (it was 132.89)."""
+    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-steps-{ids['tag']}", today=today,
+                                 price="30.00", quantity=5, days_into_period=10, period_days=30)
+    subscription_id = sample.facts.subscription_id
+    await client.load([sample])
+    first = await client.request_cancellation(account_id=ids["account"], subscription_id=subscription_id, quantity=2)
+    assert (await _finish(watcher, first))["refund"]["amount"] == "40.00"
+
+    _, before = await client.get_json(f"{client.endpoints.billing}/subscriptions/{subscription_id}")
+
+    async def refreshed() -> bool:
+        _, view = await client.get_json(f"{client.endpoints.billing}/subscriptions/{subscription_id}")
+        return view["subscription"]["updated_at"] > before["subscription"]["updated_at"]
+
+    await client.publisher.publish(sample.facts, correlation_id=subscription_id)  # quantity 5 again, upstream
+    await eventually(refreshed, message="billing applied the refresh")
+    _, view = await client.get_json(f"{client.endpoints.billing}/subscriptions/{subscription_id}")
+    assert view["subscription"]["quantity"] == 3  # the licenses our cancellation removed stay removed
+
+    four = await client.request_cancellation(account_id=ids["account"], subscription_id=subscription_id, quantity=4)
+    assert (await watcher.terminal(four))["error"]["code"] == "invalid_quantity"
+    rest = await client.request_cancellation(account_id=ids["account"], subscription_id=subscription_id)
+    assert (await _finish(watcher, rest))["refund"]["amount"] == "60.00"
+    gateway = await _ledger(client, client.endpoints.gateway)
+    refunded = [Decimal(e["amount"]) for e in gateway["effects"] if e["type"] in ("refund", "reversal")
+                and e["gateway_charge_id"] == sample.charges[0].gateway_charge_id]
+    assert sum(refunded) == Decimal("100.00")
+
+
+async def test_a_charge_in_another_currency_ends_in_manual_review_with_support_alerted(
+        client, watcher, smtp, ids, today):
+    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-eur-{ids['tag']}", today=today)
+    charge = sample.charges[0].model_copy(update={"currency": "EUR"})
+    await client.load([type(sample)(sample.facts, [charge])])
+    rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
+
+    status = await _finish(watcher, rid)
+
+    assert status["state"] == "manual_review"  # was completed, "No refund is due"
+    assert (status["error"]["source"], status["error"]["code"]) == ("payment", "currency_mismatch")
+    assert status["subscription_status"] == "canceled"
+    assert _refund_effects(await _ledger(client, client.endpoints.gateway), rid) == []
+    await smtp.wait_until(lambda msgs: len([m for m in msgs if m["X-Cancelflow-Request-Id"] == rid]) == 2)
+    kinds = {m["X-Cancelflow-Kind"]: m for m in _mails(smtp, rid)}
+    assert set(kinds) == {"manual_review", "support_manual_review"}
+    assert kinds["support_manual_review"]["To"] == SUPPORT
+    alert = kinds["support_manual_review"].get_body(("plain",)).get_content()
+    assert charge.charge_id in alert and "EUR" in alert
+    assert "No refund is due" not in kinds["manual_review"].get_body(("plain",)).get_content()

@@ -294,9 +294,9 @@ async def test_cancellation_refund_between_verification_and_refund_is_caught_by_
 
     cancellation = committed()
     (issued,) = await world.deliver(cancellation)
-    # 60.00 paid for the period, 20 of 30 days unused: 40.00, most recent charge first (b: 30, a: 10).
-    assert [(line.charge_id, line.amount) for line in issued.lines] == [("b", Decimal("30.00")),
-                                                                        ("a", Decimal("10.00"))]
+    # Two charges of 30.00 paid for the period, 20 of 30 days unused: 20.00 of each (section 5, per charge).
+    assert [(line.charge_id, line.amount) for line in issued.lines] == [("a", Decimal("20.00")),
+                                                                        ("b", Decimal("20.00"))]
 
     emitted = await world.deliver(asked)
 
@@ -307,7 +307,7 @@ async def test_cancellation_refund_between_verification_and_refund_is_caught_by_
     assert len(world.refund_effects("gw-b")) == 1  # the cancellation's only
     assert not [c for c in world.gateway.calls if c["call"] == "refund" and c["idempotency_key"].startswith(
         "cf-dispute-")]
-    assert await world.refunded_amount("b") == Decimal("30.00")
+    assert await world.refunded_amount("b") == Decimal("20.00")
 
 
 async def test_dispute_first_leaves_the_cancellation_only_what_is_left(world: World) -> None:

@@ -1,15 +1,16 @@
-"""payment_gateway.domain: the proration formula of CONTRACT.md section 5, allocation, refund keys."""
+"""payment_gateway.domain: the refund per charge of CONTRACT.md section 5, and refund keys."""
 
 from __future__ import annotations
 
 from datetime import date, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from payment_gateway.domain import ChargeBalance, allocate, prorated_refund, refund_key
+from payment_gateway.domain import ChargeTerms, EarlierRefunds, fair_share, refund_key, unused_days
 
 START = date(2026, 11, 1)
 END = date(2026, 12, 1)  # 30 days
@@ -17,8 +18,8 @@ END = date(2026, 12, 1)  # 30 days
 
 def refund(paid: str, effective: date, *, start: date = START, end: date = END,
            removed: int = 1, quantity: int = 1) -> Decimal:
-    return prorated_refund(paid=Decimal(paid), period_start=start, period_end=end, effective_date=effective,
-                           removed=removed, quantity=quantity)
+    terms = ChargeTerms(Decimal(paid), quantity, (end - start).days)
+    return fair_share(terms, EarlierRefunds(), removed=removed, unused=unused_days(start, end, effective)).amount
 
 
 def test_full_period_unused_refunds_everything() -> None:
@@ -44,14 +45,14 @@ def test_part_of_the_period() -> None:
     assert refund("100.00", date(2026, 11, 12)) == Decimal("63.33")
 
 
-def test_partial_licenses_removed_over_quantity() -> None:
+def test_partial_licenses_removed_over_licenses_paid() -> None:
     # 100.00 for 4 licenses, 1 removed, whole period unused: 25.00
     assert refund("100.00", START, removed=1, quantity=4) == Decimal("25.00")
     # 100.00 * 15/30 * 3/4 = 37.50
     assert refund("100.00", START + timedelta(days=15), removed=3, quantity=4) == Decimal("37.50")
 
 
-def test_full_cancellation_is_removed_equals_quantity() -> None:
+def test_full_cancellation_is_removed_equals_licenses_paid() -> None:
     assert refund("90.00", START + timedelta(days=10), removed=3, quantity=3) == Decimal("60.00")
 
 
@@ -94,83 +95,85 @@ def test_result_is_a_two_place_decimal() -> None:
 
 def test_float_money_is_refused() -> None:
     with pytest.raises(TypeError):
-        prorated_refund(paid=10.01, period_start=START, period_end=END, effective_date=START,  # type: ignore[arg-type]
-                        removed=1, quantity=1)
+        fair_share(ChargeTerms(10.01, 1, 30), EarlierRefunds(), removed=1, unused=30)  # type: ignore[arg-type]
 
 
-# --- property: bounded and monotone -----------------------------------------------------------------
+# --- steps: licenses removed in several requests ----------------------------------------------------
+
+
+def in_steps(paid: str, licenses_paid: int, steps: list[tuple[int, int]], period_days: int = 30) -> list[Decimal]:
+    """Each step (licenses removed, days unused) refunded in turn, as payment-gateway counts earlier ones."""
+    terms = ChargeTerms(Decimal(paid), licenses_paid, period_days)
+    earlier = EarlierRefunds()
+    amounts = []
+    for removed, unused in steps:
+        share = fair_share(terms, earlier, removed=removed, unused=unused)
+        amounts.append(share.amount)
+        earlier = EarlierRefunds(earlier.licenses + share.licenses, earlier.license_days + share.licenses * unused,
+                                 earlier.amount + share.amount)
+    return amounts
+
+
+def test_ten_licenses_removed_one_by_one_refund_what_one_request_would() -> None:
+    # 300.00 for 10 licenses, a third of the period used: nine requests of one, then the rest.
+    steps = in_steps("300.00", 10, [(1, 20)] * 9 + [(1, 20)])
+    assert steps == [Decimal("20.00")] * 10
+    assert sum(steps) == Decimal("200.00")  # the formula on what each had left refunded 276.14
+
+
+def test_two_then_the_rest_of_five() -> None:
+    assert sum(in_steps("150.00", 5, [(2, 20), (3, 20)])) == Decimal("100.00")  # not 113.33
+
+
+def test_one_at_a_time_out_of_a_hundred() -> None:
+    assert sum(in_steps("3000.00", 100, [(1, 20)] * 100)) == Decimal("2000.00")  # not 2,948.08
+
+
+def test_licenses_refunded_never_exceed_licenses_paid() -> None:
+    # An upstream refresh brought 2 removed licenses back: removing 4 of "5" refunds the 3 still paid for.
+    steps = in_steps("150.00", 5, [(2, 20), (4, 20), (1, 20)])
+    assert steps == [Decimal("40.00"), Decimal("60.00"), Decimal("0.00")]
+
+
+def test_the_rounding_of_earlier_steps_is_carried() -> None:
+    # 2.00 for 3 licenses, 25 of 30 days unused: one license is 0.5555... Rounded step by step the three
+    # would refund 1.68, a cent more than one request removing them all (1.67).
+    steps = in_steps("2.00", 3, [(1, 25)] * 3)
+    assert sum(steps) == Decimal("1.67") == refund("2.00", END - timedelta(days=25), removed=3, quantity=3)
+    assert steps == [Decimal("0.56"), Decimal("0.55"), Decimal("0.56")]
 
 
 @st.composite
-def refund_cases(draw: st.DrawFn) -> tuple[Decimal, date, date, date, date, int, int]:
-    paid = Decimal(draw(st.integers(min_value=0, max_value=10**9))) / 100
-    start = date(2024, 1, 1) + timedelta(days=draw(st.integers(0, 1000)))
+def step_sequences(draw: st.DrawFn) -> tuple[Decimal, int, int, list[tuple[int, int]]]:
+    paid = Decimal(draw(st.integers(1, 10**8))) / 100
+    licenses_paid = draw(st.integers(1, 50))
     period_days = draw(st.integers(1, 400))
-    end = start + timedelta(days=period_days)
-    a, b = sorted(draw(st.lists(st.integers(-60, period_days + 60), min_size=2, max_size=2)))
-    quantity = draw(st.integers(1, 100))
-    removed = draw(st.integers(1, quantity))
-    return paid, start, end, start + timedelta(days=a), start + timedelta(days=b), removed, quantity
+    steps = draw(st.lists(st.tuples(st.integers(1, 60), st.integers(0, period_days)), min_size=1, max_size=12))
+    return paid, licenses_paid, period_days, steps
 
 
-@given(refund_cases())
-def test_refund_is_bounded_and_monotone_in_effective_date(case: tuple) -> None:
-    paid, start, end, earlier, later, removed, quantity = case
-
-    def at(effective: date) -> Decimal:
-        return prorated_refund(paid=paid, period_start=start, period_end=end, effective_date=effective,
-                               removed=removed, quantity=quantity)
-
-    first, second = at(earlier), at(later)
-    for value in (first, second):
-        assert isinstance(value, Decimal)
-        assert Decimal("0") <= value <= paid
-        assert value.as_tuple().exponent == -2
-    assert second <= first
-
-
-# --- allocation over the period's charges -------------------------------------------------------------
-
-
-def charge(charge_id: str, refundable: str) -> ChargeBalance:
-    return ChargeBalance(charge_id, f"gw-{charge_id}", Decimal(refundable), "USD")
+@given(step_sequences())
+def test_steps_refund_the_rounded_sum_of_their_exact_shares(case: tuple) -> None:
+    """Whatever the steps and their dates: the total is the rounded sum of each step's exact share (its
+    licenses capped at what is still paid for), each step within a cent of its own share, and never more
+    than one request removing everything on the earliest date."""
+    paid, licenses_paid, period_days, steps = case
+    amounts = in_steps(str(paid), licenses_paid, steps, period_days)
+    exact, left = Fraction(0), licenses_paid
+    for (removed, unused), amount in zip(steps, amounts, strict=True):
+        licenses = min(removed, left)
+        left -= licenses
+        share = Fraction(paid) * licenses * unused / (licenses_paid * period_days)
+        exact += share
+        assert abs(amount - round_cents(share)) <= Decimal("0.01")
+        assert amount >= 0 and amount.as_tuple().exponent == -2
+    assert sum(amounts) == round_cents(exact)
+    earliest = max(unused for _, unused in steps)
+    assert sum(amounts) <= round_cents(Fraction(paid) * earliest / period_days) <= paid
 
 
-def test_allocate_within_one_charge() -> None:
-    lines = allocate(Decimal("20.00"), [charge("c1", "49.95"), charge("c2", "49.95")])
-    assert [(c.charge_id, amount) for c, amount in lines] == [("c1", Decimal("20.00"))]
-
-
-def test_allocate_splits_across_charges_in_order() -> None:
-    lines = allocate(Decimal("70.00"), [charge("c1", "49.95"), charge("c2", "49.95")])
-    assert [(c.charge_id, amount) for c, amount in lines] == [("c1", Decimal("49.95")), ("c2", Decimal("20.05"))]
-
-
-def test_allocate_skips_exhausted_charges() -> None:
-    lines = allocate(Decimal("10.00"), [charge("c1", "0.00"), charge("c2", "49.95")])
-    assert [(c.charge_id, amount) for c, amount in lines] == [("c2", Decimal("10.00"))]
-
-
-def test_allocate_never_exceeds_what_is_left() -> None:
-    lines = allocate(Decimal("500.00"), [charge("c1", "49.95"), charge("c2", "10.00")])
-    assert [(c.charge_id, amount) for c, amount in lines] == [("c1", Decimal("49.95")), ("c2", Decimal("10.00"))]
-
-
-def test_allocate_nothing() -> None:
-    assert allocate(Decimal("0.00"), [charge("c1", "49.95")]) == []
-    assert allocate(Decimal("5.00"), []) == []
-
-
-@given(st.integers(0, 10**6), st.lists(st.integers(0, 10**5), max_size=6))
-def test_allocate_property(amount_cents: int, balances_cents: list[int]) -> None:
-    amount = Decimal(amount_cents) / 100
-    charges = [charge(f"c{i}", str(Decimal(c) / 100)) for i, c in enumerate(balances_cents)]
-    lines = allocate(amount, charges)
-    for balance, part in lines:
-        assert Decimal("0") < part <= balance.refundable
-    assert len({b.charge_id for b, _ in lines}) == len(lines)
-    total = sum((part for _, part in lines), Decimal("0"))
-    assert total == min(amount, sum((c.refundable for c in charges), Decimal("0")))
+def round_cents(exact: Fraction) -> Decimal:
+    return Decimal(round(exact * 100)) / 100
 
 
 # --- idempotency keys -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from cancelflow.messaging.deadletter import TransientError
 from cancelflow.testing.messages import handle, message
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome
-from payment_gateway.domain import prorated_refund
+from payment_gateway.domain import ChargeTerms, EarlierRefunds, fair_share
 from payment_gateway.handlers import PaymentHandlers
 
 settings.register_profile("ci", max_examples=25, stateful_step_count=12, derandomize=True, deadline=None,
@@ -209,7 +209,6 @@ RefundGuardMachine.TestCase.settings = PROFILE
 TestRefundGuard = RefundGuardMachine.TestCase
 
 
-def test_proration_of_a_full_cancellation_uses_what_the_charge_has_left() -> None:
-    paid = Decimal("30.00")
-    assert prorated_refund(paid=paid, period_start=PERIOD_START, period_end=PERIOD_END,
-                           effective_date=PERIOD_END - timedelta(days=10), removed=1, quantity=1) == Decimal("10.00")
+def test_proration_of_a_full_cancellation_refunds_the_unused_part_of_what_was_captured() -> None:
+    terms = ChargeTerms(Decimal("30.00"), 1, (PERIOD_END - PERIOD_START).days)
+    assert fair_share(terms, EarlierRefunds(), removed=1, unused=10).amount == Decimal("10.00")

@@ -62,6 +62,11 @@ class BillingHandlers:
             # An upstream refresh does not undo a cancellation, done or scheduled for the end of the
             # term: auto-renew stays off, and no renewal comes back (the gateway's schedule stays stopped).
             facts = facts.model_copy(update={"auto_renew": False})
+        kept = await repo.kept_quantity(facts.subscription_id, facts.current_period_start)
+        if kept is not None and facts.quantity > kept:
+            # Licenses our own cancellation removed stay removed, however upstream counts them, as a
+            # canceled subscription stays canceled (a refresh with the old quantity would refund them again).
+            facts = facts.model_copy(update={"quantity": kept})
         await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED, existing=existing)
         await repo.schedule_renewal(facts)
 
@@ -272,7 +277,7 @@ class BillingHandlers:
             mode=Mode(saga["mode"]), full=full, trial=row["trial"], effective_date=effective,
             access_end_date=saga["access_end_date"], period_start=row["current_period_start"],
             period_end=row["current_period_end"], quantity_before=row["quantity"],
-            quantity_after=saga["new_quantity"], currency=row["currency"],
+            quantity_after=saga["new_quantity"], period_quantity=row["period_quantity"], currency=row["currency"],
             refund_due=not row["trial"] and saga["mode"] != Mode.end_of_term.value,
             history=history,
             snapshot=repo.snapshot(after, access_end_date=saga["access_end_date"]),

@@ -32,6 +32,8 @@ subscriptions = Table(
     Column("unit_price", Numeric(12, 2), nullable=False),
     Column("currency", String(3), nullable=False),
     Column("quantity", Integer, nullable=False),
+    # The quantity when the current period began: the licenses a charge without its own quantity paid for.
+    Column("period_quantity", Integer, nullable=True),
     Column("status", String(20), nullable=False),
     Column("trial", Boolean, nullable=False, default=False),
     Column("provisioning_status", String(30), nullable=False),

@@ -6,7 +6,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
 from billing import orm
 from billing.domain import CANCELED, IN_PROGRESS, SubscriptionFacts
@@ -47,6 +47,11 @@ IN_FLIGHT = Query(select(_cancellations.c.request_id).where(
 ENDING_AT_TERM = Query(select(_cancellations.c.request_id).where(
     (_cancellations.c.subscription_id == bindparam("subscription_id")) & (_cancellations.c.state == "scheduled")
     & (_cancellations.c.new_quantity == 0)).limit(1))
+
+# The fewest licenses a partial cancellation of ours left, effective in the given period or later.
+KEPT_QUANTITY = Query(select(func.min(_cancellations.c.new_quantity).label("kept")).where(
+    (_cancellations.c.subscription_id == bindparam("subscription_id")) & (_cancellations.c.state == "committed")
+    & (_cancellations.c.new_quantity > 0) & (_cancellations.c.effective_date >= bindparam("period_start"))))
 
 PARKED_ID = Query(select(_parked.c.request_id).where(_parked.c.request_id == bindparam("request_id")))
 PARKED = Query(select(_parked).where(_parked.c.request_id == bindparam("request_id")))
@@ -94,8 +99,11 @@ class BillingRepository:
         )
         if existing is None:
             await self.db.run(ADD_SUBSCRIPTION, subscription_id=facts.subscription_id,
-                              provisioning_status=provisioning_status, effective_date=None, **values)
+                              provisioning_status=provisioning_status, effective_date=None,
+                              period_quantity=facts.quantity, **values)
         else:
+            if existing["period_quantity"] is None or facts.current_period_start != existing["current_period_start"]:
+                values["period_quantity"] = values["quantity"]
             if existing["status"] == CANCELED:
                 # Canceled here, vendor first: a refresh of the upstream platform does not bring it back
                 # (a second cancellation would have refunded again), nor its renewal.
@@ -110,6 +118,11 @@ class BillingRepository:
                 values.pop("trial")
                 values.pop("quantity")
             await self.db.run(SET_SUBSCRIPTION, match_subscription_id=facts.subscription_id, **values)
+
+    async def kept_quantity(self, subscription_id: str, period_start: date) -> int | None:
+        """The licenses a partial cancellation of ours left, effective in the period beginning
+        `period_start` or later (the fewest, when several); None when there is none."""
+        return await self.db.scalar(KEPT_QUANTITY, subscription_id=subscription_id, period_start=period_start)
 
     async def update_subscription(self, subscription_id: str, **values: Any) -> None:
         await self.db.run(SET_SUBSCRIPTION, match_subscription_id=subscription_id, updated_at=utcnow(), **values)

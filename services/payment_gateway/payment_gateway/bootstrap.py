@@ -14,6 +14,7 @@ from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
 from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
+from payment_gateway.ledger import Ledger
 
 
 def build() -> ServiceRuntime:
@@ -53,8 +54,8 @@ def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
             if row is None:
                 return web.json_response({"error": "unknown charge"}, status=404)
             refunds = await db.all(CHARGE_REFUNDS, charge_id=charge_id)
-        body = {"charge": dict(row), "refundable": str(row["amount"] - row["refunded_amount"]),
-                "refunds": [dict(r) for r in refunds]}
+            refundable = await Ledger(db).refundable(charge_id)  # the gateway charge's, however many records
+        body = {"charge": dict(row), "refundable": str(refundable), "refunds": [dict(r) for r in refunds]}
         return json_response(body)
 
     return view

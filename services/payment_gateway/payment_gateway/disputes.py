@@ -50,8 +50,7 @@ class DisputeRefundHandlers:
         uow.emit(ChargesVerified(request_id=event.request_id, charges=answers))
 
     async def _verify(self, uow: UnitOfWork, charge: DisputedCharge) -> ChargeVerification:
-        local = await Ledger(uow.db).charge_row(charge.charge_id)
-        guard = Decimal(str(local["amount"])) - Decimal(str(local["refunded_amount"])) if local else None
+        guard = await Ledger(uow.db).refundable(charge.charge_id)
         base = {"charge_id": charge.charge_id, "gateway_charge_id": charge.gateway_charge_id,
                 "guard_refundable": guard}
         try:
@@ -102,7 +101,7 @@ class DisputeRefundHandlers:
         elif charge["gateway_charge_id"] != line.gateway_charge_id or charge["currency"] != line.currency:
             refusal = f"charge_mismatch: {line.charge_id} is {charge['gateway_charge_id']} in {charge['currency']}"
         elif not await books.reserve(line.charge_id, line.amount):
-            left = Decimal(str(charge["amount"])) - Decimal(str(charge["refunded_amount"]))
+            left = await books.refundable(line.charge_id) or Decimal("0.00")
             refusal = (f"{domain.INSUFFICIENT_BALANCE}: {left:.2f} {line.currency} of {line.charge_id} is left to "
                        f"refund, not {line.amount:.2f} (refunded or being refunded by another request)")
         await books.add_refund(key=key, request_id=request_id, charge=balance, amount=line.amount)

@@ -47,6 +47,11 @@ def _stopped(outcome: GatewayOutcome) -> bool:
     return False
 
 
+def _foreign(charge: domain.ChargeBalance, currency: str) -> str:
+    return (f"Charge {charge.charge_id} ({charge.gateway_charge_id}, {charge.captured:.2f} {charge.currency}) is not in "
+            f"the subscription's currency ({currency}): not refunded automatically")
+
+
 def _refusal(outcome: GatewayOutcome) -> str:
     return f"The gateway refused to stop auto-renew: {outcome.http_status} {outcome.code}: {outcome.message}"
 
@@ -63,8 +68,13 @@ class PaymentHandlers:
         ledger = Ledger(uow.db)
         stop = event.full and not await ledger.schedule_stopped(event.subscription_id)
         records: list[dict] = []
+        foreign: list[domain.ChargeBalance] = []
         if event.refund_due:
-            records = await ledger.refunds_for(str(event.request_id)) or await self._plan_refunds(uow, ledger, event)
+            charges = await ledger.period_charges(event.account_id, event.subscription_id, event.period_start)
+            # A charge in another currency is not refunded automatically: a person looks at it.
+            foreign = [c for c in charges if c.currency != event.currency]
+            records = await ledger.refunds_for(str(event.request_id)) or await self._plan_refunds(
+                ledger, event, [c for c in charges if c.currency == event.currency])
         outcomes, refused = await self._at_gateway(uow, event, stop,
                                                    [r for r in records if r["status"] == "pending"])
         if stop and refused is None:
@@ -74,8 +84,9 @@ class PaymentHandlers:
                                   amount=Decimal("0"), currency=event.currency, status="not_due",
                                   auto_renew_stopped=event.full))
             return
-        lines = [await self._settle(ledger, record, outcomes.get(record["idempotency_key"])) for record in records]
-        self._conclude(uow, event, lines, event.full and refused is None, refused)
+        lines = [await self._settle(ledger, record, outcomes.get(record["idempotency_key"])) for record in records
+                 if record["status"] != "not_due"]
+        self._conclude(uow, event, lines, event.full and refused is None, refused, foreign)
 
     async def _at_gateway(self, uow: UnitOfWork, event: PlatformCommitted, stop: bool,
                           pending: list[dict]) -> tuple[dict[str, RefundOutcome], GatewayOutcome | None]:
@@ -135,20 +146,33 @@ class PaymentHandlers:
         if not await ledger.schedule_stopped(event.subscription_id):
             await ledger.record_schedule_stop(event.subscription_id, str(event.request_id))
 
-    async def _plan_refunds(self, uow: UnitOfWork, ledger: Ledger, event: PlatformCommitted) -> list[dict]:
-        balances = await ledger.period_charges(event.account_id, event.subscription_id, event.period_start,
-                                               event.currency)
-        paid = sum((b.refundable for b in balances), Decimal("0"))
-        amount = domain.prorated_refund(
-            paid=paid, period_start=event.period_start, period_end=event.period_end,
-            effective_date=event.effective_date, removed=event.quantity_before - event.quantity_after,
-            quantity=event.quantity_before)
+    @staticmethod
+    async def _plan_refunds(ledger: Ledger, event: PlatformCommitted, charges: list[domain.ChargeBalance]) -> list[dict]:
+        """Each charge's fair share of what this request removes, within what its gateway charge has left."""
         request_id = str(event.request_id)
-        for charge, part in domain.allocate(amount, balances):
-            if not await ledger.reserve(charge.charge_id, part):
+        removed = event.quantity_before - event.quantity_after
+        for charge in charges:
+            start, end = charge.period_start or event.period_start, charge.period_end or event.period_end
+            earlier = await ledger.earlier_refunds(charge.gateway_charge_id, start, end)
+            # Licenses paid: as upstream said for the charge, else as counted the first time, else the
+            # subscription's quantity when the period began (billing's), else its quantity now.
+            licenses_paid = (charge.quantity or earlier.licenses_paid or event.period_quantity
+                             or event.quantity_before)
+            terms = domain.ChargeTerms(charge.captured, licenses_paid, (end - start).days)
+            share = domain.fair_share(terms, earlier, removed=removed,
+                                      unused=domain.unused_days(start, end, event.effective_date))
+            amount = min(share.amount, charge.refundable)
+            if share.licenses == 0 and amount <= 0:
+                continue
+            if amount > 0 and not await ledger.reserve(charge.charge_id, amount):
                 raise TransientError(f"charge {charge.charge_id} balance changed while planning; replanning")
-            await ledger.add_refund(key=domain.refund_key(request_id, charge.charge_id), request_id=request_id,
-                                    charge=charge, amount=part)
+            key = domain.refund_key(request_id, charge.charge_id)
+            await ledger.add_refund(key=key, request_id=request_id, charge=charge, amount=max(amount, domain.ZERO),
+                                    licenses=share.licenses, licenses_paid=licenses_paid,
+                                    effective_date=event.effective_date)
+            if amount <= 0:
+                # Nothing to send the gateway, but the licenses count: they were removed from the charge.
+                await ledger.settle_refund(key, status="not_due")
         # `platform_committed` commits these (intent and reservation) before any gateway call: they
         # survive a crash.
         return await ledger.refunds_for(request_id)
@@ -183,21 +207,26 @@ class PaymentHandlers:
 
     @staticmethod
     def _conclude(uow: UnitOfWork, event: PlatformCommitted, lines: list[RefundLine], stopped: bool,
-                  refused: GatewayOutcome | None = None) -> None:
+                  refused: GatewayOutcome | None = None, foreign: list[domain.ChargeBalance] | None = None) -> None:
         failed = [line for line in lines if line.outcome == "failed"]
-        if failed or refused is not None:
-            # The cancellation stays committed; a person finishes the refund or stops auto-renew
-            # (state manual_review).
+        foreign = foreign or []
+        if failed or refused is not None or foreign:
+            # The cancellation stays committed; a person finishes the refund, stops auto-renew or
+            # refunds a charge in another currency (state manual_review).
             said = [] if not failed else ["The gateway refused the refund: "
                                           + "; ".join(line.error or "" for line in failed)]
             said += [] if refused is None else [_refusal(refused)]
+            said += [_foreign(charge, event.currency) for charge in foreign]
+            code = "refund_failed" if failed else "auto_renew_stop_failed" if refused else "currency_mismatch"
             uow.emit(Failed(
-                request_id=event.request_id, source=Source.payment,
-                code="refund_failed" if failed else "auto_renew_stop_failed",
-                message=". ".join(said), retryable=False,
+                request_id=event.request_id, source=Source.payment, code=code, message=". ".join(said),
+                retryable=False,
                 details={"account_id": event.account_id, "subscription_id": event.subscription_id,
                          "refunds": [line.model_dump(mode="json") for line in lines],
-                         "auto_renew_stopped": stopped},
+                         "auto_renew_stopped": stopped,
+                         "not_refunded": [{"charge_id": c.charge_id, "gateway_charge_id": c.gateway_charge_id,
+                                           "amount": f"{c.captured:.2f}", "currency": c.currency}
+                                          for c in foreign]},
             ))
             return
         total = sum((line.amount for line in lines), Decimal("0"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, DateTime, MetaData, Numeric, String, Table, Text
+from sqlalchemy import Column, Date, DateTime, Integer, MetaData, Numeric, String, Table, Text
 
 from cancelflow.messaging.store import messaging_tables
 
@@ -14,14 +14,17 @@ charges = Table(
     Column("charge_id", String(100), primary_key=True),
     Column("account_id", String(100), nullable=False, index=True),
     Column("subscription_id", String(100), nullable=False, index=True),
-    Column("gateway_charge_id", String(200), nullable=False),
+    # Records naming the same gateway charge share one refundable balance (the guard, Ledger.reserve).
+    Column("gateway_charge_id", String(200), nullable=False, index=True),
     Column("amount", Numeric(12, 2), nullable=False),
-    # The guard: what has been refunded or reserved for a refund in flight; never above `amount`.
+    # The guard: what has been refunded or reserved for a refund in flight through this record; with
+    # the other records of its gateway charge, never above the charge's amount.
     Column("refunded_amount", Numeric(12, 2), nullable=False),
     Column("currency", String(3), nullable=False),
     Column("captured_at", DateTime(timezone=True), nullable=False),
     Column("period_start", Date, nullable=False),
     Column("period_end", Date, nullable=False),
+    Column("quantity", Integer, nullable=True),  # the licenses it pays for, when upstream said
 )
 
 refunds = Table(
@@ -32,10 +35,15 @@ refunds = Table(
     Column("gateway_charge_id", String(200), nullable=False),
     Column("amount", Numeric(12, 2), nullable=False),
     Column("currency", String(3), nullable=False),
-    Column("status", String(20), nullable=False),  # pending | succeeded | failed
+    # pending | succeeded | failed | not_due (licenses removed, nothing left to refund of them)
+    Column("status", String(20), nullable=False),
     Column("kind", String(20), nullable=True),  # refund | reversal (the gateway decides)
     Column("refund_id", String(200), nullable=True),
     Column("error", Text, nullable=True),
+    # A cancellation refund's basis (CONTRACT.md section 5); null for duplicate-charge refunds.
+    Column("licenses", Integer, nullable=True),  # licenses this refund removed from the charge
+    Column("licenses_paid", Integer, nullable=True),  # licenses the charge paid for
+    Column("effective_date", Date, nullable=True),  # where the unused days begin
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
