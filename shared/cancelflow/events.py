@@ -60,6 +60,7 @@ NAME_CHARS = 200  # the vendor's and the gateway's ids, idempotency keys, names,
 # A request's free text (reason, an operator's note): small enough that every event derived from a
 # request, its status history included, stays far below a record's 1 MiB (CONTRACT.md section 7).
 TEXT_CHARS = 2000
+ACTOR_CHARS = NAME_CHARS + 50  # who did a step: a user id with its role and channel (dispute's audit)
 MAX_CHARGES = 100  # charge ids in one request
 
 Id = Annotated[str, Field(max_length=ID_CHARS)]
@@ -584,7 +585,7 @@ class DisputeStepRecorded(SagaEvent):
     event_type: ClassVar[str] = "DisputeStepRecorded"
 
     step: Annotated[str, Field(max_length=40)]
-    actor: Name
+    actor: Annotated[str, Field(max_length=ACTOR_CHARS)]
     charge_id: Id | None = None
     message: str
     data: dict[str, Any] = Field(default_factory=dict)

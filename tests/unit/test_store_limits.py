@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import String
 
-from cancelflow.events import REGISTRY
+from cancelflow.events import ACTOR_CHARS, NAME_CHARS, REGISTRY, RequestedBy
 from cancelflow.messaging.store import KEY_CHARS
 from cancelflow.settings import SERVICES
+from dispute.domain import requester
 
 # Columns whose name an event field shares with another meaning: (model, field) -> the columns it is
 # not kept in.
@@ -27,8 +28,7 @@ OTHER_MEANING = {
 }
 # Columns that keep a field under another name: column -> the (model, field) it holds.
 RENAMED = {
-    "dispute.disputes.requested_by": ("RequestedBy", "user_id"),
-    "dispute.dispute_audit.actor": ("RequestedBy", "user_id"),
+    "dispute.disputes.requested_by": ("DisputeStepRecorded", "actor"),
     "dispute.dispute_charges.gateway_state": ("ChargeVerification", "state"),
     "dispute.dispute_charges.related_charge_id": ("DuplicateRefundLine", "duplicate_of"),
     "dispute.dispute_charges.refund_kind": ("RefundLine", "kind"),
@@ -118,3 +118,9 @@ def test_the_exceptions_name_real_columns() -> None:
 def test_a_record_key_fits_the_outbox() -> None:
     outbox_key = [n for table, n in COLUMNS["key"] if table.endswith(".outbox")]
     assert set(outbox_key) == {KEY_CHARS}
+
+
+def test_the_longest_requester_fits_the_dispute_audit() -> None:
+    longest = requester(RequestedBy(user_id="u" * NAME_CHARS, role="operator", channel="storefront"))
+    assert len(longest) <= ACTOR_CHARS == FIELDS[("DisputeStepRecorded", "actor")]
+    assert len(longest) <= min(LENGTHS["dispute.disputes.requested_by"], LENGTHS["dispute.dispute_audit.actor"])
