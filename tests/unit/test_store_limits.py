@@ -6,16 +6,18 @@ handler. Walks the pydantic models (as JSON Schema) and the ORM tables, so neith
 from __future__ import annotations
 
 import importlib
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import String
 
-from cancelflow.events import ACTOR_CHARS, NAME_CHARS, REGISTRY, RequestedBy
+from cancelflow.events import ACTOR_CHARS, ID_CHARS, NAME_CHARS, REGISTRY, RequestedBy
 from cancelflow.messaging.store import KEY_CHARS
 from cancelflow.settings import SERVICES
 from dispute.domain import requester
+from payment_gateway.domain import dispute_refund_key, refund_key
 
 # Columns whose name an event field shares with another meaning: (model, field) -> the columns it is
 # not kept in.
@@ -124,3 +126,9 @@ def test_the_longest_requester_fits_the_dispute_audit() -> None:
     longest = requester(RequestedBy(user_id="u" * NAME_CHARS, role="operator", channel="storefront"))
     assert len(longest) <= ACTOR_CHARS == FIELDS[("DisputeStepRecorded", "actor")]
     assert len(longest) <= min(LENGTHS["dispute.disputes.requested_by"], LENGTHS["dispute.dispute_audit.actor"])
+
+
+def test_the_longest_refund_keys_fit() -> None:
+    request_id, charge_id = str(uuid.uuid4()), "c" * ID_CHARS
+    for key in (refund_key(request_id, charge_id), dispute_refund_key(request_id, charge_id)):
+        assert len(key) <= FIELDS[("RefundLine", "idempotency_key")] <= LENGTHS["payment_gateway.refunds.idempotency_key"]
