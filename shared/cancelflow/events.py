@@ -69,7 +69,24 @@ PositiveMoney = Annotated[
     WithJsonSchema({"type": "string", "pattern": r"^\d+\.\d{2}$", "not": {"pattern": r"^0+\.00$"},
                     "examples": ["49.95"]}),
 ]
-Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", max_length=3, description="ISO 4217 code")]
+
+# What the stores hold (each service's orm.py): a value a schema accepts fits wherever it is kept, so a
+# value that would not is bad input at the door (tests/unit/test_store_limits.py holds the two together).
+ID_CHARS = 100  # subscription, account and charge ids
+NAME_CHARS = 200  # the vendor's and the gateway's ids, idempotency keys, names, who did something
+# A request's free text (reason, an operator's note): small enough that every event derived from a
+# request, its status history included, stays far below a record's 1 MiB (CONTRACT.md section 7).
+TEXT_CHARS = 2000
+ACTOR_CHARS = NAME_CHARS + 50  # who did a step: a user id with its role and channel (dispute's audit)
+MAX_CHARGES = 100  # charge ids in one request
+
+Id = Annotated[str, Field(max_length=ID_CHARS)]
+Name = Annotated[str, Field(max_length=NAME_CHARS)]
+Text = Annotated[str, Field(max_length=TEXT_CHARS)]
+Code = Annotated[str, Field(max_length=50)]  # an error code (provisioning's `code` column)
+Status = Annotated[str, Field(max_length=20)]  # a subscription's, a refund's or an email's status
+LongStatus = Annotated[str, Field(max_length=30)]  # a provisioning status, a gateway's charge state
 
 
 def utcnow() -> datetime:
@@ -165,8 +182,8 @@ def register(cls: P) -> P:
 
 class Customer(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
-    name: str
+    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)
+    name: Name
 
 
 @register
@@ -175,12 +192,12 @@ class SubscriptionActivated(Payload):
     topic: ClassVar[str] = topics.PLATFORM_SUBSCRIPTIONS
     key_field: ClassVar[str] = "subscription_id"
 
-    subscription_id: str = Field(min_length=1)
-    account_id: str = Field(min_length=1)
+    subscription_id: Id = Field(min_length=1)
+    account_id: Id = Field(min_length=1)
     customer: Customer
-    product_name: str
-    vendor: str
-    vendor_subscription_id: str
+    product_name: Name
+    vendor: Id
+    vendor_subscription_id: Name
     billing_period: Literal["monthly", "annual"]
     unit_price: Money
     currency: Currency
@@ -203,13 +220,13 @@ class ChargeCaptured(Payload):
     topic: ClassVar[str] = topics.PAYMENTS_CHARGES
     key_field: ClassVar[str] = "account_id"
 
-    charge_id: str = Field(min_length=1)
-    account_id: str = Field(min_length=1)
-    subscription_id: str = Field(min_length=1)
+    charge_id: Id = Field(min_length=1)
+    account_id: Id = Field(min_length=1)
+    subscription_id: Id = Field(min_length=1)
     amount: PositiveMoney
     currency: Currency
     captured_at: AwareDatetime
-    gateway_charge_id: str = Field(min_length=1)
+    gateway_charge_id: Name = Field(min_length=1)
     period_start: date
     period_end: date
     quantity: int | None = Field(None, ge=1, description="the licenses this charge pays for; absent = the subscription's")
@@ -220,7 +237,7 @@ class ChargeCaptured(Payload):
 
 class RequestedBy(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    user_id: str
+    user_id: Name
     role: Literal["customer", "operator"]
     channel: Literal["storefront", "bss"]
 
@@ -237,15 +254,15 @@ class CancellationRequested(Payload):
     topic: ClassVar[str] = topics.REQUESTED
 
     request_id: uuid.UUID
-    account_id: str = Field(min_length=1)
+    account_id: Id = Field(min_length=1)
     requested_by: RequestedBy
     target: Literal["subscription", "charges"]
-    subscription_id: str | None = None
+    subscription_id: Id | None = None
     mode: Mode = Mode.immediate
     effective_date: date | None = None
     quantity: int | None = Field(None, description="licenses to remove (partial); absent = whole subscription")
-    charge_ids: list[str] = Field(default_factory=list)
-    reason: str = ""
+    charge_ids: list[Id] = Field(default_factory=list, max_length=MAX_CHARGES)
+    reason: Text = ""
     requires_approval: bool = False
     opt_out_of_emails: bool = False
     retry_of: uuid.UUID | None = Field(None, description="the request an operator's retry repeats (section 11)")
@@ -268,8 +285,8 @@ class CancellationApproved(Payload):
     topic: ClassVar[str] = topics.REQUESTED
 
     request_id: uuid.UUID
-    decided_by: str
-    note: str = ""
+    decided_by: Name
+    note: Text = ""
 
 
 @register
@@ -278,8 +295,8 @@ class CancellationDeclined(Payload):
     topic: ClassVar[str] = topics.REQUESTED
 
     request_id: uuid.UUID
-    decided_by: str
-    note: str = ""
+    decided_by: Name
+    note: Text = ""
 
 
 # --- saga events (internal topic cancellations.saga, key request_id) ---------------------------
@@ -297,15 +314,15 @@ class CancellationReceived(SagaEvent):
     event_type: ClassVar[str] = "CancellationReceived"
     published_by: ClassVar[frozenset[str] | None] = BILLING
 
-    account_id: str
+    account_id: Id
     target: Literal["subscription", "charges"]
-    subscription_id: str | None = None
-    charge_ids: list[str] = Field(default_factory=list)
+    subscription_id: Id | None = None
+    charge_ids: list[Id] = Field(default_factory=list, max_length=MAX_CHARGES)
     mode: Mode
     effective_date: date | None = None
     quantity: int | None = None
     requested_by: RequestedBy
-    reason: str = ""
+    reason: Text = ""
     requires_approval: bool = False
     opt_out_of_emails: bool = False
 
@@ -314,8 +331,8 @@ class SubscriptionSnapshot(BaseModel):
     """The subscription's statuses as a step left them (what support sees in the status record)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    subscription_status: str | None = None
-    provisioning_status: str | None = None
+    subscription_status: Status | None = None
+    provisioning_status: LongStatus | None = None
     effective_date: date | None = None
     access_end_date: date | None = None
 
@@ -327,7 +344,7 @@ class ApprovalPending(SagaEvent):
     event_type: ClassVar[str] = "ApprovalPending"
     published_by: ClassVar[frozenset[str] | None] = BILLING
 
-    subscription_id: str
+    subscription_id: Id
     snapshot: SubscriptionSnapshot
 
 
@@ -338,9 +355,9 @@ class RequestDeclined(SagaEvent):
     event_type: ClassVar[str] = "RequestDeclined"
     published_by: ClassVar[frozenset[str] | None] = BILLING
 
-    subscription_id: str | None = None
-    decided_by: str
-    note: str = ""
+    subscription_id: Id | None = None
+    decided_by: Name
+    note: Text = ""
 
 
 @register
@@ -352,8 +369,8 @@ class CancellationScheduled(SagaEvent):
     event_type: ClassVar[str] = "CancellationScheduled"
     published_by: ClassVar[frozenset[str] | None] = BILLING
 
-    account_id: str
-    subscription_id: str
+    account_id: Id
+    subscription_id: Id
     run_on: date
     history: str
     snapshot: SubscriptionSnapshot
@@ -367,7 +384,7 @@ class AutoRenewStopped(SagaEvent):
     event_type: ClassVar[str] = "AutoRenewStopped"
     published_by: ClassVar[frozenset[str] | None] = PAYMENT_GATEWAY
 
-    subscription_id: str
+    subscription_id: Id
 
 
 @register
@@ -377,10 +394,10 @@ class VendorCancellationRequested(SagaEvent):
     event_type: ClassVar[str] = "VendorCancellationRequested"
     published_by: ClassVar[frozenset[str] | None] = BILLING
 
-    account_id: str
-    subscription_id: str
-    vendor: str
-    vendor_subscription_id: str
+    account_id: Id
+    subscription_id: Id
+    vendor: Id
+    vendor_subscription_id: Name
     effective_date: date
     current_quantity: int
     new_quantity: int = Field(description="0 for a full cancellation")
@@ -394,9 +411,9 @@ class VendorProvisioned(SagaEvent):
     event_type: ClassVar[str] = "VendorProvisioned"
     published_by: ClassVar[frozenset[str] | None] = PROVISIONING
 
-    subscription_id: str
-    vendor: str
-    vendor_subscription_id: str
+    subscription_id: Id
+    vendor: Id
+    vendor_subscription_id: Name
     new_quantity: int
     already_applied: bool = False
     attempts: int = 1
@@ -409,10 +426,10 @@ class VendorCancellationFailed(SagaEvent):
     event_type: ClassVar[str] = "VendorCancellationFailed"
     published_by: ClassVar[frozenset[str] | None] = PROVISIONING
 
-    subscription_id: str
-    vendor: str
-    vendor_subscription_id: str
-    code: str
+    subscription_id: Id
+    vendor: Id
+    vendor_subscription_id: Name
+    code: Code
     message: str
     http_status: int | None = None
     retryable: bool
@@ -426,8 +443,8 @@ class PlatformCommitted(SagaEvent):
     event_type: ClassVar[str] = "PlatformCommitted"
     published_by: ClassVar[frozenset[str] | None] = BILLING
 
-    account_id: str
-    subscription_id: str
+    account_id: Id
+    subscription_id: Id
     mode: Mode
     full: bool
     trial: bool
@@ -448,14 +465,14 @@ class PlatformCommitted(SagaEvent):
 
 class RefundLine(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    charge_id: str
-    gateway_charge_id: str
+    charge_id: Id
+    gateway_charge_id: Name
     amount: Money
     currency: Currency
-    idempotency_key: str
-    kind: str | None = None
+    idempotency_key: Name
+    kind: Status | None = None  # refund | reversal
     outcome: Literal["succeeded", "failed", "unknown"]
-    refund_id: str | None = None
+    refund_id: Name | None = None
     error: str | None = None
 
 
@@ -466,7 +483,7 @@ class RefundIssued(SagaEvent):
     event_type: ClassVar[str] = "RefundIssued"
     published_by: ClassVar[frozenset[str] | None] = PAYMENT_GATEWAY | DISPUTE
 
-    subscription_id: str | None = None
+    subscription_id: Id | None = None
     amount: Money
     currency: Currency
     status: Literal["succeeded", "not_due"]
@@ -483,7 +500,7 @@ class Failed(SagaEvent):
     published_by: ClassVar[frozenset[str] | None] = BILLING | PROVISIONING | PAYMENT_GATEWAY | DISPUTE | NOTIFICATION
 
     source: Source
-    code: str
+    code: Code
     message: str
     retryable: bool = False
     history: str | None = None
@@ -498,10 +515,10 @@ class EmailSent(SagaEvent):
     event_type: ClassVar[str] = "EmailSent"
     published_by: ClassVar[frozenset[str] | None] = NOTIFICATION
 
-    kind: str
+    kind: Annotated[str, Field(max_length=50)]
     audience: Literal["customer", "support"]
     subject: str
-    message_id: str
+    message_id: Name
 
 
 @register
@@ -512,7 +529,7 @@ class RequestStuck(SagaEvent):
     event_type: ClassVar[str] = "RequestStuck"
     published_by: ClassVar[frozenset[str] | None] = STATUS_TRACKER
 
-    stage: str
+    stage: Status
     since: AwareDatetime
     stuck_for_seconds: float = Field(ge=0)
 
@@ -524,8 +541,8 @@ class DisputedCharge(BaseModel):
     """A charge a dispute asks about, as the dispute service knows it."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    charge_id: str
-    gateway_charge_id: str
+    charge_id: Id
+    gateway_charge_id: Name
     amount: Money
     currency: Currency
 
@@ -538,7 +555,7 @@ class ChargesVerificationRequested(SagaEvent):
     event_type: ClassVar[str] = "ChargesVerificationRequested"
     published_by: ClassVar[frozenset[str] | None] = DISPUTE
 
-    account_id: str
+    account_id: Id
     charges: list[DisputedCharge]
 
 
@@ -546,12 +563,12 @@ class ChargeVerification(BaseModel):
     """What the gateway says of one charge now, and what our refund guard has left of it."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    charge_id: str
-    gateway_charge_id: str
+    charge_id: Id
+    gateway_charge_id: Name
     found: bool = Field(description="false when the gateway does not know the charge (or could not say)")
-    state: str | None = Field(None, description="captured | settled | partially_refunded | refunded | disputed")
+    state: LongStatus | None = Field(None, description="captured | settled | partially_refunded | refunded | disputed")
     amount: Money | None = None
-    currency: str | None = None
+    currency: Currency | None = None
     refunded: Money | None = None
     refundable: Money | None = Field(None, description="what the gateway would still refund")
     guard_refundable: Money | None = Field(None, description="what the refund guard has left (reservations "
@@ -574,12 +591,12 @@ class DuplicateRefundLine(BaseModel):
     """One confirmed duplicate to refund in full, under the key derived from the request and the charge."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    charge_id: str
-    gateway_charge_id: str
+    charge_id: Id
+    gateway_charge_id: Name
     amount: Money
     currency: Currency
-    idempotency_key: str = Field(description="cf-dispute-<request_id>-<charge_id>")
-    duplicate_of: str | None = None
+    idempotency_key: Name = Field(description="cf-dispute-<request_id>-<charge_id>")
+    duplicate_of: Id | None = None
 
 
 @register
@@ -590,7 +607,7 @@ class DuplicateRefundRequested(SagaEvent):
     event_type: ClassVar[str] = "DuplicateRefundRequested"
     published_by: ClassVar[frozenset[str] | None] = DISPUTE
 
-    account_id: str
+    account_id: Id
     lines: list[DuplicateRefundLine]
 
 
@@ -614,9 +631,9 @@ class DisputeStepRecorded(SagaEvent):
     event_type: ClassVar[str] = "DisputeStepRecorded"
     published_by: ClassVar[frozenset[str] | None] = DISPUTE
 
-    step: str
-    actor: str
-    charge_id: str | None = None
+    step: Annotated[str, Field(max_length=40)]
+    actor: Annotated[str, Field(max_length=ACTOR_CHARS)]
+    charge_id: Id | None = None
     message: str
     data: dict[str, Any] = Field(default_factory=dict)
 
@@ -628,13 +645,13 @@ class RefundView(BaseModel):
     model_config = ConfigDict(extra="ignore")
     amount: Money
     currency: Currency
-    status: str
+    status: Status
 
 
 class ErrorView(BaseModel):
     model_config = ConfigDict(extra="ignore")
     source: Source
-    code: str
+    code: Code
     message: str
 
 
@@ -651,7 +668,7 @@ class Resolution(BaseModel):
     by: str
     at: AwareDatetime
     action: str
-    note: str = ""
+    note: Text = ""
     request_id: uuid.UUID | None = Field(None, description="the new request of a retry")
 
 
@@ -664,15 +681,15 @@ class CancellationStatusChanged(Payload):
     topic: ClassVar[str] = topics.STATUS
 
     request_id: uuid.UUID
-    account_id: str | None = None
+    account_id: Id | None = None
     target: Literal["subscription", "charges"] | None = None
-    subscription_id: str | None = None
-    charge_ids: list[str] = Field(default_factory=list)
+    subscription_id: Id | None = None
+    charge_ids: list[Id] = Field(default_factory=list, max_length=MAX_CHARGES)
     mode: Mode | None = None
     state: State
     stage: Source | None = None
-    subscription_status: str | None = None
-    provisioning_status: str | None = None
+    subscription_status: Status | None = None
+    provisioning_status: LongStatus | None = None
     effective_date: date | None = None
     access_end_date: date | None = None
     refund: RefundView | None = None
@@ -692,17 +709,18 @@ class RecordDeadLettered(Payload):
     topic: ClassVar[str] = topics.DLQ
     key_field: ClassVar[str] = "original_key"
 
-    reason: str
+    reason: Annotated[str, Field(max_length=40)]
     detail: str
-    topic_name: str = Field(alias="topic")
+    topic_name: Name = Field(alias="topic")
     partition: int
     offset: int
-    original_key: str | None = None
+    original_key: Name | None = Field(None, description="the record's key; when longer than 200 characters, "
+                                      "its start and the sha256 of the whole")
     consumer_group: str
     original_size: int
     original_sha256: str
     original_base64: str | None = Field(None, description="the record value; null when it was over 1 MiB")
-    request_id: str | None = None
+    request_id: Annotated[str, Field(max_length=64)] | None = None
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 

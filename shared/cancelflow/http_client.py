@@ -18,6 +18,7 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
 
 from cancelflow import metrics
+from cancelflow.events import TEXT_CHARS
 
 T = TypeVar("T")
 
@@ -43,12 +44,23 @@ class Exchange:
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a response body, or {"message": what came instead}."""
+    """The JSON object of a response body, its texts clipped (a vendor's error message goes into events
+    and status records, which must fit a record), or {"message": what came instead}."""
     try:
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
         body = None
-    return body if isinstance(body, dict) else {"message": raw.decode("utf-8", "replace")[:500]}
+    return _clipped(body) if isinstance(body, dict) else {"message": raw.decode("utf-8", "replace")[:500]}
+
+
+def _clipped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:TEXT_CHARS]
+    if isinstance(value, dict):
+        return {k: _clipped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clipped(v) for v in value]
+    return value
 
 
 def lower_keys(headers: Mapping[str, str]) -> dict[str, str]:

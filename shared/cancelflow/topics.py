@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The largest record a topic takes (its max.message.bytes) and a producer sends (max_request_size), set
+# explicitly rather than left to Kafka's default of about 1 MiB: a dead-letter record keeps a rejected
+# record of up to 1 MiB (CONTRACT.md section 7) as base64, about 1.4 MiB. Every event a service derives
+# from a valid record is far smaller (events.TEXT_CHARS).
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+SIZE_LIMIT = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+
 
 @dataclass(frozen=True)
 class Topic:
@@ -18,7 +25,7 @@ class Topic:
     written_by: str
     read_by: str
     public: bool = True
-    configs: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, str] = field(default_factory=lambda: dict(SIZE_LIMIT))
     # Fewer partitions on the embedded broker, whose cost grows with them: every fetch answers for each
     # partition (even an idle one), a fetch of a partition with new records lists every record batch it
     # holds, and a relay round writes a batch to each partition its records go to (docs/performance.md,
@@ -47,7 +54,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic(SAGA, 4, "request_id", "billing, provisioning, payment-gateway, dispute, notification",
           "every service (each handles its own event types)", public=False, embedded_partitions=2),
     Topic(STATUS, 4, "request_id", "status-tracker only", "support dashboards, the CLI",
-          configs={"cleanup.policy": "compact"}),
+          configs={**SIZE_LIMIT, "cleanup.policy": "compact"}),
     Topic(DLQ, 1, "key of the rejected record", "every service", "operators"),
 )
 

@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from billing.domain import HISTORY_PLATFORM_ERROR, HISTORY_VENDOR_ERROR
 from cancelflow import topics
-from cancelflow.events import CancellationRequested, envelope_for
-from cancelflow.messaging.codec import encode
+from cancelflow.events import NAME_CHARS, TEXT_CHARS, CancellationRequested, envelope_for
+from cancelflow.messaging.codec import MAX_RECORD_BYTES, encode
 from cancelflow.ops import emails_owed, sample_subscription
 from tests.e2e.conftest import SUPPORT
 
@@ -286,6 +286,37 @@ async def test_poison_record_is_dead_lettered_and_the_valid_one_behind_it_comple
     assert base64.b64decode(dead[0]["original_base64"]) == b"{this is not json"
     assert "requested_by" in dead[1]["detail"] and dead[1]["request_id"] == poison_rid
     assert all(d["topic"] == topics.REQUESTED and d["offset"] >= 0 for d in dead)
+
+
+async def test_a_request_at_its_size_bounds_completes_and_one_of_1_mib_is_rejected(client, watcher, smtp, stack,
+                                                                                   ids, today):
+    """Issue 24, item 3: a request of about 1 MiB used to complete without a status (billing re-wrapped it
+    over the 1 MiB a consumer takes). Its reason is bounded now: the longest completes, status and email."""
+    at_bound, too_big = (sample_subscription(account_id=ids["account"], subscription_id=f"sub-{n}-{ids['tag']}",
+                                             today=today) for n in ("bound", "big"))
+    await client.load([at_bound, too_big])
+    rid = await client.request_cancellation(account_id=ids["account"], subscription_id=at_bound.facts.subscription_id,
+                                            reason="\U0001f600" * TEXT_CHARS, user_id="u" * NAME_CHARS)
+    big_rid = str(uuid.uuid4())
+    big = orjson.loads(encode(envelope_for(CancellationRequested(
+        request_id=uuid.UUID(big_rid), account_id=ids["account"], target="subscription",
+        subscription_id=too_big.facts.subscription_id,
+        requested_by={"user_id": "u", "role": "customer", "channel": "storefront"}),
+        producer="storefront", correlation_id=big_rid, causation_id=None)))
+    big["payload"]["reason"] = "x" * (MAX_RECORD_BYTES - 2_000)
+    value = orjson.dumps(big)
+    assert 1_000_000 < len(value) <= MAX_RECORD_BYTES  # valid by size: the schema's bound refuses it
+    await client.publisher.send_raw(topics.REQUESTED, value, key=too_big.facts.subscription_id)
+
+    done = await _finish(watcher, rid)
+    assert done["state"] == "completed"
+    assert (await smtp.wait_for(lambda m: m["X-Cancelflow-Request-Id"] == rid))["Subject"] == (
+        "Subscription Cancellation Request Completed")
+    rejected = await watcher.terminal(big_rid, timeout=60)
+    assert rejected["state"] == "rejected" and rejected["error"]["code"] == "bad_input"
+    assert "reason" in rejected["error"]["message"]
+    vendor = await _ledger(client, client.endpoints.vendor)
+    assert not [c for c in vendor["calls"] if too_big.facts.vendor_subscription_id in c["path"]]
 
 
 async def _read_topic(bootstrap: str, topic: str, predicate, count: int, timeout: float = 30) -> list:  # type: ignore[no-untyped-def]

@@ -9,9 +9,11 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
+from cancelflow.events import TEXT_CHARS
 from cancelflow.http_client import json_object
 from cancelflow.sandboxes.gateway import build_gateway_app
 from cancelflow.sandboxes.vendor import build_vendor_app
@@ -36,6 +38,9 @@ EFFECTIVE = date(2026, 11, 21)
     (b"[1, 2]", {"message": "[1, 2]"}),
     (b"\xff not utf-8", {"message": "\ufffd not utf-8"}),
     (b"x" * 600, {"message": "x" * 500}),
+    # A text in an answer is clipped: what a service derives from it must fit a record (issue 24).
+    (orjson.dumps({"message": "m" * 2_000_000, "details": ["d" * 5000]}),
+     {"message": "m" * TEXT_CHARS, "details": ["d" * TEXT_CHARS]}),
 ])
 def test_a_response_body_is_a_json_object_or_what_came_instead(raw, body) -> None:  # type: ignore[no-untyped-def]
     assert json_object(raw) == body

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from sqlalchemy import MetaData
@@ -229,3 +230,36 @@ async def test_a_batch_lets_the_service_run_between_its_records(new_uow) -> None
     assert len(handled) == 3
     # Between two records of the one batch, the other task ran.
     assert all("other" in seen[a:b] for a, b in zip(handled, handled[1:], strict=False))
+
+
+class RefusingUnitOfWork(UnitOfWork):
+    """Refuses any dead-letter record that keeps the record's bytes (as a store might refuse a value)."""
+
+    def emit(self, payload: Any, **kwargs: Any) -> Any:
+        if getattr(payload, "original_base64", None) is not None:
+            raise ValueError("value refused by the store")
+        return super().emit(payload, **kwargs)
+
+
+async def test_a_refused_dead_letter_record_is_written_without_the_records_bytes(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/refusing.db")
+    await create_schema(engine, METADATA)
+    sessions = transactions(engine)
+    consumer = ScriptedConsumer([{TP0: records(TP0, 0, value=b"not json", key=b"k" * 300)}])
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {}, dead_letter=True)],  # type: ignore[arg-type]
+                       lambda message=None: RefusingUnitOfWork(sessions, MESSAGING, producer="test", message=message),
+                       service="test", group_id="g")
+    try:
+        await _run_until_drained(loop, consumer)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(MESSAGING.outbox.select())).mappings().all()
+            inbox = (await conn.execute(MESSAGING.inbox.select())).mappings().all()
+    finally:
+        await engine.dispose()
+    [row] = rows
+    dead = orjson.loads(row["value"])["payload"]
+    assert dead["reason"] == "not_json" and "kept without its bytes: ValueError" in dead["detail"]
+    assert dead["original_base64"] is None and dead["original_key"] is None
+    assert dead["original_size"] == len(b"not json")
+    assert [r["message_id"] for r in inbox] == [f"dlq:{topics.REQUESTED}:0:0"]
+    assert consumer.commits == [{TP0: 1}]

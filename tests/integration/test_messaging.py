@@ -193,7 +193,8 @@ async def test_bad_records_are_dead_lettered_and_the_partition_flows(broker, sto
     unknown_version = {**envelope_dict(a_request(sub, request_id=rid["version"])), "schema_version": 99}
     missing_field = envelope_dict(a_request(sub, request_id=rid["field"]))
     del missing_field["payload"]["account_id"]
-    too_large = envelope_dict(a_request(sub, request_id=rid["large"], reason="x" * (MAX_RECORD_BYTES + 1)))
+    too_large = envelope_dict(a_request(sub, request_id=rid["large"]))
+    too_large["payload"]["reason"] = "x" * (MAX_RECORD_BYTES + 1)
     no_uuid = envelope_dict(a_request(sub))  # a request id that is no UUID: no request to reject
     no_uuid["payload"]["request_id"] = "req-42"
     # (reason, bytes, request id the DLQ entry and the Failed event carry)

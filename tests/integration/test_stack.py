@@ -27,7 +27,7 @@ from cancelflow.stack.broker import (
 )
 from cancelflow.stack.embedded import running_stack, stack_specs
 from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
-from cancelflow.topics import BY_NAME, SAGA, STATUS, TOPICS
+from cancelflow.topics import BY_NAME, MAX_MESSAGE_BYTES, SAGA, STATUS, TOPICS
 
 # A child that answers 200 to every GET on the port given as its argument.
 HTTP_CHILD = """
@@ -78,13 +78,15 @@ async def test_create_topics_creates_every_topic_once(broker: EmbeddedBroker) ->
         described = {
             t["topic"]: len(t["partitions"]) for t in await admin.describe_topics([t.name for t in TOPICS])
         }
-        [configs] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, STATUS)])
+        [configs] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t.name) for t in TOPICS])
     finally:
         await admin.close()
     assert described == {t.name: t.partitions_on(embedded=True) for t in TOPICS}
     assert described[SAGA] < BY_NAME[SAGA].partitions  # the embedded broker's own count (Performance item 30)
-    [(*_, entries)] = configs.resources
-    assert ("cleanup.policy", "compact") in {(e[0], e[1]) for e in entries}
+    entries = {name: {(e[0], e[1]) for e in found} for _, _, _, name, found in configs.resources}
+    assert ("cleanup.policy", "compact") in entries[STATUS]
+    # Every topic's size limit is explicit (Kafka's default of ~1 MiB would refuse a dead-letter record).
+    assert all(("max.message.bytes", str(MAX_MESSAGE_BYTES)) in entries[t.name] for t in TOPICS), entries
 
 
 def test_topics_command_is_idempotent(broker: EmbeddedBroker) -> None:

@@ -15,7 +15,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from cancelflow.events import ChargeVerification, ValidationCode
+from cancelflow.events import ChargeVerification, RequestedBy, ValidationCode
 
 
 class Reason(StrEnum):
@@ -85,6 +85,11 @@ class Confirmation:
     ok: bool
     reason: Reason | None
     detail: str
+
+
+def requester(by: RequestedBy) -> str:
+    """Who asked, as the case and its audit keep it (at most events.ACTOR_CHARS)."""
+    return f"{by.role} {by.user_id} via {by.channel}"
 
 
 def unique(charge_ids: list[str]) -> list[str]:

@@ -113,8 +113,7 @@ class DisputeHandlers:
             log.info("dispute seen before: no new effect", request_id=request_id)
             return
         charge_ids = domain.unique(request.charge_ids)
-        by = request.requested_by
-        requester = f"{by.role} {by.user_id} via {by.channel}"
+        requester = domain.requester(request.requested_by)
         await repo.add_case(request_id=request_id, account_id=request.account_id, state="validating",
                             requested_by=requester, reason=request.reason or None, charge_ids=charge_ids,
                             window_hours=self.window_hours)

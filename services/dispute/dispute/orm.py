@@ -42,7 +42,7 @@ disputes = Table(
     Column("request_id", String(64), primary_key=True),
     Column("account_id", String(100), nullable=False, index=True),
     Column("state", String(30), nullable=False),
-    Column("requested_by", String(200), nullable=False),
+    Column("requested_by", String(250), nullable=False),  # domain.requester: role, user id, channel
     Column("reason", Text, nullable=True),
     Column("charge_ids", JSON, nullable=False),
     Column("window_hours", Integer, nullable=False),
@@ -83,7 +83,7 @@ audit = Table(
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("request_id", String(64), nullable=False, index=True),
     Column("step", String(40), nullable=False),
-    Column("actor", String(200), nullable=False),
+    Column("actor", String(250), nullable=False),
     Column("charge_id", String(100), nullable=True),
     Column("message", Text, nullable=False),
     Column("data", JSON, nullable=False),

@@ -12,6 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from cancelflow.events import REGISTRY, Envelope, Payload
+from cancelflow.messaging.store import KEY_CHARS
 
 MAX_RECORD_BYTES = 1024 * 1024  # CONTRACT.md section 7
 # Set by the outbox relay on every record: consumers skip types they do not handle without decoding.
@@ -88,6 +89,10 @@ def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int =
             raise BadRecord("not_json", f"the record is not JSON: {not_json}") from None
         raise BadRecord("not_an_envelope", _first_error(exc), request_id=_guess_request_id(data)) from None
     request_id = _guess_request_id({"payload": envelope.payload})
+    # Every contract key is an id, far shorter; the outbox could not hold this one (in the DLQ it is fitted).
+    if key is not None and len(key) > KEY_CHARS and len(text_key := key.decode("utf-8", "replace")) > KEY_CHARS:
+        raise BadRecord("key_too_long", f"the record key has {len(text_key)} characters, over {KEY_CHARS}",
+                        request_id=request_id)
     model = REGISTRY.get((envelope.event_type, envelope.schema_version))
     if model is None:
         known = any(t == envelope.event_type for t, _ in REGISTRY)

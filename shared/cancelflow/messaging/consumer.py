@@ -18,11 +18,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from cancelflow import metrics, topics
-from cancelflow.events import Failed, Source, ValidationCode
+from cancelflow.events import Failed, RecordDeadLettered, Source, ValidationCode
 from cancelflow.logging import get_logger, record_context
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, BadRecord, Message, decode
 from cancelflow.messaging.deadletter import (
     MAX_HANDLER_ATTEMPTS,
+    bounded,
     count_dead_lettered,
     dead_letter_record,
     handle_with_retries,
@@ -347,9 +348,37 @@ class ConsumeLoop:
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str, request_id: str | None,
                            *, message: Message | None = None) -> None:
+        """Write the record's DLQ record (and the request's rejected or failed status). The database away:
+        retried until it is back. The write refused otherwise: retried, then written without the record's
+        bytes and key, so the dead-letter path never stops on the record it is handling."""
+        detail = bounded(detail)
+
+        async def in_full() -> None:
+            await self._write_dead_letter(record, dead_letter_record(
+                record, reason=reason, detail=detail, request_id=request_id, consumer_group=self._group_id,
+            ), reason, detail, message)
+
+        async def bare(exc: Exception) -> None:
+            log.error("dead-letter record refused; writing it without the record's bytes", error=repr(exc))
+
+            async def attempt() -> None:
+                await self._write_dead_letter(record, dead_letter_record(
+                    record, reason=reason, detail=f"{detail} (kept without its bytes: {type(exc).__name__})",
+                    request_id=request_id, consumer_group=self._group_id, keep_value=False,
+                ), reason, detail, message)
+
+            async def broken(final: Exception) -> None:
+                raise final  # our own fields refused: a bug, not the record
+
+            await handle_with_retries(attempt, event_type=RecordDeadLettered.event_type, give_up=broken)
+
+        await handle_with_retries(in_full, event_type=RecordDeadLettered.event_type, give_up=bare)
+        count_dead_lettered(record, reason, detail)
+
+    async def _write_dead_letter(self, record: ConsumerRecord, dead: RecordDeadLettered, reason: str,
+                                 detail: str, message: Message | None) -> None:
         marker = marker_of(record)
-        dead = dead_letter_record(record, reason=reason, detail=detail, request_id=request_id,
-                                  consumer_group=self._group_id)
+        request_id = dead.request_id
         async with self._new_uow(message) as uow:
             if await uow.already_processed(marker):
                 return
@@ -369,7 +398,6 @@ class ConsumeLoop:
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
             await uow.commit(mark_processed=marker)
-        count_dead_lettered(record, reason, detail)
 
     def _reports_step_failures(self, message: Message) -> bool:
         """Whether a saga event this service could not handle fails the request at its step.

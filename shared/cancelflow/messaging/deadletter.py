@@ -18,11 +18,15 @@ from cancelflow import metrics
 from cancelflow.events import RecordDeadLettered
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import MAX_RECORD_BYTES
+from cancelflow.messaging.store import KEY_CHARS
 from cancelflow.pii import scrub_record
 
 log = get_logger(__name__)
 
 MAX_HANDLER_ATTEMPTS = 3
+# A dead-letter record's reason sentence, cut to this: it may quote the record (an event type), and the
+# DLQ record must stay within the topics' size limit whatever the record held.
+DETAIL_CHARS = 1000
 
 
 class TransientError(Exception):
@@ -78,21 +82,50 @@ def marker_of(record: Any) -> str:
     return f"dlq:{record.topic}:{record.partition}:{record.offset}"
 
 
+def bounded(detail: str) -> str:
+    return detail if len(detail) <= DETAIL_CHARS else detail[:DETAIL_CHARS - 3] + "..."
+
+
+def fitting_key(key: bytes) -> str:
+    """A record's key as the outbox can hold it: as it is when it fits; else its start and the sha256 of
+    the whole (the operator finds the record by topic, partition and offset). PostgreSQL text holds no NUL."""
+    text = key.decode("utf-8", "replace").replace("\x00", "\ufffd")
+    if len(text) <= KEY_CHARS:
+        return text
+    digest = f"...sha256:{hashlib.sha256(key).hexdigest()}"
+    return text[:KEY_CHARS - len(digest)] + digest
+
+
+def _readable(value: bytes) -> str | None:
+    """The record's bytes for the operator, customer email and name masked (no PII in the DLQ); None when
+    too large, or when they cannot be masked (nested deeper than the JSON writer goes, say): the digest
+    then stands for them."""
+    if len(value) > MAX_RECORD_BYTES:
+        return None
+    try:
+        scrubbed = scrub_record(value)
+    except Exception:
+        return None
+    return base64.b64encode(scrubbed).decode() if len(scrubbed) <= MAX_RECORD_BYTES else None
+
+
 def dead_letter_record(record: Any, *, reason: str, detail: str, request_id: str | None,
-                       consumer_group: str) -> RecordDeadLettered:
+                       consumer_group: str, keep_value: bool = True) -> RecordDeadLettered:
+    """The DLQ record of `record`. Every field is bounded whatever the record held, so writing it cannot
+    fail on the record; `keep_value=False` leaves out its bytes and key (where it is, its size and digest
+    remain), the last resort when even this could not be written."""
     value = record.value or b""
     return RecordDeadLettered(
         reason=reason,
-        detail=detail,
+        detail=bounded(detail),
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        original_key=record.key.decode("utf-8", "replace") if record.key else None,
+        original_key=fitting_key(record.key) if record.key and keep_value else None,
         consumer_group=consumer_group,
         original_size=len(value),
         original_sha256=hashlib.sha256(value).hexdigest(),
-        # The bytes stay readable for the operator, customer email and name masked (no PII in the DLQ).
-        original_base64=base64.b64encode(scrub_record(value)).decode() if len(value) <= MAX_RECORD_BYTES else None,
+        original_base64=_readable(value) if keep_value else None,
         request_id=request_id,
     )
 

@@ -10,6 +10,7 @@ from aiokafka.helpers import create_ssl_context
 from cancelflow.logging import get_logger
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.settings import CommonSettings
+from cancelflow.topics import MAX_MESSAGE_BYTES
 
 log = get_logger(__name__)
 
@@ -43,7 +44,7 @@ def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProduc
         client_id=client_id,
         acks="all",
         linger_ms=2,
-        max_request_size=4 * 1024 * 1024,
+        max_request_size=MAX_MESSAGE_BYTES,
         request_timeout_ms=30_000,
         **client_security(settings),
     )

@@ -28,6 +28,10 @@ from sqlalchemy import (
 
 from cancelflow.sql import Among, Query
 
+# The longest record key the outbox holds: every key we emit is an id (events.ID_CHARS) or a dead-letter
+# record's fitted key (messaging/deadletter.fitting_key).
+KEY_CHARS = 200
+
 
 @dataclass(frozen=True)
 class MessagingTables:
@@ -89,7 +93,7 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         metadata,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
         Column("topic", String(200), nullable=False),
-        Column("key", String(200), nullable=True),
+        Column("key", String(KEY_CHARS), nullable=True),
         Column("value", LargeBinary, nullable=False),
         Column("headers", JSON, nullable=True),
         Column("event_type", String(100), nullable=False),
