@@ -25,7 +25,7 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
 from cancelflow.messaging.gaps import GapGuard
-from cancelflow.messaging.kafka import make_consumer, make_producer
+from cancelflow.messaging.kafka import Membership, make_consumer, make_producer
 from cancelflow.messaging.relay import OutboxRelay
 from cancelflow.messaging.retention import InboxPruner
 from cancelflow.messaging.signatures import SignatureCheck
@@ -109,15 +109,24 @@ class ServiceRuntime:
         self.migrations = migrations.package_for(name)
         self.started = False
         self.consumer: AIOKafkaConsumer | None = None  # while running, the group member reading `routes`
+        self.membership = Membership()
         self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
         add_operations_routes(self.http, name, {
             "database": lambda: db.ping(self.engine),
             "broker": lambda: self.producer.client.fetch_all_metadata(),
+            "consumer": self._consuming,
         })
 
     def new_uow(self, message: Message | None = None) -> UnitOfWork:
         return UnitOfWork(self.transactions, self.tables, producer=self.name, message=message,
                           on_commit=self._committed, write_lock=self._write_lock)
+
+    async def _consuming(self) -> None:
+        """Ready means consuming: the consumer has joined its group and holds its assignment (until
+        then the service answers but handles nothing, however healthy its database and broker)."""
+        if self.routes and not self.membership.joined:
+            raise RuntimeError("the consumer has not joined its group yet" if self.started
+                               else "not started yet")
 
     def wake_on(self, written: str, callback: Callable[[], None]) -> None:
         """Call `callback` after each commit of a unit of work that `wrote(written)`."""
@@ -162,7 +171,8 @@ class ServiceRuntime:
             if topics:
                 gap_guard = GapGuard(grace_s=self.settings.offset_gap_grace_ms / 1000)
                 consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
-                                         client_id=f"cancelflow-{self.name}", gap_guard=gap_guard)
+                                         client_id=f"cancelflow-{self.name}", gap_guard=gap_guard,
+                                         membership=self.membership)
                 await consumer.start()
                 self.consumer = consumer
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,

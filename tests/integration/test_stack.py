@@ -220,7 +220,7 @@ def test_stack_specs_start_only_what_is_not_given(tmp_path: Path) -> None:
     assert env["CANCELFLOW_DATA_DIR"] == str(tmp_path.resolve())
     assert env["CANCELFLOW_ENABLE_FAULT_HOOKS"] == "1"
     assert env["CANCELFLOW_FETCH_MAX_WAIT_MS"] == str(settings.fetch_max_wait_ms) == "200"
-    assert embedded[-1].ready_url == "http://127.0.0.1:8080/healthz"
+    assert embedded[-1].ready_url == "http://127.0.0.1:8080/readyz"
     assert embedded[0].log_file == tmp_path.resolve() / "logs" / "vendor-sandbox.log"
 
     external = CommonSettings(

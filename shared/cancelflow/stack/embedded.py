@@ -117,7 +117,8 @@ def stack_specs(settings: CommonSettings, env: Mapping[str, str]) -> list[Proces
         ]
         specs.append(spec("smtp-sink", argv, f"tcp://{LOCALHOST}:{settings.smtp_port}"))
     for service in SERVICES:
-        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/healthz"))
+        # Ready, not merely answering: `up` says the stack is up once every consumer has its partitions.
+        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/readyz"))
     return specs
 
 
@@ -140,7 +141,7 @@ def describe_stack(
         host, port = settings.smtp_address
         add("smtp", f"smtp://{host}:{port}", None)
     for s in specs:
-        address = s.ready_url.removesuffix("/healthz").replace("tcp://", "smtp://") if s.ready_url else "-"
+        address = _origin(s.ready_url).replace("tcp://", "smtp://") if s.ready_url else "-"
         add(s.name, address, s.log_file)
     return {
         "pid": os.getpid(),
@@ -154,6 +155,11 @@ def describe_stack(
         "mail_dir": str(_data_dir(settings) / "mail") if settings.embedded_smtp else None,
         "components": components,
     }
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def running_stack(settings: CommonSettings) -> dict[str, Any] | None:
