@@ -24,6 +24,7 @@ from cancelflow import logging as cf_logging
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.facts import FactsProgress
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import Membership, make_consumer, make_producer
 from cancelflow.messaging.relay import OutboxRelay
@@ -110,6 +111,7 @@ class ServiceRuntime:
         self.started = False
         self.consumer: AIOKafkaConsumer | None = None  # while running, the group member reading `routes`
         self.membership = Membership()
+        self.facts = FactsProgress()  # how far the routes marked `facts` are read (filled while consuming)
         self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
         add_operations_routes(self.http, name, {
             "database": lambda: db.ping(self.engine),
@@ -178,7 +180,8 @@ class ServiceRuntime:
                 loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
                                    signatures=SignatureCheck.from_text(self.settings.producer_keys),
-                                   concurrency=self.settings.handler_concurrency, gap_guard=gap_guard)
+                                   concurrency=self.settings.handler_concurrency, gap_guard=gap_guard,
+                                   facts=self.facts)
                 workers.append(asyncio.create_task(loop.run(), name="consume"))
             workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))
                         for task in self.tasks]

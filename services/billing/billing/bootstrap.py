@@ -6,9 +6,10 @@ from aiohttp import web
 
 from billing import orm
 from billing.clock import Clock
-from billing.handlers import BillingHandlers
+from billing.handlers import AWAITING_FACTS, BillingHandlers
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
+from billing.waiting import FactsWaiter
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
@@ -20,15 +21,17 @@ def build() -> ServiceRuntime:
     settings = service_settings("billing")
     runtime = ServiceRuntime("billing", settings, orm.metadata, orm.messaging)
     clock = Clock(settings.clock_offset_days)
-    handlers = BillingHandlers(clock)
+    handlers = BillingHandlers(clock, runtime.facts)
     scheduler = EndOfTermScheduler(runtime.new_uow, handlers.start_scheduled, clock,
                                    interval_s=settings.scheduler_interval_s)
     handlers.on_scheduled = scheduler.notify
+    waiter = FactsWaiter(runtime.new_uow, handlers.settle_waiting)
+    runtime.wake_on(AWAITING_FACTS, waiter.notify)
     runtime.on_start.append(lambda: clock.load(runtime.sessions))
-    runtime.tasks.append(scheduler.run)
+    runtime.tasks += [scheduler.run, waiter.run]
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {
         "SubscriptionActivated": handlers.subscription_activated,
-    }, dead_letter=True, batch=True))
+    }, dead_letter=True, batch=True, facts=True))
     runtime.add_route(Route(topics.REQUESTED, {
         "CancellationRequested": handlers.cancellation_requested,
         "CancellationApproved": handlers.cancellation_approved,

@@ -30,21 +30,32 @@ from cancelflow.events import (
     VendorCancellationFailed,
     VendorCancellationRequested,
     VendorProvisioned,
+    utcnow,
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.facts import FactsProgress
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Savepoint
 
 log = get_logger(__name__)
+
+# A request for a subscription not known yet, waiting for the upstream facts (`settle_waiting`).
+AWAITING_FACTS = "awaiting_facts"
 
 # The platform commit after the vendor canceled: undone as a whole when it fails (scenario 3).
 PLATFORM_COMMIT = Savepoint("platform_commit")
 
 
 class BillingHandlers:
-    def __init__(self, clock: Clock) -> None:
+    # How long a request for a subscription billing does not know waits for the upstream facts at most.
+    FACTS_WAIT_S = 60.0
+
+    def __init__(self, clock: Clock, facts: FactsProgress | None = None, *,
+                 facts_wait_s: float = FACTS_WAIT_S) -> None:
         self.clock = clock
+        self.facts = facts or FactsProgress()
+        self.facts_wait_s = facts_wait_s
         self.on_scheduled: Callable[[], None] = lambda: None
 
     async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
@@ -64,6 +75,8 @@ class BillingHandlers:
             facts = facts.model_copy(update={"auto_renew": False})
         await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED, existing=existing)
         await repo.schedule_renewal(facts)
+        for request_id in await repo.awaiting_facts(facts.subscription_id):  # in the order they came
+            await self.settle_waiting(uow, request_id)
 
     # --- intake ------------------------------------------------------------------------------
 
@@ -82,17 +95,33 @@ class BillingHandlers:
                                         state="routed_to_dispute")
             return
         row = await repo.subscription(request.subscription_id or "")
+        if row is None and not self.facts.read_up_to(msg.envelope.occurred_at):
+            # The subscription's facts may be behind us in a backlog (billing restarted): the request waits
+            # for them, within a bound (`settle_waiting`), rather than being rejected as unknown now.
+            await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
+                                        account_id=request.account_id, mode=request.mode.value,
+                                        state=AWAITING_FACTS, request=request.model_dump(mode="json"))
+            log.info("subscription unknown while its facts are not read up to the request: waiting",
+                     request_id=request_id, subscription_id=request.subscription_id)
+            uow.wrote(AWAITING_FACTS)  # wakes the waiter once committed
+            return
+        await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
+                                    account_id=request.account_id, mode=request.mode.value, state="received",
+                                    request=request.model_dump(mode="json"))
+        await self._intake(uow, repo, request, row)
+
+    async def _intake(self, uow: UnitOfWork, repo: BillingRepository, request: CancellationRequested,
+                      row: dict | None) -> None:
+        """Validate the request (its cancellation row exists) and reject it or set it on its way."""
+        request_id = str(request.request_id)
         verdict = await self._validate(repo, request, row)
         if isinstance(verdict, domain.Rejection):
-            await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
-                                        account_id=request.account_id, mode=request.mode.value, state="rejected")
+            await repo.set_cancellation(request_id, state="rejected", request=None)
             uow.emit(self._rejection(request, verdict, row))
             return
         assert row is not None
-        await repo.add_cancellation(
-            request_id=request_id, subscription_id=row["subscription_id"], account_id=request.account_id,
-            mode=request.mode.value, state="received", request=request.model_dump(mode="json"),
-            **_plan_columns(verdict))
+        await repo.set_cancellation(request_id, subscription_id=row["subscription_id"], state="received",
+                                    **_plan_columns(verdict))
         saga = await repo.cancellation(request_id)
         assert saga is not None
         if request.requires_approval:
@@ -104,6 +133,25 @@ class BillingHandlers:
                 await self._decide(uow, repo, {**saga, "state": "pending_approval"}, **parked)
             return
         await self._proceed(uow, repo, saga, row)
+
+    async def settle_waiting(self, uow: UnitOfWork, request_id: str) -> bool:
+        """A request waiting for its subscription's facts: taken in when they have arrived; rejected as
+        unknown once the facts are read up to when it arrived, or after `facts_wait_s` whatever they say.
+        False while it still waits (or waits no more)."""
+        repo = BillingRepository(uow.db)
+        saga = await repo.cancellation(request_id)
+        if saga is None or saga["state"] != AWAITING_FACTS:
+            return False
+        row = await repo.subscription(saga["subscription_id"] or "")
+        arrived = _utc(saga["created_at"])
+        if row is None and not self.facts.read_up_to(arrived) and (
+                utcnow() - arrived).total_seconds() < self.facts_wait_s:
+            return False
+        if row is None:
+            log.info("subscription still unknown after waiting for its facts", request_id=request_id,
+                     waited_s=round((utcnow() - arrived).total_seconds(), 1))
+        await self._intake(uow, repo, CancellationRequested.model_validate(saga["request"]), row)
+        return True
 
     async def _validate(self, repo: BillingRepository, request: CancellationRequested,
                         row: dict | None) -> domain.Rejection | domain.Plan:

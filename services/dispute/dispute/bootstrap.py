@@ -25,7 +25,8 @@ def build() -> ServiceRuntime:
     settings = service_settings("dispute")
     runtime = ServiceRuntime("dispute", settings, orm.metadata, orm.messaging)
     handlers = DisputeHandlers(window_hours=settings.duplicate_window_hours)
-    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True))
+    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True,
+                            facts=True))
     runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "ChargesVerified": handlers.charges_verified,

@@ -31,7 +31,7 @@ def build() -> ServiceRuntime:
     sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s)
     runtime.on_start.append(render.load_templates)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
-                            batch=True))
+                            batch=True, facts=True))
     runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "VendorCancellationRequested": handlers.vendor_requested,
