@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, func, select
 
 from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
@@ -109,6 +109,9 @@ class ServiceRuntime:
         # "<service>.migrations" when the service has an Alembic environment (used on PostgreSQL).
         self.migrations = migrations.package_for(name)
         self.started = False
+        self.loop: ConsumeLoop | None = None  # while running
+        # More of what `/inflight` reports (the status tracker adds its open and finished requests).
+        self.inflight_reports: list[Callable[[], Awaitable[dict[str, int]]]] = []
         self.consumer: AIOKafkaConsumer | None = None  # while running, the group member reading `routes`
         self.membership = Membership()
         self.facts = FactsProgress()  # how far the routes marked `facts` are read (filled while consuming)
@@ -118,6 +121,7 @@ class ServiceRuntime:
             "broker": lambda: self.producer.client.fetch_all_metadata(),
             "consumer": self._consuming,
         })
+        self.http.router.add_get("/inflight", self._inflight)
 
     def new_uow(self, message: Message | None = None) -> UnitOfWork:
         return UnitOfWork(self.transactions, self.tables, producer=self.name, message=message,
@@ -129,6 +133,22 @@ class ServiceRuntime:
         if self.routes and not self.membership.joined:
             raise RuntimeError("the consumer has not joined its group yet" if self.started
                                else "not started yet")
+
+    async def _inflight(self, _request: web.Request) -> web.Response:
+        """The work this service has in flight: records of its partitions not handled yet, and events
+        committed but not published yet (`cancelflow up` drains them before a clean stop)."""
+        try:
+            found = {"unhandled": await asyncio.wait_for(self.loop.unhandled(), 3) if self.loop else 0,
+                     "unpublished": await self._unpublished()}
+            for report in self.inflight_reports:
+                found.update(await report())
+        except Exception as exc:  # the broker or the database away: nobody can say
+            return web.json_response({"error": repr(exc)}, status=503)
+        return web.json_response(found)
+
+    async def _unpublished(self) -> int:
+        async with self.sessions() as session:
+            return int((await session.execute(select(func.count()).select_from(self.tables.outbox))).scalar_one())
 
     def wake_on(self, written: str, callback: Callable[[], None]) -> None:
         """Call `callback` after each commit of a unit of work that `wrote(written)`."""
@@ -177,7 +197,7 @@ class ServiceRuntime:
                                          membership=self.membership)
                 await consumer.start()
                 self.consumer = consumer
-                loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
+                self.loop = loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
                                    signatures=SignatureCheck.from_text(self.settings.producer_keys),
                                    concurrency=self.settings.handler_concurrency, gap_guard=gap_guard,

@@ -33,8 +33,9 @@ from cancelflow.topics import BY_NAME, SAGA, STATUS, TOPICS
 HTTP_CHILD = """
 import http.server, sys
 class Ok(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def do_GET(self):  # answers /healthz, and /inflight with nothing in flight (a clean stop drains)
+        self.send_response(200); self.send_header("Content-Type", "application/json"); self.end_headers()
+        self.wfile.write(b'{"unhandled": 0, "unpublished": 0}')
     def log_message(self, *args):
         pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()

@@ -40,6 +40,7 @@ def build() -> ServiceRuntime:
     runtime.add_route(Route(topics.SAGA, {
         "VendorProvisioned": handlers.vendor_provisioned,
         "VendorCancellationFailed": handlers.vendor_failed,
+        "RequestStuck": handlers.request_stuck,
     }, batch=True))
     runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
     if settings.enable_fault_hooks:

@@ -23,6 +23,7 @@ from cancelflow.events import (
     Mode,
     PlatformCommitted,
     RequestDeclined,
+    RequestStuck,
     Source,
     SubscriptionActivated,
     SubscriptionSnapshot,
@@ -42,6 +43,9 @@ log = get_logger(__name__)
 
 # A request for a subscription not known yet, waiting for the upstream facts (`settle_waiting`).
 AWAITING_FACTS = "awaiting_facts"
+
+# A request the status tracker set aside as stuck while it held the lock (`request_stuck`).
+RELEASED_STUCK = "released_stuck"
 
 # The platform commit after the vendor canceled: undone as a whole when it fails (scenario 3).
 PLATFORM_COMMIT = Savepoint("platform_commit")
@@ -276,10 +280,28 @@ class BillingHandlers:
                                           access_end_date=saga["access_end_date"]),
         ))
 
+    async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
+        """The status tracker set the request aside (no progress for too long). Its lock must not outlive
+        it: were the subscription left `In Progress`, every later request for it would be rejected and
+        support could do nothing. Billing unlocks it (statuses back to what they were) and says in the
+        history that the vendor may have canceled and that canceling again is safe (the vendor counts
+        "already canceled" as success)."""
+        event: RequestStuck = msg.payload  # type: ignore[assignment]
+        repo = BillingRepository(uow.db)
+        saga = await repo.cancellation(str(event.request_id))
+        if saga is None or saga["state"] != "awaiting_vendor":
+            return  # not holding the lock: nothing of billing's to release
+        await self._revert(repo, saga, domain.HISTORY_STUCK, RELEASED_STUCK)
+        log.warning("stuck request's lock released", request_id=saga["request_id"],
+                    subscription_id=saga["subscription_id"], stage=event.stage)
+
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
+        if saga is not None and saga["state"] == RELEASED_STUCK:
+            await repo.add_history(saga["subscription_id"], saga["request_id"], domain.HISTORY_LATE_VENDOR)
+            return
         if saga is None or saga["state"] != "awaiting_vendor":
             return
         row = await repo.subscription(saga["subscription_id"])

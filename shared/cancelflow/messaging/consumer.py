@@ -191,6 +191,19 @@ class ConsumeLoop:
         await repeat(report, every_s=self.LAG_EVERY_S, at_once=False, wakeup=self._lag_now,
                      failed="lag not reported", level="debug")
 
+    async def unhandled(self) -> int:
+        """The records of the assigned partitions this loop has not handled yet, as the broker says now
+        (what a clean stop waits for: on the embedded broker they would be lost with it)."""
+        mine = list(self._consumer.assignment())
+        ends = await self._consumer.end_offsets(mine) if mine else {}
+        total = 0
+        for tp, end in ends.items():
+            done = self._done.get(tp)
+            if done is None:
+                done = await self._consumer.committed(tp) or 0
+            total += max(0, end - done)
+        return total
+
     async def _in_one_transaction(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
         """Handle the records of batch routes in one transaction, each key's records in order, and
         return what is left to handle one by one: for each key, from its first record that is bad or
