@@ -1,5 +1,6 @@
-"""A request for a subscription billing does not know yet waits for the upstream facts, within a bound
-(issue 24, item 5): after a restart a backlog may bring it before the facts published ahead of it."""
+"""A request for a subscription billing does not know yet (or a dispute of a charge the dispute service does
+not know yet) waits for the upstream facts, within a bound (issue 24, item 5): after a restart a backlog may
+bring it before the facts published ahead of it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import orm as billing_orm
 from billing.handlers import AWAITING_FACTS
-from billing.waiting import FactsWaiter
+from billing.repository import BillingRepository
 from cancelflow.db import transactions
-from cancelflow.messaging.facts import FactsProgress
+from cancelflow.messaging.facts import FactsProgress, FactsWaiter
 from cancelflow.messaging.uow import UnitOfWork
+from dispute import orm as dispute_orm
+from dispute.repository import DisputeRepository
+from payment_gateway import orm as payment_orm
+from tests.unit.test_dispute_handlers import World, dispute_of, kinds, new_engine
 from tests.unit.test_handlers import Billing, activated, billing_engine, outbox, requested, rows, types
 
 __all__ = ["billing_engine"]  # the fixture, used by name
@@ -42,7 +47,8 @@ def waiter(billing: Billing) -> FactsWaiter:
     def new_uow() -> UnitOfWork:
         return UnitOfWork(transactions(billing.engine), billing_orm.messaging, producer="test")
 
-    return FactsWaiter(new_uow, billing.handlers.settle_waiting)
+    return FactsWaiter(new_uow, lambda uow: BillingRepository(uow.db).awaiting_facts(),
+                       billing.handlers.settle_waiting)
 
 
 async def state_of(billing: Billing, request_id: Any) -> str:
@@ -104,3 +110,36 @@ async def test_an_unknown_subscription_is_rejected_after_the_bound_whatever_the_
     assert [e["payload"]["code"] for e in failed] == ["unknown_subscription"]
     assert await state_of(billing, request.request_id) == "rejected"
 
+
+
+# --- dispute: a charge it does not know yet -----------------------------------------------------------
+
+
+async def test_a_dispute_before_its_charges_waits_and_goes_on_when_they_come(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    world = World(await new_engine(tmp_path / "d.db", dispute_orm), await new_engine(tmp_path / "p.db", payment_orm))
+    facts = Facts()
+    world.dispute.facts = facts
+    waiter = FactsWaiter(
+        lambda: UnitOfWork(transactions(world.engines["dispute"]), dispute_orm.messaging, producer="test"),
+        lambda uow: DisputeRepository(uow.db).awaiting_facts(), world.dispute.settle_waiting)
+    try:
+        await world.capture("a", 3)
+        request = dispute_of("a", "b")  # b's capture is still behind in the backlog
+        assert await world.deliver(request) == []  # waits: neither rejected nor examined
+        assert await waiter.settle_round() == 1
+        # b's facts arrive: the case is examined in that transaction, and goes on to the gateway check.
+        await world.capture("b", 2)
+        emitted = kinds(await world._new_outbox("dispute"))
+        assert "ChargesVerificationRequested" in emitted and "Failed" not in emitted
+
+        # A charge nobody ever captured: rejected `unknown_charge` once the facts are read up to the request.
+        unknown = dispute_of("a", "nope")
+        assert await world.deliver(unknown) == []
+        assert await waiter.settle_round() == 1
+        facts.caught_up = True
+        assert await waiter.settle_round() == 0
+        rejected = [e for e in await world._new_outbox("dispute") if e.event_type == "Failed"]
+        assert [(str(e.request_id), e.code) for e in rejected] == [(str(unknown.request_id), "unknown_charge")]
+    finally:
+        for engine in world.engines.values():
+            await engine.dispose()

@@ -9,9 +9,9 @@ from billing.clock import Clock
 from billing.handlers import AWAITING_FACTS, BillingHandlers
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
-from billing.waiting import FactsWaiter
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
+from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 from cancelflow.sql import Db
@@ -25,7 +25,8 @@ def build() -> ServiceRuntime:
     scheduler = EndOfTermScheduler(runtime.new_uow, handlers.start_scheduled, clock,
                                    interval_s=settings.scheduler_interval_s)
     handlers.on_scheduled = scheduler.notify
-    waiter = FactsWaiter(runtime.new_uow, handlers.settle_waiting)
+    waiter = FactsWaiter(runtime.new_uow, lambda uow: BillingRepository(uow.db).awaiting_facts(),
+                         handlers.settle_waiting)
     runtime.wake_on(AWAITING_FACTS, waiter.notify)
     runtime.on_start.append(lambda: clock.load(runtime.sessions))
     runtime.tasks += [scheduler.run, waiter.run]

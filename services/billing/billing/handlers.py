@@ -35,7 +35,7 @@ from cancelflow.events import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.facts import FactsProgress
+from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Savepoint
 
@@ -52,9 +52,6 @@ PLATFORM_COMMIT = Savepoint("platform_commit")
 
 
 class BillingHandlers:
-    # How long a request for a subscription billing does not know waits for the upstream facts at most.
-    FACTS_WAIT_S = 60.0
-
     def __init__(self, clock: Clock, facts: FactsProgress | None = None, *,
                  facts_wait_s: float = FACTS_WAIT_S) -> None:
         self.clock = clock
