@@ -4,13 +4,17 @@ unlocked, with a history record that says what to do, so that it can be canceled
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import orm as billing_orm
 from billing.domain import HISTORY_LATE_VENDOR, HISTORY_STUCK
+from billing.locks import OverdueLocks
+from cancelflow.db import transactions
 from cancelflow.events import RequestStuck, utcnow
+from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.testing.messages import handle, message
 from tests.unit.test_handlers import Billing, billing_engine, provisioned, requested, types
 
@@ -55,3 +59,22 @@ async def test_a_stuck_request_that_holds_no_lock_changes_nothing(billing_engine
                  message(stuck(request.request_id, stage="payment")))
     assert await billing.subscription() == committed
     assert await billing.history() == history
+
+
+async def test_a_lock_nobody_reports_stuck_is_released_once_overdue(billing_engine: AsyncEngine) -> None:
+    """The request's every saga record was lost (kill -9 of the broker right after the lock): the status
+    tracker never heard of it, so no RequestStuck comes. Billing releases the lock itself, after twice
+    STUCK_AFTER_SECONDS."""
+    billing = Billing(billing_engine)
+    await billing.locked()
+
+    def new_uow() -> UnitOfWork:
+        return UnitOfWork(transactions(billing_engine), billing_orm.messaging, producer="test")
+
+    locks = OverdueLocks(new_uow, billing.handlers.release_lock, stuck_after_s=0.1)
+    assert await locks.release_overdue() == 0  # not overdue yet
+    await asyncio.sleep(0.25)  # the bound itself is what is under test
+    assert await locks.release_overdue() == 1
+    assert (await billing.subscription())["provisioning_status"] == "Synchronized"
+    assert (await billing.history())[-1] == HISTORY_STUCK
+    assert await locks.release_overdue() == 0

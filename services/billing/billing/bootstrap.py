@@ -7,6 +7,7 @@ from aiohttp import web
 from billing import orm
 from billing.clock import Clock
 from billing.handlers import AWAITING_FACTS, BillingHandlers
+from billing.locks import OverdueLocks
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
 from cancelflow import topics
@@ -29,7 +30,8 @@ def build() -> ServiceRuntime:
                          handlers.settle_waiting)
     runtime.wake_on(AWAITING_FACTS, waiter.notify)
     runtime.on_start.append(lambda: clock.load(runtime.sessions))
-    runtime.tasks += [scheduler.run, waiter.run]
+    locks = OverdueLocks(runtime.new_uow, handlers.release_lock, stuck_after_s=settings.stuck_after_s)
+    runtime.tasks += [scheduler.run, waiter.run, locks.run]
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {
         "SubscriptionActivated": handlers.subscription_activated,
     }, dead_letter=True, batch=True, facts=True))

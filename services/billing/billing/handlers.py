@@ -284,13 +284,19 @@ class BillingHandlers:
         history that the vendor may have canceled and that canceling again is safe (the vendor counts
         "already canceled" as success)."""
         event: RequestStuck = msg.payload  # type: ignore[assignment]
+        await self.release_lock(uow, str(event.request_id), why=f"set aside as stuck at the {event.stage} step")
+
+    async def release_lock(self, uow: UnitOfWork, request_id: str, *, why: str) -> bool:
+        """Unlock the subscription of a request that waits for the vendor's answer no more (its status
+        set aside, or a lock left overdue: `locks.OverdueLocks`); False when it holds no lock."""
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(str(event.request_id))
+        saga = await repo.cancellation(request_id)
         if saga is None or saga["state"] != "awaiting_vendor":
-            return  # not holding the lock: nothing of billing's to release
+            return False  # not holding the lock: nothing of billing's to release
         await self._revert(repo, saga, domain.HISTORY_STUCK, RELEASED_STUCK)
-        log.warning("stuck request's lock released", request_id=saga["request_id"],
-                    subscription_id=saga["subscription_id"], stage=event.stage)
+        log.warning("lock released: the request waits for the vendor no more", request_id=request_id,
+                    subscription_id=saga["subscription_id"], why=why)
+        return True
 
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
