@@ -20,6 +20,7 @@ from cancelflow.ops import (
     is_terminal,
     sample_subscription,
 )
+from cancelflow.settings import SERVICES
 from cancelflow.testing.stack import StackProcess
 from tests.e2e.conftest import SUPPORT, _pg_urls
 
@@ -103,6 +104,7 @@ async def test_a_clean_stop_mid_burst_then_up_again_loses_nothing_in_flight(
     # The burst may take longer than the default drain on a loaded machine: the test is about losing
     # nothing once the drain is done, not about its bound (tests/integration/test_drain.py).
     stack = restartable_stack(CANCELFLOW_DRAIN_SECONDS="240").start()
+    _every_service_consumes(stack)
     samples = [sample_subscription(account_id=ids["account"], subscription_id=f"sub-b{i}-{ids['tag']}",
                                    today=today) for i in range(200)]
     async with StatusWatcher(stack.endpoints.bootstrap) as before:
@@ -117,6 +119,7 @@ async def test_a_clean_stop_mid_burst_then_up_again_loses_nothing_in_flight(
     assert "stopping: finishing the work in flight first" in said and "drained in" in said, said[-3000:]
 
     stack.start()
+    _every_service_consumes(stack)
     async with StackClient(stack.endpoints, stack.settings) as client, \
             StatusWatcher(stack.endpoints.bootstrap) as after:
         final = {}
@@ -179,6 +182,14 @@ async def test_after_a_kill_9_of_the_broker_no_lock_outlives_its_request(
                 # Not `provisioning_in_progress` (a 3 s stuck timer may set a slow one aside: that is fine).
                 assert (status["error"] or {}).get("code") != "provisioning_in_progress", status
                 assert status["state"] != "rejected" or status["error"]["code"] == "not_active", status
+
+
+def _every_service_consumes(stack: StackProcess) -> None:
+    """`up` said it is up (stack.json is written then) only once every consumer had its partitions
+    (issue 24, item 6: it said so 2-4 s before)."""
+    for service in SERVICES:
+        since_start = stack.service_log(service).rsplit("supervisor starting", 1)[-1]
+        assert "partitions assigned" in since_start, f"{service} was not consuming yet when the stack was up"
 
 
 async def _locked(database_url: str) -> int:
