@@ -40,6 +40,8 @@ class FactsProgress:
     async def update(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """After a poll (whose facts are handled before anything else of it): where each facts partition
         of the assignment stands."""
+        if not self.topics:
+            return
         read: dict[TopicPartition, _Read | None] = {}
         for tp in consumer.assignment():
             if tp.topic not in self.topics:
