@@ -41,12 +41,26 @@ async def test_a_stuck_request_releases_the_lock_and_the_subscription_can_be_can
     emitted = await billing.send(requested())
     assert types(emitted) == ["CancellationReceived", "VendorCancellationRequested"]
 
-    # The old request's vendor answer, should it come after all, commits nothing of its own.
+    # The old request's vendor answer, should it come after all, commits nothing over the new request.
     before = await billing.history()
     emitted = await billing.send(provisioned(request.request_id))
     assert emitted == []
     assert await billing.history() == [*before, HISTORY_LATE_VENDOR]
-    assert (await billing.subscription())["status"] == "active"
+    assert (await billing.subscription())["provisioning_status"] == "In Progress"  # the new request's lock
+
+
+async def test_a_released_request_whose_vendor_answer_comes_after_all_still_completes(
+        billing_engine: AsyncEngine) -> None:
+    """Set aside as stuck (a slow provisioning backlog on Kafka, say), then the vendor's answer arrives and
+    nothing touched the subscription meanwhile: the platform commits as it would have, and the refund
+    follows (the status stays manual_review, with the steps in its history)."""
+    billing = Billing(billing_engine)
+    request = await billing.locked()
+    await handle(billing_engine, billing_orm, billing.handlers.request_stuck, message(stuck(request.request_id)))
+    emitted = await billing.send(provisioned(request.request_id))
+    assert types(emitted) == ["PlatformCommitted"]
+    subscription = await billing.subscription()
+    assert (subscription["status"], subscription["provisioning_status"]) == ("canceled", "Synchronized")
 
 
 async def test_a_stuck_request_that_holds_no_lock_changes_nothing(billing_engine: AsyncEngine) -> None:

@@ -302,13 +302,16 @@ class BillingHandlers:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
-        if saga is not None and saga["state"] == RELEASED_STUCK:
-            await repo.add_history(saga["subscription_id"], saga["request_id"], domain.HISTORY_LATE_VENDOR)
-            return
-        if saga is None or saga["state"] != "awaiting_vendor":
+        if saga is None or saga["state"] not in ("awaiting_vendor", RELEASED_STUCK):
             return
         row = await repo.subscription(saga["subscription_id"])
         assert row is not None
+        if saga["state"] == RELEASED_STUCK and _utc(row["updated_at"]) > _utc(saga["updated_at"]):
+            # The vendor canceled after all, but the subscription changed since its lock was released
+            # (another request took it, say): committing this one now could undo that. Support finishes it.
+            await repo.add_history(row["subscription_id"], saga["request_id"], domain.HISTORY_LATE_VENDOR)
+            return
+        # Released and untouched since: the saga finishes after all, as it would have with the lock.
         # Disarmed outside the savepoint, so the injected fault fires once and stays spent.
         fault = await repo.take_fault(row["subscription_id"], "commit")
         try:
