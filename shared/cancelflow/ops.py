@@ -257,7 +257,9 @@ class StatusWatcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
+        # The stack may have stopped under the watcher (a restart test): aiokafka's stop then re-raises its
+        # failed fetch, even as a CancelledError of its own; the records read are kept all the same.
+        await asyncio.gather(asyncio.ensure_future(self._consumer.stop()), return_exceptions=True)
 
     async def _run(self) -> None:
         gaps = GapGuard()

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, func, select
 
 from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
@@ -25,8 +25,9 @@ from cancelflow.http_guard import allowed_hosts, guard
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.facts import FactsProgress
 from cancelflow.messaging.gaps import GapGuard
-from cancelflow.messaging.kafka import make_consumer, make_producer
+from cancelflow.messaging.kafka import Membership, make_consumer, make_producer
 from cancelflow.messaging.relay import OutboxRelay
 from cancelflow.messaging.retention import InboxPruner
 from cancelflow.messaging.signatures import SignatureCheck
@@ -112,16 +113,46 @@ class ServiceRuntime:
         # "<service>.migrations" when the service has an Alembic environment (used on PostgreSQL).
         self.migrations = migrations.package_for(name)
         self.started = False
+        self.loop: ConsumeLoop | None = None  # while running
+        # More of what `/inflight` reports (the status tracker adds its open and finished requests).
+        self.inflight_reports: list[Callable[[], Awaitable[dict[str, int]]]] = []
         self.consumer: AIOKafkaConsumer | None = None  # while running, the group member reading `routes`
+        self.membership = Membership()
+        self.facts = FactsProgress()  # how far the routes marked `facts` are read (filled while consuming)
         self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
         add_operations_routes(self.http, name, {
             "database": lambda: db.ping(self.engine),
             "broker": lambda: self.producer.client.fetch_all_metadata(),
+            "consumer": self._consuming,
         })
+        self.http.router.add_get("/inflight", self._inflight)
 
     def new_uow(self, message: Message | None = None) -> UnitOfWork:
         return UnitOfWork(self.transactions, self.tables, producer=self.name, message=message,
                           on_commit=self._committed, write_lock=self._write_lock)
+
+    async def _consuming(self) -> None:
+        """Ready means consuming: the consumer has joined its group and holds its assignment (until
+        then the service answers but handles nothing, however healthy its database and broker)."""
+        if self.routes and not self.membership.joined:
+            raise RuntimeError("the consumer has not joined its group yet" if self.started
+                               else "not started yet")
+
+    async def _inflight(self, _request: web.Request) -> web.Response:
+        """The work this service has in flight: records of its partitions not handled yet, and events
+        committed but not published yet (`cancelflow up` drains them before a clean stop)."""
+        try:
+            found = {"unhandled": await asyncio.wait_for(self.loop.unhandled(), 3) if self.loop else 0,
+                     "unpublished": await self._unpublished()}
+            for report in self.inflight_reports:
+                found.update(await report())
+        except Exception as exc:  # the broker or the database away: nobody can say
+            return web.json_response({"error": repr(exc)}, status=503)
+        return web.json_response(found)
+
+    async def _unpublished(self) -> int:
+        async with self.sessions() as session:
+            return int((await session.execute(select(func.count()).select_from(self.tables.outbox))).scalar_one())
 
     def wake_on(self, written: str, callback: Callable[[], None]) -> None:
         """Call `callback` after each commit of a unit of work that `wrote(written)`."""
@@ -166,14 +197,16 @@ class ServiceRuntime:
             if topics:
                 gap_guard = GapGuard(grace_s=self.settings.offset_gap_grace_ms / 1000)
                 consumer = make_consumer(self.settings, *topics, group_id=self.group_id,
-                                         client_id=f"cancelflow-{self.name}", gap_guard=gap_guard)
+                                         client_id=f"cancelflow-{self.name}", gap_guard=gap_guard,
+                                         membership=self.membership)
                 await consumer.start()
                 self.consumer = consumer
-                loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
+                self.loop = loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
                                    group_id=self.group_id,
                                    signatures=SignatureCheck.from_text(self.settings.producer_keys,
                                                                        self.settings.service_keys),
-                                   concurrency=self.settings.handler_concurrency, gap_guard=gap_guard)
+                                   concurrency=self.settings.handler_concurrency, gap_guard=gap_guard,
+                                   facts=self.facts)
                 workers.append(asyncio.create_task(loop.run(), name="consume"))
             workers += [asyncio.create_task(task(), name=getattr(task, "__name__", "task"))
                         for task in self.tasks]

@@ -51,6 +51,9 @@ class CommonSettings(BaseSettings):
     # hole that stays this long is accepted (Apache Kafka has real ones next to transaction markers and
     # after compaction). 0: no check (messaging/gaps.py).
     offset_gap_grace_ms: int = Field(2000, ge=0, le=600_000, validation_alias="CANCELFLOW_OFFSET_GAP_GRACE_MS")
+    # A clean stop of the embedded stack first lets the work in flight finish, at most this long: the
+    # embedded broker's records are lost when it stops (stack/drain.py). 0: stop at once.
+    drain_s: float = Field(30.0, ge=0, le=3_600, validation_alias="CANCELFLOW_DRAIN_SECONDS")
     # How long the broker waits for a silent group member. Tansu completes a group join only after
     # about half of it and forgets a killed member only when it expires, so the embedded stack runs
     # with a short one (restarted services resume in seconds); Kafka's usual 30-45 s suits production.

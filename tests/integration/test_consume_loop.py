@@ -263,3 +263,87 @@ async def test_a_refused_dead_letter_record_is_written_without_the_records_bytes
     assert dead["original_size"] == len(b"not json")
     assert [r["message_id"] for r in inbox] == [f"dlq:{topics.REQUESTED}:0:0"]
     assert consumer.commits == [{TP0: 1}]
+# --- facts first (issue 24, item 5) ------------------------------------------------------------------
+
+FACTS_TP = TopicPartition(topics.PLATFORM_SUBSCRIPTIONS, 0)
+
+
+def _envelope_records(tp: TopicPartition, payloads: list[Any], *, first_offset: int = 0,
+                      timestamp_ms: int = 0) -> list[ConsumerRecord]:
+    out = []
+    for i, payload in enumerate(payloads):
+        value = encode(envelope_for(payload, producer="test", correlation_id="c", causation_id=None))
+        out.append(ConsumerRecord(tp.topic, tp.partition, first_offset + i, timestamp_ms + i, 0,
+                                  payload.record_key().encode(), value, None, 1, len(value),
+                                  [(EVENT_TYPE_HEADER, payload.event_type.encode())]))
+    return out
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "one-by-one"])
+async def test_a_polls_facts_are_handled_before_its_requests(new_uow, batch) -> None:  # type: ignore[no-untyped-def]
+    """A backlog poll holds requests and the facts published before them: the facts go first, whatever
+    order the poll lists its partitions in."""
+    from tests.unit.test_handlers import activated, requested
+
+    handled: list[str] = []
+
+    async def handle(msg: Message, uow: Any) -> None:
+        if msg.event_type == "SubscriptionActivated":
+            await asyncio.sleep(0.01)  # a slower write: one by one, the requests must still wait for it
+        handled.append(msg.event_type)
+
+    poll = {TP0: _envelope_records(TP0, [requested(subscription_id=f"s-{i}") for i in range(3)]),
+            FACTS_TP: _envelope_records(FACTS_TP, [activated(subscription_id=f"s-{i}") for i in range(3)])}
+    consumer = ScriptedConsumer([poll])
+    routes = [Route(topics.REQUESTED, {"CancellationRequested": handle}, batch=batch),
+              Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handle}, batch=batch, facts=True)]
+    loop = ConsumeLoop(consumer, routes, new_uow, service="test", group_id="g")  # type: ignore[arg-type]
+    await _run_until_drained(loop, consumer)
+    assert handled == ["SubscriptionActivated"] * 3 + ["CancellationRequested"] * 3
+
+
+class FactsConsumer(ScriptedConsumer):
+    """Holds one facts partition besides the requests' partitions."""
+
+    def __init__(self, polls: list[dict[TopicPartition, list[ConsumerRecord]]], *, facts_end: int | None) -> None:
+        super().__init__(polls)
+        self.assigned |= {FACTS_TP}
+        self.ends[FACTS_TP] = facts_end  # type: ignore[assignment]
+        self.positions = {FACTS_TP: 0}
+
+    async def getmany(self, timeout_ms: int = 0) -> dict[TopicPartition, list[ConsumerRecord]]:
+        poll = await super().getmany(timeout_ms)
+        for tp, found in poll.items():
+            self.positions[tp] = found[-1].offset + 1
+        return poll
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+
+async def test_facts_progress_tells_read_up_to_a_time() -> None:
+    from datetime import UTC, datetime
+
+    from cancelflow.messaging.facts import FactsProgress
+    from tests.unit.test_handlers import activated
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    at_ms = int(at.timestamp() * 1000)
+    progress = FactsProgress({topics.PLATFORM_SUBSCRIPTIONS})
+    assert not progress.read_up_to(at)  # no partition yet: nobody can say
+
+    not_fetched = FactsConsumer([], facts_end=None)
+    await progress.update(not_fetched, {})  # type: ignore[arg-type]
+    assert not progress.read_up_to(at)
+
+    facts = _envelope_records(FACTS_TP, [activated(subscription_id=f"s-{i}") for i in range(3)],
+                              timestamp_ms=at_ms - 10)
+    consumer = FactsConsumer([{FACTS_TP: facts[:2]}], facts_end=10)  # 10 records on the partition
+    await progress.update(consumer, await consumer.getmany())  # type: ignore[arg-type]
+    assert not progress.read_up_to(at)  # behind, and its facts so far are older than `at`
+    assert progress.read_up_to(datetime.fromtimestamp((at_ms - 10) / 1000, UTC))  # read past that time
+
+    consumer.ends[FACTS_TP] = 2  # read to its end: whatever the time
+    await progress.update(consumer, {})  # type: ignore[arg-type]
+    assert progress.read_up_to(at)
+    assert FactsProgress().read_up_to(at)  # a service that reads no facts never waits for them

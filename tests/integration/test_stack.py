@@ -33,8 +33,9 @@ from cancelflow.topics import BY_NAME, MAX_MESSAGE_BYTES, SAGA, STATUS, TOPICS
 HTTP_CHILD = """
 import http.server, sys
 class Ok(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def do_GET(self):  # answers /healthz, and /inflight with nothing in flight (a clean stop drains)
+        self.send_response(200); self.send_header("Content-Type", "application/json"); self.end_headers()
+        self.wfile.write(b'{"unhandled": 0, "unpublished": 0}')
     def log_message(self, *args):
         pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
@@ -222,7 +223,7 @@ def test_stack_specs_start_only_what_is_not_given(tmp_path: Path) -> None:
     assert env["CANCELFLOW_DATA_DIR"] == str(tmp_path.resolve())
     assert env["CANCELFLOW_ENABLE_FAULT_HOOKS"] == "1"
     assert env["CANCELFLOW_FETCH_MAX_WAIT_MS"] == str(settings.fetch_max_wait_ms) == "200"
-    assert embedded[-1].ready_url == "http://127.0.0.1:8080/healthz"
+    assert embedded[-1].ready_url == "http://127.0.0.1:8080/readyz"
     assert embedded[0].log_file == tmp_path.resolve() / "logs" / "vendor-sandbox.log"
 
     external = CommonSettings(

@@ -6,11 +6,13 @@ from aiohttp import web
 
 from billing import orm
 from billing.clock import MAX_OFFSET_DAYS, Clock
-from billing.handlers import BillingHandlers
+from billing.handlers import AWAITING_FACTS, BillingHandlers
+from billing.locks import OverdueLocks
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
+from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 from cancelflow.sql import Db
@@ -20,15 +22,19 @@ def build() -> ServiceRuntime:
     settings = service_settings("billing")
     runtime = ServiceRuntime("billing", settings, orm.metadata, orm.messaging)
     clock = Clock(settings.clock_offset_days)
-    handlers = BillingHandlers(clock)
+    handlers = BillingHandlers(clock, runtime.facts)
     scheduler = EndOfTermScheduler(runtime.new_uow, handlers.start_scheduled, clock,
                                    interval_s=settings.scheduler_interval_s)
     handlers.on_scheduled = scheduler.notify
+    waiter = FactsWaiter(runtime.new_uow, lambda uow: BillingRepository(uow.db).awaiting_facts(),
+                         handlers.settle_waiting)
+    runtime.wake_on(AWAITING_FACTS, waiter.notify)
     runtime.on_start.append(lambda: clock.load(runtime.sessions))
-    runtime.tasks.append(scheduler.run)
+    locks = OverdueLocks(runtime.new_uow, handlers.release_lock, stuck_after_s=settings.stuck_after_s)
+    runtime.tasks += [scheduler.run, waiter.run, locks.run]
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {
         "SubscriptionActivated": handlers.subscription_activated,
-    }, dead_letter=True, batch=True))
+    }, dead_letter=True, batch=True, facts=True))
     runtime.add_route(Route(topics.REQUESTED, {
         "CancellationRequested": handlers.cancellation_requested,
         "CancellationApproved": handlers.cancellation_approved,
@@ -37,6 +43,7 @@ def build() -> ServiceRuntime:
     runtime.add_route(Route(topics.SAGA, {
         "VendorProvisioned": handlers.vendor_provisioned,
         "VendorCancellationFailed": handlers.vendor_failed,
+        "RequestStuck": handlers.request_stuck,
     }, batch=True))
     runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
     if settings.enable_fault_hooks:

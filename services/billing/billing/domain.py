@@ -23,6 +23,13 @@ HISTORY_SCHEDULED = "Auto-renew is set to off; the subscription will be canceled
 HISTORY_SCHEDULED_PARTIAL = "Quantity will be set to {quantity} with effective date {effective_date}"
 HISTORY_PLATFORM_ERROR = ("The subscription cancellation process has encountered an error on our "
                           "Platform. Please contact your administrator")
+# A request set aside as stuck while it held the lock (its vendor answer never came back, e.g. lost with
+# the embedded broker's memory): the subscription is unlocked so that it can be canceled again.
+HISTORY_STUCK = ("The cancellation did not finish: no answer came back from the vendor step, so it was set "
+                 "aside for manual review and the subscription unlocked. The vendor may already have canceled "
+                 "it. Please try to cancel the subscription again.")
+HISTORY_LATE_VENDOR = ("The vendor confirmed the cancellation after the request was set aside. Please cancel "
+                       "the subscription again to finish it on our platform.")
 
 
 @dataclass(frozen=True)

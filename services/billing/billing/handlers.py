@@ -23,6 +23,7 @@ from cancelflow.events import (
     Mode,
     PlatformCommitted,
     RequestDeclined,
+    RequestStuck,
     Source,
     SubscriptionActivated,
     SubscriptionSnapshot,
@@ -30,21 +31,32 @@ from cancelflow.events import (
     VendorCancellationFailed,
     VendorCancellationRequested,
     VendorProvisioned,
+    utcnow,
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Savepoint
 
 log = get_logger(__name__)
+
+# A request for a subscription not known yet, waiting for the upstream facts (`settle_waiting`).
+AWAITING_FACTS = "awaiting_facts"
+
+# A request the status tracker set aside as stuck while it held the lock (`request_stuck`).
+RELEASED_STUCK = "released_stuck"
 
 # The platform commit after the vendor canceled: undone as a whole when it fails (scenario 3).
 PLATFORM_COMMIT = Savepoint("platform_commit")
 
 
 class BillingHandlers:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, facts: FactsProgress | None = None, *,
+                 facts_wait_s: float = FACTS_WAIT_S) -> None:
         self.clock = clock
+        self.facts = facts or FactsProgress()
+        self.facts_wait_s = facts_wait_s
         self.on_scheduled: Callable[[], None] = lambda: None
 
     async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
@@ -69,6 +81,8 @@ class BillingHandlers:
             facts = facts.model_copy(update={"quantity": kept})
         await repo.upsert_subscription(facts, provisioning_status=domain.SYNCHRONIZED, existing=existing)
         await repo.schedule_renewal(facts)
+        for request_id in await repo.awaiting_facts(facts.subscription_id):  # in the order they came
+            await self.settle_waiting(uow, request_id)
 
     # --- intake ------------------------------------------------------------------------------
 
@@ -87,17 +101,33 @@ class BillingHandlers:
                                         state="routed_to_dispute")
             return
         row = await repo.subscription(request.subscription_id or "")
+        if row is None and not self.facts.read_up_to(msg.envelope.occurred_at):
+            # The subscription's facts may be behind us in a backlog (billing restarted): the request waits
+            # for them, within a bound (`settle_waiting`), rather than being rejected as unknown now.
+            await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
+                                        account_id=request.account_id, mode=request.mode.value,
+                                        state=AWAITING_FACTS, request=request.model_dump(mode="json"))
+            log.info("subscription unknown while its facts are not read up to the request: waiting",
+                     request_id=request_id, subscription_id=request.subscription_id)
+            uow.wrote(AWAITING_FACTS)  # wakes the waiter once committed
+            return
+        await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
+                                    account_id=request.account_id, mode=request.mode.value, state="received",
+                                    request=request.model_dump(mode="json"))
+        await self._intake(uow, repo, request, row)
+
+    async def _intake(self, uow: UnitOfWork, repo: BillingRepository, request: CancellationRequested,
+                      row: dict | None) -> None:
+        """Validate the request (its cancellation row exists) and reject it or set it on its way."""
+        request_id = str(request.request_id)
         verdict = await self._validate(repo, request, row)
         if isinstance(verdict, domain.Rejection):
-            await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
-                                        account_id=request.account_id, mode=request.mode.value, state="rejected")
+            await repo.set_cancellation(request_id, state="rejected", request=None)
             uow.emit(self._rejection(request, verdict, row))
             return
         assert row is not None
-        await repo.add_cancellation(
-            request_id=request_id, subscription_id=row["subscription_id"], account_id=request.account_id,
-            mode=request.mode.value, state="received", request=request.model_dump(mode="json"),
-            **_plan_columns(verdict))
+        await repo.set_cancellation(request_id, subscription_id=row["subscription_id"], state="received",
+                                    **_plan_columns(verdict))
         saga = await repo.cancellation(request_id)
         assert saga is not None
         if request.requires_approval:
@@ -109,6 +139,25 @@ class BillingHandlers:
                 await self._decide(uow, repo, {**saga, "state": "pending_approval"}, **parked)
             return
         await self._proceed(uow, repo, saga, row)
+
+    async def settle_waiting(self, uow: UnitOfWork, request_id: str) -> bool:
+        """A request waiting for its subscription's facts: taken in when they have arrived; rejected as
+        unknown once the facts are read up to when it arrived, or after `facts_wait_s` whatever they say.
+        False while it still waits (or waits no more)."""
+        repo = BillingRepository(uow.db)
+        saga = await repo.cancellation(request_id)
+        if saga is None or saga["state"] != AWAITING_FACTS:
+            return False
+        row = await repo.subscription(saga["subscription_id"] or "")
+        arrived = _utc(saga["created_at"])
+        if row is None and not self.facts.read_up_to(arrived) and (
+                utcnow() - arrived).total_seconds() < self.facts_wait_s:
+            return False
+        if row is None:
+            log.info("subscription still unknown after waiting for its facts", request_id=request_id,
+                     waited_s=round((utcnow() - arrived).total_seconds(), 1))
+        await self._intake(uow, repo, CancellationRequested.model_validate(saga["request"]), row)
+        return True
 
     async def _validate(self, repo: BillingRepository, request: CancellationRequested,
                         row: dict | None) -> domain.Rejection | domain.Plan:
@@ -233,14 +282,41 @@ class BillingHandlers:
                                           access_end_date=saga["access_end_date"]),
         ))
 
+    async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
+        """The status tracker set the request aside (no progress for too long). Its lock must not outlive
+        it: were the subscription left `In Progress`, every later request for it would be rejected and
+        support could do nothing. Billing unlocks it (statuses back to what they were) and says in the
+        history that the vendor may have canceled and that canceling again is safe (the vendor counts
+        "already canceled" as success)."""
+        event: RequestStuck = msg.payload  # type: ignore[assignment]
+        await self.release_lock(uow, str(event.request_id), why=f"set aside as stuck at the {event.stage} step")
+
+    async def release_lock(self, uow: UnitOfWork, request_id: str, *, why: str) -> bool:
+        """Unlock the subscription of a request that waits for the vendor's answer no more (its status
+        set aside, or a lock left overdue: `locks.OverdueLocks`); False when it holds no lock."""
+        repo = BillingRepository(uow.db)
+        saga = await repo.cancellation(request_id)
+        if saga is None or saga["state"] != "awaiting_vendor":
+            return False  # not holding the lock: nothing of billing's to release
+        await self._revert(repo, saga, domain.HISTORY_STUCK, RELEASED_STUCK)
+        log.warning("lock released: the request waits for the vendor no more", request_id=request_id,
+                    subscription_id=saga["subscription_id"], why=why)
+        return True
+
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
-        if saga is None or saga["state"] != "awaiting_vendor":
+        if saga is None or saga["state"] not in ("awaiting_vendor", RELEASED_STUCK):
             return
         row = await repo.subscription(saga["subscription_id"])
         assert row is not None
+        if saga["state"] == RELEASED_STUCK and _utc(row["updated_at"]) > _utc(saga["updated_at"]):
+            # The vendor canceled after all, but the subscription changed since its lock was released
+            # (another request took it, say): committing this one now could undo that. Support finishes it.
+            await repo.add_history(row["subscription_id"], saga["request_id"], domain.HISTORY_LATE_VENDOR)
+            return
+        # Released and untouched since: the saga finishes after all, as it would have with the lock.
         # Disarmed outside the savepoint, so the injected fault fires once and stays spent.
         fault = await repo.take_fault(row["subscription_id"], "commit")
         try:

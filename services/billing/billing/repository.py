@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -52,6 +52,17 @@ ENDING_AT_TERM = Query(select(_cancellations.c.request_id).where(
 KEPT_QUANTITY = Query(select(func.min(_cancellations.c.new_quantity).label("kept")).where(
     (_cancellations.c.subscription_id == bindparam("subscription_id")) & (_cancellations.c.state == "committed")
     & (_cancellations.c.new_quantity > 0) & (_cancellations.c.effective_date >= bindparam("period_start"))))
+# Locks taken before `before` whose vendor answer never came (locks.OverdueLocks).
+OVERDUE_LOCKS = Query(select(_cancellations.c.request_id).where(
+    (_cancellations.c.state == "awaiting_vendor") & (_cancellations.c.updated_at <= bindparam("before")))
+    .order_by(_cancellations.c.updated_at).limit(200))
+
+# Requests waiting for their subscription's facts (handlers.AWAITING_FACTS), oldest first.
+AWAITING = Query(select(_cancellations.c.request_id).where(
+    (_cancellations.c.subscription_id == bindparam("subscription_id"))
+    & (_cancellations.c.state == "awaiting_facts")).order_by(_cancellations.c.created_at))
+ALL_AWAITING = Query(select(_cancellations.c.request_id).where(_cancellations.c.state == "awaiting_facts")
+                     .order_by(_cancellations.c.created_at).limit(500))
 
 PARKED_ID = Query(select(_parked.c.request_id).where(_parked.c.request_id == bindparam("request_id")))
 PARKED = Query(select(_parked).where(_parked.c.request_id == bindparam("request_id")))
@@ -165,6 +176,15 @@ class BillingRepository:
     async def ends_at_term(self, subscription_id: str) -> bool:
         """A full end-of-term cancellation of the subscription is scheduled (auto-renew stopped for it)."""
         return await self.db.first(ENDING_AT_TERM, subscription_id=subscription_id) is not None
+
+    async def overdue_locks(self, before: datetime) -> list[str]:
+        return [row["request_id"] for row in await self.db.all(OVERDUE_LOCKS, before=before)]
+
+    async def awaiting_facts(self, subscription_id: str | None = None) -> list[str]:
+        """Requests waiting for the facts of `subscription_id` (None: of any subscription), oldest first."""
+        if subscription_id is None:
+            return [row["request_id"] for row in await self.db.all(ALL_AWAITING)]
+        return [row["request_id"] for row in await self.db.all(AWAITING, subscription_id=subscription_id)]
 
     async def park_decision(self, request_id: str, *, decision: str, decided_by: str, note: str) -> None:
         if await self.db.first(PARKED_ID, request_id=request_id) is not None:

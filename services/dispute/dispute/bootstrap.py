@@ -11,11 +11,12 @@ from sqlalchemy import bindparam, select
 
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
+from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from dispute import orm
-from dispute.handlers import DisputeHandlers
+from dispute.handlers import AWAITING_FACTS, DisputeHandlers
 from dispute.repository import DisputeRepository
 
 CHARGE = Query(select(orm.charges).where(orm.charges.c.charge_id == bindparam("charge_id")))
@@ -24,8 +25,13 @@ CHARGE = Query(select(orm.charges).where(orm.charges.c.charge_id == bindparam("c
 def build() -> ServiceRuntime:
     settings = service_settings("dispute")
     runtime = ServiceRuntime("dispute", settings, orm.metadata, orm.messaging)
-    handlers = DisputeHandlers(window_hours=settings.duplicate_window_hours)
-    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True))
+    handlers = DisputeHandlers(window_hours=settings.duplicate_window_hours, facts=runtime.facts)
+    waiter = FactsWaiter(runtime.new_uow, lambda uow: DisputeRepository(uow.db).awaiting_facts(),
+                         handlers.settle_waiting)
+    runtime.wake_on(AWAITING_FACTS, waiter.notify)
+    runtime.tasks.append(waiter.run)
+    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True,
+                            facts=True))
     runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "ChargesVerified": handlers.charges_verified,

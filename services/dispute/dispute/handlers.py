@@ -35,9 +35,11 @@ from cancelflow.events import (
     RefundIssued,
     RefundLine,
     Source,
+    utcnow,
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Query
 from dispute import domain, orm
@@ -83,9 +85,16 @@ def _money(amount: Any, currency: str | None) -> str:
     return f"{Decimal(str(amount)):.2f} {currency}"
 
 
+# A case whose charges are not known yet, waiting for the upstream facts (`settle_waiting`).
+AWAITING_FACTS = "awaiting_facts"
+
+
 class DisputeHandlers:
-    def __init__(self, *, window_hours: int = 72) -> None:
+    def __init__(self, *, window_hours: int = 72, facts: FactsProgress | None = None,
+                 facts_wait_s: float = FACTS_WAIT_S) -> None:
         self.window_hours = window_hours
+        self.facts = facts or FactsProgress()
+        self.facts_wait_s = facts_wait_s
 
     # --- facts we keep -------------------------------------------------------------------------
 
@@ -100,6 +109,8 @@ class DisputeHandlers:
             # UTC always: SQLite keeps the wall clock only, and the window compares captures.
             captured_at=charge.captured_at.astimezone(UTC), period_start=charge.period_start,
             period_end=charge.period_end)
+        for request_id in await DisputeRepository(uow.db).awaiting_facts(charge.account_id):
+            await self.settle_waiting(uow, request_id)
 
     # --- a new case: validation and detection ---------------------------------------------------
 
@@ -124,17 +135,49 @@ class DisputeHandlers:
                                  "reason": request.reason}, publish=False)
 
         known = await repo.charges(charge_ids)
-        rejection = domain.validate(request.account_id, charge_ids, known)
+        if set(charge_ids) - set(known) and not self.facts.read_up_to(msg.envelope.occurred_at):
+            # Their facts may be behind us in a backlog (a restart): the case waits for them, within a
+            # bound (`settle_waiting`), rather than being rejected as unknown now.
+            await repo.set_case(request_id, state=AWAITING_FACTS)
+            log.info("charges unknown while their facts are not read up to the request: waiting",
+                     request_id=request_id, charge_ids=sorted(set(charge_ids) - set(known)))
+            uow.wrote(AWAITING_FACTS)  # wakes the waiter once committed
+            return
+        await self._examine(uow, repo, audit, request_id, request.account_id, charge_ids, known)
+
+    async def settle_waiting(self, uow: UnitOfWork, request_id: str) -> bool:
+        """A case waiting for its charges' facts: examined when they have all arrived, or once the facts
+        are read up to when it arrived, or after `facts_wait_s` (then rejected `unknown_charge`).
+        False while it still waits (or waits no more)."""
+        repo = DisputeRepository(uow.db)
+        case = await repo.case(request_id)
+        if case is None or case["state"] != AWAITING_FACTS:
+            return False
+        charge_ids = list(case["charge_ids"])
+        known = await repo.charges(charge_ids)
+        arrived = case["created_at"] if case["created_at"].tzinfo else case["created_at"].replace(tzinfo=UTC)
+        if set(charge_ids) - set(known) and not self.facts.read_up_to(arrived) and (
+                utcnow() - arrived).total_seconds() < self.facts_wait_s:
+            return False
+        await repo.set_case(request_id, state="validating")
+        await self._examine(uow, repo, Audit(repo, uow, request_id), request_id, case["account_id"], charge_ids,
+                            known)
+        return True
+
+    async def _examine(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str,
+                       account_id: str, charge_ids: list[str], known: dict[str, Charge]) -> None:
+        """Validate the listed charges, then detect the duplicates and ask the gateway about them."""
+        rejection = domain.validate(account_id, charge_ids, known)
         if rejection is not None:
-            await self._reject(uow, repo, audit, request, charge_ids, known, rejection)
+            await self._reject(uow, repo, audit, request_id, charge_ids, known, rejection)
             return
         listed = [known[c] for c in charge_ids]
         await audit.record("validated", f"Validated: {len(listed)} listed charge(s) of account "
-                                        f"{request.account_id}, all known",
+                                        f"{account_id}, all known",
                            data={"outcome": "accepted", "charge_ids": charge_ids})
 
         window = timedelta(hours=self.window_hours)
-        findings = domain.detect(listed, await repo.account_charges(request.account_id), window)
+        findings = domain.detect(listed, await repo.account_charges(account_id), window)
         for position, finding in enumerate(findings):
             charge = finding.charge
             await repo.add_line(
@@ -161,13 +204,12 @@ class DisputeHandlers:
             return
         await repo.set_case(request_id, state="verifying")
         uow.emit(ChargesVerificationRequested(
-            request_id=request.request_id, account_id=request.account_id,
+            request_id=request_id, account_id=account_id,
             charges=[DisputedCharge(charge_id=c.charge_id, gateway_charge_id=c.gateway_charge_id, amount=c.amount,
                                     currency=c.currency) for c in candidates]))
 
-    async def _reject(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request: CancellationReceived,
+    async def _reject(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str,
                       charge_ids: list[str], known: dict[str, Charge], rejection: domain.Rejection) -> None:
-        request_id = str(request.request_id)
         for position, charge_id in enumerate(charge_ids):
             bad = charge_id in rejection.charge_ids
             own = known.get(charge_id) if not bad else None
@@ -185,7 +227,7 @@ class DisputeHandlers:
         await audit.record("validated", f"Rejected ({rejection.code.value}): {rejection.message}",
                            data={"outcome": "rejected", "code": rejection.code.value,
                                  "charge_ids": list(rejection.charge_ids)}, publish=False)
-        uow.emit(Failed(request_id=request.request_id, source=Source.validation, code=rejection.code.value,
+        uow.emit(Failed(request_id=request_id, source=Source.validation, code=rejection.code.value,
                         message=rejection.message, retryable=False))
 
     # --- the gateway's view ---------------------------------------------------------------------

@@ -18,6 +18,12 @@ CHARGES_AMONG = Among(lambda ids: select(orm.charges).where(orm.charges.c.charge
 ACCOUNT_CHARGES = Query(select(orm.charges).where(orm.charges.c.account_id == bindparam("account_id")))
 CASE = Query(select(orm.disputes).where(orm.disputes.c.request_id == bindparam("request_id")))
 ADD_CASE = Query(insert(orm.disputes))
+# Cases waiting for their charges' facts (handlers.AWAITING_FACTS), oldest first.
+AWAITING = Query(select(orm.disputes.c.request_id).where(
+    (orm.disputes.c.account_id == bindparam("account_id")) & (orm.disputes.c.state == "awaiting_facts"))
+    .order_by(orm.disputes.c.created_at))
+ALL_AWAITING = Query(select(orm.disputes.c.request_id).where(orm.disputes.c.state == "awaiting_facts")
+                     .order_by(orm.disputes.c.created_at).limit(500))
 SET_CASE = Query(update(orm.disputes).where(orm.disputes.c.request_id == bindparam("match_request_id")))
 ADD_LINE = Query(insert(orm.dispute_charges))
 LINES = Query(select(orm.dispute_charges).where(orm.dispute_charges.c.request_id == bindparam("request_id"))
@@ -64,6 +70,12 @@ class DisputeRepository:
 
     async def set_case(self, request_id: str, **values: Any) -> None:
         await self.db.run(SET_CASE, match_request_id=request_id, updated_at=utcnow(), **values)
+
+    async def awaiting_facts(self, account_id: str | None = None) -> list[str]:
+        """Cases waiting for the facts of charges of `account_id` (None: of any account), oldest first."""
+        if account_id is None:
+            return [row["request_id"] for row in await self.db.all(ALL_AWAITING)]
+        return [row["request_id"] for row in await self.db.all(AWAITING, account_id=account_id)]
 
     # --- per-charge outcomes -----------------------------------------------------------------
 

@@ -32,7 +32,7 @@ def build() -> ServiceRuntime:
                          in_flight=settings.smtp_connections)
     runtime.on_start.append(render.load_templates)
     runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
-                            batch=True))
+                            batch=True, facts=True))
     runtime.add_route(Route(topics.SAGA, {
         "CancellationReceived": handlers.cancellation_received,
         "VendorCancellationRequested": handlers.vendor_requested,

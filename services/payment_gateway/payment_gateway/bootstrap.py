@@ -25,7 +25,7 @@ def build() -> ServiceRuntime:
     handlers = PaymentHandlers(gateway)
     disputes = DisputeRefundHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
-                            dead_letter=True, batch=True))
+                            dead_letter=True, batch=True, facts=True))
     runtime.add_route(Route(topics.SAGA, {
         "PlatformCommitted": handlers.platform_committed,
         "CancellationScheduled": handlers.cancellation_scheduled,

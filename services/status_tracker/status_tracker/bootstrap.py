@@ -28,5 +28,6 @@ def build() -> ServiceRuntime:
     runtime.on_start.append(feed.start)
     runtime.on_stop.append(feed.stop)
     runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]
+    runtime.inflight_reports.append(lambda: gauges.request_counts(runtime.sessions))
     http.install(runtime.http, read_model, feed)
     return runtime

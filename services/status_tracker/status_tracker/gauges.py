@@ -18,6 +18,7 @@ from cancelflow.events import TERMINAL_STATES, State
 from cancelflow.logging import get_logger
 from cancelflow.periodic import repeat
 from status_tracker import orm
+from status_tracker.tracking import STUCK_STATES
 
 log = get_logger(__name__)
 
@@ -43,6 +44,17 @@ async def refresh(sessions: async_sessionmaker[AsyncSession], now: datetime | No
         metrics.REQUESTS_OPEN.labels(state).set(count)
         metrics.OLDEST_OPEN_SECONDS.labels(state).set(age)
     return found
+
+
+async def request_counts(sessions: async_sessionmaker[AsyncSession]) -> dict[str, int]:
+    """For `/inflight`: the requests that move on only through the broker (received, in progress) and
+    those finished (what a draining `cancelflow up` reports)."""
+    views = orm.views
+    async with sessions() as session:
+        rows = (await session.execute(select(views.c.state, func.count()).group_by(views.c.state))).all()
+    counts = dict(rows)
+    return {"open_requests": sum(counts.get(s, 0) for s in STUCK_STATES),
+            "finished_requests": sum(counts.get(s.value, 0) for s in TERMINAL_STATES)}
 
 
 def refresher(sessions: async_sessionmaker[AsyncSession], interval_s: float = 15.0) -> Callable[[], Awaitable[None]]:

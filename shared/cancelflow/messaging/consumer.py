@@ -29,6 +29,7 @@ from cancelflow.messaging.deadletter import (
     handle_with_retries,
     marker_of,
 )
+from cancelflow.messaging.facts import FactsProgress
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.signatures import SignatureCheck
@@ -55,6 +56,10 @@ class Route:
     # this topic are handled together in rounds, each round's database work in one transaction and
     # its calls concurrently (messaging/rounds.py).
     rounds: bool = False
+    # Upstream facts (subscriptions, charges) that the topic's requests rely on: a poll's records of
+    # this topic are handled before its other records, so a backlog never puts a request before the
+    # facts published ahead of it (and `FactsProgress` tracks how far they are read).
+    facts: bool = False
 
 
 class ConsumeLoop:
@@ -77,8 +82,11 @@ class ConsumeLoop:
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
                  new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
                  signatures: SignatureCheck | None = None, concurrency: int = 16,
-                 gap_guard: GapGuard | None = None) -> None:
+                 gap_guard: GapGuard | None = None, facts: FactsProgress | None = None) -> None:
         self._consumer = consumer
+        self._facts = facts
+        if facts is not None:
+            facts.topics |= {r.topic for r in routes if r.facts}
         self._gap_guard = gap_guard
         self._routes = {r.topic: r for r in routes}
         self._new_uow = new_uow
@@ -126,6 +134,8 @@ class ConsumeLoop:
         batch = await self._consumer.getmany(timeout_ms=1000)
         if self._gap_guard is not None:
             batch = await self._gap_guard.check(self._consumer, batch)
+        if self._facts is not None:
+            await self._facts.update(self._consumer, batch)
         offsets: dict[TopicPartition, int] = {}
         # Records of one key stay in order (a request's saga, a subscription's requests); different
         # keys go concurrently, so one slow vendor, gateway or SMTP call does not hold up the rest.
@@ -137,14 +147,20 @@ class ConsumeLoop:
         singles: list[list[ConsumerRecord]] = []
         batched: list[list[ConsumerRecord]] = []
         in_rounds: list[list[ConsumerRecord]] = []
-        for (topic, _), records in by_key.items():
+        # Facts first (a stable sort keeps each topic's keys in their order).
+        for (topic, _), records in sorted(by_key.items(), key=lambda item: not self._routes[item[0][0]].facts):
             route = self._routes[topic]
             (batched if route.batch else in_rounds if route.rounds else singles).append(records)
         if batched:
             singles += await self._in_one_transaction(batched)
         if in_rounds:
             singles += await self._in_rounds(in_rounds)
-        await asyncio.gather(*(self._in_order(records) for records in singles))
+        facts: list[list[ConsumerRecord]] = []
+        others: list[list[ConsumerRecord]] = []
+        for records in singles:
+            (facts if self._routes[records[0].topic].facts else others).append(records)
+        for group in (facts, others):
+            await asyncio.gather(*(self._in_order(records) for records in group))
         return offsets
 
     async def _in_order(self, records: list[ConsumerRecord]) -> None:
@@ -175,6 +191,19 @@ class ConsumeLoop:
         # The broker away: the next round reports again.
         await repeat(report, every_s=self.LAG_EVERY_S, at_once=False, wakeup=self._lag_now,
                      failed="lag not reported", level="debug")
+
+    async def unhandled(self) -> int:
+        """The records of the assigned partitions this loop has not handled yet, as the broker says now
+        (what a clean stop waits for: on the embedded broker they would be lost with it)."""
+        mine = list(self._consumer.assignment())
+        ends = await self._consumer.end_offsets(mine) if mine else {}
+        total = 0
+        for tp, end in ends.items():
+            done = self._done.get(tp)
+            if done is None:
+                done = await self._consumer.committed(tp) or 0
+            total += max(0, end - done)
+        return total
 
     async def _in_one_transaction(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
         """Handle the records of batch routes in one transaction, each key's records in order, and

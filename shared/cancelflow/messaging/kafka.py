@@ -50,16 +50,32 @@ def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProduc
     )
 
 
+class Membership:
+    """Whether a group member has joined its group and holds its assignment (a readiness check):
+    None from the start and while a rebalance is under way, the assigned partitions after a join."""
+
+    def __init__(self) -> None:
+        self.assignment: frozenset[Any] | None = None
+
+    @property
+    def joined(self) -> bool:
+        return self.assignment is not None
+
+
 class LoggedRebalance(ConsumerRebalanceListener):
     """Says which partitions a group member gives up and takes on: what an operator reads first when a
     partition seems to stand still."""
 
-    def __init__(self, group_id: str, gap_guard: GapGuard | None = None) -> None:
+    def __init__(self, group_id: str, gap_guard: GapGuard | None = None,
+                 membership: Membership | None = None) -> None:
         self._group_id = group_id
         self._gap_guard = gap_guard
+        self._membership = membership
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         log.info("partitions revoked", group=self._group_id, partitions=_names(revoked))
+        if self._membership is not None:
+            self._membership.assignment = None
         if self._gap_guard is not None:
             self._gap_guard.forget(revoked)
 
@@ -67,6 +83,8 @@ class LoggedRebalance(ConsumerRebalanceListener):
         log.info("partitions assigned", group=self._group_id, partitions=_names(assigned))
         if self._gap_guard is not None:
             self._gap_guard.forget(assigned)
+        if self._membership is not None:
+            self._membership.assignment = frozenset(assigned)
 
 
 def _names(partitions: Any) -> list[str]:
@@ -74,9 +92,10 @@ def _names(partitions: Any) -> list[str]:
 
 
 def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_id: str,
-                  gap_guard: GapGuard | None = None, **overrides: Any) -> AIOKafkaConsumer:
+                  gap_guard: GapGuard | None = None, membership: Membership | None = None,
+                  **overrides: Any) -> AIOKafkaConsumer:
     """A group consumer; `overrides` replace single AIOKafkaConsumer options. `gap_guard` (the one its
-    reader checks batches with) learns of every rebalance.
+    reader checks batches with) and `membership` (its readiness) learn of every rebalance.
 
     Tests pass a short `session_timeout_ms`: Tansu completes a group join only after about half the
     session timeout, and a member that left is only forgotten when its session expires, so with 30 s
@@ -97,5 +116,5 @@ def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_
     )
     config.update(overrides)
     consumer = AIOKafkaConsumer(**config)
-    consumer.subscribe(list(topics), listener=LoggedRebalance(group_id, gap_guard))
+    consumer.subscribe(list(topics), listener=LoggedRebalance(group_id, gap_guard, membership))
     return consumer

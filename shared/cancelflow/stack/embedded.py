@@ -29,6 +29,7 @@ from rich.table import Table
 
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.stack.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
+from cancelflow.stack.drain import drain
 from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
 
 STACK_FILE = "stack.json"
@@ -136,7 +137,8 @@ def stack_specs(settings: CommonSettings, env: Mapping[str, str]) -> list[Proces
         ]
         specs.append(spec("smtp-sink", argv, f"tcp://{LOCALHOST}:{settings.smtp_port}"))
     for service in SERVICES:
-        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/healthz"))
+        # Ready, not merely answering: `up` says the stack is up once every consumer has its partitions.
+        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/readyz"))
     return specs
 
 
@@ -159,7 +161,7 @@ def describe_stack(
         host, port = settings.smtp_address
         add("smtp", f"smtp://{host}:{port}", None)
     for s in specs:
-        address = s.ready_url.removesuffix("/healthz").replace("tcp://", "smtp://") if s.ready_url else "-"
+        address = _origin(s.ready_url).replace("tcp://", "smtp://") if s.ready_url else "-"
         add(s.name, address, s.log_file)
     return {
         "pid": os.getpid(),
@@ -173,6 +175,11 @@ def describe_stack(
         "mail_dir": str(_data_dir(settings) / "mail") if settings.embedded_smtp else None,
         "components": components,
     }
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def running_stack(settings: CommonSettings) -> dict[str, Any] | None:
@@ -197,8 +204,14 @@ async def run_stack(
     env: Mapping[str, str] | None = None,
     console: Console | None = None,
     stop: asyncio.Event | None = None,
+    drain_s: float | None = None,
 ) -> int:
-    """Run the stack until SIGINT/SIGTERM (or `stop` is set); return the exit code."""
+    """Run the stack until SIGINT/SIGTERM (or `stop` is set); return the exit code.
+
+    A clean stop on the embedded broker first lets the work in flight finish (`drain`, at most `drain_s`,
+    default CANCELFLOW_DRAIN_SECONDS): the broker's records live in memory only. Apache Kafka keeps them:
+    no wait.
+    """
     env = dict(os.environ if env is None else env)
     console = console or Console()
     stop = stop or asyncio.Event()
@@ -219,7 +232,10 @@ async def run_stack(
     supervisor = Supervisor(specs, console=console)
     stack_file = data / STACK_FILE
     exit_code = 0
-    with _stop_on_signals(stop):
+    if drain_s is None:
+        drain_s = settings.drain_s if broker is not None else 0.0
+    hurry = asyncio.Event()  # a second Ctrl-C: stop without waiting for the work in flight
+    with _stop_on_signals(stop, hurry):
         try:
             if not await _until_stopped(_start(settings, broker, supervisor, console), stop):
                 return 0
@@ -232,6 +248,8 @@ async def run_stack(
             if await _until_stopped(broker_exit, stop) and broker_exit is not None:
                 console.print(f"[red]the embedded broker exited ({broker_exit.result()}); stopping[/]")
                 exit_code = 1
+            elif drain_s > 0:
+                await drain(_service_origins(specs), console, within_s=drain_s, hurry=hurry)
         except (BrokerError, NotReadyError, OSError) as exc:
             console.print(f"[red]cannot start the stack:[/] {escape(str(exc))}")
             exit_code = 1
@@ -276,13 +294,22 @@ async def _until_stopped(work: Awaitable[Any] | None, stop: asyncio.Event) -> bo
     return False
 
 
+def _service_origins(specs: list[ProcessSpec]) -> list[str]:
+    return [_origin(s.ready_url) for s in specs if s.name in SERVICES and s.ready_url]
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+def _stop_on_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Iterator[None]:
+    """The first signal stops the stack (cleanly: draining first), the next ones hurry it."""
     loop = asyncio.get_running_loop()
     installed = []
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
             installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
@@ -322,6 +349,7 @@ def _print_ready(console: Console, info: dict[str, Any], embedded_broker: bool) 
     if embedded_broker:
         console.print(
             "[dim]note: the embedded broker keeps topics in memory: they start empty on every `up`; "
-            "the service databases in the data dir persist, so a second `up` resumes from them.[/]"
+            "the service databases in the data dir persist, so a second `up` resumes from them. Ctrl-C first "
+            "lets the work in flight finish (CANCELFLOW_DRAIN_SECONDS), a second Ctrl-C stops at once.[/]"
         )
     console.print("Ctrl-C stops the stack.")
