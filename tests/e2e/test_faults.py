@@ -57,4 +57,5 @@ async def test_killing_the_status_tracker_loses_no_request(chaos_stack) -> None:
     result = await ChaosRun(stack, smtp, config).run()
 
     assert result.faults["kill -9 status_tracker"] >= 2
+    assert "status_tracker.after_commit" in result.crash_points_fired  # its own crash point, as the README says
     assert result.report.ok, {k: v[:3] for k, v in result.report.violations.items() if v}
