@@ -36,6 +36,10 @@ async def test_a_short_chaos_run_keeps_every_promise(chaos_stack) -> None:  # ty
     result = await ChaosRun(stack, smtp, config).run()
 
     assert result.report.ok, {k: v[:3] for k, v in result.report.violations.items() if v}
+    # The money and vendor lines were judged from payment-gateway's and provisioning's own records.
+    assert all(result.report.checked[line] for line in (
+        "one refund per request and charge", "gateway refunds match payment-gateway's records",
+        "never more refunded than captured, the guard matching its refunds", "one vendor operation per request"))
     assert set(result.crash_points_fired) == set(CRASH_POINTS)
     assert result.faults["SMTP down"] == 1 and result.faults["broker paused (SIGSTOP)"] == 1
     assert sum(v for k, v in result.faults.items() if k.startswith("kill -9")) >= 2
