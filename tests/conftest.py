@@ -1,7 +1,8 @@
 """Fixtures shared by the whole suite.
 
 - `broker` (session): the real embedded broker (Tansu) with every topic created; `.bootstrap`.
-- `pg_server` (session): a PostgreSQL server from pgserver (skips the test when it cannot start);
+- `pg_server` (session): a PostgreSQL server from pgserver (fails the test when it cannot start: a
+  suite with every PostgreSQL test skipped must not pass);
   `pg_database_url(pg_server, name)` creates a fresh database and returns its asyncpg URL.
 - `store` (parametrized `sqlite` / `pg`, the latter marked `pg`): `store("billing")` gives the URL of
   a new, empty database for one service; `store.kind` says which.
@@ -91,7 +92,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
         server.psql("SELECT 1;")
     except Exception as exc:  # no binary, no permissions, no shared memory, ...
-        pytest.skip(f"PostgreSQL (pgserver) could not start: {exc!r}")
+        pytest.fail(f"PostgreSQL (pgserver) could not start: {exc!r}", pytrace=False)
     try:
         yield server
     finally:

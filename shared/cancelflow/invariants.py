@@ -3,6 +3,11 @@
 Evidence comes from the status and dead-letter topics, the vendor and gateway sandbox ledgers, the
 SMTP server's mailbox and every service's database. `check` returns a report: for each invariant, how
 many things were checked and every violation found. Chaos runs and fault tests end with it.
+
+The money and vendor promises are judged from cancelflow's own records (payment-gateway's refunds and
+charges, provisioning's vendor operations), and the sandbox ledgers are compared with those: the
+sandboxes refuse a reused key, an over-refund and a second cancellation themselves, so their ledgers
+alone would show "0 violations" whatever cancelflow did.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Boolean, Numeric, String, column, func, select, table, text
 from sqlalchemy import inspect as sa_inspect
 
 from cancelflow import db
@@ -53,6 +58,7 @@ class Evidence:
     mails: list[EmailMessage]
     database_urls: dict[str, str] = field(default_factory=dict)  # service -> URL
     databases: dict[str, dict[str, Any]] = field(default_factory=dict)  # filled by read_databases
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # filled by read_records
 
 
 @dataclass
@@ -93,6 +99,10 @@ def check(evidence: Evidence, expected: Expectations) -> Report:
     _dead_letters(report, evidence.dead_letters, expected)
     _databases(report, evidence.databases, expected)
     _refunds_follow_the_formula(report, evidence.databases)
+    _refund_per_request_and_charge(report, evidence.records)
+    _refunds_within_charges(report, evidence.records)
+    _gateway_matches_refunds(report, evidence.records, evidence.gateway_ledger)
+    _vendor_operation_per_request(report, evidence.records, evidence.vendor_ledger)
     return report
 
 
@@ -223,6 +233,100 @@ def _databases(report: Report, databases: dict[str, dict[str, Any]], expected: E
             report.fail("nothing left unpublished or half done", f"{service}: {facts['pending_emails']} emails pending")
 
 
+def _refund_per_request_and_charge(report: Report, records: dict[str, list[dict[str, Any]]]) -> None:
+    """payment-gateway's refunds: one per request and charge, whatever its idempotency key."""
+    name = "one refund per request and charge"
+    per_line = Counter((r["request_id"], r["charge_id"]) for r in records.get("refunds", []))
+    for (request_id, charge_id), count in sorted(per_line.items()):
+        report.checked[name] += 1
+        if count > 1:
+            report.fail(name, f"{request_id}: {count} refunds of {charge_id}")
+
+
+def _refunds_within_charges(report: Report, records: dict[str, list[dict[str, Any]]]) -> None:
+    """payment-gateway's charges: what its refunds hold (pending or succeeded) never exceeds the
+    captured amount, and the guard's refunded_amount is exactly that."""
+    name = "never more refunded than captured, the guard matching its refunds"
+    held: Counter[str] = Counter()
+    for r in records.get("refunds", []):
+        if r["status"] in ("pending", "succeeded"):
+            held[r["charge_id"]] += r["amount"]
+    for charge in records.get("charges", []):
+        report.checked[name] += 1
+        charge_id, holds = charge["charge_id"], held.get(charge["charge_id"], Decimal(0))
+        if holds > charge["amount"]:
+            report.fail(name, f"{charge_id}: refunds hold {holds} of {charge['amount']} captured")
+        elif charge["refunded_amount"] != holds:
+            report.fail(name, f"{charge_id}: guard says {charge['refunded_amount']} refunded, refunds hold {holds}")
+
+
+def _gateway_matches_refunds(report: Report, records: dict[str, list[dict[str, Any]]],
+                             ledger: dict[str, Any]) -> None:
+    """The gateway sandbox's refunds are exactly payment-gateway's succeeded ones: same key, charge, amount."""
+    if "refunds" not in records:
+        return  # the store was not read
+    name = "gateway refunds match payment-gateway's records"
+    ours = {r["idempotency_key"]: r for r in records["refunds"]}
+    effects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in ledger.get("effects", []):
+        if e.get("type") in ("refund", "reversal"):
+            effects[e["idempotency_key"]].append(e)
+    for key in sorted(set(ours) | set(effects)):
+        report.checked[name] += 1
+        record, applied = ours.get(key), effects.get(key, [])
+        if record is None:
+            report.fail(name, f"{key}: refunded at the gateway, unknown to payment-gateway")
+        elif record["status"] == "succeeded" and len(applied) != 1:
+            report.fail(name, f"{key}: succeeded, {len(applied)} refunds at the gateway")
+        elif record["status"] != "succeeded" and applied:
+            report.fail(name, f"{key}: {record['status']}, yet refunded at the gateway")
+        elif applied and (Decimal(applied[0]["amount"]) != record["amount"]
+                          or applied[0]["gateway_charge_id"] != record["gateway_charge_id"]):
+            report.fail(name, f"{key}: {applied[0]['amount']} of {applied[0]['gateway_charge_id']} at the gateway, "
+                              f"{record['amount']} of {record['gateway_charge_id']} recorded")
+
+
+_VENDOR_EFFECT = {"cancel": "cancellation", "set_quantity": "quantity_change"}
+
+
+def _vendor_operation_per_request(report: Report, records: dict[str, list[dict[str, Any]]],
+                                  ledger: dict[str, Any]) -> None:
+    """provisioning's vendor operations: one per request, and the vendor sandbox applied at most that one.
+    Two succeeded cancellations of one vendor subscription, neither found already applied, are two
+    effects whatever the vendor's ledger says."""
+    if "vendor_operations" not in records:
+        return  # the store was not read
+    name = "one vendor operation per request"
+    operations = records["vendor_operations"]
+    per_request = Counter(op["request_id"] for op in operations)
+    applied_cancels = Counter(op["vendor_subscription_id"] for op in operations
+                              if op["operation"] == "cancel" and op["status"] == "succeeded"
+                              and not op["already_applied"])
+    effects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in ledger.get("effects", []):
+        if e.get("type") in _VENDOR_EFFECT.values():
+            effects[e.get("request_id") or ""].append(e)
+    ops = {op["request_id"]: op for op in operations}
+    for request_id in sorted(set(ops) | set(effects)):
+        report.checked[name] += 1
+        op, applied = ops.get(request_id), effects.get(request_id, [])
+        if per_request[request_id] > 1:
+            report.fail(name, f"{request_id}: {per_request[request_id]} vendor operations recorded")
+        elif op is None:
+            report.fail(name, f"{request_id}: applied at the vendor, no operation recorded")
+        elif applied and (op["status"] != "succeeded" or any(e["type"] != _VENDOR_EFFECT[op["operation"]]
+                                                             for e in applied)):
+            report.fail(name, f"{request_id}: {op['operation']} {op['status']}, the vendor applied "
+                              f"{[e['type'] for e in applied]}")
+        elif len(applied) > 1:
+            report.fail(name, f"{request_id}: {len(applied)} vendor effects")
+        elif op["operation"] == "cancel" and op["status"] == "succeeded" and not op["already_applied"] and not applied:
+            report.fail(name, f"{request_id}: cancellation succeeded, the vendor applied none")
+    for vendor_subscription_id, count in sorted(applied_cancels.items()):
+        if count > 1:
+            report.fail(name, f"{vendor_subscription_id}: canceled at the vendor by {count} requests")
+
+
 # Per service: what "half done" looks like in its own tables, as SQL counts.
 _HALF_DONE: dict[str, dict[str, str]] = {
     "billing": {"locked_subscriptions": "SELECT count(*) FROM subscriptions WHERE provisioning_status = 'In Progress'"},
@@ -257,6 +361,39 @@ async def read_databases(urls: dict[str, str]) -> dict[str, dict[str, Any]]:
     return found
 
 
+# What the record checks read from cancelflow's own stores: service -> what -> query (amounts as Decimal).
+_RECORDS = {
+    "payment_gateway": {
+        "charges": select(table("charges", column("charge_id", String), column("amount", Numeric(12, 2)),
+                                column("refunded_amount", Numeric(12, 2)))),
+        "refunds": select(table("refunds", column("idempotency_key", String), column("request_id", String),
+                                column("charge_id", String), column("gateway_charge_id", String),
+                                column("amount", Numeric(12, 2)), column("status", String))),
+    },
+    "provisioning": {
+        "vendor_operations": select(table("vendor_operations", column("request_id", String),
+                                          column("vendor_subscription_id", String), column("operation", String),
+                                          column("status", String), column("already_applied", Boolean))),
+    },
+}
+
+
+async def read_records(urls: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """payment-gateway's charges and refunds and provisioning's vendor operations, from their databases."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for service, queries in _RECORDS.items():
+        if service not in urls:
+            continue
+        engine = db.make_engine(urls[service])
+        try:
+            async with engine.connect() as conn:
+                for what, query in queries.items():
+                    found[what] = [dict(row) for row in (await conn.execute(query)).mappings()]
+        finally:
+            await engine.dispose()
+    return found
+
+
 async def collect(client: Any, mails: list[EmailMessage], database_urls: dict[str, str]) -> Evidence:
     """Everything a run left behind, from a running stack (`client` is a `cancelflow.ops.StackClient`)."""
     import orjson
@@ -271,6 +408,7 @@ async def collect(client: Any, mails: list[EmailMessage], database_urls: dict[st
     _, gateway = await client.get_json(f"{client.endpoints.gateway}/_sandbox/ledger")
     evidence = Evidence(statuses, dead, vendor, gateway, list(mails), database_urls)
     evidence.databases = await read_databases_when_drained(database_urls)
+    evidence.records = await read_records(database_urls)
     return evidence
 
 

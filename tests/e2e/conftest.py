@@ -8,13 +8,30 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
+from cancelflow import topics
 from cancelflow.ops import StackClient, StatusWatcher
 from cancelflow.settings import SERVICES
 from cancelflow.testing.smtp import RecordingSMTPServer
 from cancelflow.testing.stack import StackProcess
 
 SUPPORT = "support@cancelflow.test"
+
+
+def saga_partition(request_id: str) -> int:
+    """The partition of `cancellations.saga` a request's events go to (the tests' broker is the embedded one)."""
+    count = topics.BY_NAME[topics.SAGA].partitions_on(embedded=True)
+    partitions = list(range(count))
+    return DefaultPartitioner()(request_id.encode(), partitions, partitions)
+
+
+def id_on_same_saga_partition(request_id: str) -> uuid.UUID:
+    """A new request id whose saga events share `request_id`'s partition: a marker request behind them."""
+    while True:
+        candidate = uuid.uuid4()
+        if saga_partition(str(candidate)) == saga_partition(request_id):
+            return candidate
 
 
 def _pg_urls(pg_server, tag: str) -> dict[str, str]:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from cancelflow import topics
 from cancelflow.events import NAME_CHARS, TEXT_CHARS, CancellationRequested, envelope_for
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, encode
 from cancelflow.ops import emails_owed, sample_subscription
-from tests.e2e.conftest import SUPPORT
+from tests.e2e.conftest import SUPPORT, id_on_same_saga_partition, saga_partition
 
 pytestmark = pytest.mark.e2e
 
@@ -247,13 +247,20 @@ async def test_redelivered_request_and_internal_event_have_no_second_effect(clie
     await client.publisher.publish(request)
     committed = await _read_saga_record(stack.endpoints.bootstrap, rid, "PlatformCommitted")
     await client.publisher.send_raw(topics.SAGA, committed, key=rid)
-    # A marker request behind them on the same partitions proves they were consumed.
-    marker_sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-dup2-{ids['tag']}",
-                                        today=today)
-    await client.load([marker_sample])
+    # Markers behind them prove they were consumed: a request for the same subscription (the same key on
+    # cancellations.requested), and a request completing another subscription whose id puts its saga
+    # events on the redelivered record's partition (every saga step, the refund's included, read past it).
     marker = await client.request_cancellation(account_id=ids["account"],
                                                subscription_id=sample.facts.subscription_id)
     assert (await watcher.terminal(marker))["error"]["code"] == "not_active"
+    marker_sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-dup2-{ids['tag']}",
+                                        today=today)
+    await client.load([marker_sample])
+    saga_marker = await client.request_cancellation(account_id=ids["account"],
+                                                    subscription_id=marker_sample.facts.subscription_id,
+                                                    request_id=id_on_same_saga_partition(rid))
+    assert saga_partition(saga_marker) == saga_partition(rid)
+    assert (await _finish(watcher, saga_marker))["state"] == "completed"
 
     assert watcher.latest[rid]["version"] == done["version"]
     vendor = await _ledger(client, client.endpoints.vendor)

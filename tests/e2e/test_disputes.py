@@ -14,13 +14,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
 
 from cancelflow import topics
 from cancelflow.events import CancellationRequested, ChargeCaptured
 from cancelflow.ops import SampleSubscription, sample_subscription
-from cancelflow.topics import BY_NAME
-from tests.e2e.conftest import SUPPORT
+from tests.e2e.conftest import SUPPORT, id_on_same_saga_partition
 from tests.e2e.test_cancellation_flow import (
     _finish,
     _ledger,
@@ -278,19 +276,6 @@ async def test_another_accounts_or_unknown_charge_is_rejected(client, watcher, s
     assert _mails(smtp, rid) == []
 
 
-def _partition(key: str, count: int) -> int:
-    partitions = list(range(count))
-    return DefaultPartitioner()(key.encode(), partitions, partitions)
-
-
-def _id_on_same_saga_partition(request_id: str) -> uuid.UUID:
-    count = BY_NAME[topics.SAGA].partitions_on(embedded=True)  # the tests' broker is the embedded one
-    while True:
-        candidate = uuid.uuid4()
-        if _partition(str(candidate), count) == _partition(request_id, count):
-            return candidate
-
-
 async def test_redelivered_request_refunds_and_mails_once(client, watcher, smtp, stack, ids, today):
     scene = _scene(ids, today, "redeliver", [("a", 3, "30.00"), ("b", 2, "30.00")])
     b = _by_label(scene)["b"]
@@ -309,7 +294,7 @@ async def test_redelivered_request_refunds_and_mails_once(client, watcher, smtp,
         record = await _read_saga_record(stack.endpoints.bootstrap, rid, event_type)
         await client.publisher.send_raw(topics.SAGA, record, key=rid)
     # A marker dispute behind them on the same saga partition proves every service consumed them.
-    marker = str(_id_on_same_saga_partition(rid))
+    marker = str(id_on_same_saga_partition(rid))
     await client.request_cancellation(account_id=ids["account"], charge_ids=[b.charge_id],
                                       request_id=uuid.UUID(marker))
     marked = await _finish(watcher, marker)

@@ -38,6 +38,10 @@ async def test_a_short_chaos_run_keeps_every_promise(chaos_stack) -> None:  # ty
 
     assert result.report.ok, {k: v[:3] for k, v in result.report.violations.items() if v}
     assert result.report.checked[FORMULA] > 0  # refunds judged against CONTRACT.md section 5
+    # The money and vendor lines were judged from payment-gateway's and provisioning's own records.
+    assert all(result.report.checked[line] for line in (
+        "one refund per request and charge", "gateway refunds match payment-gateway's records",
+        "never more refunded than captured, the guard matching its refunds", "one vendor operation per request"))
     assert set(result.crash_points_fired) == set(CRASH_POINTS)
     assert result.faults["SMTP down"] == 1 and result.faults["broker paused (SIGSTOP)"] == 1
     assert sum(v for k, v in result.faults.items() if k.startswith("kill -9")) >= 2
@@ -59,4 +63,5 @@ async def test_killing_the_status_tracker_loses_no_request(chaos_stack) -> None:
     result = await ChaosRun(stack, smtp, config).run()
 
     assert result.faults["kill -9 status_tracker"] >= 2
+    assert "status_tracker.after_commit" in result.crash_points_fired  # its own crash point, as the README says
     assert result.report.ok, {k: v[:3] for k, v in result.report.violations.items() if v}

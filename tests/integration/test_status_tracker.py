@@ -76,8 +76,14 @@ async def test_a_request_without_progress_ends_in_manual_review(services, publis
     assert final.payload["error"]["code"] == "timeout" and final.payload["error"]["source"] == "vendor"
     assert final.payload["version"] == 3
 
-    # Said once: later ticks see a terminal request.
-    await asyncio.sleep(2.5)
+    # Said once: later ticks see a terminal request. The timer forgets what it flagged (as it does after
+    # a minute), and a second stuck request is the marker: the tick that flags it looked at the first too.
+    running.runtime.stuck._flagged.clear()
+    marker, marker_sub = uuid.uuid4(), f"sub-{uuid.uuid4().hex[:8]}"
+    await publisher.publish(received(marker, marker_sub))
+    await publisher.publish(vendor_requested(marker, marker_sub))
+    await saga.wait_for(lambda e: e.event_type == "RequestStuck" and e.payload["request_id"] == str(marker),
+                        timeout=30)
     assert len(saga.matching(lambda e: e.event_type == "RequestStuck" and e.payload["request_id"] == str(rid))) == 1
     async with aiohttp.ClientSession() as http, http.get(f"{running.http_url}/requests/{rid}") as response:
         body = await response.json()

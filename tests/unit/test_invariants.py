@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from email.message import EmailMessage
 
-from cancelflow.invariants import Evidence, Expectations, check
+from sqlalchemy import Table, insert
+
+from cancelflow.db import create_schema, make_engine
+from cancelflow.invariants import Evidence, Expectations, check, read_databases, read_records
+from payment_gateway import orm as pg_orm
+from provisioning import orm as prov_orm
 
 
 def status(request_id: str, version: int, state: str, **extra: object) -> dict:
@@ -113,3 +121,152 @@ def test_half_done_work_in_a_database() -> None:
     evidence = clean()
     evidence.databases = {"billing": {"outbox": 0, "locked_subscriptions": 1}, "payment_gateway": {"outbox": 3}}
     assert "nothing left unpublished or half done" in violated(evidence)
+
+
+# --- from cancelflow's own stores (SQLite and PostgreSQL) ------------------------------------------------
+
+NOW = datetime(2026, 11, 11, tzinfo=UTC)
+
+
+def charge_row(charge_id: str, amount: str, refunded: str) -> dict:
+    return {"charge_id": charge_id, "account_id": "acc-1", "subscription_id": "sub-1",
+            "gateway_charge_id": f"gw-{charge_id}", "amount": Decimal(amount), "refunded_amount": Decimal(refunded),
+            "currency": "USD", "captured_at": NOW, "period_start": date(2026, 11, 1), "period_end": date(2026, 12, 1)}
+
+
+def refund_row(key: str, request_id: str, charge_id: str, amount: str, status: str = "succeeded") -> dict:
+    return {"idempotency_key": key, "request_id": request_id, "charge_id": charge_id,
+            "gateway_charge_id": f"gw-{charge_id}", "amount": Decimal(amount), "currency": "USD", "status": status,
+            "created_at": NOW, "updated_at": NOW}
+
+
+def vendor_op(request_id: str, vendor_subscription_id: str = "V-1", *, operation: str = "cancel",
+              status: str = "succeeded", already_applied: bool | None = False) -> dict:
+    return {"request_id": request_id, "subscription_id": "sub-1", "vendor": "acme",
+            "vendor_subscription_id": vendor_subscription_id, "operation": operation,
+            "effective_date": date(2026, 11, 11), "current_quantity": 1, "new_quantity": 0, "status": status,
+            "already_applied": already_applied, "attempts": 1, "started_at": NOW}
+
+
+def refund_effect(key: str, charge_id: str, amount: str) -> dict:
+    return {"type": "refund", "idempotency_key": key, "gateway_charge_id": f"gw-{charge_id}", "amount": amount}
+
+
+def cancellation_effect(request_id: str) -> dict:
+    return {"type": "cancellation", "request_id": request_id, "vendor_subscription_id": "V-1"}
+
+
+async def stored(store, service: str, rows: dict[Table, list[dict]]) -> str:  # type: ignore[no-untyped-def]
+    """A new database of `service` holding `rows`; its URL."""
+    url = store(service)
+    engine = make_engine(url)
+    try:
+        await create_schema(engine, importlib.import_module(f"{service}.orm").metadata)
+        async with engine.begin() as conn:
+            for table, values in rows.items():
+                if values:
+                    await conn.execute(insert(table), values)
+    finally:
+        await engine.dispose()
+    return url
+
+
+async def from_stores(store, rows: dict[str, dict[Table, list[dict]]], *, vendor: list[dict] | None = None,  # type: ignore[no-untyped-def]
+                      gateway: list[dict] | None = None) -> set[str]:
+    """The violations found in stores holding `rows` (service -> table -> rows), next to the sandbox
+    ledgers given (a clean run's otherwise)."""
+    urls = {service: await stored(store, service, tables) for service, tables in rows.items()}
+    evidence = clean()
+    evidence.statuses = []
+    evidence.mails = []
+    evidence.vendor_ledger = {"effects": vendor or []}
+    evidence.gateway_ledger = {"effects": gateway or []}
+    evidence.databases = await read_databases(urls)
+    evidence.records = await read_records(urls)
+    return violated(evidence, Expectations(accepted=set(), injected_bad_keys={"bad-1"}))
+
+
+def gateway_store(charges: list[dict], refunds: list[dict]) -> dict[str, dict[Table, list[dict]]]:
+    return {"payment_gateway": {pg_orm.charges: charges, pg_orm.refunds: refunds}}
+
+
+async def test_clean_stores_pass(store) -> None:  # type: ignore[no-untyped-def]
+    found = await from_stores(
+        store, {**gateway_store([charge_row("c1", "30.00", "10.00"), charge_row("c2", "30.00", "0.00")],
+                                [refund_row("k1", "r1", "c1", "10.00"), refund_row("k2", "r2", "c2", "5.00", "failed")]),
+                "provisioning": {prov_orm.vendor_operations: [
+                    vendor_op("r1"), vendor_op("r2", already_applied=True),
+                    vendor_op("r3", "V-2", operation="set_quantity"), vendor_op("r4", "V-3", status="failed")]}},
+        vendor=[cancellation_effect("r1")], gateway=[refund_effect("k1", "c1", "10.00")])
+    assert found == set()
+
+
+async def test_two_refunds_of_one_charge_for_one_request_whatever_the_keys(store) -> None:  # type: ignore[no-untyped-def]
+    found = await from_stores(
+        store, gateway_store([charge_row("c1", "30.00", "20.00")],
+                             [refund_row("k1", "r1", "c1", "10.00"), refund_row("k1-again", "r1", "c1", "10.00")]),
+        gateway=[refund_effect("k1", "c1", "10.00"), refund_effect("k1-again", "c1", "10.00")])
+    assert found == {"one refund per request and charge"}
+
+
+async def test_refunds_beyond_the_capture_or_the_guard(store) -> None:  # type: ignore[no-untyped-def]
+    name = "never more refunded than captured, the guard matching its refunds"
+    over = await from_stores(
+        store, gateway_store([charge_row("c1", "30.00", "30.00")],
+                             [refund_row("k1", "r1", "c1", "20.00"), refund_row("k2", "r2", "c1", "15.00", "pending")]),
+        gateway=[refund_effect("k1", "c1", "20.00")])
+    assert name in over
+    unguarded = await from_stores(store, gateway_store([charge_row("c1", "30.00", "0.00")],
+                                                       [refund_row("k1", "r1", "c1", "10.00")]),
+                                  gateway=[refund_effect("k1", "c1", "10.00")])
+    assert unguarded == {name}
+
+
+async def test_the_gateway_ledger_against_payment_gateways_refunds(store) -> None:  # type: ignore[no-untyped-def]
+    name = "gateway refunds match payment-gateway's records"
+    books = gateway_store([charge_row("c1", "30.00", "10.00"), charge_row("c2", "30.00", "0.00")],
+                          [refund_row("k1", "r1", "c1", "10.00"), refund_row("k2", "r2", "c2", "5.00", "failed")])
+    assert await from_stores(store, books, gateway=[]) == {name}  # succeeded, never applied
+    assert await from_stores(store, books, gateway=[refund_effect("k1", "c1", "10.00"),
+                                                    refund_effect("k2", "c2", "5.00")]) == {name}  # failed, yet applied
+    assert await from_stores(store, books, gateway=[refund_effect("k1", "c1", "12.00")]) == {name}
+    assert await from_stores(store, books, gateway=[refund_effect("k1", "c1", "10.00"),
+                                                    refund_effect("k9", "c1", "1.00")]) == {name}  # unknown key
+
+
+async def test_vendor_operations_against_the_vendor_ledger(store) -> None:  # type: ignore[no-untyped-def]
+    name = "one vendor operation per request"
+
+    def provisioning(*ops: dict) -> dict[str, dict[Table, list[dict]]]:
+        return {"provisioning": {prov_orm.vendor_operations: list(ops)}}
+
+    # Two requests each canceled the subscription at the vendor, neither finding it done already.
+    assert await from_stores(store, provisioning(vendor_op("r1"), vendor_op("r2")),
+                             vendor=[cancellation_effect("r1")]) == {name}
+    assert await from_stores(store, provisioning(vendor_op("r1")), vendor=[]) == {name}
+    assert await from_stores(store, provisioning(vendor_op("r1", status="failed")),
+                             vendor=[cancellation_effect("r1")]) == {name}
+    assert await from_stores(store, provisioning(), vendor=[cancellation_effect("r1")]) == {name}
+    assert name in await from_stores(store, provisioning(vendor_op("r1", already_applied=True)),
+                                     vendor=[cancellation_effect("r1"), cancellation_effect("r1")])
+
+
+async def test_half_done_work_in_the_stores(store) -> None:  # type: ignore[no-untyped-def]
+    def half_done(found: set[str]) -> bool:
+        return "nothing left unpublished or half done" in found
+
+    async def reported(rows: dict[str, dict[Table, list[dict]]], what: str) -> bool:
+        urls = {service: await stored(store, service, tables) for service, tables in rows.items()}
+        evidence = clean()
+        evidence.databases = await read_databases(urls)
+        report = check(evidence, expected())
+        return any(what in line for line in report.violations.get("nothing left unpublished or half done", []))
+
+    assert await reported(gateway_store([charge_row("c1", "30.00", "10.00")],
+                                        [refund_row("k1", "r1", "c1", "10.00", "pending")]), "pending_refunds")
+    assert await reported(gateway_store([charge_row("c1", "30.00", "30.01")], []), "overdrawn_charges")
+    assert await reported({"provisioning": {prov_orm.vendor_operations: [vendor_op("r1", status="pending")]}},
+                          "pending_vendor_calls")
+    assert not half_done(await from_stores(store, gateway_store([charge_row("c1", "30.00", "30.00")],
+                                                                [refund_row("k1", "r1", "c1", "30.00")]),
+                                           gateway=[refund_effect("k1", "c1", "30.00")]))

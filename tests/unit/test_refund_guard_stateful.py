@@ -6,6 +6,7 @@ Whatever happens: no idempotency key is refunded twice at the gateway, no charge
 than was captured, the gateway never has to refuse an amount our guard let through, and the guard's
 books match the gateway's.
 
+Each runs on SQLite and on PostgreSQL, where concurrent deliveries rely on the guard's row lock.
 CI runs a fixed, derandomized set of examples; `HYPOTHESIS_PROFILE=long` runs many more.
 """
 
@@ -21,10 +22,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
-from sqlalchemy import select
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import delete, select
 
 from cancelflow.db import create_schema, make_engine
 from cancelflow.events import ChargeCaptured, Mode, PlatformCommitted, SubscriptionSnapshot
@@ -35,6 +44,7 @@ from payment_gateway import orm
 from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome
 from payment_gateway.domain import ChargeTerms, EarlierRefunds, fair_share
 from payment_gateway.handlers import PaymentHandlers
+from tests.conftest import pg_database_url
 
 settings.register_profile("ci", max_examples=25, stateful_step_count=12, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -78,16 +88,25 @@ class RefundGuardMachine(RuleBasedStateMachine):
     charges = Bundle("charges")
     unfinished = Bundle("unfinished")
 
+    # The store the examples run on: a new SQLite file each, unless a test gives another database.
+    database_url: str | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = tempfile.TemporaryDirectory()
-        self.engine = make_engine(f"sqlite+aiosqlite:///{Path(self.dir.name) / 'payments.db'}")
+        self.engine = make_engine(self.database_url or f"sqlite+aiosqlite:///{Path(self.dir.name) / 'payments.db'}")
         self.run(create_schema(self.engine, orm.metadata))
+        self.run(self._empty())  # a database shared by the examples starts empty
         self.gateway = FaultyGateway()
         self.handlers = PaymentHandlers(self.gateway)
         self.captured: dict[str, Decimal] = {}  # charge_id -> amount
         self.account = "acc-1"
+
+    async def _empty(self) -> None:
+        async with self.engine.begin() as conn:
+            for table in reversed(orm.metadata.sorted_tables):
+                await conn.execute(delete(table))
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -207,6 +226,14 @@ class RefundGuardMachine(RuleBasedStateMachine):
 
 RefundGuardMachine.TestCase.settings = PROFILE
 TestRefundGuard = RefundGuardMachine.TestCase
+
+
+@pytest.mark.pg
+def test_the_refund_guard_on_postgresql(pg_server) -> None:  # type: ignore[no-untyped-def]
+    class OnPostgreSQL(RefundGuardMachine):
+        database_url = pg_database_url(pg_server, "refund_guard")
+
+    run_state_machine_as_test(OnPostgreSQL, settings=PROFILE)
 
 
 def test_proration_of_a_full_cancellation_refunds_the_unused_part_of_what_was_captured() -> None:

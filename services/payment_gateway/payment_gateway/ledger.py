@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Numeric, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql
 
 from cancelflow.events import ChargeCaptured, utcnow
 from cancelflow.sql import Db, Query
@@ -44,7 +45,10 @@ ADD_REFUND = Query(insert(refunds))
 SET_REFUND = Query(update(refunds).where(refunds.c.idempotency_key == bindparam("match_key")))
 SCHEDULE_STOP = Query(select(orm.schedule_stops.c.subscription_id)
                       .where(orm.schedule_stops.c.subscription_id == bindparam("subscription_id")))
-ADD_SCHEDULE_STOP = Query(insert(orm.schedule_stops))
+# Two full cancellations of a subscription may both find no stop recorded and both insert one: the
+# second is dropped, not a unique violation (PostgreSQL; SQLite's writers queue). Same SQL on both.
+ADD_SCHEDULE_STOP = Query(postgresql.insert(orm.schedule_stops).on_conflict_do_nothing(
+    index_elements=[orm.schedule_stops.c.subscription_id]))
 
 
 class Ledger:

@@ -217,19 +217,7 @@ class ConsumeLoop:
         if not work:
             return leftovers
         try:
-            async with self._new_uow(None) as uow:
-                done = await uow.processed_among([m.event_id for m, _ in work])
-                yielded = time.perf_counter()
-                for message, handler in work:
-                    if message.event_id in done:
-                        metrics.INBOX_DUPLICATES.labels(message.topic).inc()
-                        continue
-                    done.add(message.event_id)
-                    await self._handle_in_batch(uow, message, handler)
-                    if time.perf_counter() - yielded >= self.YIELD_EVERY_S:
-                        await asyncio.sleep(0)
-                        yielded = time.perf_counter()
-                await uow.commit_batch()
+            await self.handle_batch(work)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -238,6 +226,26 @@ class ConsumeLoop:
         for message, _ in work:
             metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
         return leftovers
+
+    async def handle_batch(self, work: list[tuple[Message, Handler]]) -> set[str]:
+        """Handle the records in one transaction, in order, each event id once (the inbox and the batch
+        itself drop the rest); a handler's exception rolls everything back. The event ids skipped."""
+        skipped: set[str] = set()
+        async with self._new_uow(None) as uow:
+            done = await uow.processed_among([m.event_id for m, _ in work])
+            yielded = time.perf_counter()
+            for message, handler in work:
+                if message.event_id in done:
+                    metrics.INBOX_DUPLICATES.labels(message.topic).inc()
+                    skipped.add(message.event_id)
+                    continue
+                done.add(message.event_id)
+                await self._handle_in_batch(uow, message, handler)
+                if time.perf_counter() - yielded >= self.YIELD_EVERY_S:
+                    await asyncio.sleep(0)
+                    yielded = time.perf_counter()
+            await uow.commit_batch()
+        return skipped
 
     async def _in_rounds(self, groups: list[list[ConsumerRecord]]) -> list[list[ConsumerRecord]]:
         """Handle the records of rounds routes together (messaging/rounds.py) and return what is left to
@@ -248,10 +256,7 @@ class ConsumeLoop:
         chains = [Chain(steps) for steps, _ in prepared]
         if any(chain.steps for chain in chains):
             try:
-                async with self._new_uow(None) as uow:
-                    seen = await uow.processed_among([step.message.event_id for chain in chains
-                                                      for step in chain.steps])
-                    await run_in_rounds(uow, [chain for chain in chains if chain.steps], seen, _log_context)
+                await self.handle_in_rounds([chain for chain in chains if chain.steps])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -263,6 +268,15 @@ class ConsumeLoop:
             if start is not None:
                 leftovers.append(records[start:])
         return leftovers
+
+    async def handle_in_rounds(self, chains: list[Chain]) -> set[str]:
+        """Drive the chains in rounds (messaging/rounds.py) in one unit of work; the event ids the inbox
+        already held, which are skipped. Each chain's `failed_at` and `error` tell what failed."""
+        async with self._new_uow(None) as uow:
+            seen = await uow.processed_among([step.message.event_id for chain in chains for step in chain.steps])
+            already = set(seen)
+            await run_in_rounds(uow, chains, seen, _log_context)
+        return already
 
     def _prepare_groups(self, groups: list[list[ConsumerRecord]]) -> list[tuple[list[Step], int | None]]:
         """For each key's records: the steps (message and handler; records that are not ours left out) up
@@ -355,18 +369,23 @@ class ConsumeLoop:
             with structlog.contextvars.bound_contextvars(topic=record.topic):
                 await self._dead_letter(record, "bad_signature", problem, None)
 
+    async def handle_once(self, message: Message, handler: Handler) -> bool:
+        """One attempt at a record in its own transaction; False when the inbox holds its event id already."""
+        started = time.perf_counter()
+        async with self._new_uow(message) as uow:
+            if await uow.already_processed(message.event_id):
+                metrics.INBOX_DUPLICATES.labels(message.topic).inc()
+                log.info("duplicate skipped")
+                return False
+            await handler(message, uow)
+            await uow.commit()
+        metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
+        metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+        return True
+
     async def _handle(self, record: ConsumerRecord, route: Route, message: Message, handler: Handler) -> None:
         async def attempt() -> None:
-            started = time.perf_counter()
-            async with self._new_uow(message) as uow:
-                if await uow.already_processed(message.event_id):
-                    metrics.INBOX_DUPLICATES.labels(record.topic).inc()
-                    log.info("duplicate skipped")
-                    return
-                await handler(message, uow)
-                await uow.commit()
-            metrics.EVENTS_CONSUMED.labels(record.topic, message.event_type).inc()
-            metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
+            await self.handle_once(message, handler)
 
         async def give_up(exc: Exception) -> None:
             await self._dead_letter(record, "handler_error",

@@ -1,8 +1,8 @@
-"""Handing records to handlers as the consume loop does, without a broker: for handler-level tests."""
+"""Handing records to handlers through the consume loop's own inbox paths (`ConsumeLoop.handle_once`,
+`handle_batch`, `handle_in_rounds`), without a broker: for handler-level tests."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 
@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cancelflow.db import transactions
 from cancelflow.events import Payload, envelope_for
 from cancelflow.messaging.codec import Message, decode, encode
-from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
+from cancelflow.messaging.consumer import ConsumeLoop
+from cancelflow.messaging.rounds import Chain, Step
 from cancelflow.messaging.uow import UnitOfWork
 
 Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
@@ -24,28 +25,32 @@ def message(payload: Payload, *, correlation_id: str | None = None) -> Message:
     return decode(encode(envelope), topic=payload.topic, key=payload.record_key().encode())
 
 
+def consume_loop(engine: AsyncEngine, orm: ModuleType, *,
+                 on_commit: Callable[[frozenset[str]], None] | None = None) -> ConsumeLoop:
+    """A consume loop on the service's database, without a consumer: its inbox paths, called directly."""
+    def new_uow(msg: Message | None) -> UnitOfWork:
+        return UnitOfWork(transactions(engine), orm.messaging, producer="test", message=msg, on_commit=on_commit)
+
+    return ConsumeLoop(None, [], new_uow, service="test", group_id="test")  # type: ignore[arg-type]
+
+
 async def handle(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message, *,
                  on_commit: Callable[[frozenset[str]], None] | None = None) -> bool:
-    """What the consume loop does: skip a processed event id, else handle and commit. True when handled.
-    `on_commit` hears what the commit wrote, as the service's wake-ups do."""
-    async with UnitOfWork(transactions(engine), orm.messaging, producer="test", message=msg,
-                          on_commit=on_commit) as uow:
-        if await uow.already_processed(msg.event_id):
-            return False
-        await handler(msg, uow)
-        await uow.commit()
-    return True
+    """A record handled one by one, as the consume loop does; True when handled, False when the inbox
+    dropped it. `on_commit` hears what the commit wrote, as the service's wake-ups do."""
+    return await consume_loop(engine, orm, on_commit=on_commit).handle_once(msg, handler)
+
+
+async def handle_batch(engine: AsyncEngine, orm: ModuleType, work: list[tuple[Message, Handler]]) -> set[str]:
+    """Records of a batch route handled in one transaction; the event ids dropped as already processed."""
+    return await consume_loop(engine, orm).handle_batch(work)
 
 
 async def handle_in_rounds(engine: AsyncEngine, orm: ModuleType, handler: Handler, msg: Message) -> bool:
-    """What the consume loop does on a route handled in rounds (messaging/rounds.py), for one record:
-    True when handled; the handler's exception is raised, as `handle` does."""
+    """One record of a route handled in rounds (messaging/rounds.py): True when handled; the handler's
+    exception is raised, as `handle` does."""
     chain = Chain([Step(0, msg, handler)])
-    async with UnitOfWork(transactions(engine), orm.messaging, producer="test") as uow:
-        seen = await uow.processed_among([msg.event_id])
-        if seen:
-            return False
-        await run_in_rounds(uow, [chain], seen, lambda _: contextlib.nullcontext())
+    skipped = await consume_loop(engine, orm).handle_in_rounds([chain])
     if chain.error is not None:
         raise chain.error
-    return True
+    return msg.event_id not in skipped
