@@ -281,6 +281,7 @@ class CancellationReceived(SagaEvent):
     reason: str = ""
     requires_approval: bool = False
     opt_out_of_emails: bool = False
+    retry_of: uuid.UUID | None = None
 
 
 class SubscriptionSnapshot(BaseModel):
@@ -473,6 +474,34 @@ class RequestStuck(SagaEvent):
     stage: str
     since: AwareDatetime
     stuck_for_seconds: float = Field(ge=0)
+
+
+@register
+class OperatorActed(SagaEvent):
+    """A support operator acted on the request (CONTRACT.md section 11): a history line, and on a
+    finished request its `resolution`. The work the action causes runs as its own request
+    (`new_request_id`)."""
+
+    event_type: ClassVar[str] = "OperatorActed"
+
+    action: Literal["approve", "decline", "retry", "retry_refund", "close"]
+    operator: str
+    note: str = ""
+    new_request_id: uuid.UUID | None = None
+
+
+@register
+class RefundRetryRequested(SagaEvent):
+    """An operator resolves a `manual_review` request by trying its refused refunds again: a request of
+    its own (`request_id`) for the refunds of `retry_of`, through the refund guard with new keys."""
+
+    event_type: ClassVar[str] = "RefundRetryRequested"
+
+    retry_of: uuid.UUID
+    account_id: str | None = None
+    subscription_id: str | None = None
+    operator: str
+    note: str = ""
 
 
 # --- the multiple-charge flow (target `charges`): dispute <-> payment-gateway ----------------------

@@ -90,6 +90,8 @@ class CommonSettings(BaseSettings):
     enable_fault_hooks: bool = Field(False, validation_alias="CANCELFLOW_ENABLE_FAULT_HOOKS")
     # CONTRACT.md section 10: "name:key,name:key" (several keys per name for rotation); unset: unchecked.
     producer_keys: str | None = Field(None, validation_alias="CANCELFLOW_PRODUCER_KEYS", repr=False)
+    # Support operators of the status service, `name:role:token,...` (CONTRACT.md section 11).
+    operators: str | None = Field(None, validation_alias="CANCELFLOW_OPERATORS", repr=False)
     log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")
     log_json: bool = Field(False, validation_alias="CANCELFLOW_LOG_JSON")
 

@@ -330,7 +330,7 @@ def _received(request: CancellationRequested) -> CancellationReceived:
         subscription_id=request.subscription_id, charge_ids=request.charge_ids, mode=request.mode,
         effective_date=request.effective_date, quantity=request.quantity, requested_by=request.requested_by,
         reason=request.reason, requires_approval=request.requires_approval,
-        opt_out_of_emails=request.opt_out_of_emails,
+        opt_out_of_emails=request.opt_out_of_emails, retry_of=request.retry_of,
     )
 
 

@@ -9,8 +9,10 @@ from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
 from status_tracker import gauges, http, orm
+from status_tracker.actions import Actions
 from status_tracker.feed import StatusFeed
 from status_tracker.handlers import TrackerHandlers
+from status_tracker.operators import Operators, parse_operators
 from status_tracker.projection import ReadModel
 from status_tracker.stuck import StuckTimer
 
@@ -28,5 +30,7 @@ def build() -> ServiceRuntime:
     runtime.on_start.append(feed.start)
     runtime.on_stop.append(feed.stop)
     runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]
-    http.install(runtime.http, read_model, feed)
+    operators = Operators(parse_operators(settings.operators))  # a malformed list stops the start here
+    actions = Actions(runtime.new_uow, signing_key=settings.signing_key("bss"))
+    http.install(runtime.http, read_model, feed, operators=operators, actions=actions, sessions=runtime.sessions)
     return runtime
