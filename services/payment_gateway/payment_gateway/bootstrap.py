@@ -14,6 +14,7 @@ from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
 from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
+from payment_gateway.retries import RefundRetryHandlers
 
 
 def build() -> ServiceRuntime:
@@ -23,6 +24,7 @@ def build() -> ServiceRuntime:
                             attempts=settings.gateway_attempts)
     handlers = PaymentHandlers(gateway)
     disputes = DisputeRefundHandlers(gateway)
+    retries = RefundRetryHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
                             dead_letter=True, batch=True))
     runtime.add_route(Route(topics.SAGA, {
@@ -30,6 +32,7 @@ def build() -> ServiceRuntime:
         "CancellationScheduled": handlers.cancellation_scheduled,
         "ChargesVerificationRequested": disputes.charges_verification_requested,
         "DuplicateRefundRequested": disputes.duplicate_refund_requested,
+        "RefundRetryRequested": retries.refund_retry_requested,
     }, rounds=True))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     runtime.on_start.append(gateway.start)
