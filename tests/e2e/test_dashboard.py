@@ -185,3 +185,13 @@ async def test_an_operator_cancels_on_a_customers_behalf(page, client, ids, toda
     status = await client.status(new_id)
     assert status["mode"] == "past_dated"
     assert "requested by operator admin via bss" in status["history"][0]["message"]
+
+    # The runbook's last check: the subscription, from the services that own it, has no billing left.
+    await page.goto(f"{client.endpoints.status}/ui/requests/{new_id}")
+    await page.get_by_role("link", name=f"Subscription {sample.facts.subscription_id}: billing, provisioning, refunds").click()
+    await expect(page.locator("#sub-details")).to_contain_text("canceled")
+    await expect(page.locator("#no-scheduled")).to_have_text("No future billing is scheduled.")
+    await expect(page.locator("#billings tr td:nth-child(3)")).to_have_text(["canceled"])
+    await expect(page.locator("#refunds")).to_contain_text("succeeded")
+    await expect(page.locator("#operations")).to_contain_text("succeeded")
+    await _shot(page, "operators-subscription.png")

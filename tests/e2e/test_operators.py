@@ -140,3 +140,30 @@ def test_cancel_on_a_customers_behalf_from_the_cli(stack, ids, today) -> None:  
         [sys.executable, "-m", "cancelflow", "approve", ids["tag"]], capture_output=True, text=True, timeout=120,
         env={**stack.env, "COLUMNS": "300", "CANCELFLOW_TOKEN": "not-the-token-at-all"})
     assert wrong.returncode == 4 and "401" in wrong.stdout
+
+
+async def test_a_subscription_as_its_owners_see_it(client, watcher, ids, today) -> None:  # type: ignore[no-untyped-def]
+    """The support runbook's step 7: after the cancellation, no billing is scheduled any more."""
+    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-sv-{ids['tag']}", today=today,
+                                 price="30.00", days_into_period=10, period_days=30)
+    await client.load([sample])
+    url = f"{client.endpoints.status}/subscriptions/{sample.facts.subscription_id}"
+    _, before = await client.get_json(url)
+    assert before["billing"]["subscription"]["status"] == "active"
+    assert [b["status"] for b in before["billing"]["billings"]] == ["scheduled"]
+    assert before["payments"]["charges"][0]["refundable"] == "30.00"
+    assert before["provisioning"]["operations"] == [] and before["requests"] == []
+
+    answer = await _act(client, "/cancellations", {"account_id": ids["account"],
+                                                   "subscription_id": sample.facts.subscription_id,
+                                                   "reason": "customer called"})
+    assert (await watcher.terminal(answer["request_id"], timeout=60))["state"] == "completed"
+    _, after = await client.get_json(url)
+    sub = after["billing"]["subscription"]
+    assert (sub["status"], sub["provisioning_status"], sub["auto_renew"]) == ("canceled", "Synchronized", False)
+    assert [b["status"] for b in after["billing"]["billings"]] == ["canceled"]
+    assert [(r["amount"], r["status"]) for r in after["payments"]["refunds"]] == [("20.00", "succeeded")]
+    assert [o["status"] for o in after["provisioning"]["operations"]] == ["succeeded"]
+    assert [r["request_id"] for r in after["requests"]] == [answer["request_id"]]
+    _, unknown = await client.get_json(f"{client.endpoints.status}/subscriptions/nope-{ids['tag']}")
+    assert unknown["billing"] == {"unknown": True} and unknown["requests"] == []

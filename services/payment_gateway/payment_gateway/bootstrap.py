@@ -35,6 +35,7 @@ def build() -> ServiceRuntime:
         "RefundRetryRequested": retries.refund_retry_requested,
     }, rounds=True))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
+    runtime.http.router.add_get("/subscriptions/{subscription_id}/charges", _subscription_charges(runtime))
     runtime.on_start.append(gateway.start)
     runtime.on_stop.append(gateway.close)
     return runtime
@@ -58,6 +59,29 @@ def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
             refunds = await db.all(CHARGE_REFUNDS, charge_id=charge_id)
         body = {"charge": dict(row), "refundable": str(row["amount"] - row["refunded_amount"]),
                 "refunds": [dict(r) for r in refunds]}
+        return json_response(body)
+
+    return view
+
+
+SUBSCRIPTION_CHARGES = Query(select(orm.charges).where(orm.charges.c.subscription_id == bindparam("subscription_id"))
+                             .order_by(orm.charges.c.captured_at))
+SUBSCRIPTION_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id.in_(
+    select(orm.charges.c.charge_id).where(orm.charges.c.subscription_id == bindparam("subscription_id"))))
+    .order_by(orm.refunds.c.created_at))
+
+
+def _subscription_charges(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+    """Read-only: a subscription's charges with what each has left, and every refund against them."""
+
+    async def view(request: web.Request) -> web.Response:
+        subscription_id = request.match_info["subscription_id"]
+        async with runtime.sessions() as session:
+            db = Db(session)
+            charges = await db.all(SUBSCRIPTION_CHARGES, subscription_id=subscription_id)
+            refunds = await db.all(SUBSCRIPTION_REFUNDS, subscription_id=subscription_id)
+        body = {"charges": [{**c, "refundable": str(c["amount"] - c["refunded_amount"])} for c in charges],
+                "refunds": refunds}
         return json_response(body)
 
     return view

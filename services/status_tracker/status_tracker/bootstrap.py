@@ -15,6 +15,7 @@ from status_tracker.handlers import TrackerHandlers
 from status_tracker.operators import Operators, parse_operators
 from status_tracker.projection import ReadModel
 from status_tracker.stuck import StuckTimer
+from status_tracker.subscriptions import SubscriptionViews, owner_urls
 
 
 def build() -> ServiceRuntime:
@@ -32,5 +33,9 @@ def build() -> ServiceRuntime:
     runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]
     operators = Operators(parse_operators(settings.operators))  # a malformed list stops the start here
     actions = Actions(runtime.new_uow, signing_key=settings.signing_key("bss"))
-    http.install(runtime.http, read_model, feed, operators=operators, actions=actions, sessions=runtime.sessions)
+    subscriptions = SubscriptionViews(read_model, owner_urls())
+    runtime.on_start.append(subscriptions.start)
+    runtime.on_stop.append(subscriptions.stop)
+    http.install(runtime.http, read_model, feed, operators=operators, actions=actions, sessions=runtime.sessions,
+                 subscriptions=subscriptions)
     return runtime

@@ -29,6 +29,7 @@ from status_tracker.actions import Actions, allowed_actions
 from status_tracker.feed import StatusFeed
 from status_tracker.operators import COOKIE, OPEN_PATHS, OPERATOR_KEY, Operators, operator_of
 from status_tracker.projection import MAX_PAGE, Query, ReadModel
+from status_tracker.subscriptions import SubscriptionViews
 
 STATIC = Path(__file__).parent / "static"
 HEARTBEAT_S = 15.0
@@ -36,9 +37,11 @@ ACTIONS = ("approve", "decline", "retry", "resolve")
 
 
 def install(app: web.Application, read_model: ReadModel, feed: StatusFeed, *, operators: Operators,
-            actions: Actions, sessions) -> None:  # type: ignore[no-untyped-def]
+            actions: Actions, sessions, subscriptions: SubscriptionViews | None = None) -> None:  # type: ignore[no-untyped-def]
     app.middlewares.append(_signed_in(operators))
     api = _Api(read_model, feed, actions, sessions)
+    if subscriptions is not None:
+        app.router.add_get("/subscriptions/{subscription_id}", _subscription(subscriptions))
     app.router.add_get("/requests", api.listing)
     app.router.add_get("/requests/{request_id}", api.one)
     app.router.add_get("/events", api.events)
@@ -72,6 +75,13 @@ def _signed_in(operators: Operators):  # type: ignore[no-untyped-def]
         return await handler(request)
 
     return middleware
+
+
+def _subscription(views: SubscriptionViews):  # type: ignore[no-untyped-def]
+    async def subscription(request: web.Request) -> web.Response:
+        return json_response(await views.view(request.match_info["subscription_id"]))
+
+    return subscription
 
 
 async def _session_info(request: web.Request) -> web.Response:

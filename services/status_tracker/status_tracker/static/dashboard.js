@@ -440,6 +440,71 @@ function requestPage() {
   });
 }
 
+/* --- one subscription (from the services that own it) --------------------------------------- */
+
+async function subscriptionPage() {
+  const subscriptionId = decodeURIComponent(window.location.pathname.split("/").pop());
+  document.getElementById("subscription-id").textContent = subscriptionId;
+  document.title = `Subscription ${subscriptionId} · cancelflow support`;
+  whoAmI().catch(() => {});
+  const view = await getJSON(`/subscriptions/${encodeURIComponent(subscriptionId)}`);
+  const problems = [];
+  const part = (name, data) => {
+    if (data.unavailable) problems.push(`${name} did not answer (${data.unavailable})`);
+    if (data.unknown) problems.push(`${name} does not know this subscription`);
+    return data.unavailable || data.unknown ? null : data;
+  };
+  const billing = part("billing", view.billing);
+  const payments = part("payment-gateway", view.payments);
+  const provisioning = part("provisioning", view.provisioning);
+  const problem = document.getElementById("sub-problem");
+  problem.hidden = !problems.length;
+  problem.textContent = problems.join("; ");
+
+  const details = document.getElementById("sub-details");
+  const sub = billing ? billing.subscription : {};
+  for (const [term, value] of [
+    ["Status", sub.status], ["Provisioning status", sub.provisioning_status], ["Account", sub.account_id],
+    ["Product", sub.product_name], ["Licenses", sub.quantity], ["Auto-renew", sub.auto_renew === undefined ? null : (sub.auto_renew ? "on" : "off")],
+    ["Current period", sub.current_period_start ? `${sub.current_period_start} to ${sub.current_period_end}` : null],
+    ["Effective date", sub.effective_date],
+  ]) {
+    if (value !== null && value !== undefined && value !== "") details.append(el("dt", { text: term }), el("dd", { text: String(value) }));
+  }
+  const billings = billing ? billing.billings : [];
+  const scheduled = billings.filter((b) => b.status === "scheduled");
+  document.getElementById("no-scheduled").textContent = scheduled.length
+    ? `${scheduled.length} billing${scheduled.length === 1 ? "" : "s"} scheduled.` : "No future billing is scheduled.";
+  document.getElementById("billings").replaceChildren(...billings.map((b) => el("tr", { dataset: { status: b.status } },
+    el("td", { text: b.bill_on }), el("td", { text: `${b.amount} ${b.currency}` }), el("td", { text: b.status }))));
+
+  document.getElementById("charges").replaceChildren(...(payments ? payments.charges : []).map((c) => el("tr", {},
+    el("td", {}, el("code", { text: c.charge_id })), el("td", { text: when(c.captured_at) }),
+    el("td", { text: `${c.amount} ${c.currency}` }), el("td", { text: c.refundable }),
+    el("td", { text: `${c.period_start} to ${c.period_end}` }))));
+  const refunds = payments ? payments.refunds : [];
+  document.getElementById("no-refunds").hidden = refunds.length > 0;
+  document.getElementById("refunds").replaceChildren(...refunds.map((r) => el("li", { dataset: { status: r.status } },
+    el("span", { text: `${r.amount} ${r.currency} to ${r.charge_id}: ${r.status}${r.error ? ` (${r.error})` : ""} ` }),
+    requestLink(r.request_id))));
+
+  const operations = provisioning ? provisioning.operations : [];
+  document.getElementById("no-ops").hidden = operations.length > 0;
+  document.getElementById("operations").replaceChildren(...operations.map((o) => el("li", {},
+    el("span", { text: `${o.operation} at ${o.vendor} (${o.current_quantity} → ${o.new_quantity}): ${o.status}${o.already_applied ? ", already applied" : ""} ` }),
+    requestLink(o.request_id))));
+
+  document.getElementById("sub-requests").replaceChildren(...view.requests.map((r) => el("li", {},
+    requestLink(r.request_id), " ", badge(r.state), el("span", { className: "muted", text: ` ${r.mode || ""}, ${when(r.created_at)}` }))));
+  document.getElementById("sub-history").replaceChildren(...(billing ? billing.history : []).map((h) =>
+    el("li", {}, el("time", { datetime: h.at, text: when(h.at) }), el("span", { text: h.message }))));
+}
+
 takeTokenFromLink();
 if (document.body.dataset.page === "list") listPage();
 else if (document.body.dataset.page === "request") requestPage();
+else if (document.body.dataset.page === "subscription") subscriptionPage().catch((error) => {
+  const problem = document.getElementById("sub-problem");
+  problem.hidden = false;
+  problem.textContent = `Could not load the subscription: ${error.message}`;
+});
