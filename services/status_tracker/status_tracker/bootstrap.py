@@ -18,6 +18,9 @@ from status_tracker.stuck import StuckTimer
 from status_tracker.subscriptions import SubscriptionViews, owner_urls
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def build() -> ServiceRuntime:
     settings = service_settings("status_tracker")
     runtime = ServiceRuntime("status_tracker", settings, orm.metadata, orm.messaging)
@@ -32,8 +35,11 @@ def build() -> ServiceRuntime:
     runtime.on_stop.append(feed.stop)
     runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]
     operators = Operators(parse_operators(settings.operators))  # a malformed list stops the start here
+    if not operators.enabled and settings.http_host not in LOOPBACK:
+        raise ValueError(f"the status service would serve every account's requests on {settings.http_host} "
+                         "to anyone: set CANCELFLOW_OPERATORS (docs/security.md)")
     actions = Actions(runtime.new_uow, signing_key=settings.signing_key("bss"))
-    subscriptions = SubscriptionViews(read_model, owner_urls())
+    subscriptions = SubscriptionViews(read_model, owner_urls(settings))
     runtime.on_start.append(subscriptions.start)
     runtime.on_stop.append(subscriptions.stop)
     http.install(runtime.http, read_model, feed, operators=operators, actions=actions, sessions=runtime.sessions,

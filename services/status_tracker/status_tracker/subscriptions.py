@@ -17,7 +17,7 @@ from urllib.parse import quote
 import aiohttp
 
 from cancelflow.logging import get_logger
-from cancelflow.settings import SERVICES
+from cancelflow.settings import SERVICES, CommonSettings
 from status_tracker.projection import Query, ReadModel
 
 log = get_logger(__name__)
@@ -25,14 +25,15 @@ OWNERS = ("billing", "provisioning", "payment_gateway")
 TIMEOUT_S = 5.0
 
 
-def owner_urls(env: Mapping[str, str] | None = None) -> dict[str, str]:
+def owner_urls(settings: CommonSettings, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """`<SERVICE>_API_URL` (e.g. `http://billing:8081` in a cluster), else the service's HTTP port on
     this host (the embedded stack)."""
     env = os.environ if env is None else env
     urls = {}
     for service in OWNERS:
         prefix, port = SERVICES[service]
-        urls[service] = (env.get(f"{prefix}_API_URL") or f"http://127.0.0.1:{env.get(f'{prefix}_HTTP_PORT', port)}").rstrip("/")
+        given = getattr(settings, f"{service}_api_url")
+        urls[service] = (given or f"http://127.0.0.1:{env.get(f'{prefix}_HTTP_PORT', port)}").rstrip("/")
     return urls
 
 
