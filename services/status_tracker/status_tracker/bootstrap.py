@@ -17,7 +17,6 @@ from status_tracker.projection import ReadModel
 from status_tracker.stuck import StuckTimer
 from status_tracker.subscriptions import SubscriptionViews, owner_urls
 
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
