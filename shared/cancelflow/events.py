@@ -354,6 +354,7 @@ class VendorCancellationRequested(SagaEvent):
     current_quantity: int
     new_quantity: int = Field(description="0 for a full cancellation")
     snapshot: SubscriptionSnapshot
+    retry_of: uuid.UUID | None = Field(None, description="an operator's retry of this request (section 11)")
 
 
 @register

@@ -77,6 +77,10 @@ async def test_a_retry_after_a_platform_failure_completes_without_a_second_vendo
     assert done["refund"] == {"amount": "20.00", "currency": "USD", "status": "succeeded"}
     vendor = await _ledger(client, client.endpoints.vendor)
     assert len(_effects(vendor, "cancellation", vendor_subscription_id=sample.facts.vendor_subscription_id)) == 1
+    # Not even asked again: provisioning has the change on record as done by the failed request.
+    calls = [c for c in vendor["calls"] if sample.facts.vendor_subscription_id in c["path"]]
+    assert len(calls) == 1, calls
+    assert any("it was already canceled there" in h["message"] for h in done["history"])
     # The failed request stays failed and says what was done about it.
     resolved = await watcher.wait_for(rid, lambda s: s.get("resolution") is not None, timeout=30)
     assert resolved["state"] == "failed"

@@ -842,3 +842,20 @@ async def test_payment_unknown_outcome_is_retried_with_the_same_key(payments: Pa
     assert len(payments.refund_effects()) == 1
     assert await payments.refunded_amount() == Decimal("10.00")
     assert types(await outbox(payments.engine, payment_orm)) == ["RefundIssued"]
+
+
+async def test_an_operators_retry_after_a_platform_failure_does_not_call_the_vendor_again(
+        provisioning_engine: AsyncEngine) -> None:
+    vendor = FakeVendorClient()
+    first = vendor_command(new_quantity=3)
+    await provision(provisioning_engine, vendor, first)
+    retry = vendor_command(new_quantity=3).model_copy(update={"retry_of": first.request_id})
+    emitted = await provision(provisioning_engine, vendor, retry)
+    assert types(emitted) == ["VendorProvisioned"] and emitted[0]["payload"]["already_applied"] is True
+    assert len(vendor.calls) == 1
+    # A retry of a retry finds it on record too; a different change (another quantity) is asked for.
+    again = vendor_command(new_quantity=3).model_copy(update={"retry_of": retry.request_id})
+    assert types(await provision(provisioning_engine, vendor, again)) == ["VendorProvisioned"]
+    other = vendor_command(new_quantity=2).model_copy(update={"retry_of": again.request_id})
+    await provision(provisioning_engine, vendor, other)
+    assert len(vendor.calls) == 2

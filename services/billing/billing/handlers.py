@@ -222,6 +222,7 @@ class BillingHandlers:
             subscription_id=row["subscription_id"], vendor=row["vendor"],
             vendor_subscription_id=row["vendor_subscription_id"], effective_date=saga["effective_date"],
             current_quantity=row["quantity"], new_quantity=saga["new_quantity"],
+            retry_of=(saga.get("request") or {}).get("retry_of"),
             snapshot=SubscriptionSnapshot(subscription_status=row["status"],
                                           provisioning_status=domain.IN_PROGRESS,
                                           effective_date=saga["effective_date"],
