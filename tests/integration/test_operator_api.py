@@ -236,6 +236,7 @@ async def test_bad_bodies_and_unknown_requests(api: Api) -> None:
         assert response.status == 400
     assert (await api.call("POST", f"/requests/{uuid.uuid4()}/approve", body={}))[0] == 404
     assert (await api.call("POST", "/requests/not-a-uuid/retry", body={}))[0] == 404
+    assert (await api.call("POST", f"/requests/{'x' * 300}/retry", body={}))[0] == 404  # audited, cut short
     assert await api.outbox() == []
 
 
@@ -285,3 +286,11 @@ async def test_an_open_service_lets_anyone_act_as_anonymous(store) -> None:  # t
                                                                       "reason": "r"})) as response:
             assert response.status == 202
     await engine.dispose()
+
+
+def test_a_malformed_operator_list_stops_the_start_without_showing_a_token() -> None:
+    for bad in ("alice:operator", "alice:admin:" + "t" * 20, "alice:operator:short", f"a:operator:{ALICE},a:viewer:{VERA}"):
+        with pytest.raises(ValueError) as raised:
+            parse_operators(bad)
+        assert ALICE not in str(raised.value) and "t" * 20 not in str(raised.value)
+    assert ALICE not in repr(parse_operators(OPERATORS))

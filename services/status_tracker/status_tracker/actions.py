@@ -243,8 +243,9 @@ class Actions:
     @staticmethod
     async def _audit_in(uow: UnitOfWork, operator: Operator, action: str, request_id: str | None, answer: Answer,
                         note: str, new_id: uuid.UUID | None) -> None:
-        await uow.db.run(ADD_AUDIT, at=utcnow(), operator=operator.name, role=operator.role.value, action=action,
-                         request_id=request_id, new_request_id=str(new_id) if new_id else None,
+        await uow.db.run(ADD_AUDIT, at=utcnow(), operator=operator.name, role=operator.role.value, action=action[:30],
+                         request_id=request_id[:64] if request_id else None,
+                         new_request_id=str(new_id) if new_id else None,
                          status=answer.status, outcome=answer.body.get("error") or "accepted", note=note or None)
 
     async def _audit(self, operator: Operator, action: str, request_id: str | None, answer: Answer,

@@ -58,6 +58,8 @@ def parse_operators(value: str | None) -> list[Operator]:
         if len(parts) != 3 or not parts[0] or not parts[2]:
             raise ValueError(f"CANCELFLOW_OPERATORS entry {number} is not name:role:token")
         name, role, token = parts
+        if len(name) > 100:
+            raise ValueError(f"CANCELFLOW_OPERATORS entry {number}: the name is longer than 100 characters")
         if role not in Role.__members__:
             raise ValueError(f"CANCELFLOW_OPERATORS entry {number} ({name}): role must be viewer or operator")
         if len(token) < 16:
