@@ -63,6 +63,20 @@ class RefundRetryMachine(guard.RefundGuardMachine):
             self.run(self.deliver(msg))
         return msgs[0]
 
+    @rule(target=retries, subscription=guard.RefundGuardMachine.charges, unused=st.integers(1, 30),
+          copies=st.integers(1, 3), fault=st.sampled_from(guard.FAULTS))
+    def refused_then_retried(self, subscription: str, unused: int, copies: int, fault: str) -> Message:
+        """The case operators meet: a cancellation whose refund the gateway refused, then retried by
+        `copies` retry requests at once (the first delivered with `fault`)."""
+        refused = self._commit_message(subscription, unused, 1, 1)
+        self.gateway.next_faults.append("refused")
+        self.run(self.deliver(refused))
+        msgs = [self._retry(str(refused.payload.request_id)) for _ in range(copies)]  # type: ignore[attr-defined]
+        self.gateway.next_faults.append(fault)
+        for msg in msgs:
+            self.run(self.deliver(msg))
+        return msgs[-1]
+
     def _retry(self, refused: str) -> Message:
         new_id = uuid.uuid4()
         self.retry_of[str(new_id)] = refused
