@@ -171,3 +171,39 @@ async def test_a_subscription_as_its_owners_see_it(client, watcher, ids, today) 
     assert [r["request_id"] for r in after["requests"]] == [answer["request_id"]]
     _, unknown = await client.get_json(f"{client.endpoints.status}/subscriptions/nope-{ids['tag']}")
     assert unknown["billing"] == {"unknown": True} and unknown["requests"] == []
+
+
+def _cli(stack, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run([sys.executable, "-m", "cancelflow", *args], capture_output=True, text=True, timeout=120,
+                          env={**stack.env, "COLUMNS": "300"})
+
+
+async def test_decline_and_close_from_the_cli(stack, client, watcher, ids, today) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    pending = sample_subscription(account_id=ids["account"], subscription_id=f"sub-dc-{ids['tag']}", today=today)
+    refused = sample_subscription(account_id=ids["account"], subscription_id=f"sub-cl-{ids['tag']}", today=today)
+    await client.load([pending, refused])
+    await client.post_json(f"{client.endpoints.gateway}/_sandbox/rules", {
+        "match": {"gateway_charge_id": refused.charges[0].gateway_charge_id},
+        "respond": {"status": 402, "error": "card_account_closed"}, "times": 1})
+    waiting = await client.request_cancellation(account_id=ids["account"],
+                                                subscription_id=pending.facts.subscription_id, requires_approval=True)
+    review = await client.request_cancellation(account_id=ids["account"], subscription_id=refused.facts.subscription_id)
+    await watcher.wait_for(waiting, lambda s: s["state"] == "pending_approval", timeout=60)
+    await watcher.terminal(review, timeout=60)
+
+    run = await asyncio.to_thread(_cli, stack, "decline", waiting, "--note", "duplicate of another request")
+    assert run.returncode == 0 and "decline accepted" in run.stdout, run.stdout + run.stderr
+    declined = await watcher.terminal(waiting, timeout=60)
+    assert declined["state"] == "declined"
+    assert "Declined by admin: duplicate of another request" in [h["message"] for h in declined["history"]]
+
+    wrong = await asyncio.to_thread(_cli, stack, "retry", review)  # manual_review is not failed
+    assert wrong.returncode == 1 and "409" in wrong.stdout
+    run = await asyncio.to_thread(_cli, stack, "resolve", review, "--action", "close", "--note", "refunded by hand")
+    assert run.returncode == 0, run.stdout + run.stderr
+    closed = await watcher.wait_for(review, lambda s: s.get("resolution") is not None, timeout=30)
+    assert closed["state"] == "manual_review"
+    assert (closed["resolution"]["action"], closed["resolution"]["note"]) == ("close", "refunded by hand")
+    assert "Closed by admin: refunded by hand" in [h["message"] for h in closed["history"]]
