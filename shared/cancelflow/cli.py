@@ -155,6 +155,14 @@ def _endpoints():  # type: ignore[no-untyped-def]
     return Endpoints.from_env(_settings())
 
 
+def _resolution(resolution: dict | None) -> str | None:
+    if not resolution:
+        return None
+    said = f"{resolution['action']} by {resolution['by']} at {resolution['at']}"
+    said += f": {resolution['note']}" if resolution.get("note") else ""
+    return said + (f" (new request {resolution['request_id']})" if resolution.get("request_id") else "")
+
+
 def print_status(status: dict) -> None:
     """A request's status record as support reads it: the view, then its history."""
     error = status.get("error")
@@ -174,6 +182,8 @@ def print_status(status: dict) -> None:
         ("refund", f"{refund['amount']} {refund['currency']} ({refund['status']})" if refund else "-"),
         ("error", f"{error['source']} / {error['code']}: {error['message']}" if error else "-"),
         ("version", str(status.get("version"))),
+        ("retry of", status.get("retry_of")),
+        ("resolution", _resolution(status.get("resolution"))),
     ]
     for name, value in rows:
         view.add_row(name, escape(str(value)) if value is not None else "-")
