@@ -859,3 +859,21 @@ async def test_an_operators_retry_after_a_platform_failure_does_not_call_the_ven
     other = vendor_command(new_quantity=2).model_copy(update={"retry_of": again.request_id})
     await provision(provisioning_engine, vendor, other)
     assert len(vendor.calls) == 2
+
+
+async def test_billing_tells_provisioning_of_a_retry_only_after_a_platform_failure(billing: Billing) -> None:
+    """An operator's retry of a request the platform failed says so to provisioning (the vendor is not
+    asked again); a retry of anything else, or a request merely claiming retry_of, is asked as usual."""
+    vendor_failed = await billing.locked()
+    await billing.send(VendorCancellationFailed(
+        request_id=vendor_failed.request_id, subscription_id="sub-1", vendor="acme", vendor_subscription_id="V-1",
+        code="vendor_rejected", message="locked", http_status=409, retryable=False))
+    after_vendor = await billing.send(requested(retry_of=vendor_failed.request_id))
+    assert after_vendor[-1]["payload"]["retry_of"] is None
+    async with session_factory(billing.engine)() as session, session.begin():
+        await BillingRepository(Db(session)).arm_fault("sub-1", "commit")
+    platform_failed = uuid.UUID(after_vendor[-1]["payload"]["request_id"])
+    assert types(await billing.send(provisioned(platform_failed))) == ["Failed"]
+    retry = await billing.send(requested(retry_of=platform_failed))
+    assert types(retry) == ["CancellationReceived", "VendorCancellationRequested"]
+    assert retry[-1]["payload"]["retry_of"] == str(platform_failed)

@@ -222,12 +222,23 @@ class BillingHandlers:
             subscription_id=row["subscription_id"], vendor=row["vendor"],
             vendor_subscription_id=row["vendor_subscription_id"], effective_date=saga["effective_date"],
             current_quantity=row["quantity"], new_quantity=saga["new_quantity"],
-            retry_of=(saga.get("request") or {}).get("retry_of"),
+            retry_of=await self._vendor_done_by(repo, saga, row),
             snapshot=SubscriptionSnapshot(subscription_status=row["status"],
                                           provisioning_status=domain.IN_PROGRESS,
                                           effective_date=saga["effective_date"],
                                           access_end_date=saga["access_end_date"]),
         ))
+
+    @staticmethod
+    async def _vendor_done_by(repo: BillingRepository, saga: dict, row: dict) -> str | None:
+        """The request this one retries, when its vendor step went through and our platform then failed
+        (provisioning does not ask the vendor again for the same change); None otherwise, whatever
+        `retry_of` a request claims."""
+        retried = (saga.get("request") or {}).get("retry_of")
+        earlier = await repo.cancellation(retried) if retried else None
+        if earlier is None or earlier["state"] != "reverted_platform":
+            return None
+        return retried if earlier["subscription_id"] == row["subscription_id"] else None
 
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
