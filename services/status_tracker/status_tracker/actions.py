@@ -86,6 +86,7 @@ class OnBehalfBody(_Body):
     reason: str = Field(min_length=1, max_length=2000)
     requires_approval: bool = False
     opt_out_of_emails: bool = False
+    retry_of: uuid.UUID | None = None  # section 4 allows it; billing trusts it only for a platform failure
 
     def model_post_init(self, _context: Any) -> None:
         if not self.reason.strip():
