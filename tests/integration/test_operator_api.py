@@ -215,6 +215,18 @@ async def test_retry_is_a_new_request_for_the_same_target_and_options(api: Api) 
     assert len(await api.outbox()) == len(sent)
 
 
+async def test_operators_clicking_together_retry_once(api: Api) -> None:
+    import asyncio
+
+    rid = await api.seed(**FAILED_VENDOR)
+    answers = await asyncio.gather(*[api.call("POST", f"/requests/{rid}/retry", body={"note": str(n)})
+                                     for n in range(6)])
+    assert sorted(status for status, _ in answers) == [202] + [409] * 5
+    assert len([r for r in await api.outbox() if r["event_type"] == "CancellationRequested"]) == 1
+    _, audit = await api.call("GET", f"/audit?request_id={rid}")
+    assert sorted(a["status"] for a in audit["items"]) == [202] + [409] * 5
+
+
 async def test_retry_refund_starts_a_refund_request_of_its_own(api: Api) -> None:
     rid = await api.seed(**REFUND_REFUSED)
     status, answer = await api.call("POST", f"/requests/{rid}/resolve", body={"action": "retry_refund"})
