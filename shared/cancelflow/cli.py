@@ -155,6 +155,14 @@ def _endpoints():  # type: ignore[no-untyped-def]
     return Endpoints.from_env(_settings())
 
 
+def _resolution(resolution: dict | None) -> str | None:
+    if not resolution:
+        return None
+    said = f"{resolution['action']} by {resolution['by']} at {resolution['at']}"
+    said += f": {resolution['note']}" if resolution.get("note") else ""
+    return said + (f" (new request {resolution['request_id']})" if resolution.get("request_id") else "")
+
+
 def print_status(status: dict) -> None:
     """A request's status record as support reads it: the view, then its history."""
     error = status.get("error")
@@ -176,6 +184,8 @@ def print_status(status: dict) -> None:
         ("error", f"{error['source']} / {error['code']}: {error['message']}" if error else "-"),
         ("resolution", f"{resolution['action']}, by {resolution['by']}: {resolution['note']}" if resolution else "-"),
         ("version", str(status.get("version"))),
+        ("retry of", status.get("retry_of")),
+        ("resolution", _resolution(status.get("resolution"))),
     ]
     for name, value in rows:
         view.add_row(name, escape(str(value)) if value is not None else "-")
@@ -206,8 +216,11 @@ def cancel(
     wait: bool = typer.Option(False, "--wait", help="Wait for the outcome and print it; exit 0 when it completed "
                               "(or waits for its end of term or an operator), 1 when it ended otherwise."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait with --wait."),
+    on_behalf: bool = typer.Option(False, "--on-behalf", help="As a support operator, through the status "
+                                   "service (POST /cancellations, CANCELFLOW_TOKEN); --reason is required."),
 ) -> None:
-    """Publish a CancellationRequested on cancellations.requested, as an upstream app would."""
+    """Publish a CancellationRequested on cancellations.requested, as an upstream app would; with
+    --on-behalf, ask the status service to, as the signed-in operator."""
     import uuid
     from datetime import date
 
@@ -226,6 +239,9 @@ def cancel(
             if watcher:
                 await watcher.__aenter__()
             try:
+                if on_behalf:
+                    rid = await _on_behalf(stack)
+                    return await watcher.wait_for(rid, _settled, timeout) if watcher else None
                 rid = await stack.request_cancellation(
                     account_id=account, subscription_id=subscription, mode=mode,
                     effective_date=date.fromisoformat(effective_date) if effective_date else None,
@@ -238,8 +254,22 @@ def cancel(
                 if watcher:
                     await watcher.__aexit__(None, None, None)
 
+    async def _on_behalf(stack: StackClient) -> str:
+        body = {"account_id": account, "target": "charges" if charge else "subscription",
+                "subscription_id": subscription, "charge_ids": charge, "mode": mode, "effective_date": effective_date,
+                "quantity": quantity, "reason": reason, "requires_approval": requires_approval,
+                "opt_out_of_emails": opt_out}
+        code, answer = await stack.act("/cancellations", body)
+        if code != 202:
+            raise _Refused(code, answer)
+        console.print(f"requested on the customer's behalf: [bold]{answer['request_id']}[/]")
+        return str(answer["request_id"])
+
     try:
         status = asyncio.run(send())
+    except _Refused as refused:
+        refused.report()
+        raise typer.Exit(refused.exit_code) from None
     except (ValidationError, ValueError) as exc:
         console.print(f"[red]not a valid request:[/] {exc}")
         raise typer.Exit(2) from None
@@ -250,6 +280,75 @@ def cancel(
         print_status(status)
         if status["state"] not in _WAITING and status["state"] != "completed":
             raise typer.Exit(1)
+
+
+class _Refused(Exception):
+    """The status service said no to an operator's action."""
+
+    def __init__(self, code: int, answer: object) -> None:
+        super().__init__(code)
+        self.code = code
+        self.answer = answer
+
+    @property
+    def exit_code(self) -> int:
+        return 4 if self.code in (401, 403) else 2 if self.code in (400, 404) else 1
+
+    def report(self) -> None:
+        error = self.answer.get("error") if isinstance(self.answer, dict) else self.answer
+        hint = " (set CANCELFLOW_TOKEN to an operator's token)" if self.code in (401, 403) else ""
+        console.print(f"[red]refused ({self.code}):[/] {escape(str(error))}{hint}")
+
+
+def _act(request_id: str, action: str, body: dict) -> None:
+    """POST /requests/{id}/{action} as the operator of CANCELFLOW_TOKEN (or the embedded stack's)."""
+    from cancelflow.ops import StackClient
+
+    async def send() -> tuple[int, object]:
+        async with StackClient(_endpoints()) as stack:
+            return await stack.act(f"/requests/{request_id}/{action}", body)
+
+    try:
+        code, answer = asyncio.run(send())
+    except OSError as exc:
+        console.print(f"[red]the status service does not answer: {exc}[/] (is `cancelflow up` running?)")
+        raise typer.Exit(1) from None
+    if code != 202:
+        refused = _Refused(code, answer)
+        refused.report()
+        raise typer.Exit(refused.exit_code)
+    assert isinstance(answer, dict)
+    new = f"; new request [bold]{answer['request_id']}[/]" if answer.get("retry_of") else ""
+    console.print(f"{answer.get('action', action)} accepted for {request_id}{new}")
+
+
+NOTE = typer.Option("", "--note", help="Why (kept in the request's history and the audit trail).")
+
+
+@app.command()
+def approve(request_id: str = typer.Argument(..., help="A request pending approval."), note: str = NOTE) -> None:
+    """Approve a request that waits for an operator (CONTRACT.md section 11)."""
+    _act(request_id, "approve", {"note": note})
+
+
+@app.command()
+def decline(request_id: str = typer.Argument(..., help="A request pending approval."), note: str = NOTE) -> None:
+    """Decline a request that waits for an operator; the customer is told."""
+    _act(request_id, "decline", {"note": note})
+
+
+@app.command()
+def retry(request_id: str = typer.Argument(..., help="A failed request (vendor or platform)."),
+          note: str = NOTE) -> None:
+    """Retry a failed request as a new request for the same target and options (prints its id)."""
+    _act(request_id, "retry", {"note": note})
+
+
+@app.command()
+def resolve(request_id: str = typer.Argument(..., help="A request in manual review."),
+            action: str = typer.Option(..., "--action", help="retry_refund | close"), note: str = NOTE) -> None:
+    """Resolve a manual review: try the refused refund again (retry_refund), or close it with a note."""
+    _act(request_id, "resolve", {"action": action, "note": note})
 
 
 # Where a request waits for something outside the stack: its end of term, or an operator's decision.

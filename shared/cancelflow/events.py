@@ -325,6 +325,7 @@ class CancellationReceived(SagaEvent):
     reason: Text = ""
     requires_approval: bool = False
     opt_out_of_emails: bool = False
+    retry_of: uuid.UUID | None = None
 
 
 class SubscriptionSnapshot(BaseModel):
@@ -402,6 +403,7 @@ class VendorCancellationRequested(SagaEvent):
     current_quantity: int
     new_quantity: int = Field(description="0 for a full cancellation")
     snapshot: SubscriptionSnapshot
+    retry_of: uuid.UUID | None = Field(None, description="an operator's retry of this request (section 11)")
 
 
 @register
@@ -532,6 +534,36 @@ class RequestStuck(SagaEvent):
     stage: Status
     since: AwareDatetime
     stuck_for_seconds: float = Field(ge=0)
+
+
+@register
+class OperatorActed(SagaEvent):
+    """A support operator acted on the request (CONTRACT.md section 11): a history line, and on a
+    finished request its `resolution`. The work the action causes runs as its own request
+    (`new_request_id`)."""
+
+    event_type: ClassVar[str] = "OperatorActed"
+    published_by: ClassVar[frozenset[str] | None] = STATUS_TRACKER
+
+    action: Literal["approve", "decline", "retry", "retry_refund", "close"]
+    operator: Name
+    note: Text = ""
+    new_request_id: uuid.UUID | None = None
+
+
+@register
+class RefundRetryRequested(SagaEvent):
+    """An operator resolves a `manual_review` request by trying its refused refunds again: a request of
+    its own (`request_id`) for the refunds of `retry_of`, through the refund guard with new keys."""
+
+    event_type: ClassVar[str] = "RefundRetryRequested"
+    published_by: ClassVar[frozenset[str] | None] = STATUS_TRACKER
+
+    retry_of: uuid.UUID
+    account_id: Id | None = None
+    subscription_id: Id | None = None
+    operator: Name
+    note: Text = ""
 
 
 # --- the multiple-charge flow (target `charges`): dispute <-> payment-gateway ----------------------

@@ -26,6 +26,7 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
+from cancelflow.operator_token import token_for
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.upstream import UpstreamPublisher
 
@@ -108,11 +109,12 @@ class StackClient:
     """HTTP and Kafka access to a running stack (`async with StackClient(endpoints) as stack`)."""
 
     def __init__(self, endpoints: Endpoints, settings: CommonSettings | None = None,
-                 producer_name: str = "storefront") -> None:
+                 producer_name: str = "storefront", token: str | None = None) -> None:
         self.endpoints = endpoints
         self.settings = settings or CommonSettings(KAFKA_BOOTSTRAP_SERVERS=endpoints.bootstrap)
         self._publisher = UpstreamPublisher(self.settings, producer_name=producer_name)
         self._http: aiohttp.ClientSession | None = None
+        self._token = token
 
     async def __aenter__(self) -> StackClient:
         await self._publisher.__aenter__()
@@ -128,9 +130,20 @@ class StackClient:
     def publisher(self) -> UpstreamPublisher:
         return self._publisher
 
+    @property
+    def token(self) -> str | None:
+        """The status service's operator token (CONTRACT.md section 11): given, CANCELFLOW_TOKEN, or the
+        embedded stack's (read when needed: `cancelflow up` may make it after this client was built)."""
+        return self._token if self._token is not None else token_for(self.settings)
+
+    def _auth(self, url: str) -> dict[str, str]:
+        if self.token and url.startswith(self.endpoints.status):
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
     async def get_json(self, url: str) -> tuple[int, Any]:
         assert self._http is not None
-        async with self._http.get(url) as response:
+        async with self._http.get(url, headers=self._auth(url)) as response:
             if response.content_type != "application/json":
                 return response.status, await response.text()
             return response.status, await response.json()
@@ -138,7 +151,7 @@ class StackClient:
     async def post_json(self, url: str, body: Any, *, expect: tuple[int, ...] = (200, 201)) -> Any:
         assert self._http is not None
         async with self._http.post(url, data=orjson.dumps(body),
-                                   headers={"Content-Type": "application/json"}) as response:
+                                   headers={"Content-Type": "application/json", **self._auth(url)}) as response:
             data = await response.json(content_type=None)
             if response.status not in expect:
                 raise RuntimeError(f"POST {url} -> {response.status}: {data}")
@@ -212,6 +225,14 @@ class StackClient:
             requires_approval=requires_approval, opt_out_of_emails=opt_out_of_emails)
         await self._publisher.publish(request, wait=wait)
         return str(request.request_id)
+
+    async def act(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """An operator's action on the status service (CONTRACT.md section 11): (HTTP status, answer)."""
+        assert self._http is not None
+        url = f"{self.endpoints.status}{path}"
+        async with self._http.post(url, data=orjson.dumps(body),
+                                   headers={"Content-Type": "application/json", **self._auth(url)}) as response:
+            return response.status, await response.json(content_type=None)
 
     async def status(self, request_id: str) -> dict[str, Any] | None:
         code, body = await self.get_json(f"{self.endpoints.status}/requests/{request_id}")

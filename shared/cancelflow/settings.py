@@ -104,6 +104,13 @@ class CommonSettings(BaseSettings):
     # Section 10, internal topics: "service:key,..." (each service signs with its first key and checks the
     # others'); required when producer keys are set (`cancelflow up` makes them), unset: unsigned.
     service_keys: str | None = Field(None, validation_alias="CANCELFLOW_SERVICE_KEYS", repr=False)
+    # Support operators of the status service, `name:role:token,...` (CONTRACT.md section 11).
+    operators: str | None = Field(None, validation_alias="CANCELFLOW_OPERATORS", repr=False)
+    # Where the status service reads a subscription's page from the services that own it (unset: their
+    # HTTP ports on this host, as in the embedded stack).
+    billing_api_url: str | None = Field(None, validation_alias="BILLING_API_URL")
+    provisioning_api_url: str | None = Field(None, validation_alias="PROVISIONING_API_URL")
+    payment_gateway_api_url: str | None = Field(None, validation_alias="PAYMENT_GATEWAY_API_URL")
     log_level: str = Field("INFO", validation_alias="CANCELFLOW_LOG_LEVEL")
     log_json: bool = Field(False, validation_alias="CANCELFLOW_LOG_JSON")
 

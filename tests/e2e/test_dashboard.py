@@ -38,6 +38,14 @@ async def page(stack) -> AsyncIterator:  # type: ignore[no-untyped-def]
             await browser.close()
 
 
+async def sign_in(page, client) -> None:  # type: ignore[no-untyped-def]
+    """As a support person does once per browser session: the sign-in page asks for the token."""
+    await page.goto(f"{client.endpoints.status}/")
+    await page.get_by_label("Operator token").fill(client.token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name="Cancellation requests")).to_be_visible()
+
+
 def _row(page, request_id: str):  # type: ignore[no-untyped-def]
     return page.locator(f'tr[data-request-id="{request_id}"]')
 
@@ -50,8 +58,7 @@ async def test_dashboard_follows_requests_live_and_explains_errors(page, client,
         "match": {"vendor_subscription_id": bad.facts.vendor_subscription_id},
         "respond": {"status": 422, "error": "Subscription is locked by a reseller hold"}, "times": 1})
 
-    await page.goto(f"{client.endpoints.status}/")
-    await expect(page.get_by_role("heading", name="Cancellation requests")).to_be_visible()
+    await sign_in(page, client)
     await expect(page.locator("#connection")).to_have_class("connection live")
     await page.evaluate("window.__notReloaded = true")
 
@@ -91,3 +98,100 @@ async def test_dashboard_follows_requests_live_and_explains_errors(page, client,
     await expect(page.locator("#errors")).to_contain_text("retry is safe")
     # The email owed for the outcome shows up on the open page once it is delivered.
     await expect(page.locator("#emails")).to_contain_text("to the customer", timeout=60_000)
+
+
+# --- operators (CONTRACT.md section 11) ------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+async def _shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Screenshots of the operators' dashboard for docs/ (kept current by these tests)."""
+    if os.environ.get("CANCELFLOW_OPERATOR_SCREENSHOTS"):
+        await page.screenshot(path=str(DOCS / name), full_page=True)
+
+
+async def test_sign_in_is_asked_once_per_browser_session(page, client):  # type: ignore[no-untyped-def]
+    await page.goto(f"{client.endpoints.status}/")
+    await expect(page.get_by_role("heading", name="Sign in to the support dashboard")).to_be_visible()
+    await page.get_by_label("Operator token").fill("not-the-token-at-all")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_have_text("That token is not valid.")
+    await _shot(page, "operators-sign-in.png")
+    await sign_in(page, client)
+    await expect(page.locator("#who")).to_contain_text("Signed in as admin (operator)")
+    await expect(page.locator("#connection")).to_have_class("connection live")  # the live feed is signed in too
+    await page.goto(f"{client.endpoints.status}/?again")  # another page load: not asked again
+    await expect(page.get_by_role("heading", name="Cancellation requests")).to_be_visible()
+
+
+async def test_an_operator_approves_from_the_request_page(page, client, ids, today):  # type: ignore[no-untyped-def]
+    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-ui-ap-{ids['tag']}", today=today)
+    await client.load([sample])
+    rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id,
+                                            requires_approval=True)
+    await sign_in(page, client)
+    await page.goto(f"{client.endpoints.status}/ui/requests/{rid}")
+    await expect(page.locator("#state")).to_have_text("Pending approval", timeout=60_000)
+    buttons = page.locator("#action-buttons button")
+    await expect(buttons).to_have_text(["Approve", "Decline"])
+    await page.get_by_label("Note").fill("customer confirmed by phone")
+    await _shot(page, "operators-approve.png")
+    await page.get_by_role("button", name="Approve").click()
+    await expect(page.locator("#action-outcome")).to_have_text("Approve: accepted.")
+    await expect(page.locator("#state")).to_have_text("Completed", timeout=60_000)
+    await expect(page.locator("#timeline")).to_contain_text("Approved by admin: customer confirmed by phone")
+    await expect(page.locator("#actions-section")).to_be_hidden()  # a completed request offers nothing
+
+
+async def test_an_operator_retries_after_a_platform_failure(page, client, ids, today):  # type: ignore[no-untyped-def]
+    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-ui-rt-{ids['tag']}", today=today)
+    await client.load([sample])
+    await client.post_json(f"{client.endpoints.billing}/_faults",
+                           {"subscription_id": sample.facts.subscription_id, "stage": "commit"})
+    rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
+    await sign_in(page, client)
+    await page.goto(f"{client.endpoints.status}/ui/requests/{rid}")
+    await expect(page.locator("#state")).to_have_text("Failed", timeout=60_000)
+    await expect(page.locator("#action-buttons button")).to_have_text(["Retry as a new request"])
+    await page.get_by_label("Note").fill("platform fixed")
+    await page.get_by_role("button", name="Retry as a new request").click()
+    await expect(page.locator("#action-outcome")).to_contain_text("accepted. New request")
+    await expect(page.locator("#resolution")).to_contain_text("Resolved: retry by admin", timeout=30_000)
+    await expect(page.locator("#state")).to_have_text("Failed")  # terminal stays terminal
+    await _shot(page, "operators-retry.png")
+    await page.locator("#action-outcome a").click()
+    await expect(page.locator("#state")).to_have_text("Completed", timeout=60_000)
+    await expect(page.locator("#links")).to_contain_text(f"Repeats request {rid[:8]}")
+
+
+async def test_an_operator_cancels_on_a_customers_behalf(page, client, ids, today):  # type: ignore[no-untyped-def]
+    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-ui-ob-{ids['tag']}", today=today)
+    await client.load([sample])
+    await sign_in(page, client)
+    form = page.locator("#on-behalf")
+    await form.get_by_label("Account").fill(ids["account"])
+    await form.get_by_label("Subscription").fill(sample.facts.subscription_id)
+    await form.get_by_label("Mode").select_option("past_dated")
+    await form.get_by_label("Effective date").fill(today.isoformat())
+    await form.get_by_label("Reason (required)").fill("customer called: moving to another product")
+    await form.get_by_label("Opt out of any future emails to the customer").check()
+    await page.get_by_role("button", name="Request the cancellation").click()
+    await expect(page.locator("#on-behalf-outcome")).to_contain_text("Cancellation requested")
+    new_id = (await page.locator("#on-behalf-outcome a").get_attribute("href")).rsplit("/", 1)[1]
+    await expect(page.locator("#audit-rows tr").first).to_contain_text("cancel")
+    await expect(_row(page, new_id).locator("td.state")).to_have_text("Completed", timeout=60_000)
+    await _shot(page, "operators-on-behalf.png")
+    status = await client.status(new_id)
+    assert status["mode"] == "past_dated"
+    assert "requested by operator admin via bss" in status["history"][0]["message"]
+
+    # The runbook's last check: the subscription, from the services that own it, has no billing left.
+    await page.goto(f"{client.endpoints.status}/ui/requests/{new_id}")
+    await page.get_by_role("link", name=f"Subscription {sample.facts.subscription_id}: billing, provisioning, refunds").click()
+    await expect(page.locator("#sub-details")).to_contain_text("canceled")
+    await expect(page.locator("#no-scheduled")).to_have_text("No future billing is scheduled.")
+    await expect(page.locator("#billings tr td:nth-child(3)")).to_have_text(["canceled"])
+    await expect(page.locator("#refunds")).to_contain_text("succeeded")
+    await expect(page.locator("#operations")).to_contain_text("succeeded")
+    await _shot(page, "operators-subscription.png")

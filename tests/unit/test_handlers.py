@@ -842,3 +842,38 @@ async def test_payment_unknown_outcome_is_retried_with_the_same_key(payments: Pa
     assert len(payments.refund_effects()) == 1
     assert await payments.refunded_amount() == Decimal("10.00")
     assert types(await outbox(payments.engine, payment_orm)) == ["RefundIssued"]
+
+
+async def test_an_operators_retry_after_a_platform_failure_does_not_call_the_vendor_again(
+        provisioning_engine: AsyncEngine) -> None:
+    vendor = FakeVendorClient()
+    first = vendor_command(new_quantity=3)
+    await provision(provisioning_engine, vendor, first)
+    retry = vendor_command(new_quantity=3).model_copy(update={"retry_of": first.request_id})
+    emitted = await provision(provisioning_engine, vendor, retry)
+    assert types(emitted) == ["VendorProvisioned"] and emitted[0]["payload"]["already_applied"] is True
+    assert len(vendor.calls) == 1
+    # A retry of a retry finds it on record too; a different change (another quantity) is asked for.
+    again = vendor_command(new_quantity=3).model_copy(update={"retry_of": retry.request_id})
+    assert types(await provision(provisioning_engine, vendor, again)) == ["VendorProvisioned"]
+    other = vendor_command(new_quantity=2).model_copy(update={"retry_of": again.request_id})
+    await provision(provisioning_engine, vendor, other)
+    assert len(vendor.calls) == 2
+
+
+async def test_billing_tells_provisioning_of_a_retry_only_after_a_platform_failure(billing: Billing) -> None:
+    """An operator's retry of a request the platform failed says so to provisioning (the vendor is not
+    asked again); a retry of anything else, or a request merely claiming retry_of, is asked as usual."""
+    vendor_failed = await billing.locked()
+    await billing.send(VendorCancellationFailed(
+        request_id=vendor_failed.request_id, subscription_id="sub-1", vendor="acme", vendor_subscription_id="V-1",
+        code="vendor_rejected", message="locked", http_status=409, retryable=False))
+    after_vendor = await billing.send(requested(retry_of=vendor_failed.request_id))
+    assert after_vendor[-1]["payload"]["retry_of"] is None
+    async with session_factory(billing.engine)() as session, session.begin():
+        await BillingRepository(Db(session)).arm_fault("sub-1", "commit")
+    platform_failed = uuid.UUID(after_vendor[-1]["payload"]["request_id"])
+    assert types(await billing.send(provisioned(platform_failed))) == ["Failed"]
+    retry = await billing.send(requested(retry_of=platform_failed))
+    assert types(retry) == ["CancellationReceived", "VendorCancellationRequested"]
+    assert retry[-1]["payload"]["retry_of"] == str(platform_failed)

@@ -91,7 +91,7 @@ def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermSchedu
 
 
 def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
-    """Read-only: the subscription and its history records, for operators and the CLI."""
+    """Read-only: the subscription, its history records and its billings, for operators and the CLI."""
 
     async def view(request: web.Request) -> web.Response:
         async with runtime.sessions() as session:
@@ -100,6 +100,7 @@ def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
             if row is None:
                 return web.json_response({"error": "unknown subscription"}, status=404)
             history = await repo.history(row["subscription_id"])
-        return json_response({"subscription": row, "history": history})
+            billings = await repo.billings(row["subscription_id"])
+        return json_response({"subscription": row, "history": history, "billings": billings})
 
     return view

@@ -276,6 +276,7 @@ class BillingHandlers:
             subscription_id=row["subscription_id"], vendor=row["vendor"],
             vendor_subscription_id=row["vendor_subscription_id"], effective_date=saga["effective_date"],
             current_quantity=row["quantity"], new_quantity=saga["new_quantity"],
+            retry_of=await self._vendor_done_by(repo, saga, row),
             snapshot=SubscriptionSnapshot(subscription_status=row["status"],
                                           provisioning_status=domain.IN_PROGRESS,
                                           effective_date=saga["effective_date"],
@@ -302,6 +303,16 @@ class BillingHandlers:
         log.warning("lock released: the request waits for the vendor no more", request_id=request_id,
                     subscription_id=saga["subscription_id"], why=why)
         return True
+    @staticmethod
+    async def _vendor_done_by(repo: BillingRepository, saga: dict, row: dict) -> str | None:
+        """The request this one retries, when its vendor step went through and our platform then failed
+        (provisioning does not ask the vendor again for the same change); None otherwise, whatever
+        `retry_of` a request claims."""
+        retried = (saga.get("request") or {}).get("retry_of")
+        earlier = await repo.cancellation(retried) if retried else None
+        if earlier is None or earlier["state"] != "reverted_platform":
+            return None
+        return retried if earlier["subscription_id"] == row["subscription_id"] else None
 
     async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
         event: VendorProvisioned = msg.payload  # type: ignore[assignment]
@@ -411,7 +422,7 @@ def _received(request: CancellationRequested) -> CancellationReceived:
         subscription_id=request.subscription_id, charge_ids=request.charge_ids, mode=request.mode,
         effective_date=request.effective_date, quantity=request.quantity, requested_by=request.requested_by,
         reason=request.reason, requires_approval=request.requires_approval,
-        opt_out_of_emails=request.opt_out_of_emails,
+        opt_out_of_emails=request.opt_out_of_emails, retry_of=request.retry_of,
     )
 
 

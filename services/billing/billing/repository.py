@@ -33,6 +33,8 @@ SUPERSEDE_RENEWALS = Query(update(_billings).where(_SCHEDULED_FOR).values(status
 CANCEL_RENEWALS = Query(update(_billings).where(_SCHEDULED_FOR).values(status="canceled"))
 REPRICE_RENEWALS = Query(update(_billings).where(_SCHEDULED_FOR))
 ADD_RENEWAL = Query(insert(_billings))
+BILLINGS = Query(select(_billings).where(_billings.c.subscription_id == bindparam("subscription_id"))
+                 .order_by(_billings.c.bill_on, _billings.c.id))
 
 CANCELLATION = Query(select(_cancellations).where(_cancellations.c.request_id == bindparam("request_id")))
 ADD_CANCELLATION = Query(insert(_cancellations))
@@ -144,6 +146,10 @@ class BillingRepository:
 
     async def history(self, subscription_id: str) -> list[dict[str, Any]]:
         return await self.db.all(HISTORY, subscription_id=subscription_id)
+
+    async def billings(self, subscription_id: str) -> list[dict[str, Any]]:
+        """Every billing of the subscription, scheduled or not (read view: the support runbook's step 8)."""
+        return await self.db.all(BILLINGS, subscription_id=subscription_id)
 
     async def schedule_renewal(self, facts: SubscriptionActivated) -> None:
         await self.db.run(SUPERSEDE_RENEWALS, match_subscription_id=facts.subscription_id)

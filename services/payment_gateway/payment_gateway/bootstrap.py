@@ -15,6 +15,7 @@ from payment_gateway.adapters.gateway import GatewayClient
 from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
+from payment_gateway.retries import RefundRetryHandlers
 
 
 def build() -> ServiceRuntime:
@@ -24,6 +25,7 @@ def build() -> ServiceRuntime:
                             attempts=settings.gateway_attempts)
     handlers = PaymentHandlers(gateway)
     disputes = DisputeRefundHandlers(gateway)
+    retries = RefundRetryHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
                             dead_letter=True, batch=True, facts=True))
     runtime.add_route(Route(topics.SAGA, {
@@ -31,8 +33,10 @@ def build() -> ServiceRuntime:
         "CancellationScheduled": handlers.cancellation_scheduled,
         "ChargesVerificationRequested": disputes.charges_verification_requested,
         "DuplicateRefundRequested": disputes.duplicate_refund_requested,
+        "RefundRetryRequested": retries.refund_retry_requested,
     }, rounds=True))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
+    runtime.http.router.add_get("/subscriptions/{subscription_id}/charges", _subscription_charges(runtime))
     runtime.on_start.append(gateway.start)
     runtime.on_stop.append(gateway.close)
     return runtime
@@ -56,6 +60,29 @@ def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
             refunds = await db.all(CHARGE_REFUNDS, charge_id=charge_id)
             refundable = await Ledger(db).refundable(charge_id)  # the gateway charge's, however many records
         body = {"charge": dict(row), "refundable": str(refundable), "refunds": [dict(r) for r in refunds]}
+        return json_response(body)
+
+    return view
+
+
+SUBSCRIPTION_CHARGES = Query(select(orm.charges).where(orm.charges.c.subscription_id == bindparam("subscription_id"))
+                             .order_by(orm.charges.c.captured_at))
+SUBSCRIPTION_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id.in_(
+    select(orm.charges.c.charge_id).where(orm.charges.c.subscription_id == bindparam("subscription_id"))))
+    .order_by(orm.refunds.c.created_at))
+
+
+def _subscription_charges(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+    """Read-only: a subscription's charges with what each has left, and every refund against them."""
+
+    async def view(request: web.Request) -> web.Response:
+        subscription_id = request.match_info["subscription_id"]
+        async with runtime.sessions() as session:
+            db = Db(session)
+            charges = await db.all(SUBSCRIPTION_CHARGES, subscription_id=subscription_id)
+            refunds = await db.all(SUBSCRIPTION_REFUNDS, subscription_id=subscription_id)
+        body = {"charges": [{**c, "refundable": str(c["amount"] - c["refunded_amount"])} for c in charges],
+                "refunds": refunds}
         return json_response(body)
 
     return view

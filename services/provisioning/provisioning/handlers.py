@@ -3,6 +3,9 @@
 The operation is recorded as `pending` and committed before the vendor is called. A crash after
 the call finds the pending row on redelivery and calls again: the vendor treats a repeated
 cancellation as "already canceled", which counts as success, so the effect happens once.
+
+An operator's retry of a request whose vendor step succeeded (the platform failed after it) does not
+call the vendor again: the same change is on record as done, so it is answered as already applied.
 """
 
 from __future__ import annotations
@@ -47,15 +50,29 @@ class ProvisioningHandlers:
                 effective_date=command.effective_date, current_quantity=command.current_quantity,
                 new_quantity=command.new_quantity, status="pending", attempts=0, started_at=utcnow(),
             )
-        async with uow.outside():  # the pending row is committed before the vendor hears of it
-            outcome = await self._call_vendor(command)
-            crash_point("provisioning.after_vendor_call")
+        if await self._done_before(uow, command):
+            outcome = VendorOutcome(ok=True, already_done=True, http_status=None, code="already_applied",
+                                    message=f"made by request {command.retry_of}", retryable=False, attempts=0)
+        else:
+            async with uow.outside():  # the pending row is committed before the vendor hears of it
+                outcome = await self._call_vendor(command)
+                crash_point("provisioning.after_vendor_call")
         await uow.db.run(
             FINISH_OPERATION, match_request_id=request_id, more_attempts=outcome.attempts,
             status="succeeded" if outcome.ok else "failed", already_applied=outcome.already_done,
             code=outcome.code, message=outcome.message, http_status=outcome.http_status, finished_at=utcnow(),
         )
         uow.emit(self._answer(command, outcome))
+
+    @staticmethod
+    async def _done_before(uow: UnitOfWork, command: VendorCancellationRequested) -> bool:
+        """Whether the request this one retries already made this very change at the vendor."""
+        if command.retry_of is None:
+            return False
+        earlier = await uow.db.first(OPERATION, request_id=str(command.retry_of))
+        return earlier is not None and earlier["status"] == "succeeded" and (
+            earlier["vendor_subscription_id"], earlier["current_quantity"], earlier["new_quantity"]
+        ) == (command.vendor_subscription_id, command.current_quantity, command.new_quantity)
 
     async def _call_vendor(self, command: VendorCancellationRequested) -> VendorOutcome:
         if command.new_quantity == 0:

@@ -9,10 +9,15 @@ from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
 from status_tracker import gauges, http, orm
+from status_tracker.actions import Actions
 from status_tracker.feed import StatusFeed
 from status_tracker.handlers import TrackerHandlers
+from status_tracker.operators import Operators, parse_operators
 from status_tracker.projection import ReadModel
 from status_tracker.stuck import StuckTimer
+from status_tracker.subscriptions import SubscriptionViews, owner_urls
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build() -> ServiceRuntime:
@@ -29,5 +34,14 @@ def build() -> ServiceRuntime:
     runtime.on_stop.append(feed.stop)
     runtime.tasks += [runtime.stuck.run, feed.run, gauges.refresher(runtime.sessions)]  # type: ignore[attr-defined]
     runtime.inflight_reports.append(lambda: gauges.request_counts(runtime.sessions))
-    http.install(runtime.http, read_model, feed)
+    operators = Operators(parse_operators(settings.operators))  # a malformed list stops the start here
+    if not operators.enabled and settings.http_host not in LOOPBACK:
+        raise ValueError(f"the status service would serve every account's requests on {settings.http_host} "
+                         "to anyone: set CANCELFLOW_OPERATORS (docs/security.md)")
+    actions = Actions(runtime.new_uow, signing_key=settings.signing_key("bss"))
+    subscriptions = SubscriptionViews(read_model, owner_urls(settings))
+    runtime.on_start.append(subscriptions.start)
+    runtime.on_stop.append(subscriptions.stop)
+    http.install(runtime.http, read_model, feed, operators=operators, actions=actions, sessions=runtime.sessions,
+                 subscriptions=subscriptions)
     return runtime

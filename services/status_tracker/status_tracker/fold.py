@@ -21,9 +21,11 @@ from cancelflow.events import (
     DisputeStepRecorded,
     EmailSent,
     Failed,
+    OperatorActed,
     Payload,
     PlatformCommitted,
     RefundIssued,
+    RefundRetryRequested,
     RequestDeclined,
     RequestStuck,
     Source,
@@ -59,7 +61,7 @@ def empty_view(request_id: str) -> View:
         "request_id": request_id, "account_id": None, "target": None, "subscription_id": None,
         "charge_ids": [], "mode": None, "state": None, "stage": None, "subscription_status": None,
         "provisioning_status": None, "effective_date": None, "access_end_date": None, "refund": None,
-        "error": None, "history": [],
+        "error": None, "history": [], "retry_of": None, "resolution": None,
     }
 
 
@@ -81,10 +83,11 @@ def apply(view: View, event: Payload, at: datetime) -> View | None:
     after = State(new["state"]) if new["state"] else None
     if before is None and after is None:
         return None  # a step of a request whose first record we never saw: no status to speak of
-    if after is None or before in TERMINAL_STATES or not is_legal(before, after):
+    opens = before is None and isinstance(event, RefundRetryRequested)  # a request born in progress
+    if after is None or before in TERMINAL_STATES or not (opens or is_legal(before, after)):
         # Never leave a terminal state (nor change its stage, snapshot, refund or error), never jump
-        # illegally: keep only the history the event adds.
-        new = {**view, "history": new["history"]}
+        # illegally: keep only the history the event adds, and what an operator did about it.
+        new = {**view, "history": new["history"], "resolution": new.get("resolution")}
     return None if new == view else new
 
 
@@ -149,7 +152,8 @@ def _snapshot(view: View, snapshot: SubscriptionSnapshot | None) -> None:
 
 def _received(view: View, e: CancellationReceived, at: datetime) -> None:
     view.update(account_id=e.account_id, target=e.target, subscription_id=e.subscription_id,
-                charge_ids=list(e.charge_ids), mode=e.mode.value)
+                charge_ids=list(e.charge_ids), mode=e.mode.value,
+                retry_of=str(e.retry_of) if e.retry_of else None)
     if view["state"] is None:
         view.update(state=State.received.value, stage=Source.validation.value)
         who = f"{e.requested_by.role} {e.requested_by.user_id} via {e.requested_by.channel}"
@@ -280,6 +284,33 @@ def _dispute_step(view: View, e: DisputeStepRecorded, at: datetime) -> None:
     _say(view, at, e.message)
 
 
+ACTION_NAMES = {"approve": "Approved", "decline": "Declined", "retry": "Retried",
+                "retry_refund": "Refund retried", "close": "Closed"}
+
+
+def _operator_acted(view: View, e: OperatorActed, at: datetime) -> None:
+    """CONTRACT.md section 11: `<Action> by <name>: <note>`; a finished request keeps its state and
+    gains `resolution` (the work the action causes runs as its own request)."""
+    said = f"{ACTION_NAMES[e.action]} by {e.operator}" + (f": {e.note}" if e.note else "")
+    if e.new_request_id is not None:
+        said += f" (new request {e.new_request_id})"
+    _say(view, at, said)
+    if view["state"] is not None and State(view["state"]) in TERMINAL_STATES:
+        view["resolution"] = {"by": e.operator, "at": at.isoformat(), "action": e.action, "note": e.note,
+                              "request_id": str(e.new_request_id) if e.new_request_id else None}
+
+
+def _refund_retry(view: View, e: RefundRetryRequested, at: datetime) -> None:
+    """The request an operator's `retry_refund` starts: it goes straight to the money step."""
+    if view["state"] is not None:
+        return
+    view.update(account_id=e.account_id, target="subscription" if e.subscription_id else None,
+                subscription_id=e.subscription_id, state=State.in_progress.value, stage=Source.payment.value,
+                retry_of=str(e.retry_of))
+    _say(view, at, f"Refund of request {e.retry_of} retried by operator {e.operator}"
+                   + (f": {e.note}" if e.note else ""))
+
+
 _HANDLERS = {
     CancellationReceived: _received,
     ApprovalPending: _pending,
@@ -295,5 +326,7 @@ _HANDLERS = {
     EmailSent: _email,
     DisputeStepRecorded: _dispute_step,
     RequestStuck: _stuck,
+    OperatorActed: _operator_acted,
+    RefundRetryRequested: _refund_retry,
 }
 SAGA_EVENT_TYPES = [cls.event_type for cls in _HANDLERS]

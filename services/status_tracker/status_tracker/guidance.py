@@ -20,12 +20,14 @@ _BY_SOURCE: dict[str, Help] = {
                "send the cancellation again (a new request)."),
     "platform": Help(
         label="Platform error", action="contact_support",
-        advice="The vendor already cancelled but our platform did not commit. Do not retry: contact "
-               "support, who were alerted by email with what is needed to finish by hand."),
+        advice="The vendor already cancelled but our platform did not commit; support was alerted by "
+               "email. Once the platform is fixed, an operator retries it as a new request (the vendor "
+               "is not asked to cancel again)."),
     "payment": Help(
         label="Payment error", action="contact_support",
-        advice="The cancellation is committed; the refund is not done. Contact support to review and "
-               "issue the refund by hand. Do not send the cancellation again."),
+        advice="The cancellation is committed; the refund is not done. An operator retries the refund "
+               "(never more than the charge has left) or closes the case with a note once it is settled "
+               "by hand. Do not send the cancellation again."),
     "validation": Help(
         label="Rejected", action="fix_request",
         advice="Nothing changed. Correct the request (see the code) and send a new one if it still applies."),

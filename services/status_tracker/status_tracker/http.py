@@ -4,7 +4,14 @@
   `error_source` take comma-separated alternatives), paged by `limit` (<= 500) and `offset`;
 - `GET /requests/{request_id}`: the full status with its history, emails and errors (404 if unknown);
 - `GET /events`: server-sent events, one `status` event per record on `cancellations.status`;
-- `GET /` and `GET /ui/requests/{request_id}`: the dashboard (static files, no build step).
+- `GET /` and `GET /ui/requests/{request_id}`: the dashboard (static files, no build step);
+- `GET /ui/subscriptions/{subscription_id}` and `GET /subscriptions/{subscription_id}`: a subscription as
+  the services that own it see it (billing, provisioning, payment-gateway), and its requests;
+- operators (CONTRACT.md section 11): `POST /session` (sign in: sets the session cookie), `GET /session`,
+  `POST /requests/{id}/approve|decline|retry|resolve`, `POST /cancellations`, `GET /audit`.
+
+With CANCELFLOW_OPERATORS set, everything but /healthz, /readyz, /inflight and /metrics needs a signed-in operator
+(`operators.py`); a browser without one gets the sign-in page.
 """
 
 from __future__ import annotations
@@ -14,23 +21,89 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from sqlalchemy import select
 
 from cancelflow.service import json_response
+from status_tracker import orm
+from status_tracker.actions import Actions, allowed_actions
 from status_tracker.feed import StatusFeed
+from status_tracker.operators import COOKIE, OPEN_PATHS, OPERATOR_KEY, Operators, operator_of
 from status_tracker.projection import MAX_PAGE, Query, ReadModel
+from status_tracker.subscriptions import SubscriptionViews
 
 STATIC = Path(__file__).parent / "static"
 HEARTBEAT_S = 15.0
+ACTIONS = ("approve", "decline", "retry", "resolve")
 
 
-def install(app: web.Application, read_model: ReadModel, feed: StatusFeed) -> None:
-    api = _Api(read_model, feed)
+def install(app: web.Application, read_model: ReadModel, feed: StatusFeed, *, operators: Operators,
+            actions: Actions, sessions, subscriptions: SubscriptionViews | None = None) -> None:  # type: ignore[no-untyped-def]
+    app.middlewares.append(_signed_in(operators))
+    api = _Api(read_model, feed, actions, sessions)
+    if subscriptions is not None:
+        app.router.add_get("/subscriptions/{subscription_id}", _subscription(subscriptions))
     app.router.add_get("/requests", api.listing)
     app.router.add_get("/requests/{request_id}", api.one)
     app.router.add_get("/events", api.events)
+    app.router.add_get("/session", _session_info)
+    app.router.add_post("/session", _sign_in)
+    app.router.add_delete("/session", _sign_out)
+    for action in ACTIONS:
+        app.router.add_post(f"/requests/{{request_id}}/{action}", api.action(action))
+    app.router.add_post("/cancellations", api.on_behalf)
+    app.router.add_get("/audit", api.audit)
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/ui/requests/{request_id}", _page("request.html"))
+    app.router.add_get("/ui/subscriptions/{subscription_id}", _page("subscription.html"))
     app.router.add_static("/static/", STATIC, append_version=False)
+
+
+def _signed_in(operators: Operators):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if not operators.enabled or request.path in OPEN_PATHS:
+            return await handler(request)
+        operator = operators.from_request(request)
+        if operator is None:
+            if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
+                # A browser: the sign-in page, which asks for the token and comes back here.
+                return web.FileResponse(STATIC / "signin.html", status=401,
+                                        headers={"Cache-Control": "no-store"})
+            return web.json_response({"error": "sign in: Authorization: Bearer <token>"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="cancelflow"'})
+        request[OPERATOR_KEY] = operator
+        return await handler(request)
+
+    return middleware
+
+
+def _subscription(views: SubscriptionViews):  # type: ignore[no-untyped-def]
+    async def subscription(request: web.Request) -> web.Response:
+        return json_response(await views.view(request.match_info["subscription_id"]))
+
+    return subscription
+
+
+async def _session_info(request: web.Request) -> web.Response:
+    operator = operator_of(request)
+    return json_response({"name": operator.name, "role": operator.role.value, "may_act": operator.may_act})
+
+
+async def _sign_in(request: web.Request) -> web.Response:
+    """The token came in the Authorization header (the middleware checked it): a cookie for the browser
+    session, so page loads and the live feed (EventSource cannot send headers) are signed in too."""
+    operator = operator_of(request)
+    response = json_response({"name": operator.name, "role": operator.role.value, "may_act": operator.may_act})
+    if operator.token:
+        secure = request.secure or request.headers.get("X-Forwarded-Proto") == "https"
+        response.set_cookie(COOKIE, operator.token, httponly=True, samesite="Strict", path="/", secure=secure)
+    return response
+
+
+async def _sign_out(_request: web.Request) -> web.Response:
+    response = json_response({"signed_out": True})
+    response.del_cookie(COOKIE, path="/")
+    return response
 
 
 def _page(name: str):  # type: ignore[no-untyped-def]
@@ -38,6 +111,17 @@ def _page(name: str):  # type: ignore[no-untyped-def]
         return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
     return page
+
+
+async def _body(request: web.Request) -> object:
+    """The JSON body, or a marker the action refuses with 400 (an empty body is an empty object)."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "not JSON"
 
 
 def _alternatives(value: str | None) -> list[str]:
@@ -54,16 +138,44 @@ def _number(request: web.Request, name: str, default: int, high: int) -> int:
     return value
 
 
+AUDIT_LIMIT = 200
+
+
 class _Api:
-    def __init__(self, read_model: ReadModel, feed: StatusFeed) -> None:
+    def __init__(self, read_model: ReadModel, feed: StatusFeed, actions: Actions, sessions) -> None:  # type: ignore[no-untyped-def]
         self._read_model = read_model
         self._feed = feed
+        self._actions = actions
+        self._sessions = sessions
 
     async def one(self, request: web.Request) -> web.Response:
         document = await self._read_model.get(request.match_info["request_id"])
         if document is None:
             return json_response({"error": "unknown request_id"}, 404)
-        return json_response(document)
+        return json_response({**document, "actions": allowed_actions(document)})
+
+    def action(self, action: str):  # type: ignore[no-untyped-def]
+        async def act(request: web.Request) -> web.Response:
+            answer = await self._actions.on_request(operator_of(request), action, request.match_info["request_id"],
+                                                    await _body(request))
+            return json_response(answer.body, answer.status)
+
+        return act
+
+    async def on_behalf(self, request: web.Request) -> web.Response:
+        answer = await self._actions.on_behalf(operator_of(request), await _body(request))
+        return json_response(answer.body, answer.status)
+
+    async def audit(self, request: web.Request) -> web.Response:
+        """The audit trail, newest first (`request_id` narrows it to one request)."""
+        audit = orm.audit
+        query = select(audit).order_by(audit.c.id.desc()).limit(_number(request, "limit", 50, AUDIT_LIMIT))
+        if request_id := request.query.get("request_id"):
+            query = query.where((audit.c.request_id == request_id) | (audit.c.new_request_id == request_id))
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).mappings().all()
+        items = [{**{k: v for k, v in row.items() if k != "at"}, "at": row["at"].isoformat()} for row in rows]
+        return json_response({"items": items})
 
     async def listing(self, request: web.Request) -> web.Response:
         query = Query(

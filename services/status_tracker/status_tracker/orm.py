@@ -5,7 +5,7 @@ query about any request."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text
 
 from cancelflow.messaging.store import messaging_tables
 
@@ -23,4 +23,32 @@ views = Table(
     Column("view", JSON, nullable=False),  # tracking.document(): the status fields, emails, errors
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every operator action, allowed or refused (CONTRACT.md section 11): who, when, what, on which
+# request, and the answer they got.
+audit = Table(
+    "operator_audit", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("operator", String(100), nullable=False),
+    Column("role", String(20), nullable=False),
+    Column("action", String(30), nullable=False),
+    Column("request_id", String(64), nullable=True, index=True),
+    Column("new_request_id", String(64), nullable=True),
+    Column("status", Integer, nullable=False),  # the HTTP answer
+    Column("outcome", Text, nullable=False),
+    Column("note", Text, nullable=True),
+    sqlite_autoincrement=True,
+)
+
+# One decision (approve/decline) and one resolution (retry/resolve) per request: a second operator's
+# click, or the same click twice, gets 409 instead of a second retry or refund.
+claims = Table(
+    "operator_claims", metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("phase", String(20), primary_key=True),  # decision | resolution
+    Column("action", String(30), nullable=False),
+    Column("operator", String(100), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
 )

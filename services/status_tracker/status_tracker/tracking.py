@@ -20,6 +20,7 @@ from typing import Any
 
 from cancelflow.events import (
     TERMINAL_STATES,
+    CancellationReceived,
     CancellationStatusChanged,
     EmailSent,
     Envelope,
@@ -74,6 +75,7 @@ def track(entry: Entry | None, message: Message) -> Step:
         "applied": [*current["applied"], message.event_id][-MAX_APPLIED:],
         "emails": current["emails"] + _emails(message, at),
         "errors": current["errors"] + _errors(message, view, at),
+        "request": _options(message) or current.get("request"),
     }
     return Step(new, status_envelope(new, causation_id=message.event_id))
 
@@ -124,6 +126,15 @@ def overdue(entries: Iterable[Entry], now: datetime, after_s: float) -> list[Req
             found.append(RequestStuck(request_id=view["request_id"], stage=view["stage"] or "unknown",
                                       since=since, stuck_for_seconds=round(waited, 1)))
     return found
+
+
+def _options(message: Message) -> dict[str, Any] | None:
+    """What an operator's retry repeats besides the view's fields (CONTRACT.md section 11)."""
+    e = message.payload
+    if not isinstance(e, CancellationReceived):
+        return None
+    return {"quantity": e.quantity, "effective_date": e.effective_date.isoformat() if e.effective_date else None,
+            "reason": e.reason, "opt_out_of_emails": e.opt_out_of_emails, "charge_ids": list(e.charge_ids)}
 
 
 def _emails(message: Message, at: datetime) -> list[dict[str, Any]]:

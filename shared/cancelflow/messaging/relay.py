@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from cancelflow import metrics
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
-from cancelflow.messaging.signatures import signature_headers
+from cancelflow.messaging.signatures import SIGNATURE_HEADER, signature_headers
 from cancelflow.messaging.store import MessagingTables
 from cancelflow.sql import Db
 
@@ -92,7 +92,8 @@ class OutboxRelay:
     def _headers(self, row: dict[str, Any]) -> list[tuple[str, bytes]]:
         headers = [*((k, v.encode()) for k, v in (row["headers"] or {}).items()),
                    (EVENT_TYPE_HEADER, row["event_type"].encode())]
-        if self._signer is not None:
+        # A row signed already (an operator's request, written as an upstream app) keeps its signature.
+        if self._signer is not None and not any(name == SIGNATURE_HEADER for name, _ in headers):
             headers += signature_headers(bytes(row["value"]), *self._signer)
         return headers
 

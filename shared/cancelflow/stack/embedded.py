@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cancelflow.operator_token import EMBEDDED_OPERATOR, TOKEN_FILE, embedded_operator
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.stack.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
 from cancelflow.stack.drain import drain
@@ -221,6 +222,10 @@ async def run_stack(
     if running := running_stack(settings):
         console.print(f"[red]a stack already runs on {data} (pid {running['pid']})[/]")
         return 1
+    token = None
+    if not settings.operators:  # the embedded stack's one operator (CONTRACT.md section 11)
+        operators, token = embedded_operator(data)
+        settings = settings.model_copy(update={"operators": operators})
 
     specs = stack_specs(settings, env)
     broker = None
@@ -241,7 +246,7 @@ async def run_stack(
                 return 0
             info = describe_stack(settings, env, specs)
             _write_json(stack_file, info)
-            _print_ready(console, info, broker is not None)
+            _print_ready(console, info, broker is not None, token)
             if on_ready is not None and inspect.isawaitable(result := on_ready(info)):
                 await result
             broker_exit = asyncio.create_task(broker.wait()) if broker else None
@@ -333,7 +338,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _print_ready(console: Console, info: dict[str, Any], embedded_broker: bool) -> None:
+def _print_ready(console: Console, info: dict[str, Any], embedded_broker: bool, token: str | None) -> None:
     table = Table(title="cancelflow is up")
     table.add_column("component", no_wrap=True)
     table.add_column("address", no_wrap=True)
@@ -346,6 +351,12 @@ def _print_ready(console: Console, info: dict[str, Any], embedded_broker: bool) 
     console.print(table)
     console.print(f"data dir (log files are relative to it): {data}", soft_wrap=True)
     console.print(f"status API and dashboard: {info['status_url']}", soft_wrap=True)
+    if token is not None:
+        # After '#': the browser never sends it, so no server or proxy logs it.
+        console.print(f"dashboard, signed in as operator {EMBEDDED_OPERATOR}: {info['status_url']}/#token={token}",
+                      soft_wrap=True)
+        console.print(f"[dim]the CLI uses this operator's token ({TOKEN_FILE} in the data dir); "
+                      "elsewhere set CANCELFLOW_TOKEN[/]")
     if embedded_broker:
         console.print(
             "[dim]note: the embedded broker keeps topics in memory: they start empty on every `up`; "

@@ -84,11 +84,66 @@ function announce(text) {
   window.setTimeout(() => { region.textContent = text; }, 50);
 }
 
+/* --- signing in (CONTRACT.md section 11) -------------------------------------------------------
+ * The token is asked once per browser session (the sign-in page) and kept in sessionStorage: API calls
+ * send it as `Authorization: Bearer`; page loads and the live feed use the HttpOnly session cookie
+ * that signing in set. An action always sends the header (the cookie alone cannot act). */
+
+const TOKEN_KEY = "cancelflow-token";
+
+function takeTokenFromLink() {
+  const token = new URLSearchParams(window.location.hash.slice(1)).get("token");
+  if (token) {
+    sessionStorage.setItem(TOKEN_KEY, token);
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function signedOut() {  // the session ended (or the token was changed): sign in again
+  sessionStorage.removeItem(TOKEN_KEY);
+  window.location.reload();
+}
+
 async function getJSON(url) {
-  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  const response = await fetch(url, { headers: { Accept: "application/json", ...authHeaders() } });
+  if (response.status === 401) { signedOut(); throw new Error("signed out"); }
   if (response.status === 404) return null;
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
   return response.json();
+}
+
+async function postJSON(url, body) {
+  const response = await fetch(url, {
+    method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
+  });
+  const answer = await response.json().catch(() => ({}));
+  return { status: response.status, answer };
+}
+
+let operator = { name: "", role: "viewer", may_act: false };
+
+async function whoAmI() {
+  operator = (await getJSON("/session")) || operator;
+  const who = document.getElementById("who");
+  if (!who) return operator;
+  who.replaceChildren(
+    el("span", { text: `Signed in as ${operator.name} (${operator.role})` }), " ",
+    el("button", { type: "button", className: "link", id: "sign-out", text: "Sign out" }));
+  document.getElementById("sign-out").addEventListener("click", async () => {
+    await fetch("/session", { method: "DELETE" });
+    signedOut();
+  });
+  return operator;
+}
+
+function requestLink(id) {
+  return el("a", { href: `/ui/requests/${id}` }, el("code", { text: shortId(id) }));
 }
 
 function follow(onStatus, onReconnect) {
@@ -213,6 +268,53 @@ function listPage() {
 
   follow(onStatus, () => load().catch(() => {}));
   load().catch((error) => { summary.textContent = `Could not load the requests: ${error.message}`; });
+  whoAmI().then((me) => { document.getElementById("on-behalf-section").hidden = !me.may_act; }).catch(() => {});
+  onBehalfForm();
+  auditTrail();
+}
+
+function onBehalfForm() {
+  const form = document.getElementById("on-behalf");
+  const outcome = document.getElementById("on-behalf-outcome");
+  const mode = form.elements.mode;
+  const dateField = document.getElementById("ob-date-field");
+  mode.addEventListener("change", () => { dateField.hidden = mode.value !== "past_dated"; });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const data = new FormData(form);
+    const body = {
+      account_id: data.get("account_id").trim(), subscription_id: data.get("subscription_id").trim(),
+      mode: data.get("mode"), reason: data.get("reason").trim(), opt_out_of_emails: data.get("opt_out") === "on",
+    };
+    if (body.mode === "past_dated") body.effective_date = data.get("effective_date");
+    if (data.get("quantity")) body.quantity = Number(data.get("quantity"));
+    const { status, answer } = await postJSON("/cancellations", body);
+    if (status === 202) {
+      outcome.replaceChildren(el("span", { text: "Cancellation requested: " }), requestLink(answer.request_id));
+      outcome.className = "outcome ok";
+      form.reset();
+      dateField.hidden = true;
+      auditTrail();
+    } else {
+      outcome.textContent = `Not sent (${status}): ${answer.error || "error"}`;
+      outcome.className = "outcome problem";
+    }
+  });
+}
+
+async function auditTrail() {
+  const body = document.getElementById("audit-rows");
+  if (!body) return;
+  const page = await getJSON("/audit?limit=20").catch(() => null);
+  if (!page) return;
+  body.replaceChildren(...page.items.map((a) => el("tr", { dataset: { status: String(a.status) } },
+    el("td", {}, el("time", { datetime: a.at, text: when(a.at) })),
+    el("td", { text: a.operator }),
+    el("td", { text: a.action }),
+    el("td", {}, a.request_id ? requestLink(a.request_id) : ""),
+    el("td", { className: a.status === 202 ? "accepted" : "refused",
+               text: a.status === 202 ? "accepted" : `${a.status}: ${a.outcome}` }),
+    el("td", { text: a.note || "" }))));
 }
 
 /* --- one request --------------------------------------------------------------------------- */
@@ -265,6 +367,20 @@ function requestPage() {
     detail(details, "Effective date", doc.effective_date);
     detail(details, "Access ends", doc.access_end_date);
     detail(details, "Received", when(doc.created_at));
+    const links = document.getElementById("links");
+    links.replaceChildren();
+    if (doc.retry_of) links.append(el("li", {}, el("span", { text: "Repeats request " }), requestLink(doc.retry_of)));
+    if (doc.resolution) {
+      const r = doc.resolution;
+      const item = el("li", { id: "resolution", text: `Resolved: ${r.action} by ${r.by}${r.note ? ` (“${r.note}”)` : ""}, ${when(r.at)}` });
+      if (r.request_id) item.append(el("span", { text: "; new request " }), requestLink(r.request_id));
+      links.append(item);
+    }
+    if (doc.subscription_id) {
+      links.append(el("li", {}, el("a", { href: `/ui/subscriptions/${encodeURIComponent(doc.subscription_id)}`,
+                                          text: `Subscription ${doc.subscription_id}: billing, provisioning, refunds` })));
+    }
+    renderActions(doc);
 
     document.getElementById("timeline").replaceChildren(...doc.history.map((entry) =>
       el("li", {}, el("time", { datetime: entry.at, text: when(entry.at) }), el("span", { text: entry.message }))));
@@ -290,6 +406,42 @@ function requestPage() {
       el("time", { datetime: m.at, className: "muted", text: when(m.at) }))));
   }
 
+  const ACTION_LABELS = { approve: "Approve", decline: "Decline", retry: "Retry as a new request",
+                          retry_refund: "Retry the refund", close: "Close the case" };
+
+  function renderActions(doc) {
+    const section = document.getElementById("actions-section");
+    const buttons = document.getElementById("action-buttons");
+    const actions = operator.may_act ? (doc.actions || []) : [];
+    section.hidden = actions.length === 0;
+    buttons.replaceChildren(...actions.map((action) => el("button", {
+      type: "button", dataset: { action }, className: action === "decline" || action === "close" ? "secondary" : "",
+      text: ACTION_LABELS[action] || action })));
+  }
+
+  document.getElementById("action-buttons").addEventListener("click", async (event) => {
+    const action = event.target.dataset && event.target.dataset.action;
+    if (!action) return;
+    const note = document.getElementById("action-note").value.trim();
+    const resolve = action === "retry_refund" || action === "close";
+    const path = `/requests/${encodeURIComponent(requestId)}/${resolve ? "resolve" : action}`;
+    const outcome = document.getElementById("action-outcome");
+    for (const button of document.querySelectorAll("#action-buttons button")) button.disabled = true;
+    const { status, answer } = await postJSON(path, resolve ? { action, note } : { note });
+    if (status === 202) {
+      outcome.className = "outcome ok";
+      outcome.replaceChildren(el("span", { text: `${ACTION_LABELS[action]}: accepted.` }));
+      if (answer.retry_of) outcome.append(el("span", { text: " New request: " }), requestLink(answer.request_id));
+      document.getElementById("action-note").value = "";
+      document.getElementById("actions-section").hidden = true;
+    } else {
+      outcome.className = "outcome problem";
+      outcome.textContent = `${ACTION_LABELS[action]}: refused (${status}): ${answer.error || "error"}`;
+      for (const button of document.querySelectorAll("#action-buttons button")) button.disabled = false;
+    }
+    announce(outcome.textContent);
+  });
+
   async function refresh() {
     const doc = await getJSON(`/requests/${encodeURIComponent(requestId)}`);
     if (!doc) { document.getElementById("not-found").hidden = false; return; }
@@ -304,12 +456,78 @@ function requestPage() {
   follow((status) => {
     if (status.request_id === requestId && status.version > version) refresh();
   }, () => refresh().catch(() => {}));
-  refresh().catch((error) => {
+  whoAmI().catch(() => {}).then(() => refresh()).catch((error) => {
     const notice = document.getElementById("not-found");
     notice.hidden = false;
     notice.textContent = `Could not load the request: ${error.message}`;
   });
 }
 
+/* --- one subscription (from the services that own it) --------------------------------------- */
+
+async function subscriptionPage() {
+  const subscriptionId = decodeURIComponent(window.location.pathname.split("/").pop());
+  document.getElementById("subscription-id").textContent = subscriptionId;
+  document.title = `Subscription ${subscriptionId} · cancelflow support`;
+  whoAmI().catch(() => {});
+  const view = await getJSON(`/subscriptions/${encodeURIComponent(subscriptionId)}`);
+  const problems = [];
+  const part = (name, data) => {
+    if (data.unavailable) problems.push(`${name} did not answer (${data.unavailable})`);
+    if (data.unknown) problems.push(`${name} does not know this subscription`);
+    return data.unavailable || data.unknown ? null : data;
+  };
+  const billing = part("billing", view.billing);
+  const payments = part("payment-gateway", view.payments);
+  const provisioning = part("provisioning", view.provisioning);
+  const problem = document.getElementById("sub-problem");
+  problem.hidden = !problems.length;
+  problem.textContent = problems.join("; ");
+
+  const details = document.getElementById("sub-details");
+  const sub = billing ? billing.subscription : {};
+  for (const [term, value] of [
+    ["Status", sub.status], ["Provisioning status", sub.provisioning_status], ["Account", sub.account_id],
+    ["Product", sub.product_name], ["Licenses", sub.quantity], ["Auto-renew", sub.auto_renew === undefined ? null : (sub.auto_renew ? "on" : "off")],
+    ["Current period", sub.current_period_start ? `${sub.current_period_start} to ${sub.current_period_end}` : null],
+    ["Effective date", sub.effective_date],
+  ]) {
+    if (value !== null && value !== undefined && value !== "") details.append(el("dt", { text: term }), el("dd", { text: String(value) }));
+  }
+  const billings = billing ? billing.billings : [];
+  const scheduled = billings.filter((b) => b.status === "scheduled");
+  document.getElementById("no-scheduled").textContent = scheduled.length
+    ? `${scheduled.length} billing${scheduled.length === 1 ? "" : "s"} scheduled.` : "No future billing is scheduled.";
+  document.getElementById("billings").replaceChildren(...billings.map((b) => el("tr", { dataset: { status: b.status } },
+    el("td", { text: b.bill_on }), el("td", { text: `${b.amount} ${b.currency}` }), el("td", { text: b.status }))));
+
+  document.getElementById("charges").replaceChildren(...(payments ? payments.charges : []).map((c) => el("tr", {},
+    el("td", {}, el("code", { text: c.charge_id })), el("td", { text: when(c.captured_at) }),
+    el("td", { text: `${c.amount} ${c.currency}` }), el("td", { text: c.refundable }),
+    el("td", { text: `${c.period_start} to ${c.period_end}` }))));
+  const refunds = payments ? payments.refunds : [];
+  document.getElementById("no-refunds").hidden = refunds.length > 0;
+  document.getElementById("refunds").replaceChildren(...refunds.map((r) => el("li", { dataset: { status: r.status } },
+    el("span", { text: `${r.amount} ${r.currency} to ${r.charge_id}: ${r.status}${r.error ? ` (${r.error})` : ""} ` }),
+    requestLink(r.request_id))));
+
+  const operations = provisioning ? provisioning.operations : [];
+  document.getElementById("no-ops").hidden = operations.length > 0;
+  document.getElementById("operations").replaceChildren(...operations.map((o) => el("li", {},
+    el("span", { text: `${o.operation} at ${o.vendor} (${o.current_quantity} → ${o.new_quantity}): ${o.status}${o.already_applied ? ", already applied" : ""} ` }),
+    requestLink(o.request_id))));
+
+  document.getElementById("sub-requests").replaceChildren(...view.requests.map((r) => el("li", {},
+    requestLink(r.request_id), " ", badge(r.state), el("span", { className: "muted", text: ` ${r.mode || ""}, ${when(r.created_at)}` }))));
+  document.getElementById("sub-history").replaceChildren(...(billing ? billing.history : []).map((h) =>
+    el("li", {}, el("time", { datetime: h.at, text: when(h.at) }), el("span", { text: h.message }))));
+}
+
+takeTokenFromLink();
 if (document.body.dataset.page === "list") listPage();
 else if (document.body.dataset.page === "request") requestPage();
+else if (document.body.dataset.page === "subscription") subscriptionPage().catch((error) => {
+  const problem = document.getElementById("sub-problem");
+  problem.hidden = false;
+  problem.textContent = `Could not load the subscription: ${error.message}`;
+});
