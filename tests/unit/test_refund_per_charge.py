@@ -219,6 +219,19 @@ async def test_the_guard_is_one_balance_per_gateway_charge(payments: Payments, e
         assert await ledger.refundable("c1") == await ledger.refundable("c2") == Decimal("0.00")
 
 
+async def test_a_cancellation_refunds_no_more_than_the_gateway_charge_has_left(payments: Payments,
+                                                                              engine: AsyncEngine) -> None:
+    """A charge partly refunded already (a dispute's refund, say): the cancellation's fair share (20.00)
+    is cut to what is left (5.00), and the request goes on instead of replanning for ever."""
+    await payments.charge("30.00")
+    async with session_factory(engine)() as session, session.begin():
+        assert await Ledger(Db(session)).reserve("c1", Decimal("25.00")) is True
+    emitted = await payments.commit(committed())
+    assert types(emitted) == ["RefundIssued"]
+    assert emitted[0]["payload"]["amount"] == "5.00"
+    assert payments.refunded() == Decimal("5.00")
+
+
 # --- 4. a charge in another currency ------------------------------------------------------------------
 
 
