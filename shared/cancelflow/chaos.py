@@ -281,14 +281,20 @@ class ChaosRun:
             process.terminate()
             await asyncio.to_thread(process.wait, 30)
 
-    async def _kill_random(self) -> None:
-        """kill -9 of a random service among those up right now (one that is restarting has no pid)."""
-        for service in self.random.sample(self.config.kill_targets, len(self.config.kill_targets)):
-            pid = await asyncio.to_thread(self.stack.service_pid, service)
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                self.faults[f"kill -9 {service}"] += 1
+    async def _kill_random(self, wait_s: float = 15.0) -> None:
+        """kill -9 of a random service among those up right now (one that is restarting has no pid);
+        when every target is still restarting (a slow machine), the kill waits for one to be back."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for service in self.random.sample(self.config.kill_targets, len(self.config.kill_targets)):
+                pid = await asyncio.to_thread(self.stack.service_pid, service)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    self.faults[f"kill -9 {service}"] += 1
+                    return
+            if time.monotonic() >= deadline:
                 return
+            await asyncio.sleep(0.2)
 
     # --- the end ---------------------------------------------------------------------------------
 
