@@ -69,13 +69,16 @@ class StackProcess:
             self.process = subprocess.Popen([sys.executable, "-m", "cancelflow", "up"], env=self.env,
                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while running_stack(self.settings) is None:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"cancelflow up exited with {self.process.returncode}:\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"stack not up within {timeout}s:\n{self.log.read_text()}")
-            time.sleep(0.2)
+        try:
+            while running_stack(self.settings) is None:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"cancelflow up exited with {self.process.returncode}:\n{self.log.read_text()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"stack not up within {timeout}s:\n{self.log.read_text()}")
+                time.sleep(0.2)
+        except BaseException:  # a timeout, or SIGTERM/Ctrl-C while it starts: nothing left running
+            self.stop()
+            raise
         return self
 
     def stop(self, timeout: float = 60) -> int:
