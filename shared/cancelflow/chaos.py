@@ -54,6 +54,7 @@ class ChaosConfig:
     kill_every_s: float = 0.0  # 0: no random kills
     smtp_outage_s: float = 0.0
     broker_pause_s: float = 0.0
+    broker_kills: int = 0  # kill -9 of the broker (Kafka: the stack starts it again on its log)
     kill_targets: tuple[str, ...] = SERVICES  # which services kill -9 may hit
     rebalance_s: float = 0.0  # how long a second instance of a service stays in its group (0: none)
     replay: bool = True  # at the end, publish the request topic again from its earliest offset
@@ -236,6 +237,8 @@ class ChaosRun:
             plan.append((duration / 2, "broker"))
         if self.config.rebalance_s:
             plan.append((duration * 0.7, "rebalance"))
+        for n in range(self.config.broker_kills):
+            plan.append((duration * (n + 0.6) / self.config.broker_kills, "broker kill"))
         if self.config.kill_every_s:
             at = self.config.kill_every_s
             while at < duration:
@@ -250,6 +253,8 @@ class ChaosRun:
                 await self._broker_pause()
             elif what == "rebalance":
                 asyncio.create_task(self._second_instance())
+            elif what == "broker kill":
+                await self._broker_kill()
             else:
                 await self._kill_random()
 
@@ -269,6 +274,15 @@ class ChaosRun:
             await asyncio.sleep(self.config.broker_pause_s)
         finally:
             os.kill(pid, signal.SIGCONT)
+
+    async def _broker_kill(self) -> None:
+        """kill -9 of a broker node with requests in flight; `cancelflow up` starts it again on its log."""
+        pids = self.stack.broker_pids()
+        if not pids:
+            return
+        node = self.random.choice(sorted(pids))
+        os.kill(pids[node], signal.SIGKILL)
+        self.faults[f"kill -9 of the broker (node {node}), restarted on its log"] += 1
 
     async def _second_instance(self) -> None:
         """A second instance of a service joins its consumer group mid-run (a rebalance), then leaves."""
@@ -343,11 +357,12 @@ def render(result: ChaosResult, console: Console) -> None:
     console.print(checks)
 
 
-def chaos_env(smtp_port: int) -> dict[str, str]:
+def chaos_env(smtp_port: int, *, on_kafka: bool = False) -> dict[str, str]:
     """The stack's settings for a chaos run: every crash point armed, short budgets and sessions (a killed
-    service rejoins its consumer group in seconds), SMTP pointed at the run's own recording server."""
+    service rejoins its consumer group in seconds; on Kafka, whose shortest session is 6 s, static
+    membership does that), SMTP pointed at the run's own recording server."""
     return {
-        "CANCELFLOW_CRASH_POINTS": ",".join(CRASH_POINTS), "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "CANCELFLOW_CRASH_POINTS": ",".join(CRASH_POINTS), "KAFKA_SESSION_TIMEOUT_MS": "6000" if on_kafka else "3000",
         "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port), "SMTP_RETRY_MAX_SECONDS": "2",
         "VENDOR_TIMEOUT_SECONDS": "1", "VENDOR_ATTEMPTS": "3", "GATEWAY_TIMEOUT_SECONDS": "1",
         "GATEWAY_ATTEMPTS": "3",

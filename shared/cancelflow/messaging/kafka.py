@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
 from cancelflow.logging import get_logger
@@ -36,8 +36,9 @@ def client_security(settings: CommonSettings) -> dict[str, Any]:
 
 
 def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProducer:
-    # No idempotent producer and no transactions (the embedded broker lacks them): exactly-once
-    # comes from the outbox (publish after commit) and the inbox (dedupe on event_id).
+    # Exactly-once comes from the outbox (publish after commit) and the inbox (dedupe on event_id), on
+    # either broker. On Kafka the idempotent producer also keeps a retried batch from being written
+    # twice; the embedded broker has no producer ids, so there it is off. No transactions anywhere.
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=client_id,
@@ -45,6 +46,7 @@ def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProduc
         linger_ms=2,
         max_request_size=4 * 1024 * 1024,
         request_timeout_ms=30_000,
+        enable_idempotence=settings.on_kafka,
         **client_security(settings),
     )
 
@@ -94,7 +96,18 @@ def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_
         max_poll_records=500,
         **client_security(settings),
     )
+    if settings.on_kafka and settings.instance_id:
+        # Static membership: a restarted process (same instance id) gets its partitions back at once,
+        # without waiting for its old session to expire or a rebalance of the group.
+        config["group_instance_id"] = f"{group_id}-{settings.instance_id}"
     config.update(overrides)
     consumer = AIOKafkaConsumer(**config)
     consumer.subscribe(list(topics), listener=LoggedRebalance(group_id, gap_guard))
     return consumer
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, from fresh cluster metadata. `consumer.topics()` fetches it too but
+    leaves the consumer's own view alone, which on Kafka knows only the topics it reads already."""
+    cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 (what topics() calls)
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
