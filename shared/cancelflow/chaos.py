@@ -94,6 +94,7 @@ class ChaosRun:
         self.faults: Counter[str] = Counter()
         self.scenarios: Counter[str] = Counter()
         self.account = f"acct-chaos-{uuid.uuid4().hex[:6]}"
+        self.killed_leaders: list[tuple[int, int]] = []  # (node, saga partitions it led) per broker kill
 
     async def run(self) -> ChaosResult:
         started = time.monotonic()
@@ -276,13 +277,19 @@ class ChaosRun:
             os.kill(pid, signal.SIGCONT)
 
     async def _broker_kill(self) -> None:
-        """kill -9 of a broker node with requests in flight; `cancelflow up` starts it again on its log."""
+        """kill -9 of the broker node that leads most of the saga topic's partitions, with requests in
+        flight; `cancelflow up` starts it again on its log."""
+        from cancelflow.stack.broker import partition_leaders
+
         pids = self.stack.broker_pids()
-        if not pids:
+        leaders = Counter((await partition_leaders(self.stack.endpoints.bootstrap, topics.SAGA)).values())
+        node = max(pids, key=lambda n: leaders[n], default=None)
+        if node is None:
             return
-        node = self.random.choice(sorted(pids))
         os.kill(pids[node], signal.SIGKILL)
-        self.faults[f"kill -9 of the broker (node {node}), restarted on its log"] += 1
+        self.killed_leaders.append((node, leaders[node]))
+        self.faults[f"kill -9 of the broker (node {node}, leader of {leaders[node]} saga partitions), "
+                    "restarted on its log"] += 1
 
     async def _second_instance(self) -> None:
         """A second instance of a service joins its consumer group mid-run (a rebalance), then leaves."""
@@ -357,10 +364,13 @@ def render(result: ChaosResult, console: Console) -> None:
     console.print(checks)
 
 
-def chaos_env(smtp_port: int, *, on_kafka: bool = False) -> dict[str, str]:
+def chaos_env(smtp_port: int, *, on_kafka: bool | None = None) -> dict[str, str]:
     """The stack's settings for a chaos run: every crash point armed, short budgets and sessions (a killed
     service rejoins its consumer group in seconds; on Kafka, whose shortest session is 6 s, static
-    membership does that), SMTP pointed at the run's own recording server."""
+    membership does that), SMTP pointed at the run's own recording server. `on_kafka`: by default, as
+    CANCELFLOW_BROKER says."""
+    if on_kafka is None:
+        on_kafka = os.environ.get("CANCELFLOW_BROKER") == "kafka"
     return {
         "CANCELFLOW_CRASH_POINTS": ",".join(CRASH_POINTS), "KAFKA_SESSION_TIMEOUT_MS": "6000" if on_kafka else "3000",
         "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port), "SMTP_RETRY_MAX_SECONDS": "2",

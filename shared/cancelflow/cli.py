@@ -537,6 +537,7 @@ def bench(
             raise typer.BadParameter("the running stack uses a real vendor, gateway or mail server: the bench loads "
                                      "subscriptions into the sandboxes and reads the SMTP sink's mailbox")
         fetch_wait_ms = stack.settings.fetch_max_wait_ms  # what this environment says the stack runs with
+        broker = Broker(stack.info.get("broker", "embedded"))
     else:
         run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
         # The embedded stack as `cancelflow up` runs it (the test stack's shorter wait would be measured
@@ -566,7 +567,8 @@ def bench(
         if server is not None:
             server.cleanup()
     store = "sqlite" if all(url.startswith("sqlite") for url in stack.database_urls().values()) else "postgresql"
-    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store=store, instances=instances,
+    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store=store, broker=broker.value,
+                         instances=instances,
                          fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v},
                          machine={**box, "reference_us": [*box["reference_us"], reference_us()]})
     render(result, console)

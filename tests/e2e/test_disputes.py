@@ -19,6 +19,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from cancelflow import topics
 from cancelflow.events import CancellationRequested, ChargeCaptured
 from cancelflow.ops import SampleSubscription, sample_subscription
+from cancelflow.settings import CommonSettings
 from cancelflow.topics import BY_NAME
 from tests.e2e.conftest import SUPPORT
 from tests.e2e.test_cancellation_flow import (
@@ -284,7 +285,7 @@ def _partition(key: str, count: int) -> int:
 
 
 def _id_on_same_saga_partition(request_id: str) -> uuid.UUID:
-    count = BY_NAME[topics.SAGA].partitions_on(embedded=True)  # the tests' broker is the embedded one
+    count = BY_NAME[topics.SAGA].partitions_on(embedded=not CommonSettings().on_kafka)  # the tests' broker
     while True:
         candidate = uuid.uuid4()
         if _partition(str(candidate), count) == _partition(request_id, count):

@@ -411,3 +411,7 @@ class KafkaBroker:
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
             self.stop_blocking()
+
+
+if __name__ == "__main__":  # scripts/test: resolve the jars before the tests need them
+    print(f"Apache Kafka {kafka_version()}: {resolve_jars()}")

@@ -123,9 +123,9 @@ def stack_specs(settings: CommonSettings, env: Mapping[str, str], bootstrap: str
         specs.append(spec("smtp-sink", argv, f"tcp://{LOCALHOST}:{settings.smtp_port}"))
     for service in SERVICES:
         # The stack runs one instance of each service, the same one after every restart (on Kafka its
-        # static group membership).
+        # static group membership; CANCELFLOW_INSTANCE_ID= (empty) turns that off).
         specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/healthz",
-                          {"CANCELFLOW_INSTANCE_ID": "1"}))
+                          {"CANCELFLOW_INSTANCE_ID": env.get("CANCELFLOW_INSTANCE_ID", "1")}))
     return specs
 
 

@@ -3,6 +3,7 @@ child process on free ports and a private data dir, for end-to-end tests, the be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -79,6 +80,10 @@ class StackProcess:
                 self.stop()
                 raise TimeoutError(f"stack not up within {timeout}s:\n{self.log.read_text()}")
             time.sleep(0.2)
+        # Every node of the broker it started (a Kafka cluster's), for clients that start later.
+        info = running_stack(self.settings) or {}
+        self.endpoints = dataclasses.replace(self.endpoints,
+                                             bootstrap=info.get("bootstrap_servers", self.endpoints.bootstrap))
         return self
 
     def stop(self, timeout: float = 60) -> int:
