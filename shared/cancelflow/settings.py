@@ -123,7 +123,7 @@ class CommonSettings(BaseSettings):
 
     @property
     def on_kafka(self) -> bool:
-        """Apache Kafka: the idempotent producer, static membership, no offset-gap grace."""
+        """Apache Kafka: static group membership, no offset-gap grace, a longer fetch wait."""
         return self.broker == "kafka"
 
     @field_validator("producer_keys")

@@ -37,8 +37,9 @@ def client_security(settings: CommonSettings) -> dict[str, Any]:
 
 def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProducer:
     # Exactly-once comes from the outbox (publish after commit) and the inbox (dedupe on event_id), on
-    # either broker. On Kafka the idempotent producer also keeps a retried batch from being written
-    # twice; the embedded broker has no producer ids, so there it is off. No transactions anywhere.
+    # either broker. No idempotent producer, on Kafka either: aiokafka's does not recover from a batch
+    # it gave up on while the broker was down (kill -9 and restart): every later send fails with
+    # OutOfOrderSequenceNumber (tests/e2e/test_kafka_faults.py found it; docs/performance.md, item 34).
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=client_id,
@@ -46,7 +47,6 @@ def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProduc
         linger_ms=2,
         max_request_size=4 * 1024 * 1024,
         request_timeout_ms=30_000,
-        enable_idempotence=settings.on_kafka,
         **client_security(settings),
     )
 

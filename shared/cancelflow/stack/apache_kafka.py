@@ -53,7 +53,9 @@ CLUSTER_SETTINGS: dict[str, str] = {
     "min.insync.replicas": "2",
 }
 # A small heap: the machines this runs on (laptops, CI) have two cores and share them with the stack.
-JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true")
+# IPv4 sockets: on a dual stack Java binds 127.0.0.1 as ::ffff:127.0.0.1 (tests/e2e/test_exposure.py).
+JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+               "-Djava.net.preferIPv4Stack=true")
 _LOG4J = """\
 log4j.rootLogger=INFO, stdout
 log4j.appender.stdout=org.apache.log4j.ConsoleAppender
