@@ -73,6 +73,7 @@ class ChaosResult:
     scenarios: Counter[str]
     crash_points_fired: list[str]
     seconds: float
+    killed_leaders: list[tuple[int, int]] = field(default_factory=list)  # (broker node, saga partitions it led)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class ChaosRun:
         outcomes = Counter(watcher.latest[r]["state"] for r in accepted if r in watcher.latest)
         fired = sorted(p.stem.removesuffix(".fired") for p in (self.stack.data_dir / "crashpoints").glob("*.fired"))
         return ChaosResult(report, len(accepted), outcomes, self.faults, self.scenarios, fired,
-                           time.monotonic() - started)
+                           time.monotonic() - started, self.killed_leaders)
 
     # --- traffic ---------------------------------------------------------------------------------
 
