@@ -10,6 +10,7 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -308,7 +309,14 @@ class ChaosRun:
             await asyncio.sleep(self.config.rebalance_s)
         finally:
             process.terminate()
-            await asyncio.to_thread(process.wait, 30)
+            try:
+                await asyncio.to_thread(process.wait, 30)
+            except subprocess.TimeoutExpired:
+                # As an orchestrator would after its grace period: a stop can outlast it while the broker
+                # is down (the consumer's last commit and the producer's flush wait for it).
+                process.kill()
+                await asyncio.to_thread(process.wait)
+                self.faults[f"the second {service} killed after 30 s of stopping"] += 1
 
     async def _kill_random(self) -> None:
         """kill -9 of a random service among those up right now (one that is restarting has no pid)."""
