@@ -2,6 +2,7 @@
 
     python scripts/kafka_floor.py                     # 1000 cancellations as fast as possible
     python scripts/kafka_floor.py --requests 2000 --rate 100
+    python scripts/kafka_floor.py --broker kafka      # on Apache Kafka (its partition counts and settings)
 
 A skeleton of the embedded stack: its broker, its topics with the embedded partition counts, and six
 processes in the six services' consumer groups, subscribed to the same topics with the same consumer
@@ -38,6 +39,7 @@ from cancelflow.messaging.consumer import ConsumeLoop
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import make_consumer, make_producer
 from cancelflow.settings import CommonSettings
+from cancelflow.stack.apache_kafka import KafkaBroker
 from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
 
 # Sizes measured on a bench run's topics (bytes of value): requests 618, saga 659, status 1187.
@@ -94,14 +96,14 @@ async def _serve(service: str, settings: CommonSettings, ready: Event) -> None:
             committed_at, pending = time.monotonic(), False
 
 
-def _settings(bootstrap: str, fetch_wait_ms: int) -> CommonSettings:
-    # As the embedded stack runs its services (stack/embedded.py sets the shorter session timeout).
+def _settings(bootstrap: str, fetch_wait_ms: int, broker: str = "embedded") -> CommonSettings:
+    # As the stack runs its services (stack/embedded.py sets the shorter session timeout).
     return CommonSettings.model_validate({"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_SESSION_TIMEOUT_MS": 6000,
-                                          "CANCELFLOW_FETCH_MAX_WAIT_MS": fetch_wait_ms})
+                                          "CANCELFLOW_FETCH_MAX_WAIT_MS": fetch_wait_ms, "CANCELFLOW_BROKER": broker})
 
 
-def _run_service(service: str, bootstrap: str, fetch_wait_ms: int, ready: Event) -> None:
-    asyncio.run(_serve(service, _settings(bootstrap, fetch_wait_ms), ready))
+def _run_service(service: str, bootstrap: str, fetch_wait_ms: int, broker: str, ready: Event) -> None:
+    asyncio.run(_serve(service, _settings(bootstrap, fetch_wait_ms, broker), ready))
 
 
 async def _load(bootstrap: str, settings: CommonSettings, requests: int, rate: float | None,
@@ -118,7 +120,7 @@ async def _load(bootstrap: str, settings: CommonSettings, requests: int, rate: f
         tag = os.urandom(3).hex()
         counts: dict[bytes, int] = {}  # status records per request of this run (a redelivery adds one)
         done: set[bytes] = set()
-        gaps = GapGuard()
+        gaps = GapGuard(grace_s=settings.offset_gap_grace_ms / 1000)
 
         async def watch() -> None:
             while len(done) < requests:
@@ -150,14 +152,17 @@ async def _load(bootstrap: str, settings: CommonSettings, requests: int, rate: f
         await producer.stop()
 
 
-async def measure(requests: int, rate: float | None, fetch_wait_ms: int, console: Console) -> tuple[float, dict[str, float]]:
+async def measure(requests: int, rate: float | None, fetch_wait_ms: int, console: Console,
+                  kind: str = "embedded") -> tuple[float, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="kafka-floor-") as data_dir:
-        async with EmbeddedBroker(port=free_port(), data_dir=data_dir) as broker:
-            await create_topics(broker.bootstrap, embedded=True)
+        broker_class = KafkaBroker if kind == "kafka" else EmbeddedBroker
+        async with broker_class(port=free_port(), data_dir=data_dir) as broker:
+            await create_topics(broker.bootstrap, embedded=kind == "embedded")
             context = multiprocessing.get_context("spawn")
             readies = {service: context.Event() for service in SERVICES}
             processes = {service: context.Process(target=_run_service, daemon=True,
-                                                  args=(service, broker.bootstrap, fetch_wait_ms, readies[service]))
+                                                  args=(service, broker.bootstrap, fetch_wait_ms, kind,
+                                                        readies[service]))
                          for service in SERVICES}
             for process in processes.values():
                 process.start()
@@ -165,7 +170,7 @@ async def measure(requests: int, rate: float | None, fetch_wait_ms: int, console
                 with console.status("six consumer groups joining ..."):
                     if not all(await asyncio.gather(*(asyncio.to_thread(ready.wait, 120) for ready in readies.values()))):
                         raise RuntimeError("a consumer group did not start in 120 s")
-                    settings = _settings(broker.bootstrap, fetch_wait_ms)
+                    settings = _settings(broker.bootstrap, fetch_wait_ms, kind)
                     # Warm up: every group has its partitions and is reading before the clock starts.
                     await _load(broker.bootstrap, settings, 20, None, {}, lambda n: None)
                 pids = {service: process.pid for service, process in processes.items() if process.pid}
@@ -186,11 +191,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=None, help="requests a second (default: as fast as possible)")
-    parser.add_argument("--fetch-wait-ms", type=int, default=CommonSettings().fetch_max_wait_ms)
+    parser.add_argument("--broker", choices=("embedded", "kafka"), default="embedded")
+    parser.add_argument("--fetch-wait-ms", type=int, default=None, help="default: the broker's (200; 500 on Kafka)")
     args = parser.parse_args()
+    args.fetch_wait_ms = args.fetch_wait_ms or CommonSettings(broker=args.broker).fetch_max_wait_ms
     console = Console()
-    elapsed, cpu = asyncio.run(measure(args.requests, args.rate, args.fetch_wait_ms, console))
-    table = Table(title=f"{args.requests} cancellations' records, no work behind them: "
+    elapsed, cpu = asyncio.run(measure(args.requests, args.rate, args.fetch_wait_ms, console, args.broker))
+    table = Table(title=f"{args.requests} cancellations' records on the {args.broker} broker, no work behind them: "
                         f"{args.requests / elapsed:.0f} per second, fetch wait {args.fetch_wait_ms} ms")
     table.add_column("process")
     table.add_column("CPU ms per cancellation", justify="right")

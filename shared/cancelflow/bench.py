@@ -36,7 +36,7 @@ from cancelflow import invariants, topics
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
 from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, read_all, sample_subscription
-from cancelflow.settings import SERVICES
+from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.smtp_sink import read_mailbox
 from cancelflow.stack.broker import create_topics
 from cancelflow.testing.stack import StackProcess
@@ -107,6 +107,7 @@ class BenchResult:
     # share the machine's cores with it.
     harness: dict[str, ProcessUsage] = field(default_factory=dict)
     store: str = "sqlite"
+    broker: str = "embedded"  # CANCELFLOW_BROKER: the embedded broker or Apache Kafka
     instances: int = 1
     fetch_wait_ms: int | None = None  # the services' CANCELFLOW_FETCH_MAX_WAIT_MS
     violations: dict[str, list[str]] = field(default_factory=dict)
@@ -116,6 +117,7 @@ class BenchResult:
         return {
             "machine": self.machine,
             "store": self.store,
+            "broker": self.broker,
             "instances": self.instances,
             "fetch_wait_ms": self.fetch_wait_ms,
             "requests": self.burst.requests,
@@ -215,7 +217,7 @@ def _usage_since(pids: dict[str, int], cpu_before: dict[str, float]) -> dict[str
     return {name: ProcessUsage(cpu_seconds(pid) - cpu_before[name], _peak_rss_mb(pid)) for name, pid in pids.items()}
 
 
-BROKER = "broker"  # the embedded broker (Tansu)
+BROKER = "broker"  # the embedded broker (Tansu), or Apache Kafka (node 1)
 
 
 # The stack's processes that are not services, by what their command line holds.
@@ -250,7 +252,7 @@ def harness_pids(stack: StackProcess, services: dict[str, int]) -> dict[str, int
 
 
 def service_pids(stack: StackProcess) -> dict[str, int]:
-    """Every service's process, and the embedded broker's: its CPU is part of what a request costs."""
+    """Every service's process, and the broker's: its CPU is part of what a request costs."""
     pids = {name: pid for name in SERVICES if (pid := stack.service_pid(name)) is not None}
     if (broker := stack.broker_pid()) is not None:
         pids[BROKER] = broker
@@ -477,7 +479,8 @@ async def measure_baseline(bootstrap: str, messages: int, hops: int = HOPS) -> f
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
         await consumer.start()
         await producer.start()
-        gaps = GapGuard()  # what every cancelflow consumer does, so the relays cannot lose a record either
+        # What every cancelflow consumer does, so the relays cannot lose a record either (off on Kafka).
+        gaps = GapGuard(grace_s=CommonSettings().offset_gap_grace_ms / 1000)
         try:
             while True:
                 batch = await gaps.check(consumer, await consumer.getmany(timeout_ms=200))
@@ -534,7 +537,8 @@ def render(result: BenchResult, console: Console) -> None:
     caption = (f"on {box['cores']} cores ({box['cpu']}, {box['memory_gib']} GiB), Python {box['python']}; "
                f"reference {' then '.join(map(str, box['reference_us']))} µs (bench.reference_us: lower is faster)"
                if box else None)
-    table = Table(title=f"cancelflow bench ({result.store} stores, {result.instances} instance(s) of each service, "
+    broker = "Apache Kafka" if result.broker == "kafka" else "embedded broker"
+    table = Table(title=f"cancelflow bench ({broker}, {result.store} stores, {result.instances} instance(s) of each service, "
                         f"{s['requests']} requests, fetch wait {s['fetch_wait_ms']} ms)", caption=caption)
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -548,7 +552,7 @@ def render(result: BenchResult, console: Console) -> None:
          "p99 <= 1000"),
         ("email recorded as sent, ms per email (its own transaction): burst / paced",
          f"{s['email_record_ms']} / {s['email_record_ms_paced']}", ""),
-        ("embedded broker CPU ms/request, paced: first / second half",
+        ("broker CPU ms/request, paced: first / second half",
          " / ".join(map(str, s["broker_ms_per_request_paced_halves"] or ["-"])), ""),
         ("invariant violations (reliability checker)",
          str(sum(len(v) for v in result.violations.values())) + (f" {s['violations']}" if s["violations"] else ""), "0"),

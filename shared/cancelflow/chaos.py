@@ -10,6 +10,7 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiokafka.errors import MessageSizeTooLargeError
 from rich.console import Console
 from rich.table import Table
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -54,6 +56,7 @@ class ChaosConfig:
     kill_every_s: float = 0.0  # 0: no random kills
     smtp_outage_s: float = 0.0
     broker_pause_s: float = 0.0
+    broker_kills: int = 0  # kill -9 of the broker (Kafka: the stack starts it again on its log)
     kill_targets: tuple[str, ...] = SERVICES  # which services kill -9 may hit
     rebalance_s: float = 0.0  # how long a second instance of a service stays in its group (0: none)
     replay: bool = True  # at the end, publish the request topic again from its earliest offset
@@ -71,6 +74,7 @@ class ChaosResult:
     scenarios: Counter[str]
     crash_points_fired: list[str]
     seconds: float
+    killed_leaders: list[tuple[int, int]] = field(default_factory=list)  # (broker node, saga partitions it led)
 
 
 @dataclass
@@ -93,6 +97,7 @@ class ChaosRun:
         self.faults: Counter[str] = Counter()
         self.scenarios: Counter[str] = Counter()
         self.account = f"acct-chaos-{uuid.uuid4().hex[:6]}"
+        self.killed_leaders: list[tuple[int, int]] = []  # (node, saga partitions it led) per broker kill
 
     async def run(self) -> ChaosResult:
         started = time.monotonic()
@@ -117,7 +122,7 @@ class ChaosRun:
         outcomes = Counter(watcher.latest[r]["state"] for r in accepted if r in watcher.latest)
         fired = sorted(p.stem.removesuffix(".fired") for p in (self.stack.data_dir / "crashpoints").glob("*.fired"))
         return ChaosResult(report, len(accepted), outcomes, self.faults, self.scenarios, fired,
-                           time.monotonic() - started)
+                           time.monotonic() - started, self.killed_leaders)
 
     # --- traffic ---------------------------------------------------------------------------------
 
@@ -221,7 +226,13 @@ class ChaosRun:
             value = orjson.dumps({**valid, "payload": {**valid["payload"], "requires_approval": {"no": 1}}})
         else:
             value = orjson.dumps({**valid, "padding": "x" * (2 * 1024 * 1024)})
-        await client.publisher.send_raw(topics.REQUESTED, value, key=key)
+        try:
+            await client.publisher.send_raw(topics.REQUESTED, value, key=key)
+        except MessageSizeTooLargeError:
+            # Kafka refuses a record over the topic's max.message.bytes (1 MB by default) at the door:
+            # nothing reaches the services, so nothing is owed to the DLQ.
+            self.faults[f"poison record ({kind}) refused by the broker"] += 1
+            return
         self.bad_keys.add(key)
         self.faults[f"poison record ({kind})"] += 1
 
@@ -236,6 +247,8 @@ class ChaosRun:
             plan.append((duration / 2, "broker"))
         if self.config.rebalance_s:
             plan.append((duration * 0.7, "rebalance"))
+        for n in range(self.config.broker_kills):
+            plan.append((duration * (n + 0.6) / self.config.broker_kills, "broker kill"))
         if self.config.kill_every_s:
             at = self.config.kill_every_s
             while at < duration:
@@ -250,6 +263,8 @@ class ChaosRun:
                 await self._broker_pause()
             elif what == "rebalance":
                 asyncio.create_task(self._second_instance())
+            elif what == "broker kill":
+                await self._broker_kill()
             else:
                 await self._kill_random()
 
@@ -270,6 +285,21 @@ class ChaosRun:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    async def _broker_kill(self) -> None:
+        """kill -9 of the broker node that leads most of the saga topic's partitions, with requests in
+        flight; `cancelflow up` starts it again on its log."""
+        from cancelflow.stack.broker import partition_leaders
+
+        pids = self.stack.broker_pids()
+        leaders = Counter((await partition_leaders(self.stack.endpoints.bootstrap, topics.SAGA)).values())
+        node = max(pids, key=lambda n: leaders[n], default=None)
+        if node is None:
+            return
+        os.kill(pids[node], signal.SIGKILL)
+        self.killed_leaders.append((node, leaders[node]))
+        self.faults[f"kill -9 of the broker (node {node}, leader of {leaders[node]} saga partitions), "
+                    "restarted on its log"] += 1
+
     async def _second_instance(self) -> None:
         """A second instance of a service joins its consumer group mid-run (a rebalance), then leaves."""
         service = self.random.choice(("billing", "provisioning", "payment_gateway", "notification"))
@@ -279,7 +309,14 @@ class ChaosRun:
             await asyncio.sleep(self.config.rebalance_s)
         finally:
             process.terminate()
-            await asyncio.to_thread(process.wait, 30)
+            try:
+                await asyncio.to_thread(process.wait, 30)
+            except subprocess.TimeoutExpired:
+                # As an orchestrator would after its grace period: a stop can outlast it while the broker
+                # is down (the consumer's last commit and the producer's flush wait for it).
+                process.kill()
+                await asyncio.to_thread(process.wait)
+                self.faults[f"the second {service} killed after 30 s of stopping"] += 1
 
     async def _kill_random(self, wait_s: float = 15.0) -> None:
         """kill -9 of a random service among those up right now (one that is restarting has no pid);
@@ -349,11 +386,15 @@ def render(result: ChaosResult, console: Console) -> None:
     console.print(checks)
 
 
-def chaos_env(smtp_port: int) -> dict[str, str]:
+def chaos_env(smtp_port: int, *, on_kafka: bool | None = None) -> dict[str, str]:
     """The stack's settings for a chaos run: every crash point armed, short budgets and sessions (a killed
-    service rejoins its consumer group in seconds), SMTP pointed at the run's own recording server."""
+    service rejoins its consumer group in seconds; on Kafka, whose shortest session is 6 s, static
+    membership does that), SMTP pointed at the run's own recording server. `on_kafka`: by default, as
+    CANCELFLOW_BROKER says."""
+    if on_kafka is None:
+        on_kafka = os.environ.get("CANCELFLOW_BROKER") == "kafka"
     return {
-        "CANCELFLOW_CRASH_POINTS": ",".join(CRASH_POINTS), "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "CANCELFLOW_CRASH_POINTS": ",".join(CRASH_POINTS), "KAFKA_SESSION_TIMEOUT_MS": "6000" if on_kafka else "3000",
         "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port), "SMTP_RETRY_MAX_SECONDS": "2",
         "VENDOR_TIMEOUT_SECONDS": "1", "VENDOR_ATTEMPTS": "3", "GATEWAY_TIMEOUT_SECONDS": "1",
         "GATEWAY_ATTEMPTS": "3",

@@ -7,8 +7,11 @@ are read when a command runs), so importing `app` stays cheap.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -31,15 +34,33 @@ def _settings(**overrides: object) -> CommonSettings:
     return CommonSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+class Broker(StrEnum):
+    embedded = "embedded"
+    kafka = "kafka"
+
+
+def _broker_option() -> Any:
+    return typer.Option(Broker.embedded, "--broker", envvar="CANCELFLOW_BROKER",
+                        help="The broker the stack starts: `embedded` (zero-install) or `kafka` (Apache Kafka, "
+                             "needs Java 17 and, once, Maven).")
+
+
+def _use_broker(broker: Broker) -> None:
+    """Every process this command starts (the stack, its services) runs on `broker`."""
+    os.environ["CANCELFLOW_BROKER"] = broker.value
+
+
 @app.command()
 def up(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="Where databases, mail and logs go (default: $CANCELFLOW_DATA_DIR or ./var)."
     ),
+    broker: Broker = _broker_option(),
 ) -> None:
     """Start the whole stack in the foreground; Ctrl-C stops it."""
     from cancelflow.stack.embedded import run_stack
 
+    _use_broker(broker)
     raise typer.Exit(asyncio.run(run_stack(_settings(data_dir=data_dir), console=console)))
 
 
@@ -430,6 +451,7 @@ def status(request_id: str = typer.Argument(..., help="The cancellation request 
 def demo(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Data dir of the stack to use or start."),
     timeout: float = typer.Option(90.0, "--timeout", help="Seconds to wait for each outcome."),
+    broker: Broker = _broker_option(),
 ) -> None:
     """Run the seed release note's three scenarios and a past-dated cancellation, then show the outcomes.
 
@@ -437,6 +459,7 @@ def demo(
     from cancelflow.demo import expected_outcomes_met, run_demo
     from cancelflow.stack.embedded import run_stack, running_stack
 
+    _use_broker(broker)
     settings = _settings(data_dir=data_dir)
     endpoints = _endpoints()
     if running_stack(settings):
@@ -526,7 +549,11 @@ def chaos(
     rebalance: float = typer.Option(10.0, "--rebalance", help="Seconds a second instance of a service stays in its "
                                     "consumer group, once (0: never)."),
     seed: int = typer.Option(7, "--seed", help="Random seed of scenarios and kills."),
+    broker_kills: int = typer.Option(0, "--broker-kills", min=0,
+                                     help="kill -9 of the broker this many times, spread over the run; the stack "
+                                          "starts it again on its log (Apache Kafka only)."),
     data_dir: Path = typer.Option(Path("var"), "--data-dir", help="Where the run's own stack keeps its data."),
+    broker: Broker = _broker_option(),
 ) -> None:
     """Soak test: a stack of its own under a steady stream of requests, kill -9 of random services, the
     broker paused, SMTP down, poison records and every named crash point; then every invariant is checked
@@ -535,13 +562,16 @@ def chaos(
     from cancelflow.testing.smtp import RecordingSMTPServer
     from cancelflow.testing.stack import StackProcess
 
+    if broker_kills and broker is not Broker.kafka:
+        raise typer.BadParameter("--broker-kills needs --broker kafka: the embedded broker keeps nothing across a kill")
+    _use_broker(broker)
     config = ChaosConfig(duration_s=duration, rate_per_s=rate, kill_every_s=kill_every,
                          smtp_outage_s=smtp_outage, broker_pause_s=broker_pause, rebalance_s=rebalance, seed=seed,
-                         settle_timeout_s=max(300.0, duration * 2))
+                         broker_kills=broker_kills, settle_timeout_s=max(300.0, duration * 2))
     _stop_cleanly_on_sigterm()
     run_dir = data_dir_for(data_dir.resolve())
     with RecordingSMTPServer() as smtp:
-        stack = StackProcess(run_dir, extra_env=chaos_env(smtp.port))
+        stack = StackProcess(run_dir, extra_env=chaos_env(smtp.port, on_kafka=broker is Broker.kafka))
         with console.status(f"starting a stack in {run_dir} ..."):
             stack.start()
         try:
@@ -581,6 +611,7 @@ def bench(
     running: bool = typer.Option(
         False, "--running", help="Use the stack `cancelflow up` runs with this environment (its own sandboxes and "
                                  "SMTP sink) instead of starting one; it is left running."),
+    broker: Broker = _broker_option(),
 ) -> None:
     """Completed cancellations per second (with refunds and emails) on a stack of its own, latency
     percentiles as fast as possible and paced, per-service CPU and peak RSS, and the same number of
@@ -592,6 +623,7 @@ def bench(
     from cancelflow.bench import BenchResult, machine, measure_baseline, measure_system, reference_us, render
     from cancelflow.testing.stack import StackProcess
 
+    _use_broker(broker)
     _stop_cleanly_on_sigterm()
     box = machine()  # and its reference speed again after the runs: the machine's speed drifts
     server = None
@@ -606,6 +638,7 @@ def bench(
             raise typer.BadParameter("the running stack uses a real vendor, gateway or mail server: the bench loads "
                                      "subscriptions into the sandboxes and reads the SMTP sink's mailbox")
         fetch_wait_ms = stack.settings.fetch_max_wait_ms  # what this environment says the stack runs with
+        broker = Broker(stack.info.get("broker", "embedded"))
     else:
         run_dir = data_dir.resolve() / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}"
         # The embedded stack as `cancelflow up` runs it (the test stack's shorter wait would be measured
@@ -635,7 +668,8 @@ def bench(
         if server is not None:
             server.cleanup()
     store = "sqlite" if all(url.startswith("sqlite") for url in stack.database_urls().values()) else "postgresql"
-    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store=store, instances=instances,
+    result = BenchResult(run.burst, run.paced, baseline, run.usage, run.harness, store=store, broker=broker.value,
+                         instances=instances,
                          fetch_wait_ms=fetch_wait_ms, violations={k: v for k, v in run.report.violations.items() if v},
                          machine={**box, "reference_us": [*box["reference_us"], reference_us()]})
     render(result, console)

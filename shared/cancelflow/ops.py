@@ -25,7 +25,7 @@ from cancelflow.events import (
     SubscriptionActivated,
 )
 from cancelflow.messaging.gaps import GapGuard
-from cancelflow.messaging.kafka import client_security
+from cancelflow.messaging.kafka import client_security, partitions_of
 from cancelflow.operator_token import token_for
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.upstream import UpstreamPublisher
@@ -261,11 +261,9 @@ class StatusWatcher:
 
     async def __aenter__(self) -> StatusWatcher:
         await self._consumer.start()
-        await self._consumer.topics()  # fetches cluster metadata, so the partitions are known
-        partitions = self._consumer.partitions_for_topic(topics.STATUS) or set()
-        if not partitions:
+        assigned = await partitions_of(self._consumer, topics.STATUS)
+        if not assigned:
             raise RuntimeError(f"topic {topics.STATUS} does not exist (run `cancelflow topics`)")
-        assigned = [TopicPartition(topics.STATUS, p) for p in sorted(partitions)]
         self._consumer.assign(assigned)
         if self._from_beginning:
             await self._consumer.seek_to_beginning(*assigned)
@@ -345,12 +343,12 @@ def emails_owed(status: dict[str, Any]) -> int:
 async def read_all(bootstrap: str, topic: str, settings: CommonSettings | None = None) -> list[Any]:
     """Every record on `topic` up to its end right now (what is there when reading stops), partition by
     partition in offset order."""
+    settings = settings or CommonSettings()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=25,
-                                group_id=None, **client_security(settings or CommonSettings()))
+                                group_id=None, **client_security(settings))
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        partitions = await partitions_of(consumer, topic)
         if not partitions:
             return []
         consumer.assign(partitions)
@@ -362,9 +360,9 @@ async def read_all(bootstrap: str, topic: str, settings: CommonSettings | None =
             return any([await consumer.position(tp) < ends[tp] for tp in partitions])
 
         # The embedded broker answers ListOffsets with the first offset of a partition's last record
-        # batch, not the end: read on until a fetch round brings nothing more.
-        quiet = 0
-        while quiet < 2 or await behind():
+        # batch, not the end: read on until a fetch round brings nothing more. Kafka's end is the end.
+        quiet, settled = 0, 0 if settings.on_kafka else 2
+        while quiet < settled or await behind():
             batch = await consumer.getmany(timeout_ms=250)
             quiet = 0 if batch else quiet + 1
             for tp, found in batch.items():

@@ -39,6 +39,15 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Field(Path("./var"), validation_alias="CANCELFLOW_DATA_DIR")
     broker_port: int = Field(9092, validation_alias="CANCELFLOW_BROKER_PORT")
     kafka_bootstrap_servers: str | None = Field(None, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    # Which broker the stack runs on: `embedded` (Tansu; `cancelflow up` starts it unless
+    # KAFKA_BOOTSTRAP_SERVERS names one) or `kafka` (Apache Kafka: `cancelflow up` starts it from Maven's
+    # jars, compose and k8s run it). What works around the embedded broker's quirks is off on Kafka.
+    broker: Literal["embedded", "kafka"] = Field("embedded", validation_alias="CANCELFLOW_BROKER")
+    # Kafka nodes `cancelflow up --broker kafka` starts: 1, or 3 for a replicated cluster.
+    kafka_nodes: int = Field(1, ge=1, le=5, validation_alias="CANCELFLOW_KAFKA_NODES")
+    # Static group membership (KIP-345): a restarted instance takes its partitions back at once.
+    # The supervisor names each process it runs; unset, members are dynamic (Kafka only).
+    instance_id: str | None = Field(None, validation_alias="CANCELFLOW_INSTANCE_ID")
     # How long a fetch may wait. Kafka answers when a record arrives (500 is fine there). The embedded
     # broker answers about every half wait, records or not, so the wait sets each hop's latency and how
     # often every consumer polls: 25 kept 41% of a core busy on an idle stack, 100 kept 14%; paced at
@@ -46,10 +55,11 @@ class CommonSettings(BaseSettings):
     # 200: a steady 100 requests/s costs about 10% less CPU per request than with 100, and the stack
     # queues far less (paced p99 about 1.4 s against 6 s over 15 s), for about 170 ms more
     # per request at low load (item 31).
+    # On Kafka (CANCELFLOW_BROKER=kafka) the default is 500: a fetch wakes when a record arrives.
     fetch_max_wait_ms: int = Field(200, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
     # A fetch that skips offsets (the embedded broker does under concurrent produces) is read again; a
     # hole that stays this long is accepted (Apache Kafka has real ones next to transaction markers and
-    # after compaction). 0: no check (messaging/gaps.py).
+    # after compaction). 0: no check (messaging/gaps.py), the default on Kafka, whose fetches skip nothing.
     offset_gap_grace_ms: int = Field(2000, ge=0, le=600_000, validation_alias="CANCELFLOW_OFFSET_GAP_GRACE_MS")
     # A clean stop of the embedded stack first lets the work in flight finish, at most this long: the
     # embedded broker's records are lost when it stops (stack/drain.py). 0: stop at once.
@@ -121,6 +131,21 @@ class CommonSettings(BaseSettings):
             raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
                              "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
         return self
+
+    @model_validator(mode="after")
+    def _kafka_needs_no_workarounds(self) -> CommonSettings:
+        """On Apache Kafka the embedded broker's workarounds are off unless set explicitly."""
+        if self.broker == "kafka":
+            if "fetch_max_wait_ms" not in self.model_fields_set:
+                self.fetch_max_wait_ms = 500
+            if "offset_gap_grace_ms" not in self.model_fields_set:
+                self.offset_gap_grace_ms = 0
+        return self
+
+    @property
+    def on_kafka(self) -> bool:
+        """Apache Kafka: static group membership, no offset-gap grace, a longer fetch wait."""
+        return self.broker == "kafka"
 
     @field_validator("producer_keys", "service_keys")
     @classmethod

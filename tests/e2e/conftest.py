@@ -12,7 +12,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from cancelflow import topics
 from cancelflow.ops import StackClient, StatusWatcher
-from cancelflow.settings import SERVICES
+from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.testing.smtp import RecordingSMTPServer
 from cancelflow.testing.stack import StackProcess
 
@@ -20,8 +20,8 @@ SUPPORT = "support@cancelflow.test"
 
 
 def saga_partition(request_id: str) -> int:
-    """The partition of `cancellations.saga` a request's events go to (the tests' broker is the embedded one)."""
-    count = topics.BY_NAME[topics.SAGA].partitions_on(embedded=True)
+    """The partition of `cancellations.saga` a request's events go to, on the tests' broker."""
+    count = topics.BY_NAME[topics.SAGA].partitions_on(embedded=not CommonSettings().on_kafka)
     partitions = list(range(count))
     return DefaultPartitioner()(request_id.encode(), partitions, partitions)
 

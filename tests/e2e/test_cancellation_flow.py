@@ -15,12 +15,13 @@ from decimal import Decimal
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from billing.domain import HISTORY_PLATFORM_ERROR, HISTORY_VENDOR_ERROR
 from cancelflow import topics
 from cancelflow.events import NAME_CHARS, TEXT_CHARS, CancellationRequested, envelope_for
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, encode
+from cancelflow.messaging.kafka import partitions_of
 from cancelflow.ops import emails_owed, sample_subscription
 from tests.e2e.conftest import SUPPORT, id_on_same_saga_partition, saga_partition
 
@@ -330,8 +331,7 @@ async def _read_topic(bootstrap: str, topic: str, predicate, count: int, timeout
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=25)
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        partitions = await partitions_of(consumer, topic)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         found: list = []

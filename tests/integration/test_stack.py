@@ -252,7 +252,7 @@ async def test_run_stack_starts_broker_and_processes_and_cleans_up(tmp_path: Pat
     env = {**os.environ, "STATUS_HTTP_PORT": str(status_port)}
     # Stand-ins for the real processes: only the orchestration is under test here.
     monkeypatch.setattr(
-        embedded, "stack_specs", lambda s, e: [http_spec("status_tracker", status_port, tmp_path)]
+        embedded, "stack_specs", lambda s, e, bootstrap=None: [http_spec("status_tracker", status_port, tmp_path)]
     )
     stop = asyncio.Event()
     seen: dict = {}

@@ -20,7 +20,7 @@ from cancelflow import topics
 from cancelflow.events import CancellationStatusChanged
 from cancelflow.logging import get_logger
 from cancelflow.messaging.gaps import GapGuard
-from cancelflow.messaging.kafka import client_security
+from cancelflow.messaging.kafka import client_security, partitions_of
 from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.settings import ServiceSettings
 
@@ -48,9 +48,7 @@ class StatusFeed:
             fetch_max_wait_ms=settings.fetch_max_wait_ms, client_id="cancelflow-status_tracker-feed",
             **client_security(settings))
         await self._consumer.start()
-        await self._consumer.topics()
-        self._partitions = [TopicPartition(topics.STATUS, p)
-                            for p in sorted(self._consumer.partitions_for_topic(topics.STATUS) or ())]
+        self._partitions = await partitions_of(self._consumer, topics.STATUS)
         self._consumer.assign(self._partitions)
         self._pause()  # until a dashboard connects
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
 from cancelflow.logging import get_logger
@@ -37,8 +37,10 @@ def client_security(settings: CommonSettings) -> dict[str, Any]:
 
 
 def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProducer:
-    # No idempotent producer and no transactions (the embedded broker lacks them): exactly-once
-    # comes from the outbox (publish after commit) and the inbox (dedupe on event_id).
+    # Exactly-once comes from the outbox (publish after commit) and the inbox (dedupe on event_id), on
+    # either broker. No idempotent producer, on Kafka either: aiokafka's does not recover from a batch
+    # it gave up on while the broker was down (kill -9 and restart): every later send fails with
+    # OutOfOrderSequenceNumber (tests/e2e/test_kafka_faults.py found it; docs/performance.md, item 35).
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=client_id,
@@ -114,7 +116,18 @@ def make_consumer(settings: CommonSettings, *topics: str, group_id: str, client_
         max_poll_records=500,
         **client_security(settings),
     )
+    if settings.on_kafka and settings.instance_id:
+        # Static membership: a restarted process (same instance id) gets its partitions back at once,
+        # without waiting for its old session to expire or a rebalance of the group.
+        config["group_instance_id"] = f"{group_id}-{settings.instance_id}"
     config.update(overrides)
     consumer = AIOKafkaConsumer(**config)
     consumer.subscribe(list(topics), listener=LoggedRebalance(group_id, gap_guard, membership))
     return consumer
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, from fresh cluster metadata. `consumer.topics()` fetches it too but
+    leaves the consumer's own view alone, which on Kafka knows only the topics it reads already."""
+    cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 (what topics() calls)
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]

@@ -138,6 +138,16 @@ async def describe_topics(bootstrap: str, names: Iterable[str] | None = None) ->
     return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
 
 
+async def partition_leaders(bootstrap: str, topic: str) -> dict[int, int]:
+    """The node id leading each partition of `topic` right now."""
+    admin = await _admin_when_ready(bootstrap, retry_for=5.0)
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return {p["partition"]: p["leader"] for t in described for p in t["partitions"]}
+
+
 async def _accepts(host: str, port: int) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=0.5)

@@ -1,6 +1,7 @@
 """The embedded stack of CONTRACT section 9: what `cancelflow up` runs in the foreground.
 
-The broker (unless KAFKA_BOOTSTRAP_SERVERS names one), the sandboxes and SMTP sink (unless their URLs are
+The broker (unless KAFKA_BOOTSTRAP_SERVERS names one: the embedded one, or Apache Kafka with
+CANCELFLOW_BROKER=kafka), the sandboxes and SMTP sink (unless their URLs are
 given), and the six services, each its own process under the `Supervisor`. While it runs,
 DATA/stack.json says where everything listens, so other commands can find the stack.
 """
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from cancelflow.operator_token import EMBEDDED_OPERATOR, TOKEN_FILE, embedded_operator
 from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.stack.apache_kafka import KafkaBroker, jars_resolved
 from cancelflow.stack.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
 from cancelflow.stack.drain import drain
 from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
@@ -44,8 +46,9 @@ def _data_dir(settings: CommonSettings) -> Path:
     return settings.data_dir.resolve()
 
 
-def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str]:
-    """`env` plus every common setting spelled out, so children agree with us even on overrides."""
+def child_env(settings: CommonSettings, env: Mapping[str, str], bootstrap: str | None = None) -> dict[str, str]:
+    """`env` plus every common setting spelled out, so children agree with us even on overrides.
+    `bootstrap`: the servers of the broker the stack started (every node of a Kafka cluster)."""
     out = dict(env)
     for name, field in CommonSettings.model_fields.items():
         alias = field.validation_alias
@@ -60,10 +63,11 @@ def child_env(settings: CommonSettings, env: Mapping[str, str]) -> dict[str, str
         # Keys on cover the internal topics too (CONTRACT.md section 10).
         out["CANCELFLOW_SERVICE_KEYS"] = _service_keys(_data_dir(settings))
     if settings.kafka_bootstrap_servers is None and "KAFKA_SESSION_TIMEOUT_MS" not in env:
-        # On the embedded broker a short session lets a restarted service resume within seconds.
+        # On the embedded broker a short session lets a restarted service resume within seconds; on
+        # Kafka, whose least is 6 s, it is how long a member that died for good holds its partitions.
         out["KAFKA_SESSION_TIMEOUT_MS"] = "6000"
     out.update(
-        KAFKA_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap or settings.bootstrap_servers,
         CANCELFLOW_DATA_DIR=str(_data_dir(settings)),
         CANCELFLOW_ENABLE_FAULT_HOOKS="1",  # the embedded stack is for trying things out and testing
         PYTHONUNBUFFERED="1",  # log lines reach the log files as they happen
@@ -102,12 +106,13 @@ def _log(settings: CommonSettings, name: str) -> Path:
     return _data_dir(settings) / "logs" / f"{name}.log"
 
 
-def stack_specs(settings: CommonSettings, env: Mapping[str, str]) -> list[ProcessSpec]:
+def stack_specs(settings: CommonSettings, env: Mapping[str, str], bootstrap: str | None = None) -> list[ProcessSpec]:
     """Every process of the stack, in start order (they stop in reverse)."""
-    data, py, children_env = _data_dir(settings), sys.executable, child_env(settings, env)
+    data, py, children_env = _data_dir(settings), sys.executable, child_env(settings, env, bootstrap)
 
-    def spec(name: str, argv: list[str], ready_url: str) -> ProcessSpec:
-        return ProcessSpec(name, [py, "-m", *argv], children_env, ready_url, _log(settings, name))
+    def spec(name: str, argv: list[str], ready_url: str, instance: dict[str, str] | None = None) -> ProcessSpec:
+        return ProcessSpec(name, [py, "-m", *argv], {**children_env, **(instance or {})}, ready_url,
+                           _log(settings, name))
 
     specs = []
     for kind, external, port in (
@@ -139,12 +144,15 @@ def stack_specs(settings: CommonSettings, env: Mapping[str, str]) -> list[Proces
         specs.append(spec("smtp-sink", argv, f"tcp://{LOCALHOST}:{settings.smtp_port}"))
     for service in SERVICES:
         # Ready, not merely answering: `up` says the stack is up once every consumer has its partitions.
-        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/readyz"))
+        # One instance of each service, the same one after every restart (on Kafka its static group
+        # membership; CANCELFLOW_INSTANCE_ID= (empty) turns that off).
+        specs.append(spec(service, [service], f"http://{LOCALHOST}:{service_port(service, env)}/readyz",
+                          {"CANCELFLOW_INSTANCE_ID": env.get("CANCELFLOW_INSTANCE_ID", "1")}))
     return specs
 
 
 def describe_stack(
-    settings: CommonSettings, env: Mapping[str, str], specs: list[ProcessSpec]
+    settings: CommonSettings, env: Mapping[str, str], specs: list[ProcessSpec], bootstrap: str | None = None
 ) -> dict[str, Any]:
     """What stack.json holds: our pid and where every component listens (external ones included)."""
     components: dict[str, dict[str, str | None]] = {}
@@ -152,8 +160,11 @@ def describe_stack(
     def add(name: str, address: str, log_file: Path | None) -> None:
         components[name] = {"address": address, "log_file": str(log_file) if log_file else None}
 
-    embedded_broker = settings.kafka_bootstrap_servers is None
-    add("broker", settings.bootstrap_servers, _log(settings, "broker") if embedded_broker else None)
+    own_broker = settings.kafka_bootstrap_servers is None
+    embedded_broker = own_broker and not settings.on_kafka
+    bootstrap = bootstrap or settings.bootstrap_servers
+    broker_log = _log(settings, "broker" if settings.kafka_nodes == 1 or embedded_broker else "broker-1")
+    add("broker", bootstrap, broker_log if own_broker else None)
     if settings.vendor_api_url:
         add("vendor-api", settings.vendor_url, None)
     if settings.gateway_api_url:
@@ -169,7 +180,8 @@ def describe_stack(
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_dir": str(_data_dir(settings)),
         "embedded_broker": embedded_broker,
-        "bootstrap_servers": settings.bootstrap_servers,
+        "broker": settings.broker,
+        "bootstrap_servers": bootstrap,
         "status_url": f"http://{LOCALHOST}:{service_port('status_tracker', env)}",
         "vendor_url": settings.vendor_url,
         "gateway_url": settings.gateway_url,
@@ -227,10 +239,20 @@ async def run_stack(
         operators, token = embedded_operator(data)
         settings = settings.model_copy(update={"operators": operators})
 
-    specs = stack_specs(settings, env)
-    broker = None
-    if settings.kafka_bootstrap_servers is None:
+    broker: EmbeddedBroker | KafkaBroker | None = None
+    if settings.kafka_bootstrap_servers is None and settings.on_kafka:
+        broker = KafkaBroker(LOCALHOST, settings.broker_port, data_dir=data, nodes=settings.kafka_nodes)
+        try:
+            if not jars_resolved():
+                console.print("resolving Apache Kafka's jars with Maven (once) ...")
+            await asyncio.to_thread(broker.prepare)
+        except BrokerError as exc:
+            console.print(f"[red]cannot start Apache Kafka:[/] {escape(str(exc))}")
+            return 1
+    elif settings.kafka_bootstrap_servers is None:
         broker = EmbeddedBroker(LOCALHOST, settings.broker_port, log_file=_log(settings, "broker"))
+    bootstrap = broker.bootstrap if broker is not None else None
+    specs = stack_specs(settings, env, bootstrap)
     if busy := _busy_ports(settings, specs):
         console.print(f"[red]cannot start: already in use: {', '.join(busy)}[/]")
         return 1
@@ -244,14 +266,14 @@ async def run_stack(
         try:
             if not await _until_stopped(_start(settings, broker, supervisor, console), stop):
                 return 0
-            info = describe_stack(settings, env, specs)
+            info = describe_stack(settings, env, specs, bootstrap)
             _write_json(stack_file, info)
-            _print_ready(console, info, broker is not None, token)
+            _print_ready(console, info, isinstance(broker, EmbeddedBroker), token)
             if on_ready is not None and inspect.isawaitable(result := on_ready(info)):
                 await result
             broker_exit = asyncio.create_task(broker.wait()) if broker else None
             if await _until_stopped(broker_exit, stop) and broker_exit is not None:
-                console.print(f"[red]the embedded broker exited ({broker_exit.result()}); stopping[/]")
+                console.print(f"[red]the broker exited ({broker_exit.result()}); stopping[/]")
                 exit_code = 1
             elif drain_s > 0:
                 await drain(_service_origins(specs), console, within_s=drain_s, hurry=hurry)
@@ -271,12 +293,19 @@ async def run_stack(
 
 
 async def _start(
-    settings: CommonSettings, broker: EmbeddedBroker | None, supervisor: Supervisor, console: Console
+    settings: CommonSettings, broker: EmbeddedBroker | KafkaBroker | None, supervisor: Supervisor, console: Console
 ) -> None:
-    if broker is not None:
+    if isinstance(broker, KafkaBroker):
+        console.print(f"starting Apache Kafka ({broker.node_count} node(s)) on {broker.bootstrap} ...")
+        started = time.monotonic()
+        await broker.start()
+        console.print(f"Apache Kafka answers after {time.monotonic() - started:.1f} s")
+    elif broker is not None:
         console.print(f"starting the embedded broker on {broker.bootstrap} ...")
         await broker.start()
-    created = await create_topics(settings.bootstrap_servers, embedded=broker is not None)
+    replication = 3 if isinstance(broker, KafkaBroker) and broker.node_count >= 3 else 1
+    created = await create_topics(broker.bootstrap if broker else settings.bootstrap_servers,
+                                  embedded=isinstance(broker, EmbeddedBroker), replication_factor=replication)
     if created:
         console.print(f"created topics: {', '.join(created)}", soft_wrap=True)
     console.print(f"starting {len(supervisor.names)} processes ...")
@@ -363,4 +392,7 @@ def _print_ready(console: Console, info: dict[str, Any], embedded_broker: bool, 
             "the service databases in the data dir persist, so a second `up` resumes from them. Ctrl-C first "
             "lets the work in flight finish (CANCELFLOW_DRAIN_SECONDS), a second Ctrl-C stops at once.[/]"
         )
+    elif info.get("broker") == "kafka":
+        console.print("[dim]Apache Kafka keeps its topics and records in the data dir's kafka/: a second "
+                      "`up` on it resumes from them and from the service databases.[/]")
     console.print("Ctrl-C stops the stack.")

@@ -1,8 +1,9 @@
-"""`StackProcess`: the whole embedded stack (`python -m cancelflow up`) as a child process on free
-ports and a private data dir, for end-to-end tests, the benchmark and chaos runs."""
+"""`StackProcess`: the whole stack (`python -m cancelflow up`, on the broker CANCELFLOW_BROKER names) as a
+child process on free ports and a private data dir, for end-to-end tests, the benchmark and chaos runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,9 +28,12 @@ class StackProcess:
         names = ["CANCELFLOW_BROKER_PORT", "VENDOR_SANDBOX_PORT", "GATEWAY_SANDBOX_PORT", "SMTP_PORT",
                  *(f"{prefix}_HTTP_PORT" for prefix, _ in SERVICES.values())]
         env.update(zip(names, map(str, free_ports(len(names))), strict=True))
-        env.update({"CANCELFLOW_DATA_DIR": str(data_dir), "CANCELFLOW_FETCH_MAX_WAIT_MS": "25"})
+        env["CANCELFLOW_DATA_DIR"] = str(data_dir)
         env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
         env.update(extra_env or {})
+        if env.get("CANCELFLOW_BROKER", "embedded") == "embedded":
+            # The embedded broker answers a fetch only when its wait ends; Kafka when a record arrives.
+            env.setdefault("CANCELFLOW_FETCH_MAX_WAIT_MS", "25")
         self._configure(env)
         self.log = data_dir / "up.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -79,6 +83,10 @@ class StackProcess:
         except BaseException:  # a timeout, or SIGTERM/Ctrl-C while it starts: nothing left running
             self.stop()
             raise
+        # Every node of the broker it started (a Kafka cluster's), for clients that start later.
+        info = running_stack(self.settings) or {}
+        self.endpoints = dataclasses.replace(self.endpoints,
+                                             bootstrap=info.get("bootstrap_servers", self.endpoints.bootstrap))
         return self
 
     def stop(self, timeout: float = 60) -> int:
@@ -117,16 +125,27 @@ class StackProcess:
             return None
 
     def broker_pid(self) -> int | None:
-        """The embedded broker's pid, found by its listener address in /proc."""
-        needle = f"127.0.0.1:{self.settings.broker_port}".encode()
+        """The broker's pid (on a Kafka cluster, node 1's), found in /proc."""
+        return self.broker_pids().get(1)
+
+    def broker_pids(self) -> dict[int, int]:
+        """Every broker process by node id: the embedded one by its listener address, Kafka's nodes by
+        the server.properties under this stack's data dir."""
+        tansu = f"127.0.0.1:{self.settings.broker_port}".encode()
+        kafka = str((self.data_dir / "kafka").resolve()).encode()
+        found = {}
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 argv = cmdline.read_bytes()
             except OSError:
                 continue
-            if b"tansu" in argv and b"broker" in argv and needle in argv:
-                return int(cmdline.parent.name)
-        return None
+            if b"tansu" in argv and b"broker" in argv and tansu in argv:
+                found[1] = int(cmdline.parent.name)
+            elif b"kafka.Kafka\0" + kafka in argv:
+                config = argv.rstrip(b"\0").split(b"\0")[-1]
+                node = Path(config.decode()).parent.name
+                found[int(node.removeprefix("node-")) if node.startswith("node-") else 1] = int(cmdline.parent.name)
+        return found
 
     def service_log(self, name: str) -> str:
         path = self.data_dir / "logs" / f"{name}.log"
