@@ -546,7 +546,7 @@ class OperatorActed(SagaEvent):
     published_by: ClassVar[frozenset[str] | None] = STATUS_TRACKER
 
     action: Literal["approve", "decline", "retry", "retry_refund", "close"]
-    operator: Name
+    operator: Id  # the operator's name, as the audit trail keeps it
     note: Text = ""
     new_request_id: uuid.UUID | None = None
 
@@ -562,7 +562,7 @@ class RefundRetryRequested(SagaEvent):
     retry_of: uuid.UUID
     account_id: Id | None = None
     subscription_id: Id | None = None
-    operator: Name
+    operator: Id  # the operator's name, as the audit trail keeps it
     note: Text = ""
 
 
@@ -699,7 +699,7 @@ class Resolution(BaseModel):
     model_config = ConfigDict(extra="ignore")
     by: str
     at: AwareDatetime
-    action: str
+    action: LongStatus
     note: Text = ""
     request_id: uuid.UUID | None = Field(None, description="the new request of a retry")
 
