@@ -15,17 +15,9 @@ import aiohttp
 import pytest
 
 from cancelflow.ops import sample_subscription
+from tests.e2e.test_cancellation_flow import _effects, _ledger
 
 pytestmark = pytest.mark.e2e
-
-
-async def _ledger(client, url: str) -> dict:  # type: ignore[no-untyped-def]
-    _, body = await client.get_json(f"{url}/_sandbox/ledger")
-    return body
-
-
-def _effects(ledger: dict, kind: str, **match: str) -> list[dict]:
-    return [e for e in ledger["effects"] if e["type"] == kind and all(e.get(k) == v for k, v in match.items())]
 
 
 async def _act(client, path: str, body: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]

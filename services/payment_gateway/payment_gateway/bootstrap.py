@@ -81,8 +81,9 @@ def _subscription_charges(runtime: ServiceRuntime):  # type: ignore[no-untyped-d
             db = Db(session)
             charges = await db.all(SUBSCRIPTION_CHARGES, subscription_id=subscription_id)
             refunds = await db.all(SUBSCRIPTION_REFUNDS, subscription_id=subscription_id)
-        body = {"charges": [{**c, "refundable": str(c["amount"] - c["refunded_amount"])} for c in charges],
-                "refunds": refunds}
+            ledger = Ledger(db)  # what a gateway charge has left, however many records name it
+            charges = [{**c, "refundable": str(await ledger.refundable(c["charge_id"]))} for c in charges]
+        body = {"charges": charges, "refunds": refunds}
         return json_response(body)
 
     return view
