@@ -305,3 +305,13 @@ def test_grafana_needs_a_password_from_env() -> None:
     assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password  # no default: required
     assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
     assert ":-" not in password  # no fallback such as admin
+
+
+@pytest.mark.parametrize("variable", ["BILLING_API_URL", "PROVISIONING_API_URL", "PAYMENT_GATEWAY_API_URL"])
+def test_the_status_service_reads_the_owners_under_a_name_they_answer_to(variable: str) -> None:
+    """The subscription page's reads carry `Host: <owner>`: an owner that answers only loopback names
+    would refuse them with 403 (shared/cancelflow/http_guard.py)."""
+    url = resolved(SERVICES_YAML["status-tracker"]["environment"][variable])
+    host = urlsplit(url).hostname
+    allowed = resolved(SERVICES_YAML[host]["environment"].get("CANCELFLOW_ALLOWED_HOSTS", ""))
+    assert host in allowed.split(",")

@@ -143,3 +143,19 @@ async def test_a_dispute_before_its_charges_waits_and_goes_on_when_they_come(tmp
     finally:
         for engine in world.engines.values():
             await engine.dispose()
+
+
+async def test_a_decision_for_a_request_waiting_for_its_facts_is_kept_for_it(billing_engine: AsyncEngine) -> None:
+    """An operator's approval can come while the request waits for its subscription's facts: it is kept
+    and applied when the request is taken in (it was dropped, and the request then waited for approval)."""
+    from cancelflow.events import CancellationApproved
+
+    billing = billing_with(billing_engine, Facts())
+    request = requested(requires_approval=True)
+    await billing.send(request)
+    assert await state_of(billing, request.request_id) == AWAITING_FACTS
+    await billing.send(CancellationApproved(request_id=request.request_id, decided_by="alice", note="ok"))
+
+    emitted = await billing.send(activated())
+    assert "VendorCancellationRequested" in types(emitted)  # approved: on to the vendor, not waiting
+    assert await state_of(billing, request.request_id) == "awaiting_vendor"

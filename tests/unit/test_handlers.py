@@ -145,6 +145,8 @@ class Billing:
             "CancellationRequested": self.handlers.cancellation_requested,
             "VendorProvisioned": self.handlers.vendor_provisioned,
             "VendorCancellationFailed": self.handlers.vendor_failed,
+            "CancellationApproved": self.handlers.cancellation_approved,
+            "CancellationDeclined": self.handlers.cancellation_declined,
         }
         await handle(self.engine, billing_orm, route[payload.event_type], msg or message(payload))
         return (await outbox(self.engine, billing_orm))[before:]

@@ -119,3 +119,23 @@ async def test_nothing_refused_nothing_refunded(money) -> None:  # type: ignore[
     assert _refunded(gateway) == before
     outbox = await _rows(engine, orm.messaging.outbox)
     assert b"nothing_to_retry" in outbox[-1]["value"]
+
+
+async def test_a_retry_gives_what_the_gateway_charge_has_left_whichever_record_took_the_rest(money) -> None:  # type: ignore[no-untyped-def]
+    """Another record naming the same gateway charge took 20.00 of it since: the retry refunds the 10.00
+    left (it skipped the line, measuring what its own record had left), and keeps the refused basis."""
+    engine, gateway, payments, retries = money
+    refused = _commit(date(2026, 11, 6))  # 25 of 30 days: 25.00, refused
+    gateway.refuse_next = 1
+    await handle(engine, orm, payments.platform_committed, message(refused))
+    twin = ChargeCaptured(charge_id="ch-2", account_id="acc", subscription_id="sub", amount="30.00", currency="USD",
+                          captured_at=CAPTURED_AT, gateway_charge_id="gw-1", period_start=date(2026, 11, 1),
+                          period_end=date(2026, 12, 1))
+    await handle(engine, orm, payments.charge_captured, message(twin))
+    async with engine.begin() as conn:
+        await conn.execute(orm.charges.update().where(orm.charges.c.charge_id == "ch-2")
+                           .values(refunded_amount=Decimal("20.00")))
+    await handle(engine, orm, retries.refund_retry_requested, message(_retry(refused.request_id)))
+    assert [amount for _, amount in _refunded(gateway)] == [Decimal("10.00")]
+    retried = [r for r in await _rows(engine, orm.refunds) if r["idempotency_key"].startswith("cf-refund-retry-")]
+    assert [(r["licenses"], r["licenses_paid"]) for r in retried] == [(1, 1)]

@@ -190,8 +190,8 @@ class BillingHandlers:
                            note: str) -> None:
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(request_id)
-        if saga is None:
-            # Decisions travel on other partitions than their request: keep it until the request arrives.
+        if saga is None or saga["state"] == AWAITING_FACTS:
+            # Decisions travel on other partitions than their request: keep it until the request is taken in.
             await repo.park_decision(request_id, decision=decision, decided_by=decided_by, note=note)
             return
         if saga["state"] != "pending_approval":

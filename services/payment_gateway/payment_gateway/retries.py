@@ -65,12 +65,15 @@ class RefundRetryHandlers:
             charge = await ledger.charge_row(refused["charge_id"])
             if charge is None:
                 continue
-            left = Decimal(charge["amount"]) - Decimal(charge["refunded_amount"])
+            left = await ledger.refundable(refused["charge_id"]) or Decimal("0.00")  # the gateway charge's, all records
             amount = min(Decimal(refused["amount"]), left)
             if amount <= 0 or not await ledger.reserve(refused["charge_id"], amount):
                 continue  # refunded since by something else: nothing left to give back
             balance = ChargeBalance(refused["charge_id"], refused["gateway_charge_id"], left, refused["currency"])
-            await ledger.add_refund(key=key, request_id=request_id, charge=balance, amount=amount)
+            # The refused line's basis goes with it: later cancellations count these licenses as refunded.
+            await ledger.add_refund(key=key, request_id=request_id, charge=balance, amount=amount,
+                                    licenses=refused["licenses"], licenses_paid=refused["licenses_paid"],
+                                    effective_date=refused["effective_date"])
         return await ledger.refunds_for(request_id)
 
     def _refund(self, record: dict, event: RefundRetryRequested) -> Any:

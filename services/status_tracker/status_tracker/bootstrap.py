@@ -38,6 +38,10 @@ def build() -> ServiceRuntime:
     if not operators.enabled and settings.http_host not in LOOPBACK:
         raise ValueError(f"the status service would serve every account's requests on {settings.http_host} "
                          "to anyone: set CANCELFLOW_OPERATORS (docs/security.md)")
+    if settings.producer_keys and settings.signing_key("bss") is None:
+        # Operators' actions are upstream records signed as `bss`: without its key billing would dead-letter
+        # every one of them after the 202 (CONTRACT.md sections 10 and 11).
+        raise ValueError("CANCELFLOW_PRODUCER_KEYS has no key for bss, which operators' actions are signed with")
     actions = Actions(runtime.new_uow, signing_key=settings.signing_key("bss"))
     subscriptions = SubscriptionViews(read_model, owner_urls(settings))
     runtime.on_start.append(subscriptions.start)

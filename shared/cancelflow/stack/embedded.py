@@ -260,7 +260,7 @@ async def run_stack(
     stack_file = data / STACK_FILE
     exit_code = 0
     if drain_s is None:
-        drain_s = settings.drain_s if broker is not None else 0.0
+        drain_s = settings.drain_s if isinstance(broker, EmbeddedBroker) else 0.0  # Kafka keeps its records
     hurry = asyncio.Event()  # a second Ctrl-C: stop without waiting for the work in flight
     with _stop_on_signals(stop, hurry):
         try:
