@@ -29,7 +29,7 @@ from cancelflow.testing.stack import StackProcess
 from notification.render import message_id_for
 from tests.e2e.conftest import SUPPORT, _pg_urls
 from tests.e2e.test_cancellation_flow import _finish, _mails
-from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
+from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM, sign_in
 
 pytestmark = pytest.mark.e2e
 
@@ -343,7 +343,7 @@ async def test_a_stuck_request_that_completes_after_all_shows_it_resolved_by_the
             assert versions == list(range(1, len(versions) + 1))
             document = await client.status(rid)  # what the dashboard's request page renders
             assert document is not None and document["resolution"]["action"] == "completed"
-            await _dashboard_shows_it_resolved(client.endpoints.status, rid, done["refund"]["amount"])
+            await _dashboard_shows_it_resolved(client, rid, done["refund"]["amount"])
 
             mails = {kind: copies for kind, copies in _by_kind(mailbox, rid).items()}
             assert sorted(mails) == ["completed", "manual_review", "support_stuck"]
@@ -356,20 +356,21 @@ async def test_a_stuck_request_that_completes_after_all_shows_it_resolved_by_the
     assert code == 0, stack.log.read_text()[-3000:]
 
 
-async def _dashboard_shows_it_resolved(status_url: str, rid: str, amount: str) -> None:
+async def _dashboard_shows_it_resolved(client, rid: str, amount: str) -> None:  # type: ignore[no-untyped-def]
     if not HAVE_CHROMIUM:
         pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CANCELFLOW_CHROMIUM)")
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page()
-            await page.goto(f"{status_url}/ui/requests/{rid}")
+            await sign_in(page, client)  # the dashboard needs an operator (CONTRACT.md section 11)
+            await page.goto(f"{client.endpoints.status}/ui/requests/{rid}")
             await expect(page.locator("#resolution-panel")).to_contain_text("Completed: resolved by the system")
             await expect(page.locator("#resolution-panel")).to_contain_text("nothing to do by hand")
             await expect(page.locator("#refund")).to_have_text(f"Refund: {amount} USD (succeeded)")
             await expect(page.locator("#details")).to_contain_text("canceled")
             await expect(page.locator("#error-panel")).to_be_hidden()
-            await page.goto(f"{status_url}/")
+            await page.goto(f"{client.endpoints.status}/")
             await expect(page.locator(f'tr[data-request-id="{rid}"] td.state')).to_have_text(
                 "Manual review Completed: resolved by the system")
         finally:
