@@ -141,6 +141,9 @@ async def test_a_clean_stop_mid_burst_then_up_again_loses_nothing_in_flight(
     assert len(refunds) == 200
 
 
+@pytest.mark.skipif(os.environ.get("CANCELFLOW_BROKER") == "kafka",
+                    reason="the embedded broker only: a killed Kafka is restarted on its log and loses nothing "
+                           "(tests/e2e/test_kafka_faults.py)")
 async def test_after_a_kill_9_of_the_broker_no_lock_outlives_its_request(
         restartable_stack, ids, today) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of the embedded broker mid-burst, then `cancelflow up` again: the requests whose records
