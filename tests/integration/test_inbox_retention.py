@@ -30,9 +30,9 @@ def pruned_total() -> float:
     return REGISTRY.get_sample_value("cancelflow_inbox_pruned_total") or 0.0
 
 
-async def fill(engine: Any, tables: Any) -> None:
+async def fill(engine: Any, tables: Any, now: datetime = NOW) -> None:
     rows = [{"message_id": f"{age}-{i}", "topic": "cancellations.saga", "partition": 0, "offset": i,
-             "processed_at": NOW - timedelta(days=age)} for age, count in AGES.items() for i in range(count)]
+             "processed_at": now - timedelta(days=age)} for age, count in AGES.items() for i in range(count)]
     async with engine.begin() as conn:
         await conn.execute(insert(tables.inbox), rows)
 
@@ -77,7 +77,7 @@ async def test_the_pruner_runs_at_start_and_again_after_a_failed_pass(tmp_path: 
 
     try:
         await db.create_schema(engine, metadata)
-        await fill(engine, tables)
+        await fill(engine, tables, now=datetime.now(UTC))  # the pruner's own clock, not NOW
         pruner = InboxPruner(flaky, tables, retention_days=30, interval_s=0)
         task = asyncio.create_task(pruner.run())
         try:
