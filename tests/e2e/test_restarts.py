@@ -116,7 +116,8 @@ async def test_a_clean_stop_mid_burst_then_up_again_loses_nothing_in_flight(
         await asyncio.sleep(1)  # the scenario: Ctrl-C one second into the burst
         assert await asyncio.to_thread(stack.stop, 300) == 0, stack.log.read_text()[-3000:]
     said = stack.log.read_text()
-    assert "stopping: finishing the work in flight first" in said and "drained in" in said, said[-3000:]
+    if os.environ.get("CANCELFLOW_BROKER") != "kafka":  # Kafka keeps its records: it stops at once
+        assert "stopping: finishing the work in flight first" in said and "drained in" in said, said[-3000:]
 
     stack.start()
     _every_service_consumes(stack)
