@@ -23,6 +23,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
+COPY tooling ./tooling
 RUN pip install .
 
 USER cancelflow

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from cancelflow.bench import cpu_seconds
-from cancelflow.stack.broker import EmbeddedBroker, free_port
+from cancelflow_tools.bench import cpu_seconds
+from cancelflow_tools.stack.broker import EmbeddedBroker, free_port
 
 TOPIC = "fetch-cost"
 GROUPS = 10

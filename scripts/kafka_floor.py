@@ -33,14 +33,14 @@ from rich.console import Console
 from rich.table import Table
 
 from cancelflow import topics
-from cancelflow.bench import cpu_seconds, progress_bar
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.consumer import ConsumeLoop
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import make_consumer, make_producer
 from cancelflow.settings import CommonSettings
-from cancelflow.stack.apache_kafka import KafkaBroker
-from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
+from cancelflow_tools.bench import cpu_seconds, progress_bar
+from cancelflow_tools.stack.apache_kafka import KafkaBroker
+from cancelflow_tools.stack.broker import EmbeddedBroker, create_topics, free_port
 
 # Sizes measured on a bench run's topics (bytes of value): requests 618, saga 659, status 1187.
 REQUEST, SAGA_EVENT, STATUS_RECORD = b"r" * 618, b"s" * 659, b"t" * 1187

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from cancelflow import migrations
-from cancelflow.settings import SERVICES
+from cancelflow_tools.services import SERVICES
 
 
 def _next_revision_id(versions: Path) -> str:

@@ -49,9 +49,10 @@ from pydantic import ValidationError
 from cancelflow.events import Envelope
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.service import ServiceRuntime
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
-from cancelflow.upstream import UpstreamPublisher
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.stack.broker import EmbeddedBroker, create_topics, free_port
+from cancelflow_tools.upstream import UpstreamPublisher
 
 # Tansu finishes a group join after about half the session timeout and forgets a member that left
 # only when its session expires: with the services' 30 s a runtime would need ~15 s to start

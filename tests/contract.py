@@ -6,7 +6,8 @@ The contract lives outside the repository; these are its settings, verbatim name
 
 from __future__ import annotations
 
-from cancelflow.settings import SERVICES, CommonSettings, ServiceSettings
+from cancelflow.settings import CommonSettings, ServiceSettings
+from cancelflow_tools.services import SERVICES
 
 # Section 9: every name the world may set, with its default where the contract gives one.
 SECTION_9 = {

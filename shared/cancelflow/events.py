@@ -131,6 +131,7 @@ class ValidationCode(StrEnum):
 # The services, by the names they sign with (`published_by` below).
 BILLING, PROVISIONING, PAYMENT_GATEWAY = frozenset({"billing"}), frozenset({"provisioning"}), frozenset({"payment_gateway"})
 DISPUTE, NOTIFICATION, STATUS_TRACKER = frozenset({"dispute"}), frozenset({"notification"}), frozenset({"status_tracker"})
+PUBLISHERS = BILLING | PROVISIONING | PAYMENT_GATEWAY | DISPUTE | NOTIFICATION | STATUS_TRACKER
 
 
 # --- base classes ------------------------------------------------------------------------------

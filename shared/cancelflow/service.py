@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, func, select
 
 from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
+from cancelflow.events import Source
 from cancelflow.http_guard import allowed_hosts, guard
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
@@ -83,8 +84,10 @@ async def prepare_schema(engine: object, settings: ServiceSettings, migrations_p
 
 
 class ServiceRuntime:
-    def __init__(self, name: str, settings: ServiceSettings, metadata: MetaData, tables: MessagingTables) -> None:
+    def __init__(self, name: str, settings: ServiceSettings, metadata: MetaData, tables: MessagingTables, *,
+                 failure_source: Source | None = None) -> None:
         self.name = name
+        self.failure_source = failure_source  # the saga step it owns (None: it only observes)
         self.settings = settings
         self.metadata = metadata
         self.tables = tables
@@ -202,7 +205,7 @@ class ServiceRuntime:
                 await consumer.start()
                 self.consumer = consumer
                 self.loop = loop = ConsumeLoop(consumer, self.routes, self.new_uow, service=self.name,
-                                   group_id=self.group_id,
+                                   group_id=self.group_id, failure_source=self.failure_source,
                                    signatures=SignatureCheck.from_text(self.settings.producer_keys,
                                                                        self.settings.service_keys),
                                    concurrency=self.settings.handler_concurrency, gap_guard=gap_guard,

@@ -1,13 +1,13 @@
 """Settings from the environment, with the names of CONTRACT.md section 9.
 
-One `Settings` class per service (see `service_settings`); all of them fail fast on bad values.
+Each service declares its own `ServiceSettings` subclass (its env prefix and HTTP port, see
+`ServiceSettings.named`); all of them fail fast on bad values.
 """
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import (
     AliasChoices,
@@ -20,15 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# service name -> (env prefix, default HTTP port)
-SERVICES: dict[str, tuple[str, int]] = {
-    "billing": ("BILLING", 8081),
-    "provisioning": ("PROVISIONING", 8082),
-    "payment_gateway": ("PAYMENT_GATEWAY", 8083),
-    "dispute": ("DISPUTE", 8084),
-    "notification": ("NOTIFICATION", 8085),
-    "status_tracker": ("STATUS", 8080),
-}
+from cancelflow.events import PUBLISHERS
 
 
 class CommonSettings(BaseSettings):
@@ -195,9 +187,10 @@ class CommonSettings(BaseSettings):
 
 
 class ServiceSettings(CommonSettings):
-    """A service's own settings: its database and its HTTP port (prefix from `SERVICES`)."""
+    """A service's own settings: its database and its HTTP port (a subclass per service, `named`)."""
 
     service: str = "service"
+    variable_prefix: ClassVar[str] = ""
     http_host: str = Field("127.0.0.1", validation_alias="CANCELFLOW_HTTP_HOST")
     # Host names the HTTP port answers to besides loopback and `http_host` (comma-separated; `*`: any),
     # and whose pages may POST to it (cancelflow/http_guard.py).
@@ -215,7 +208,7 @@ class ServiceSettings(CommonSettings):
         if self.producer_keys and not keys:
             raise ValueError("CANCELFLOW_PRODUCER_KEYS is set: set CANCELFLOW_SERVICE_KEYS too "
                              "(service:key for each of the six services; `cancelflow up` makes them)")
-        if keys and (missing := sorted(set(SERVICES) - set(keys))):
+        if keys and (missing := sorted(PUBLISHERS - set(keys))):
             raise ValueError(f"CANCELFLOW_SERVICE_KEYS has no key for {', '.join(missing)}")
         return self
 
@@ -226,21 +219,20 @@ class ServiceSettings(CommonSettings):
         return f"sqlite+aiosqlite:///{path}"
 
 
-@cache
-def service_settings_class(service: str) -> type[ServiceSettings]:
-    prefix, port = SERVICES[service]
-    return type(
-        f"{prefix.title().replace('_', '')}Settings",
-        (ServiceSettings,),
-        {
-            "__annotations__": {"database_url_env": str | None, "http_port": int, "service": str},
-            "service": service,
-            # Out of the repr: a PostgreSQL URL carries its password.
-            "database_url_env": Field(None, validation_alias=AliasChoices(f"{prefix}_DATABASE_URL"), repr=False),
-            "http_port": Field(port, validation_alias=AliasChoices(f"{prefix}_HTTP_PORT")),
-        },
-    )
-
-
-def service_settings(service: str, **overrides: object) -> ServiceSettings:
-    return service_settings_class(service)(**overrides)
+    @classmethod
+    def named(cls, service: str, *, prefix: str, port: int) -> type[ServiceSettings]:
+        """The settings class of `service`: its database URL in `{prefix}_DATABASE_URL`, its HTTP port in
+        `{prefix}_HTTP_PORT` (default `port`)."""
+        return type(
+            f"{prefix.title().replace('_', '')}Settings",
+            (cls,),
+            {
+                "__annotations__": {"database_url_env": str | None, "http_port": int, "service": str},
+                "__module__": cls.__module__,
+                "service": service,
+                "variable_prefix": prefix,
+                # Out of the repr: a PostgreSQL URL carries its password.
+                "database_url_env": Field(None, validation_alias=AliasChoices(f"{prefix}_DATABASE_URL"), repr=False),
+                "http_port": Field(port, validation_alias=AliasChoices(f"{prefix}_HTTP_PORT")),
+            },
+        )

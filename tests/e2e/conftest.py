@@ -11,10 +11,11 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from cancelflow import topics
-from cancelflow.ops import StackClient, StatusWatcher
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.testing.smtp import RecordingSMTPServer
-from cancelflow.testing.stack import StackProcess
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.ops import StackClient, StatusWatcher
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.testing.smtp import RecordingSMTPServer
+from cancelflow_tools.testing.stack import StackProcess
 
 SUPPORT = "support@cancelflow.test"
 

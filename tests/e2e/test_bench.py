@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cancelflow.settings import CommonSettings
-from cancelflow.stack.embedded import running_stack
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools.stack.embedded import running_stack
+from cancelflow_tools.testing.stack import StackProcess
 from tests.scripts import load_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -26,7 +26,7 @@ FIGURES = {"throughput_per_s", "baseline_per_s", "ratio", "p50_ms", "p99_ms", "p
 
 def bench_figures(tmp_path: Path, *options: str) -> dict:
     """Run `cancelflow bench OPTIONS --json` to the end; the figures of its last line."""
-    run = subprocess.run([sys.executable, "-m", "cancelflow", "bench", *options, "--json", "--data-dir", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "cancelflow_tools", "bench", *options, "--json", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -77,7 +77,7 @@ def test_two_instances_of_every_service_finish_the_run_correctly(tmp_path: Path)
 def test_a_running_stack_is_measured_and_left_running(tmp_path: Path) -> None:
     """`--running` measures the stack `cancelflow up` runs with this environment instead of starting one."""
     stack = StackProcess(tmp_path / "stack").start()
-    command = [sys.executable, "-m", "cancelflow", "bench", "--running", "--requests", "12", "--paced", "0", "--json"]
+    command = [sys.executable, "-m", "cancelflow_tools", "bench", "--running", "--requests", "12", "--paced", "0", "--json"]
     try:
         run = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -117,7 +117,7 @@ def _until(condition, timeout: float) -> bool:  # type: ignore[no-untyped-def]
 
 
 def test_sigterm_stops_the_run_and_the_stack_it_started(tmp_path: Path) -> None:
-    bench = subprocess.Popen([sys.executable, "-m", "cancelflow", "bench", "--requests", "200", "--paced", "0",
+    bench = subprocess.Popen([sys.executable, "-m", "cancelflow_tools", "bench", "--requests", "200", "--paced", "0",
                               "--data-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _until(lambda: any("service started" in log.read_text()

@@ -22,7 +22,7 @@ from cancelflow import topics
 from cancelflow.events import NAME_CHARS, TEXT_CHARS, CancellationRequested, envelope_for
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, encode
 from cancelflow.messaging.kafka import partitions_of
-from cancelflow.ops import emails_owed, sample_subscription
+from cancelflow_tools.ops import emails_owed, sample_subscription
 from tests.e2e.conftest import SUPPORT, id_on_same_saga_partition, saga_partition
 
 pytestmark = pytest.mark.e2e

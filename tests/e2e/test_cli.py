@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 def cli(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cancelflow", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "cancelflow_tools", *args], capture_output=True, text=True, timeout=120,
                           env={**stack.env, "COLUMNS": "300"})
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from cancelflow.ops import sample_subscription
+from cancelflow_tools.ops import sample_subscription
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cancelflow.stack.embedded import running_stack
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools.stack.embedded import running_stack
+from cancelflow_tools.testing.stack import StackProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -23,7 +23,7 @@ SEED_PLATFORM = ("The subscription cancellation process has encountered an error
 def test_the_demo_starts_a_stack_runs_every_scenario_and_stops_it(tmp_path: Path) -> None:
     # The environment of a test stack (free ports, this data dir), but the demo starts the stack itself.
     stack = StackProcess(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "cancelflow", "demo"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "cancelflow_tools", "demo"], capture_output=True, text=True,
                          timeout=240, env={**stack.env, "COLUMNS": "400"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     said = " ".join(run.stdout.split())

@@ -17,7 +17,7 @@ import pytest
 
 from cancelflow import topics
 from cancelflow.events import CancellationRequested, ChargeCaptured
-from cancelflow.ops import SampleSubscription, sample_subscription
+from cancelflow_tools.ops import SampleSubscription, sample_subscription
 from tests.e2e.conftest import SUPPORT, id_on_same_saga_partition
 from tests.e2e.test_cancellation_flow import (
     _finish,
@@ -133,7 +133,7 @@ async def test_two_identical_charges_the_later_is_refunded_once(client, watcher,
 
     # Support reads the same trail with `cancelflow dispute REQUEST_ID`.
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cancelflow", "dispute", rid, env={**stack.env, "COLUMNS": "250"},
+        sys.executable, "-m", "cancelflow_tools", "dispute", rid, env={**stack.env, "COLUMNS": "250"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output = (await asyncio.wait_for(cli.communicate(), 60))[0].decode()
     assert cli.returncode == 0, output

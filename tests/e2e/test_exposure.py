@@ -11,8 +11,8 @@ import pytest
 from cancelflow import topics
 from cancelflow.events import envelope_for
 from cancelflow.messaging.codec import encode
-from cancelflow.ops import sample_subscription
-from cancelflow.settings import SERVICES
+from cancelflow_tools.ops import sample_subscription
+from cancelflow_tools.services import SERVICES
 from tests.e2e.test_cancellation_flow import _finish, _read_topic
 
 pytestmark = pytest.mark.e2e

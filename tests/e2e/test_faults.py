@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from cancelflow.chaos import CRASH_POINTS, SERVICES, ChaosConfig, ChaosRun, chaos_env
-from cancelflow.invariants import FORMULA
-from cancelflow.testing.smtp import RecordingSMTPServer
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools.chaos import CRASH_POINTS, SERVICES, ChaosConfig, ChaosRun, chaos_env
+from cancelflow_tools.invariants import FORMULA
+from cancelflow_tools.testing.smtp import RecordingSMTPServer
+from cancelflow_tools.testing.stack import StackProcess
 
 pytestmark = pytest.mark.e2e
 

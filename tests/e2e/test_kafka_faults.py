@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from cancelflow.chaos import ChaosConfig, ChaosRun, chaos_env
-from cancelflow.testing.smtp import RecordingSMTPServer
-from cancelflow.testing.stack import StackProcess
 from cancelflow.topics import TOPICS
+from cancelflow_tools.chaos import ChaosConfig, ChaosRun, chaos_env
+from cancelflow_tools.testing.smtp import RecordingSMTPServer
+from cancelflow_tools.testing.stack import StackProcess
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.kafka, pytest.mark.timeout(900),

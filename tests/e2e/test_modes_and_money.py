@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from cancelflow.events import CancellationApproved, CancellationDeclined
-from cancelflow.ops import sample_subscription
+from cancelflow_tools.ops import sample_subscription
 from tests.conftest import eventually
 from tests.e2e.conftest import SUPPORT
 from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _mails

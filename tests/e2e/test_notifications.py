@@ -23,9 +23,9 @@ import pytest
 from playwright.async_api import async_playwright, expect
 
 from cancelflow.events import CancellationDeclined, RequestStuck
-from cancelflow.ops import StackClient, StatusWatcher, email_count, sample_subscription
-from cancelflow.testing.smtp import RecordingSMTPServer
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools.ops import StackClient, StatusWatcher, email_count, sample_subscription
+from cancelflow_tools.testing.smtp import RecordingSMTPServer
+from cancelflow_tools.testing.stack import StackProcess
 from notification.render import message_id_for
 from tests.e2e.conftest import SUPPORT, _pg_urls
 from tests.e2e.test_cancellation_flow import _finish, _mails

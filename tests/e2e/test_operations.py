@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cancelflow import topics
-from cancelflow.ops import emails_owed, sample_subscription
-from cancelflow.settings import SERVICES
+from cancelflow_tools.ops import emails_owed, sample_subscription
+from cancelflow_tools.services import SERVICES
 from tests.contract import http_port_var
 
 pytestmark = pytest.mark.e2e

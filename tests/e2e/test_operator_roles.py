@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from cancelflow.ops import StackClient, sample_subscription
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools.ops import StackClient, sample_subscription
+from cancelflow_tools.testing.stack import StackProcess
 from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 
 pytestmark = pytest.mark.e2e

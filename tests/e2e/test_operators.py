@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cancelflow.ops import sample_subscription
+from cancelflow_tools.ops import sample_subscription
 from tests.e2e.test_cancellation_flow import _effects, _ledger
 
 pytestmark = pytest.mark.e2e
@@ -110,7 +110,7 @@ async def test_a_refused_refund_is_retried_once_by_an_operator(client, watcher, 
 def test_cancel_on_a_customers_behalf_from_the_cli(stack, ids, today) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
-    from cancelflow.ops import StackClient
+    from cancelflow_tools.ops import StackClient
 
     sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-ob-{ids['tag']}", today=today)
 
@@ -120,7 +120,7 @@ def test_cancel_on_a_customers_behalf_from_the_cli(stack, ids, today) -> None:  
 
     asyncio.run(load())
     run = subprocess.run(
-        [sys.executable, "-m", "cancelflow", "cancel", "--on-behalf", "--account", ids["account"],
+        [sys.executable, "-m", "cancelflow_tools", "cancel", "--on-behalf", "--account", ids["account"],
          "--subscription", sample.facts.subscription_id, "--reason", "customer called support",
          "--opt-out-of-emails", "--wait"],
         capture_output=True, text=True, timeout=120, env={**stack.env, "COLUMNS": "300"})
@@ -128,12 +128,12 @@ def test_cancel_on_a_customers_behalf_from_the_cli(stack, ids, today) -> None:  
     assert "requested on the customer's behalf" in run.stdout
     assert "requested by operator admin via bss" in run.stdout
     refused = subprocess.run(
-        [sys.executable, "-m", "cancelflow", "cancel", "--on-behalf", "--account", ids["account"],
+        [sys.executable, "-m", "cancelflow_tools", "cancel", "--on-behalf", "--account", ids["account"],
          "--subscription", sample.facts.subscription_id],
         capture_output=True, text=True, timeout=120, env={**stack.env, "COLUMNS": "300"})
     assert refused.returncode == 2 and "reason" in refused.stdout
     wrong = subprocess.run(
-        [sys.executable, "-m", "cancelflow", "approve", ids["tag"]], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "cancelflow_tools", "approve", ids["tag"]], capture_output=True, text=True, timeout=120,
         env={**stack.env, "COLUMNS": "300", "CANCELFLOW_TOKEN": "not-the-token-at-all"})
     assert wrong.returncode == 4 and "401" in wrong.stdout
 
@@ -166,7 +166,7 @@ async def test_a_subscription_as_its_owners_see_it(client, watcher, ids, today) 
 
 
 def _cli(stack, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "cancelflow", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "cancelflow_tools", *args], capture_output=True, text=True, timeout=120,
                           env={**stack.env, "COLUMNS": "300"})
 
 

@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from cancelflow import invariants
-from cancelflow.ops import (
+from cancelflow_tools import invariants
+from cancelflow_tools.ops import (
     StackClient,
     StatusWatcher,
     email_count,
@@ -20,8 +20,8 @@ from cancelflow.ops import (
     is_terminal,
     sample_subscription,
 )
-from cancelflow.settings import SERVICES
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.testing.stack import StackProcess
 from tests.e2e.conftest import SUPPORT, _pg_urls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

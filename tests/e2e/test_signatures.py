@@ -23,11 +23,11 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.codec import encode
 from cancelflow.messaging.signatures import SignatureCheck, parse_keys, sign, signature_headers
-from cancelflow.ops import sample_subscription
-from cancelflow.settings import SERVICES
-from cancelflow.testing.smtp import RecordingSMTPServer
-from cancelflow.testing.stack import StackProcess
-from cancelflow.upstream import UpstreamPublisher
+from cancelflow_tools.ops import sample_subscription
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.testing.smtp import RecordingSMTPServer
+from cancelflow_tools.testing.stack import StackProcess
+from cancelflow_tools.upstream import UpstreamPublisher
 from tests.e2e.conftest import _pg_urls
 from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _read_topic
 

@@ -12,9 +12,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from cancelflow import topics
 from cancelflow.messaging.kafka import partitions_of
-from cancelflow.stack.apache_kafka import KafkaBroker
-from cancelflow.stack.broker import create_topics, describe_topics, free_port, wait_for_broker
 from cancelflow.topics import TOPICS
+from cancelflow_tools.stack.apache_kafka import KafkaBroker
+from cancelflow_tools.stack.broker import create_topics, describe_topics, free_port, wait_for_broker
 
 pytestmark = pytest.mark.kafka
 

@@ -15,16 +15,17 @@ from aiohttp import web
 
 from cancelflow.events import TEXT_CHARS
 from cancelflow.http_client import json_object
-from cancelflow.sandboxes.gateway import build_gateway_app
-from cancelflow.sandboxes.vendor import build_vendor_app
+from cancelflow_tools.fakes.gateway import FakeGatewayClient
+from cancelflow_tools.fakes.vendor import FakeVendorClient
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.vendor import build_vendor_app
 from payment_gateway.adapters.gateway import (
     AbstractGatewayClient,
-    FakeGatewayClient,
     GatewayClient,
     GatewayError,
     RefundOutcome,
 )
-from provisioning.adapters.vendor import FakeVendorClient, VendorClient, VendorOutcome
+from provisioning.adapters.vendor import VendorClient, VendorOutcome
 
 # Small budgets so a test that spends all of it still takes well under a second.
 FAST = {"timeout": 0.3, "attempts": 3, "backoff_base": 0.01, "backoff_cap": 0.05}

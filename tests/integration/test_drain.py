@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
-from cancelflow.stack.broker import free_port
-from cancelflow.stack.drain import drain
+from cancelflow_tools.stack.broker import free_port
+from cancelflow_tools.stack.drain import drain
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from cancelflow.messaging.gaps import GapGuard
-from cancelflow.stack.broker import EmbeddedBroker
+from cancelflow_tools.stack.broker import EmbeddedBroker
 from tests.conftest import eventually
 
 PRODUCERS, PARTITIONS = 12, 4

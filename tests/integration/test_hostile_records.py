@@ -31,7 +31,8 @@ from cancelflow.events import (
 from cancelflow.messaging.codec import encode
 from cancelflow.messaging.kafka import make_producer
 from cancelflow.messaging.store import KEY_CHARS
-from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.services import SERVICES
 from tests.conftest import eventually
 from tests.integration.test_messaging import _committed
 

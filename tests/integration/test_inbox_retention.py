@@ -17,8 +17,9 @@ from cancelflow import db
 from cancelflow.messaging.retention import InboxPruner
 from cancelflow.messaging.store import messaging_tables
 from cancelflow.service import ServiceRuntime
-from cancelflow.settings import CommonSettings, service_settings
+from cancelflow.settings import CommonSettings
 from cancelflow.sql import Db
+from cancelflow_tools.services import service_settings
 from tests.conftest import DatabaseFactory, eventually
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)

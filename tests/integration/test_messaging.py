@@ -43,7 +43,7 @@ from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import CommonSettings, ServiceSettings
 from cancelflow.sql import Query
-from cancelflow.stack.broker import free_port
+from cancelflow_tools.stack.broker import free_port
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(120)

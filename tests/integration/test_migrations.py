@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from cancelflow import migrations
-from cancelflow.settings import SERVICES
+from cancelflow_tools.services import SERVICES
 from tests.conftest import pg_database_url
 
 pytestmark = pytest.mark.pg
@@ -119,7 +119,7 @@ def test_migrate_command_upgrades_the_configured_databases(pg_server: Any,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from cancelflow.cli import app
+    from cancelflow_tools.cli import app
 
     url = pg_database_url(pg_server, "mig_cli")
     monkeypatch.setenv("PROVISIONING_DATABASE_URL", url)

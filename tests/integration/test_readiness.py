@@ -11,7 +11,7 @@ import pytest
 
 from billing.bootstrap import build
 from cancelflow.settings import CommonSettings
-from cancelflow.stack.embedded import stack_specs
+from cancelflow_tools.stack.embedded import stack_specs
 from tests.conftest import RunningService, _commit_at_end
 
 pytestmark = pytest.mark.timeout(120)

@@ -20,7 +20,7 @@ from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.store import messaging_tables
 from cancelflow.messaging.uow import OUTBOX, UnitOfWork
 from cancelflow.sql import Query
-from cancelflow.testing.messages import message
+from cancelflow_tools.testing.messages import message
 
 pytestmark = pytest.mark.timeout(60)
 

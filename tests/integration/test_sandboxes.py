@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cancelflow.sandboxes.gateway import build_gateway_app
-from cancelflow.sandboxes.vendor import build_vendor_app
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.vendor import build_vendor_app
 
 
 class Running:

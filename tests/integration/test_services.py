@@ -33,9 +33,9 @@ from cancelflow.events import (
     VendorCancellationRequested,
     VendorProvisioned,
 )
-from cancelflow.sandboxes.gateway import build_gateway_app
-from cancelflow.sandboxes.vendor import build_vendor_app
-from cancelflow.stack.broker import free_port
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.vendor import build_vendor_app
+from cancelflow_tools.stack.broker import free_port
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import aiosmtplib
 import pytest
 
-from cancelflow.smtp_sink import SmtpSink, _message_id_of, read_mailbox, safe_message_id
-from cancelflow.testing.smtp import PERMANENT_FAILURE, TEMPORARY_FAILURE, RecordingSMTPServer
+from cancelflow_tools.smtp_sink import SmtpSink, _message_id_of, read_mailbox, safe_message_id
+from cancelflow_tools.testing.smtp import PERMANENT_FAILURE, TEMPORARY_FAILURE, RecordingSMTPServer
 from notification.adapters.mailer import (
     AbstractMailer,
     FakeMailer,
@@ -247,7 +247,7 @@ def test_the_sink_finds_the_message_id_among_the_headers_only(raw, expected):
 async def test_sink_runs_as_a_module_and_stops_on_sigterm(tmp_path):
     mail = tmp_path / "mail"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cancelflow.smtp_sink", "--host", "127.0.0.1", "--port", "0", "--dir", str(mail),
+        sys.executable, "-m", "cancelflow_tools.smtp_sink", "--host", "127.0.0.1", "--port", "0", "--dir", str(mail),
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

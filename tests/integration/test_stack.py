@@ -13,10 +13,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from typer.testing import CliRunner
 
-from cancelflow.cli import app
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.stack import embedded
-from cancelflow.stack.broker import (
+from cancelflow.settings import CommonSettings
+from cancelflow.topics import BY_NAME, MAX_MESSAGE_BYTES, SAGA, STATUS, TOPICS
+from cancelflow_tools.cli import app
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.stack import embedded
+from cancelflow_tools.stack.broker import (
     BrokerError,
     EmbeddedBroker,
     create_topics,
@@ -25,9 +27,8 @@ from cancelflow.stack.broker import (
     port_in_use,
     wait_for_broker,
 )
-from cancelflow.stack.embedded import running_stack, stack_specs
-from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
-from cancelflow.topics import BY_NAME, MAX_MESSAGE_BYTES, SAGA, STATUS, TOPICS
+from cancelflow_tools.stack.embedded import running_stack, stack_specs
+from cancelflow_tools.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
 
 # A child that answers 200 to every GET on the port given as its argument.
 HTTP_CHILD = """

@@ -30,7 +30,7 @@ from cancelflow.events import (
     ChargeCaptured,
     SubscriptionActivated,
 )
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.testing.messages import handle, message
 from dispute import orm as dispute_orm
 from dispute.handlers import DisputeHandlers
 

@@ -9,7 +9,7 @@ import platform
 import pytest
 from rich.console import Console
 
-from cancelflow import bench
+from cancelflow_tools import bench
 
 
 def test_the_reference_is_time_per_unit_of_work(monkeypatch: pytest.MonkeyPatch) -> None:

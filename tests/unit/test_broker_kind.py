@@ -13,8 +13,8 @@ import yaml
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import make_consumer, make_producer
 from cancelflow.settings import CommonSettings
-from cancelflow.stack import apache_kafka
-from cancelflow.stack.apache_kafka import (
+from cancelflow_tools.stack import apache_kafka
+from cancelflow_tools.stack.apache_kafka import (
     BROKER_SETTINGS,
     CLUSTER_SETTINGS,
     NodeAddress,
@@ -22,7 +22,7 @@ from cancelflow.stack.apache_kafka import (
     resolve_jars,
     server_properties,
 )
-from cancelflow.stack.broker import BrokerError
+from cancelflow_tools.stack.broker import BrokerError
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_KAFKA = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["kafka"]

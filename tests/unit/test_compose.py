@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from cancelflow.settings import SERVICES, service_settings
+from cancelflow_tools.services import SERVICES, service_settings
 from tests.contract import (
     HTTP_PORTS,
     PRODUCTION_REQUIRED,
@@ -159,7 +159,7 @@ def test_mail_and_status_ports() -> None:
 @pytest.mark.parametrize(("sandbox", "port"), [("vendor", 8090), ("gateway", 8091)])
 def test_sandboxes_stand_in_for_vendor_and_gateway(sandbox: str, port: int) -> None:
     spec = SERVICES_YAML[f"{sandbox}-sandbox"]
-    assert spec["command"] == ["python", "-m", "cancelflow.sandboxes", sandbox, "--host", "0.0.0.0",
+    assert spec["command"] == ["python", "-m", "cancelflow_tools.sandboxes", sandbox, "--host", "0.0.0.0",
                                "--port", str(port)]
     assert f"http://127.0.0.1:{port}/healthz" in healthcheck_command(f"{sandbox}-sandbox")
     assert "ports" not in spec  # no authentication: never published

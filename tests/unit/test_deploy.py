@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cancelflow.settings import SERVICES
+from cancelflow_tools.services import SERVICES
 from tests.contract import (
     HTTP_PORTS,
     PRODUCTION_REQUIRED,

@@ -31,11 +31,11 @@ from cancelflow.events import (
     SubscriptionSnapshot,
 )
 from cancelflow.messaging.codec import Message
-from cancelflow.testing.messages import Handler, handle, message
+from cancelflow_tools.fakes.gateway import FakeGatewayClient
+from cancelflow_tools.testing.messages import Handler, handle, message
 from dispute import orm as dispute_orm
 from dispute.handlers import DisputeHandlers
 from payment_gateway import orm as payment_orm
-from payment_gateway.adapters.gateway import FakeGatewayClient
 from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
 from status_tracker import fold

@@ -36,14 +36,16 @@ from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Db
-from cancelflow.testing.messages import handle, handle_in_rounds, message
+from cancelflow_tools.fakes.gateway import FakeGatewayClient
+from cancelflow_tools.fakes.vendor import FakeVendorClient
+from cancelflow_tools.testing.messages import handle, handle_in_rounds, message
 from payment_gateway import orm as payment_orm
-from payment_gateway.adapters.gateway import FakeGatewayClient, GatewayOutcome, RefundOutcome
+from payment_gateway.adapters.gateway import GatewayOutcome, RefundOutcome
 from payment_gateway.domain import refund_key
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from provisioning import orm as provisioning_orm
-from provisioning.adapters.vendor import FakeVendorClient, VendorOutcome
+from provisioning.adapters.vendor import VendorOutcome
 from provisioning.handlers import ProvisioningHandlers
 
 TODAY = date(2026, 11, 21)

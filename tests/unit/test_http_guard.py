@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from cancelflow.http_guard import allowed_hosts, guard
-from cancelflow.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
 
 EVIL = "http://evil.example"
 TEXT = {"Content-Type": "text/plain"}  # what a page's form or fetch() sends without a CORS preflight

@@ -1,6 +1,6 @@
 """The inbox on each of the consume loop's three paths (one by one, a batch in one transaction, rounds):
 an event id handled once is dropped when it comes again, on SQLite and PostgreSQL. These go through
-`ConsumeLoop` itself (cancelflow.testing.messages calls its paths), so breaking a path's check fails here."""
+`ConsumeLoop` itself (cancelflow_tools.testing.messages calls its paths), so breaking a path's check fails here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cancelflow.events import ChargeCaptured
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.rounds import Chain, Step
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.testing.messages import consume_loop, handle, handle_batch, handle_in_rounds, message
+from cancelflow_tools.testing.messages import consume_loop, handle, handle_batch, handle_in_rounds, message
 from payment_gateway import orm
 
 

@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from sqlalchemy import Table, insert
 
 from cancelflow.db import create_schema, make_engine
-from cancelflow.invariants import Evidence, Expectations, check, read_databases, read_records
+from cancelflow_tools.invariants import Evidence, Expectations, check, read_databases, read_records
 from payment_gateway import orm as pg_orm
 from provisioning import orm as prov_orm
 

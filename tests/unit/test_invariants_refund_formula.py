@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cancelflow.db import create_schema, make_engine
-from cancelflow.invariants import FORMULA, Evidence, Expectations, check, read_databases
+from cancelflow_tools.invariants import FORMULA, Evidence, Expectations, check, read_databases
 from payment_gateway import orm
 
 START, END = date(2026, 11, 1), date(2026, 12, 1)

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cancelflow.messaging.kafka import client_security, make_consumer, make_producer
 from cancelflow.settings import CommonSettings
-from cancelflow.stack.embedded import child_env
+from cancelflow_tools.stack.embedded import child_env
 
 
 def settings(**env: str) -> CommonSettings:
@@ -65,7 +65,7 @@ def test_children_get_the_real_password_not_a_mask() -> None:
 
 
 def test_a_database_password_is_not_in_the_settings_repr(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from cancelflow.settings import service_settings
+    from cancelflow_tools.services import service_settings
 
     monkeypatch.setenv("BILLING_DATABASE_URL", "postgresql+asyncpg://billing:s3cret@db/billing")
     configured = service_settings("billing")

@@ -32,7 +32,7 @@ from cancelflow.events import (
     VendorCancellationRequested,
 )
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.testing.messages import handle, message
 from notification import orm
 from notification import sender as sender_module
 from notification.adapters.mailer import FakeMailer, MailDeliveryError

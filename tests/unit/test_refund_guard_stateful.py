@@ -39,9 +39,10 @@ from cancelflow.db import create_schema, make_engine
 from cancelflow.events import ChargeCaptured, Mode, PlatformCommitted, SubscriptionSnapshot
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.fakes.gateway import FakeGatewayClient
+from cancelflow_tools.testing.messages import handle, message
 from payment_gateway import orm
-from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome
+from payment_gateway.adapters.gateway import RefundOutcome
 from payment_gateway.domain import ChargeTerms, EarlierRefunds, fair_share
 from payment_gateway.handlers import PaymentHandlers
 from tests.conftest import pg_database_url

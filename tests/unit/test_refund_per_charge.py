@@ -18,9 +18,9 @@ from billing import orm as billing_orm
 from cancelflow.db import create_schema, make_engine, session_factory
 from cancelflow.events import ChargeCaptured, PlatformCommitted, SubscriptionSnapshot
 from cancelflow.sql import Db
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.fakes.gateway import FakeGatewayClient
+from cancelflow_tools.testing.messages import handle, message
 from payment_gateway import orm
-from payment_gateway.adapters.gateway import FakeGatewayClient
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from tests.unit.test_handlers import Billing, activated, outbox, provisioned, requested, types

@@ -21,9 +21,10 @@ from cancelflow.events import (
     RefundRetryRequested,
     SubscriptionSnapshot,
 )
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.fakes.gateway import FakeGatewayClient
+from cancelflow_tools.testing.messages import handle, message
 from payment_gateway import orm
-from payment_gateway.adapters.gateway import FakeGatewayClient, RefundOutcome
+from payment_gateway.adapters.gateway import RefundOutcome
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.retries import RefundRetryHandlers
 

@@ -22,7 +22,7 @@ from hypothesis.stateful import Bundle, consumes, invariant, rule
 from cancelflow.events import RefundRetryRequested
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.testing.messages import handle, message
 from payment_gateway import orm
 from payment_gateway.retries import RefundRetryHandlers
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from cancelflow.settings import CommonSettings, service_settings
-from cancelflow.smtp_sink import DEFAULT_HOST as SMTP_SINK_HOST
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.services import service_settings
+from cancelflow_tools.smtp_sink import DEFAULT_HOST as SMTP_SINK_HOST
 
 HOOK_ENV = ("CANCELFLOW_ENABLE_FAULT_HOOKS", "CANCELFLOW_HTTP_HOST")
 
@@ -40,6 +41,6 @@ async def test_billing_has_no_fault_or_clock_hook_unless_enabled(clean_env: None
 
 
 def test_sandboxes_bind_loopback_by_default() -> None:
-    from cancelflow.sandboxes.__main__ import _parser as parser
+    from cancelflow_tools.sandboxes.__main__ import _parser as parser
 
     assert parser().parse_args(["vendor"]).host == "127.0.0.1"

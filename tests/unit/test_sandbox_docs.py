@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cancelflow.sandboxes.gateway import build_gateway_app
-from cancelflow.sandboxes.vendor import build_vendor_app
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.vendor import build_vendor_app
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 

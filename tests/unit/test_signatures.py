@@ -4,6 +4,7 @@ each internal event type, the settings that turn it on, and the relay's signed h
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import orjson
@@ -11,7 +12,6 @@ import pytest
 from pydantic import ValidationError
 
 from cancelflow import events, topics
-from cancelflow.messaging import consumer
 from cancelflow.messaging.relay import OutboxRelay
 from cancelflow.messaging.signatures import (
     INTERNAL_TOPICS,
@@ -21,8 +21,9 @@ from cancelflow.messaging.signatures import (
     sign,
     signature_headers,
 )
-from cancelflow.settings import SERVICES, CommonSettings, service_settings
-from cancelflow.stack.embedded import child_env
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.services import SERVICES, service_settings
+from cancelflow_tools.stack.embedded import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 VALUE = b'{"event_type": "ChargeCaptured"}'
@@ -141,10 +142,15 @@ def test_each_service_emits_only_what_it_owns(service: str) -> None:
         assert cls.published_by is None or service in cls.published_by, f"{service} emits {name}"
 
 
-def test_the_consume_loop_reports_failures_only_for_owners_of_failed() -> None:
-    # ConsumeLoop._dead_letter emits Failed on behalf of these services.
-    assert events.Failed.published_by is not None
-    assert set(consumer._SOURCE_OF) <= events.Failed.published_by
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_the_consume_loop_reports_failures_only_for_owners_of_failed(service: str, tmp_path: Path) -> None:
+    # ConsumeLoop._dead_letter emits Failed on behalf of a service that names its saga step.
+    runtime = importlib.import_module(f"{service}.bootstrap").build()
+    try:
+        assert events.Failed.published_by is not None
+        assert (runtime.failure_source is not None) == (service in events.Failed.published_by)
+    finally:
+        await runtime.engine.dispose()
     assert events.CancellationStatusChanged.published_by == {"status_tracker"}
 
 

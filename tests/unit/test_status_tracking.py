@@ -28,7 +28,7 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.codec import Message, decode, encode
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.testing.messages import handle
+from cancelflow_tools.testing.messages import handle
 from status_tracker import guidance, orm, tracking
 from status_tracker.handlers import TrackerHandlers
 from status_tracker.projection import Query, ReadModel

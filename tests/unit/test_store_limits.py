@@ -15,7 +15,7 @@ from sqlalchemy import String
 
 from cancelflow.events import ACTOR_CHARS, ID_CHARS, NAME_CHARS, REGISTRY, RequestedBy
 from cancelflow.messaging.store import KEY_CHARS
-from cancelflow.settings import SERVICES
+from cancelflow_tools.services import SERVICES
 from dispute.domain import requester
 from payment_gateway.domain import dispute_refund_key, refund_key
 

@@ -15,7 +15,7 @@ from billing.locks import OverdueLocks
 from cancelflow.db import transactions
 from cancelflow.events import RequestStuck, utcnow
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.testing.messages import handle, message
+from cancelflow_tools.testing.messages import handle, message
 from tests.unit.test_handlers import Billing, billing_engine, provisioned, requested, types
 
 __all__ = ["billing_engine"]  # the fixture, used by name

@@ -10,17 +10,18 @@ from billing.handlers import AWAITING_FACTS, BillingHandlers
 from billing.locks import OverdueLocks
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
+from billing.settings import Settings
 from cancelflow import topics
+from cancelflow.events import Source
 from cancelflow.messaging.consumer import Route
 from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
-from cancelflow.settings import service_settings
 from cancelflow.sql import Db
 
 
 def build() -> ServiceRuntime:
-    settings = service_settings("billing")
-    runtime = ServiceRuntime("billing", settings, orm.metadata, orm.messaging)
+    settings = Settings()
+    runtime = ServiceRuntime("billing", settings, orm.metadata, orm.messaging, failure_source=Source.platform)
     clock = Clock(settings.clock_offset_days)
     handlers = BillingHandlers(clock, runtime.facts)
     scheduler = EndOfTermScheduler(runtime.new_uow, handlers.start_scheduled, clock,

@@ -10,21 +10,22 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
+from cancelflow.events import Source
 from cancelflow.messaging.consumer import Route
 from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
-from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from dispute import orm
 from dispute.handlers import AWAITING_FACTS, DisputeHandlers
 from dispute.repository import DisputeRepository
+from dispute.settings import Settings
 
 CHARGE = Query(select(orm.charges).where(orm.charges.c.charge_id == bindparam("charge_id")))
 
 
 def build() -> ServiceRuntime:
-    settings = service_settings("dispute")
-    runtime = ServiceRuntime("dispute", settings, orm.metadata, orm.messaging)
+    settings = Settings()
+    runtime = ServiceRuntime("dispute", settings, orm.metadata, orm.messaging, failure_source=Source.payment)
     handlers = DisputeHandlers(window_hours=settings.duplicate_window_hours, facts=runtime.facts)
     waiter = FactsWaiter(runtime.new_uow, lambda uow: DisputeRepository(uow.db).awaiting_facts(),
                          handlers.settle_waiting)

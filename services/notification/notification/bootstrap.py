@@ -6,14 +6,15 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
+from cancelflow.events import Source
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
-from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from notification import orm, render
 from notification.adapters.mailer import MailerPool
 from notification.handlers import EMAILS_DUE, NotificationHandlers
 from notification.sender import EmailSender
+from notification.settings import Settings
 
 CONTACT = Query(select(orm.contacts.c.account_id)
                 .where(orm.contacts.c.subscription_id == bindparam("subscription_id")))
@@ -24,8 +25,8 @@ EMAILS_OF_REQUEST = Query(select(
 
 
 def build() -> ServiceRuntime:
-    settings = service_settings("notification")
-    runtime = ServiceRuntime("notification", settings, orm.metadata, orm.messaging)
+    settings = Settings()
+    runtime = ServiceRuntime("notification", settings, orm.metadata, orm.messaging, failure_source=Source.notification)
     handlers = NotificationHandlers(sender_address=settings.mail_from, support_email=settings.support_email)
     mailer = MailerPool.from_settings(settings)
     sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s,

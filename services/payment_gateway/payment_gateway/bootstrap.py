@@ -6,9 +6,9 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
+from cancelflow.events import Source
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
-from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
@@ -16,11 +16,12 @@ from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from payment_gateway.retries import RefundRetryHandlers
+from payment_gateway.settings import Settings
 
 
 def build() -> ServiceRuntime:
-    settings = service_settings("payment_gateway")
-    runtime = ServiceRuntime("payment_gateway", settings, orm.metadata, orm.messaging)
+    settings = Settings()
+    runtime = ServiceRuntime("payment_gateway", settings, orm.metadata, orm.messaging, failure_source=Source.payment)
     gateway = GatewayClient(settings.gateway_url, timeout=settings.gateway_timeout_s,
                             attempts=settings.gateway_attempts)
     handlers = PaymentHandlers(gateway)

@@ -6,18 +6,19 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
+from cancelflow.events import Source
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime, json_response
-from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from provisioning import orm
 from provisioning.adapters.vendor import VendorClient
 from provisioning.handlers import ProvisioningHandlers
+from provisioning.settings import Settings
 
 
 def build() -> ServiceRuntime:
-    settings = service_settings("provisioning")
-    runtime = ServiceRuntime("provisioning", settings, orm.metadata, orm.messaging)
+    settings = Settings()
+    runtime = ServiceRuntime("provisioning", settings, orm.metadata, orm.messaging, failure_source=Source.vendor)
     vendor = VendorClient(settings.vendor_url, timeout=settings.vendor_timeout_s,
                           attempts=settings.vendor_attempts)
     handlers = ProvisioningHandlers(vendor)

@@ -7,13 +7,13 @@ from __future__ import annotations
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.service import ServiceRuntime
-from cancelflow.settings import service_settings
 from status_tracker import gauges, http, orm
 from status_tracker.actions import Actions
 from status_tracker.feed import StatusFeed
 from status_tracker.handlers import TrackerHandlers
 from status_tracker.operators import Operators, parse_operators
 from status_tracker.projection import ReadModel
+from status_tracker.settings import Settings
 from status_tracker.stuck import StuckTimer
 from status_tracker.subscriptions import SubscriptionViews, owner_urls
 
@@ -21,7 +21,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build() -> ServiceRuntime:
-    settings = service_settings("status_tracker")
+    settings = Settings()
     runtime = ServiceRuntime("status_tracker", settings, orm.metadata, orm.messaging)
     read_model = ReadModel(runtime.engine, runtime.sessions)
     handlers = TrackerHandlers(read_model)

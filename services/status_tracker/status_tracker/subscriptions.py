@@ -17,11 +17,13 @@ from urllib.parse import quote
 import aiohttp
 
 from cancelflow.logging import get_logger
-from cancelflow.settings import SERVICES, CommonSettings
+from cancelflow.settings import CommonSettings
 from status_tracker.projection import Query, ReadModel
 
 log = get_logger(__name__)
-OWNERS = ("billing", "provisioning", "payment_gateway")
+# The services whose read-only views make a subscription's page: (env prefix, default HTTP port).
+OWNERS = {"billing": ("BILLING", 8081), "provisioning": ("PROVISIONING", 8082),
+          "payment_gateway": ("PAYMENT_GATEWAY", 8083)}
 TIMEOUT_S = 5.0
 
 
@@ -30,8 +32,7 @@ def owner_urls(settings: CommonSettings, env: Mapping[str, str] | None = None) -
     this host (the embedded stack)."""
     env = os.environ if env is None else env
     urls = {}
-    for service in OWNERS:
-        prefix, port = SERVICES[service]
+    for service, (prefix, port) in OWNERS.items():
         given = getattr(settings, f"{service}_api_url")
         urls[service] = (given or f"http://127.0.0.1:{env.get(f'{prefix}_HTTP_PORT', port)}").rstrip("/")
     return urls

@@ -81,6 +81,7 @@ class ConsumeLoop:
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
                  new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
+                 failure_source: Source | None = None,
                  signatures: SignatureCheck | None = None, concurrency: int = 16,
                  gap_guard: GapGuard | None = None, facts: FactsProgress | None = None) -> None:
         self._consumer = consumer
@@ -91,6 +92,8 @@ class ConsumeLoop:
         self._routes = {r.topic: r for r in routes}
         self._new_uow = new_uow
         self._service = service
+        # The saga step this service owns: a record it cannot handle fails the request there.
+        self._failure_source = failure_source
         self._group_id = group_id
         self._signatures = signatures
         self._slots = asyncio.Semaphore(concurrency)
@@ -440,21 +443,15 @@ class ConsumeLoop:
                                 code=ValidationCode.bad_input, message=said,
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
-            elif request_id and message is not None and self._reports_step_failures(message):
-                uow.emit(Failed(request_id=request_id, source=_SOURCE_OF[self._service],
+            # Only a service that owns a saga step fails the request (the tracker only observes), and a
+            # `Failed` never causes another one (the tracker and notification read every `Failed`).
+            elif request_id and message is not None and self._failure_source and message.event_type != Failed.event_type:
+                uow.emit(Failed(request_id=request_id, source=self._failure_source,
                                 code="internal_error", message=detail,
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
             await uow.commit(mark_processed=marker)
 
-    def _reports_step_failures(self, message: Message) -> bool:
-        """Whether a saga event this service could not handle fails the request at its step.
-
-        Only services that own a saga step do (the status tracker only observes: its failure to
-        fold an event says nothing about the cancellation). And a `Failed` event never causes another
-        one: the tracker and notification read every `Failed`, so it would feed back forever.
-        """
-        return self._service in _SOURCE_OF and message.event_type != Failed.event_type
 
 
 def _log_context(message: Message) -> contextlib.AbstractContextManager[object]:
@@ -468,11 +465,3 @@ def _log_context(message: Message) -> contextlib.AbstractContextManager[object]:
         request_id=str(request_id) if request_id is not None else None,
     )
 
-
-_SOURCE_OF = {
-    "billing": Source.platform,
-    "provisioning": Source.vendor,
-    "payment_gateway": Source.payment,
-    "dispute": Source.payment,
-    "notification": Source.notification,
-}

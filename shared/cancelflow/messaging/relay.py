@@ -13,13 +13,13 @@ the outbox before this instance's newest rows were committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from cancelflow import metrics
+from cancelflow.db import RoundLock, no_lock
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.signatures import SIGNATURE_HEADER, signature_headers
@@ -28,15 +28,7 @@ from cancelflow.sql import Db
 
 log = get_logger(__name__)
 
-# A round's lock: enter it, learn whether this relay holds it.
-RoundLock = Callable[[], contextlib.AbstractAsyncContextManager[bool]]
 BUSY = -1  # publish_pending: another relay is in a round
-
-
-@contextlib.asynccontextmanager
-async def no_lock() -> AsyncIterator[bool]:
-    """One relay per outbox (an in-memory database, tests): every round is its own."""
-    yield True
 
 
 class OutboxRelay:

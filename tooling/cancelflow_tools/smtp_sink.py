@@ -7,7 +7,7 @@ names is the order of arrival.
 
 Run it on its own with:
 
-    python -m cancelflow.smtp_sink --host 127.0.0.1 --port 1025 --dir var/mail
+    python -m cancelflow_tools.smtp_sink --host 127.0.0.1 --port 1025 --dir var/mail
 """
 
 from __future__ import annotations
@@ -253,12 +253,12 @@ async def serve(host: str, port: int, directory: str | os.PathLike[str]) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Defaults follow the stack's settings, so `python -m cancelflow.smtp_sink` alone does the right thing.
+    # Defaults follow the stack's settings, so `python -m cancelflow_tools.smtp_sink` alone does the right thing.
     from cancelflow.logging import configure as configure_logging
     from cancelflow.settings import CommonSettings
 
     settings = CommonSettings()
-    parser = argparse.ArgumentParser(prog="python -m cancelflow.smtp_sink",
+    parser = argparse.ArgumentParser(prog="python -m cancelflow_tools.smtp_sink",
                                      description="SMTP server that stores every message as an .eml file.")
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=settings.smtp_port)

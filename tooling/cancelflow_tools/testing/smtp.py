@@ -19,7 +19,7 @@ from email.message import EmailMessage
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from cancelflow.smtp_sink import SmtpListener, parse_message
+from cancelflow_tools.smtp_sink import SmtpListener, parse_message
 
 # A usable default for fail_next(): 4xx means "try again later" in SMTP.
 TEMPORARY_FAILURE = "451 4.3.0 Temporary local problem, try again later"

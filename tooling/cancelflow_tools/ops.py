@@ -27,8 +27,9 @@ from cancelflow.events import (
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security, partitions_of
 from cancelflow.operator_token import token_for
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.upstream import UpstreamPublisher
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.upstream import UpstreamPublisher
 
 
 @dataclass(frozen=True)

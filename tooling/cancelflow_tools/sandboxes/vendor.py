@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from cancelflow.sandboxes.common import (
+from cancelflow_tools.sandboxes.common import (
     DEFAULT_HANG_SECONDS,
     Reject,
     Reply,

@@ -26,14 +26,16 @@ from rich.console import Console
 from rich.table import Table
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from cancelflow import invariants, topics
+from cancelflow import topics
 from cancelflow.events import CancellationApproved, CancellationRequested, envelope_for
 from cancelflow.messaging.codec import encode
-from cancelflow.ops import StackClient, StatusWatcher, sample_subscription
-from cancelflow.testing.smtp import RecordingSMTPServer
-from cancelflow.testing.stack import StackProcess
+from cancelflow_tools import invariants
+from cancelflow_tools.ops import StackClient, StatusWatcher, sample_subscription
+from cancelflow_tools.services import NAMES
+from cancelflow_tools.testing.smtp import RecordingSMTPServer
+from cancelflow_tools.testing.stack import StackProcess
 
-SERVICES = ("billing", "provisioning", "payment_gateway", "dispute", "notification", "status_tracker")
+SERVICES = NAMES  # what kill -9 may hit
 # Every named crash point (shared/cancelflow/crashpoints.py): each fires once per run.
 CRASH_POINTS = ("billing.after_commit", "provisioning.after_vendor_call", "payment_gateway.after_refund_call",
                 "notification.after_smtp_send", "payment_gateway.after_commit", "provisioning.after_commit",
@@ -288,7 +290,7 @@ class ChaosRun:
     async def _broker_kill(self) -> None:
         """kill -9 of the broker node that leads most of the saga topic's partitions, with requests in
         flight; `cancelflow up` starts it again on its log."""
-        from cancelflow.stack.broker import partition_leaders
+        from cancelflow_tools.stack.broker import partition_leaders
 
         pids = self.stack.broker_pids()
         leaders = Counter((await partition_leaders(self.stack.endpoints.bootstrap, topics.SAGA)).values())
@@ -337,7 +339,7 @@ class ChaosRun:
 
     async def _replay(self, client: StackClient) -> None:
         """Every record of the request topic delivered again, from the earliest offset: no new effects."""
-        from cancelflow.ops import read_all
+        from cancelflow_tools.ops import read_all
 
         records = await read_all(self.stack.endpoints.bootstrap, topics.REQUESTED, self.stack.settings)
         for record in records:

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from cancelflow.sandboxes.common import (
+from cancelflow_tools.sandboxes.common import (
     DEFAULT_HANG_SECONDS,
     SANDBOX,
     Reject,

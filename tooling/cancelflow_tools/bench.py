@@ -32,15 +32,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cancelflow import invariants, topics
+from cancelflow import topics
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import client_security
-from cancelflow.ops import StackClient, StatusWatcher, email_count, is_terminal, read_all, sample_subscription
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.smtp_sink import read_mailbox
-from cancelflow.stack.broker import create_topics
-from cancelflow.testing.stack import StackProcess
+from cancelflow.settings import CommonSettings
 from cancelflow.topics import Topic
+from cancelflow_tools import invariants
+from cancelflow_tools.ops import (
+    StackClient,
+    StatusWatcher,
+    email_count,
+    is_terminal,
+    read_all,
+    sample_subscription,
+)
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.smtp_sink import read_mailbox
+from cancelflow_tools.stack.broker import create_topics
+from cancelflow_tools.testing.stack import StackProcess
 
 # What one immediate cancellation moves through Kafka, hop by hop (each a consume + produce):
 # request -> billing -> provisioning -> billing -> payment-gateway -> notification (EmailSent)
@@ -221,8 +230,8 @@ BROKER = "broker"  # the embedded broker (Tansu), or Apache Kafka (node 1)
 
 
 # The stack's processes that are not services, by what their command line holds.
-HARNESS = {b"-m cancelflow.smtp_sink ": "SMTP sink", b"-m cancelflow.sandboxes vendor ": "vendor sandbox",
-           b"-m cancelflow.sandboxes gateway ": "gateway sandbox", b"-m cancelflow up ": "stack supervisor"}
+HARNESS = {b"-m cancelflow_tools.smtp_sink ": "SMTP sink", b"-m cancelflow_tools.sandboxes vendor ": "vendor sandbox",
+           b"-m cancelflow_tools.sandboxes gateway ": "gateway sandbox", b"-m cancelflow_tools up ": "stack supervisor"}
 LOAD_GENERATOR = "bench (load generator)"
 
 

@@ -29,11 +29,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from cancelflow.operator_token import EMBEDDED_OPERATOR, TOKEN_FILE, embedded_operator
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.stack.apache_kafka import KafkaBroker, jars_resolved
-from cancelflow.stack.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
-from cancelflow.stack.drain import drain
-from cancelflow.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.stack.apache_kafka import KafkaBroker, jars_resolved
+from cancelflow_tools.stack.broker import BrokerError, EmbeddedBroker, create_topics, port_in_use
+from cancelflow_tools.stack.drain import drain
+from cancelflow_tools.stack.supervisor import NotReadyError, ProcessSpec, Supervisor
 
 STACK_FILE = "stack.json"
 SERVICE_KEYS_FILE = "service-keys"  # made by `cancelflow up` when keys are on and none are given
@@ -121,7 +122,7 @@ def stack_specs(settings: CommonSettings, env: Mapping[str, str], bootstrap: str
     ):
         if external is None:
             argv = [
-                "cancelflow.sandboxes",
+                "cancelflow_tools.sandboxes",
                 kind,
                 "--host",
                 LOCALHOST,
@@ -133,7 +134,7 @@ def stack_specs(settings: CommonSettings, env: Mapping[str, str], bootstrap: str
             specs.append(spec(f"{kind}-sandbox", argv, f"http://{LOCALHOST}:{port}/healthz"))
     if settings.embedded_smtp:
         argv = [
-            "cancelflow.smtp_sink",
+            "cancelflow_tools.smtp_sink",
             "--host",
             LOCALHOST,
             "--port",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cancelflow.logging import get_logger
-from cancelflow.stack.broker import BrokerError, _accepts, _admin_when_ready, free_ports, port_in_use
+from cancelflow_tools.stack.broker import BrokerError, _accepts, _admin_when_ready, free_ports, port_in_use
 
 log = get_logger(__name__)
 
@@ -393,7 +393,7 @@ class KafkaBroker:
         return await self.supervise()
 
     def start_blocking(self) -> KafkaBroker:
-        from cancelflow.stack.broker import _run_coroutine_blocking
+        from cancelflow_tools.stack.broker import _run_coroutine_blocking
 
         return _run_coroutine_blocking(self.start())
 

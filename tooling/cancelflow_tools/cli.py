@@ -58,7 +58,7 @@ def up(
     broker: Broker = _broker_option(),
 ) -> None:
     """Start the whole stack in the foreground; Ctrl-C stops it."""
-    from cancelflow.stack.embedded import run_stack
+    from cancelflow_tools.stack.embedded import run_stack
 
     _use_broker(broker)
     raise typer.Exit(asyncio.run(run_stack(_settings(data_dir=data_dir), console=console)))
@@ -83,7 +83,7 @@ def topics(
     ),
 ) -> None:
     """Create every topic (idempotent) and show them with their partitions and configs."""
-    from cancelflow.stack.broker import BrokerError, create_topics, describe_topics
+    from cancelflow_tools.stack.broker import BrokerError, create_topics, describe_topics
 
     bootstrap = bootstrap or _settings().bootstrap_servers
 
@@ -131,7 +131,7 @@ def migrate(
     import importlib
 
     from cancelflow import db, migrations
-    from cancelflow.settings import SERVICES, service_settings
+    from cancelflow_tools.services import SERVICES, service_settings
 
     unknown = sorted(set(service) - set(SERVICES))
     if unknown:
@@ -171,7 +171,7 @@ def migrate(
 
 
 def _endpoints():  # type: ignore[no-untyped-def]
-    from cancelflow.ops import Endpoints
+    from cancelflow_tools.ops import Endpoints
 
     return Endpoints.from_env(_settings())
 
@@ -247,7 +247,7 @@ def cancel(
 
     from pydantic import ValidationError
 
-    from cancelflow.ops import StackClient, StatusWatcher
+    from cancelflow_tools.ops import StackClient, StatusWatcher
 
     if not subscription and not charge:
         console.print("[red]give --subscription or at least one --charge[/]")
@@ -323,7 +323,7 @@ class _Refused(Exception):
 
 def _act(request_id: str, action: str, body: dict) -> None:
     """POST /requests/{id}/{action} as the operator of CANCELFLOW_TOKEN (or the embedded stack's)."""
-    from cancelflow.ops import StackClient
+    from cancelflow_tools.ops import StackClient
 
     async def send() -> tuple[int, object]:
         async with StackClient(_endpoints()) as stack:
@@ -377,7 +377,7 @@ _WAITING = ("scheduled", "pending_approval")
 
 
 def _settled(status: dict) -> bool:
-    from cancelflow.ops import is_terminal
+    from cancelflow_tools.ops import is_terminal
 
     return is_terminal(status) or status["state"] in _WAITING
 
@@ -397,7 +397,7 @@ def sample(
     gateway would (something to cancel)."""
     from datetime import UTC, datetime
 
-    from cancelflow.ops import StackClient, sample_subscription, with_duplicate_charges
+    from cancelflow_tools.ops import StackClient, sample_subscription, with_duplicate_charges
 
     made = with_duplicate_charges(sample_subscription(
         account_id=account, subscription_id=subscription, today=datetime.now(UTC).date(), price=price,
@@ -430,7 +430,7 @@ def sample(
 @app.command()
 def status(request_id: str = typer.Argument(..., help="The cancellation request id.")) -> None:
     """Print a request's current status and history (from the status service)."""
-    from cancelflow.ops import StackClient
+    from cancelflow_tools.ops import StackClient
 
     async def fetch() -> dict | None:
         async with StackClient(_endpoints()) as stack:
@@ -456,8 +456,8 @@ def demo(
     """Run the seed release note's three scenarios and a past-dated cancellation, then show the outcomes.
 
     Uses the stack running on the data dir, or starts one for the demo and stops it afterwards."""
-    from cancelflow.demo import expected_outcomes_met, run_demo
-    from cancelflow.stack.embedded import run_stack, running_stack
+    from cancelflow_tools.demo import expected_outcomes_met, run_demo
+    from cancelflow_tools.stack.embedded import run_stack, running_stack
 
     _use_broker(broker)
     settings = _settings(data_dir=data_dir)
@@ -522,7 +522,7 @@ def print_dispute(found: dict) -> None:
 @app.command()
 def dispute(request_id: str = typer.Argument(..., help="The request id of a charges dispute.")) -> None:
     """Print a duplicate-charge dispute: each listed charge's outcome and the audit trail of every step."""
-    from cancelflow.ops import StackClient
+    from cancelflow_tools.ops import StackClient
 
     async def fetch() -> dict | None:
         async with StackClient(_endpoints()) as stack:
@@ -558,9 +558,9 @@ def chaos(
     """Soak test: a stack of its own under a steady stream of requests, kill -9 of random services, the
     broker paused, SMTP down, poison records and every named crash point; then every invariant is checked
     over the topics, sandbox ledgers, mailbox and databases. Exits 1 on any violation."""
-    from cancelflow.chaos import ChaosConfig, ChaosRun, chaos_env, data_dir_for, render
-    from cancelflow.testing.smtp import RecordingSMTPServer
-    from cancelflow.testing.stack import StackProcess
+    from cancelflow_tools.chaos import ChaosConfig, ChaosRun, chaos_env, data_dir_for, render
+    from cancelflow_tools.testing.smtp import RecordingSMTPServer
+    from cancelflow_tools.testing.stack import StackProcess
 
     if broker_kills and broker is not Broker.kafka:
         raise typer.BadParameter("--broker-kills needs --broker kafka: the embedded broker keeps nothing across a kill")
@@ -620,8 +620,15 @@ def bench(
     import json
     from datetime import UTC, datetime
 
-    from cancelflow.bench import BenchResult, machine, measure_baseline, measure_system, reference_us, render
-    from cancelflow.testing.stack import StackProcess
+    from cancelflow_tools.bench import (
+        BenchResult,
+        machine,
+        measure_baseline,
+        measure_system,
+        reference_us,
+        render,
+    )
+    from cancelflow_tools.testing.stack import StackProcess
 
     _use_broker(broker)
     _stop_cleanly_on_sigterm()
@@ -648,7 +655,7 @@ def bench(
         if pg:
             import pgserver
 
-            from cancelflow.settings import SERVICES
+            from cancelflow_tools.services import SERVICES
 
             run_dir.mkdir(parents=True, exist_ok=True)
             server = pgserver.get_server(run_dir / "pg", cleanup_mode="stop")

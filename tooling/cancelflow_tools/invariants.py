@@ -395,11 +395,11 @@ async def read_records(urls: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
 
 
 async def collect(client: Any, mails: list[EmailMessage], database_urls: dict[str, str]) -> Evidence:
-    """Everything a run left behind, from a running stack (`client` is a `cancelflow.ops.StackClient`)."""
+    """Everything a run left behind, from a running stack (`client` is a `cancelflow_tools.ops.StackClient`)."""
     import orjson
 
     from cancelflow import topics
-    from cancelflow.ops import read_all
+    from cancelflow_tools.ops import read_all
 
     bootstrap = client.endpoints.bootstrap
     statuses = [orjson.loads(r.value)["payload"] for r in await read_all(bootstrap, topics.STATUS, client.settings)]

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cancelflow.ops import Endpoints, StackClient, StatusWatcher, emails_owed, sample_subscription
+from cancelflow_tools.ops import Endpoints, StackClient, StatusWatcher, emails_owed, sample_subscription
 
 
 @dataclass

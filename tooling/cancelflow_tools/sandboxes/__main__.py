@@ -1,4 +1,4 @@
-"""Run one sandbox: `python -m cancelflow.sandboxes vendor|gateway [--host H] [--port N] [--state-file P]`.
+"""Run one sandbox: `python -m cancelflow_tools.sandboxes vendor|gateway [--host H] [--port N] [--state-file P]`.
 
 Loopback only unless told otherwise: the sandboxes have no authentication and accept fault rules.
 """
@@ -10,16 +10,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cancelflow.sandboxes.common import DEFAULT_HANG_SECONDS
-from cancelflow.sandboxes.gateway import build_gateway_app
-from cancelflow.sandboxes.vendor import build_vendor_app
 from cancelflow.settings import CommonSettings
+from cancelflow_tools.sandboxes.common import DEFAULT_HANG_SECONDS
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.vendor import build_vendor_app
 
 BUILDERS = {"vendor": build_vendor_app, "gateway": build_gateway_app}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cancelflow.sandboxes", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cancelflow_tools.sandboxes", description=__doc__)
     parser.add_argument("sandbox", choices=sorted(BUILDERS))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="default: VENDOR_SANDBOX_PORT / GATEWAY_SANDBOX_PORT")

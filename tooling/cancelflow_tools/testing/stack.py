@@ -1,4 +1,4 @@
-"""`StackProcess`: the whole stack (`python -m cancelflow up`, on the broker CANCELFLOW_BROKER names) as a
+"""`StackProcess`: the whole stack (`python -m cancelflow_tools up`, on the broker CANCELFLOW_BROKER names) as a
 child process on free ports and a private data dir, for end-to-end tests, the benchmark and chaos runs."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cancelflow.ops import Endpoints
-from cancelflow.settings import SERVICES, CommonSettings
-from cancelflow.stack.broker import free_port, free_ports
-from cancelflow.stack.embedded import running_stack
+from cancelflow.settings import CommonSettings
+from cancelflow_tools.ops import Endpoints
+from cancelflow_tools.services import SERVICES
+from cancelflow_tools.stack.broker import free_port, free_ports
+from cancelflow_tools.stack.embedded import running_stack
 
 
 class StackProcess:
@@ -70,7 +71,7 @@ class StackProcess:
     def start(self, timeout: float = 120) -> StackProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "cancelflow", "up"], env=self.env,
+            self.process = subprocess.Popen([sys.executable, "-m", "cancelflow_tools", "up"], env=self.env,
                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:

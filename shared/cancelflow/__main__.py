@@ -1,3 +1,0 @@
-from cancelflow.cli import app
-
-app(prog_name="cancelflow")

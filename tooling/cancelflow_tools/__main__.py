@@ -1,0 +1,3 @@
+from cancelflow_tools.cli import app
+
+app(prog_name="cancelflow")
