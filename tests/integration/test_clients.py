@@ -11,7 +11,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from cancelflow.events import TEXT_CHARS
 from cancelflow.http_client import json_object
@@ -25,6 +24,7 @@ from payment_gateway.adapters.gateway import (
     RefundOutcome,
 )
 from provisioning.adapters.vendor import FakeVendorClient, VendorClient, VendorOutcome
+from tests.conftest import LocalApps
 
 # Small budgets so a test that spends all of it still takes well under a second.
 FAST = {"timeout": 0.3, "attempts": 3, "backoff_base": 0.01, "backoff_cap": 0.05}
@@ -46,32 +46,14 @@ def test_a_response_body_is_a_json_object_or_what_came_instead(raw, body) -> Non
     assert json_object(raw) == body
 
 
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
+@pytest.fixture
+async def vendor_url(local_apps: LocalApps) -> str:
+    return await local_apps.start(build_vendor_app(hang_seconds=5))
 
 
 @pytest.fixture
-async def vendor_url() -> AsyncIterator[str]:
-    async for url in serve(build_vendor_app(hang_seconds=5)):
-        yield url
-
-
-@pytest.fixture
-async def gateway_url() -> AsyncIterator[str]:
-    async for url in serve(build_gateway_app(hang_seconds=5)):
-        yield url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+async def gateway_url(local_apps: LocalApps) -> str:
+    return await local_apps.start(build_gateway_app(hang_seconds=5))
 
 
 @pytest.fixture
