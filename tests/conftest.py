@@ -16,7 +16,8 @@
 - `eventually(condition)`: polls a (sync or async) condition until it holds, for state read over
   HTTP or from a database; never a bare sleep.
 - `local_apps`: `url = await local_apps.start(app)` serves an aiohttp app (a sandbox) on loopback until
-  the test ends (`stop_all()` stops them sooner, to restart them); `http`: a client session.
+  the test ends (`stop_all()` stops them sooner, to restart them); `http`: a client session;
+  `vendor_url`, `gateway_url`: the sandboxes served so.
 
 Tests share one broker and its fixed topic names, so every test uses fresh uuid-based ids and only
 asserts on records about them. Each runtime started by `services` joins a consumer group of its own
@@ -55,6 +56,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cancelflow.db import make_engine
 from cancelflow.events import Envelope
 from cancelflow.messaging.gaps import GapGuard
+from cancelflow.sandboxes.gateway import build_gateway_app
+from cancelflow.sandboxes.vendor import build_vendor_app
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import SERVICES, CommonSettings
 from cancelflow.stack.broker import EmbeddedBroker, create_topics, free_port
@@ -459,3 +462,15 @@ async def local_apps() -> AsyncIterator[LocalApps]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def vendor_url(local_apps: LocalApps) -> str:
+    """The vendor sandbox on loopback (a call a timeout rule holds is answered after 5 s)."""
+    return await local_apps.start(build_vendor_app(hang_seconds=5))
+
+
+@pytest.fixture
+async def gateway_url(local_apps: LocalApps) -> str:
+    """The payment gateway sandbox on loopback (a call a timeout rule holds is answered after 5 s)."""
+    return await local_apps.start(build_gateway_app(hang_seconds=5))

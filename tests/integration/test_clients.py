@@ -14,8 +14,6 @@ import pytest
 
 from cancelflow.events import TEXT_CHARS
 from cancelflow.http_client import json_object
-from cancelflow.sandboxes.gateway import build_gateway_app
-from cancelflow.sandboxes.vendor import build_vendor_app
 from payment_gateway.adapters.gateway import (
     AbstractGatewayClient,
     FakeGatewayClient,
@@ -24,7 +22,6 @@ from payment_gateway.adapters.gateway import (
     RefundOutcome,
 )
 from provisioning.adapters.vendor import FakeVendorClient, VendorClient, VendorOutcome
-from tests.conftest import LocalApps
 
 # Small budgets so a test that spends all of it still takes well under a second.
 FAST = {"timeout": 0.3, "attempts": 3, "backoff_base": 0.01, "backoff_cap": 0.05}
@@ -44,16 +41,6 @@ EFFECTIVE = date(2026, 11, 21)
 ])
 def test_a_response_body_is_a_json_object_or_what_came_instead(raw, body) -> None:  # type: ignore[no-untyped-def]
     assert json_object(raw) == body
-
-
-@pytest.fixture
-async def vendor_url(local_apps: LocalApps) -> str:
-    return await local_apps.start(build_vendor_app(hang_seconds=5))
-
-
-@pytest.fixture
-async def gateway_url(local_apps: LocalApps) -> str:
-    return await local_apps.start(build_gateway_app(hang_seconds=5))
 
 
 @pytest.fixture
