@@ -15,6 +15,9 @@
 - `publisher`: an `UpstreamPublisher` on `broker`, to publish as upstream apps do.
 - `eventually(condition)`: polls a (sync or async) condition until it holds, for state read over
   HTTP or from a database; never a bare sleep.
+- `local_apps`: `url = await local_apps.start(app)` serves an aiohttp app (a sandbox) on loopback until
+  the test ends (`stop_all()` stops them sooner, to restart them); `http`: a client session;
+  `vendor_url`, `gateway_url`: the sandboxes served so.
 
 Tests share one broker and its fixed topic names, so every test uses fresh uuid-based ids and only
 asserts on records about them. Each runtime started by `services` joins a consumer group of its own
@@ -41,15 +44,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cancelflow.db import make_engine
 from cancelflow.events import Envelope
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import CommonSettings
+from cancelflow_tools.sandboxes.gateway import build_gateway_app
+from cancelflow_tools.sandboxes.vendor import build_vendor_app
 from cancelflow_tools.services import SERVICES
 from cancelflow_tools.stack.broker import EmbeddedBroker, create_topics, free_port
 from cancelflow_tools.upstream import UpstreamPublisher
@@ -129,6 +139,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> DatabaseFactory:
         return f"sqlite+aiosqlite:///{tmp_path / f'{name}-{uuid.uuid4().hex[:8]}.db'}"
 
     return DatabaseFactory("sqlite", sqlite_url)
+
+
+@contextlib.asynccontextmanager
+async def sqlite_left_by_an_older_release(path: Path, *statements: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a new SQLite file that `statements` first set up as an earlier release left it."""
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 # --- polling ---------------------------------------------------------------------------------------
@@ -404,3 +427,51 @@ async def publisher(broker: EmbeddedBroker) -> AsyncIterator[UpstreamPublisher]:
     settings = CommonSettings(kafka_bootstrap_servers=broker.bootstrap)
     async with UpstreamPublisher(settings, producer_name="tests") as pub:
         yield pub
+
+
+# --- local HTTP apps -------------------------------------------------------------------------------
+
+
+class LocalApps:
+    """aiohttp apps (the sandboxes, say) on loopback ports, stopped, and restartable, by the test."""
+
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+
+    async def start(self, app: web.Application) -> str:
+        """Serve `app` on a free port; its base URL."""
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def stop_all(self) -> None:
+        while self.runners:
+            await self.runners.pop().cleanup()
+
+
+@pytest.fixture
+async def local_apps() -> AsyncIterator[LocalApps]:
+    apps = LocalApps()
+    yield apps
+    await apps.stop_all()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def vendor_url(local_apps: LocalApps) -> str:
+    """The vendor sandbox on loopback (a call a timeout rule holds is answered after 5 s)."""
+    return await local_apps.start(build_vendor_app(hang_seconds=5))
+
+
+@pytest.fixture
+async def gateway_url(local_apps: LocalApps) -> str:
+    """The payment gateway sandbox on loopback (a call a timeout rule holds is answered after 5 s)."""
+    return await local_apps.start(build_gateway_app(hang_seconds=5))

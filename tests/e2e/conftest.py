@@ -6,13 +6,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from cancelflow import topics
 from cancelflow.settings import CommonSettings
-from cancelflow_tools.ops import StackClient, StatusWatcher
+from cancelflow_tools.ops import SampleSubscription, StackClient, StatusWatcher, sample_subscription
 from cancelflow_tools.services import SERVICES
 from cancelflow_tools.testing.smtp import RecordingSMTPServer
 from cancelflow_tools.testing.stack import StackProcess
@@ -33,6 +34,39 @@ def id_on_same_saga_partition(request_id: str) -> uuid.UUID:
         candidate = uuid.uuid4()
         if saga_partition(str(candidate)) == saga_partition(request_id):
             return candidate
+
+
+async def loaded_subscription(client: StackClient, *, account_id: str, subscription_id: str,
+                              **sample: Any) -> SampleSubscription:
+    """A sample subscription (see `sample_subscription`), loaded into the stack."""
+    subscription = sample_subscription(account_id=account_id, subscription_id=subscription_id, **sample)
+    await client.load([subscription])
+    return subscription
+
+
+async def awaiting_approval(client: StackClient, watcher: StatusWatcher, *, account_id: str,
+                            subscription_id: str, **sample: Any) -> tuple[SampleSubscription, str, dict[str, Any]]:
+    """A loaded subscription and the id and status of its cancellation, which waits for an operator."""
+    subscription = await loaded_subscription(client, account_id=account_id, subscription_id=subscription_id,
+                                             **sample)
+    request_id = await client.request_cancellation(account_id=account_id, subscription_id=subscription_id,
+                                                   requires_approval=True)
+    return subscription, request_id, await watcher.wait_for(request_id, lambda s: s["state"] == "pending_approval")
+
+
+async def vendor_answers(client: StackClient, subscription: SampleSubscription, respond: dict[str, Any],
+                         times: int | None = 1) -> None:
+    """The vendor sandbox answers `respond` to the next `times` calls about `subscription`."""
+    await client.post_json(f"{client.endpoints.vendor}/_sandbox/rules", {
+        "match": {"vendor_subscription_id": subscription.facts.vendor_subscription_id},
+        "respond": respond, "times": times})
+
+
+async def gateway_answers(client: StackClient, gateway_charge_id: str, respond: dict[str, Any],
+                          times: int | None = 1) -> None:
+    """The gateway sandbox answers `respond` to the next `times` calls about one charge."""
+    await client.post_json(f"{client.endpoints.gateway}/_sandbox/rules", {
+        "match": {"gateway_charge_id": gateway_charge_id}, "respond": respond, "times": times})
 
 
 def _pg_urls(pg_server, tag: str) -> dict[str, str]:  # type: ignore[no-untyped-def]

@@ -23,7 +23,13 @@ from cancelflow.events import NAME_CHARS, TEXT_CHARS, CancellationRequested, env
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, encode
 from cancelflow.messaging.kafka import partitions_of
 from cancelflow_tools.ops import emails_owed, sample_subscription
-from tests.e2e.conftest import SUPPORT, id_on_same_saga_partition, saga_partition
+from tests.e2e.conftest import (
+    SUPPORT,
+    id_on_same_saga_partition,
+    loaded_subscription,
+    saga_partition,
+    vendor_answers,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -92,11 +98,9 @@ async def test_success_cancels_at_vendor_then_platform_and_refunds(client, watch
 
 
 async def test_vendor_failure_reverts_and_says_so(client, watcher, smtp, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-vf-{ids['tag']}", today=today)
-    await client.load([sample])
-    await client.post_json(f"{client.endpoints.vendor}/_sandbox/rules", {
-        "match": {"vendor_subscription_id": sample.facts.vendor_subscription_id},
-        "respond": {"status": 422, "error": "Subscription is locked by a reseller hold"}, "times": 1})
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-vf-{ids['tag']}",
+                                       today=today)
+    await vendor_answers(client, sample, {"status": 422, "error": "Subscription is locked by a reseller hold"})
     rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
 
     status = await _finish(watcher, rid)
@@ -125,11 +129,9 @@ async def test_vendor_failure_reverts_and_says_so(client, watcher, smtp, ids, to
 
 
 async def test_vendor_5xx_is_retried_within_budget(client, watcher, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-5xx-{ids['tag']}", today=today)
-    await client.load([sample])
-    await client.post_json(f"{client.endpoints.vendor}/_sandbox/rules", {
-        "match": {"vendor_subscription_id": sample.facts.vendor_subscription_id},
-        "respond": {"status": 503, "error": "maintenance"}, "times": 2})
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-5xx-{ids['tag']}",
+                                       today=today)
+    await vendor_answers(client, sample, {"status": 503, "error": "maintenance"}, times=2)
     rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
 
     assert (await _finish(watcher, rid))["state"] == "completed"
@@ -139,8 +141,8 @@ async def test_vendor_5xx_is_retried_within_budget(client, watcher, ids, today):
 
 
 async def test_platform_failure_after_vendor_success_reverts_and_alerts_support(client, watcher, smtp, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-pf-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-pf-{ids['tag']}",
+                                       today=today)
     await client.post_json(f"{client.endpoints.billing}/_faults",
                            {"subscription_id": sample.facts.subscription_id, "stage": "commit"})
     rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
@@ -186,8 +188,8 @@ async def test_past_dated_cancellation_refunds_from_the_effective_date(client, w
 
 @pytest.mark.parametrize("case", ["not_owner", "unknown_subscription", "future_date", "before_period"])
 async def test_validation_rejects_before_any_side_effect(client, watcher, ids, today, case):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-val-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-val-{ids['tag']}",
+                                       today=today)
     args = {"account_id": ids["account"], "subscription_id": sample.facts.subscription_id}
     expected = {"not_owner": "not_owner", "unknown_subscription": "unknown_subscription",
                 "future_date": "invalid_effective_date", "before_period": "invalid_effective_date"}[case]
@@ -215,12 +217,10 @@ async def test_validation_rejects_before_any_side_effect(client, watcher, ids, t
 
 
 async def test_second_request_while_in_flight_is_rejected(client, watcher, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-lock-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-lock-{ids['tag']}",
+                                       today=today)
     # The vendor hangs past the client's timeout once, so the first request holds the lock a while.
-    await client.post_json(f"{client.endpoints.vendor}/_sandbox/rules", {
-        "match": {"vendor_subscription_id": sample.facts.vendor_subscription_id},
-        "respond": {"timeout": True}, "times": 1})
+    await vendor_answers(client, sample, {"timeout": True})
     first = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
     await watcher.wait_for(first, lambda s: s["provisioning_status"] == "In Progress")
     second = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
@@ -233,8 +233,8 @@ async def test_second_request_while_in_flight_is_rejected(client, watcher, ids, 
 
 
 async def test_redelivered_request_and_internal_event_have_no_second_effect(client, watcher, smtp, stack, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-dup-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-dup-{ids['tag']}",
+                                       today=today)
     request = CancellationRequested(
         request_id=uuid.uuid4(), account_id=ids["account"], target="subscription",
         subscription_id=sample.facts.subscription_id, mode="immediate",
@@ -272,8 +272,8 @@ async def test_redelivered_request_and_internal_event_have_no_second_effect(clie
 
 
 async def test_poison_record_is_dead_lettered_and_the_valid_one_behind_it_completes(client, watcher, stack, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-poison-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-poison-{ids['tag']}",
+                                       today=today)
     key = sample.facts.subscription_id
     poison_rid = str(uuid.uuid4())
     await client.publisher.send_raw(topics.REQUESTED, b"{this is not json", key=key)

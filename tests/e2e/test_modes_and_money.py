@@ -14,7 +14,7 @@ import pytest
 from cancelflow.events import CancellationApproved, CancellationDeclined
 from cancelflow_tools.ops import sample_subscription
 from tests.conftest import eventually
-from tests.e2e.conftest import SUPPORT
+from tests.e2e.conftest import SUPPORT, awaiting_approval, gateway_answers, loaded_subscription
 from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _mails
 
 pytestmark = pytest.mark.e2e
@@ -126,11 +126,8 @@ async def test_partial_cancellation_reduces_licenses_and_refunds_the_removed_sha
 
 
 async def test_approval_waits_without_side_effects_then_runs(client, watcher, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-appr-{ids['tag']}", today=today)
-    await client.load([sample])
-    rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id,
-                                            requires_approval=True)
-    pending = await watcher.wait_for(rid, lambda s: s["state"] == "pending_approval")
+    sample, rid, pending = await awaiting_approval(client, watcher, account_id=ids["account"],
+                                           subscription_id=f"sub-appr-{ids['tag']}", today=today)
     assert pending["provisioning_status"] == "Synchronized"
     vendor = await _ledger(client, client.endpoints.vendor)
     assert not [c for c in vendor["calls"] if sample.facts.vendor_subscription_id in c["path"]]
@@ -142,11 +139,8 @@ async def test_approval_waits_without_side_effects_then_runs(client, watcher, id
 
 
 async def test_declined_request_ends_declined_and_the_customer_is_told(client, watcher, smtp, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-decl-{ids['tag']}", today=today)
-    await client.load([sample])
-    rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id,
-                                            requires_approval=True)
-    await watcher.wait_for(rid, lambda s: s["state"] == "pending_approval")
+    sample, rid, _ = await awaiting_approval(client, watcher, account_id=ids["account"],
+                                           subscription_id=f"sub-decl-{ids['tag']}", today=today)
     await client.publisher.publish(CancellationDeclined(request_id=uuid.UUID(rid), decided_by="op-jane",
                                                         note="contract term not over"))
 
@@ -172,11 +166,9 @@ async def test_trial_is_cancelled_vendor_first_and_never_refunded(client, watche
 
 
 async def test_lost_gateway_answer_is_resolved_by_key_lookup_not_a_second_refund(client, watcher, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-drop-{ids['tag']}", today=today)
-    await client.load([sample])
-    await client.post_json(f"{client.endpoints.gateway}/_sandbox/rules", {
-        "match": {"gateway_charge_id": sample.charges[0].gateway_charge_id},
-        "respond": {"succeed_then_drop": True}, "times": 1})
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-drop-{ids['tag']}",
+                                       today=today)
+    await gateway_answers(client, sample.charges[0].gateway_charge_id, {"succeed_then_drop": True})
     rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
 
     status = await _finish(watcher, rid)
@@ -187,11 +179,9 @@ async def test_lost_gateway_answer_is_resolved_by_key_lookup_not_a_second_refund
 
 
 async def test_gateway_refusal_ends_in_manual_review_with_the_cancellation_kept(client, watcher, smtp, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-402-{ids['tag']}", today=today)
-    await client.load([sample])
-    await client.post_json(f"{client.endpoints.gateway}/_sandbox/rules", {
-        "match": {"gateway_charge_id": sample.charges[0].gateway_charge_id},
-        "respond": {"status": 402, "error": "card_account_closed"}, "times": 1})
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-402-{ids['tag']}",
+                                       today=today)
+    await gateway_answers(client, sample.charges[0].gateway_charge_id, {"status": 402, "error": "card_account_closed"})
     rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
 
     status = await _finish(watcher, rid)
@@ -200,17 +190,13 @@ async def test_gateway_refusal_ends_in_manual_review_with_the_cancellation_kept(
     assert status["subscription_status"] == "canceled"
     assert status["refund"] == {"amount": "20.00", "currency": "USD", "status": "failed"}
     assert _refund_effects(await _ledger(client, client.endpoints.gateway), rid) == []
-    await smtp.wait_until(lambda msgs: len([m for m in msgs if m["X-Cancelflow-Request-Id"] == rid]) == 2)
-    kinds = {m["X-Cancelflow-Kind"]: m for m in _mails(smtp, rid)}
-    assert set(kinds) == {"manual_review", "support_manual_review"}
-    assert kinds["support_manual_review"]["To"] == SUPPORT
-    alert = kinds["support_manual_review"].get_body(("plain",)).get_content()
+    _, alert = await _manual_review_mails(smtp, rid)
     assert f"cf-refund-{rid}-{sample.charges[0].charge_id}" in alert
 
 
 async def test_concurrent_requests_for_one_subscription_refund_exactly_once(client, watcher, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-race-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-race-{ids['tag']}",
+                                       today=today)
     rids = await asyncio.gather(*[
         client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id)
         for _ in range(20)])
@@ -231,8 +217,8 @@ async def test_concurrent_requests_for_one_subscription_refund_exactly_once(clie
 
 
 async def test_past_dated_before_the_period_started_is_rejected_but_period_start_is_fine(client, watcher, ids, today):
-    sample = sample_subscription(account_id=ids["account"], subscription_id=f"sub-pds-{ids['tag']}", today=today)
-    await client.load([sample])
+    sample = await loaded_subscription(client, account_id=ids["account"], subscription_id=f"sub-pds-{ids['tag']}",
+                                       today=today)
     rid = await client.request_cancellation(account_id=ids["account"], subscription_id=sample.facts.subscription_id,
                                             mode="past_dated",
                                             effective_date=sample.facts.current_period_start)
@@ -285,10 +271,16 @@ async def test_a_charge_in_another_currency_ends_in_manual_review_with_support_a
     assert (status["error"]["source"], status["error"]["code"]) == ("payment", "currency_mismatch")
     assert status["subscription_status"] == "canceled"
     assert _refund_effects(await _ledger(client, client.endpoints.gateway), rid) == []
+    told, alert = await _manual_review_mails(smtp, rid)
+    assert charge.charge_id in alert and "EUR" in alert
+    assert "No refund is due" not in told
+
+
+async def _manual_review_mails(smtp, rid: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The two emails of a request set aside, as plain text: the customer's, and support's alert (to SUPPORT)."""
     await smtp.wait_until(lambda msgs: len([m for m in msgs if m["X-Cancelflow-Request-Id"] == rid]) == 2)
     kinds = {m["X-Cancelflow-Kind"]: m for m in _mails(smtp, rid)}
     assert set(kinds) == {"manual_review", "support_manual_review"}
     assert kinds["support_manual_review"]["To"] == SUPPORT
-    alert = kinds["support_manual_review"].get_body(("plain",)).get_content()
-    assert charge.charge_id in alert and "EUR" in alert
-    assert "No refund is due" not in kinds["manual_review"].get_body(("plain",)).get_content()
+    plain = {kind: mail.get_body(("plain",)).get_content() for kind, mail in kinds.items()}
+    return plain["manual_review"], plain["support_manual_review"]

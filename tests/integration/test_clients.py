@@ -11,14 +11,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from cancelflow.events import TEXT_CHARS
 from cancelflow.http_client import json_object
 from cancelflow_tools.fakes.gateway import FakeGatewayClient
 from cancelflow_tools.fakes.vendor import FakeVendorClient
-from cancelflow_tools.sandboxes.gateway import build_gateway_app
-from cancelflow_tools.sandboxes.vendor import build_vendor_app
 from payment_gateway.adapters.gateway import (
     AbstractGatewayClient,
     GatewayClient,
@@ -45,34 +42,6 @@ EFFECTIVE = date(2026, 11, 21)
 ])
 def test_a_response_body_is_a_json_object_or_what_came_instead(raw, body) -> None:  # type: ignore[no-untyped-def]
     assert json_object(raw) == body
-
-
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def vendor_url() -> AsyncIterator[str]:
-    async for url in serve(build_vendor_app(hang_seconds=5)):
-        yield url
-
-
-@pytest.fixture
-async def gateway_url() -> AsyncIterator[str]:
-    async for url in serve(build_gateway_app(hang_seconds=5)):
-        yield url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

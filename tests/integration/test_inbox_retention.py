@@ -20,7 +20,7 @@ from cancelflow.service import ServiceRuntime
 from cancelflow.settings import CommonSettings
 from cancelflow.sql import Db
 from cancelflow_tools.services import service_settings
-from tests.conftest import DatabaseFactory, eventually
+from tests.conftest import DatabaseFactory, eventually, sqlite_left_by_an_older_release
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 # age in days -> how many inbox rows processed that long before NOW
@@ -94,14 +94,13 @@ async def test_the_pruner_runs_at_start_and_again_after_a_failed_pass(tmp_path: 
 
 
 async def test_an_existing_sqlite_inbox_gets_the_index_and_the_prune_uses_it(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
-    try:
-        async with engine.begin() as conn:  # the inbox as releases before the index created it
-            await conn.execute(text(
-                "CREATE TABLE inbox (message_id VARCHAR(200) NOT NULL, topic VARCHAR(200) NOT NULL, "
-                "partition INTEGER NOT NULL, \"offset\" BIGINT NOT NULL, processed_at DATETIME NOT NULL, "
-                "PRIMARY KEY (message_id))"))
-            await conn.execute(text("INSERT INTO inbox VALUES ('e-1', 't', 0, 1, '2026-01-01 00:00:00.000000')"))
+    async with sqlite_left_by_an_older_release(  # the inbox as releases before the index created it
+        tmp_path / "old.db",
+        "CREATE TABLE inbox (message_id VARCHAR(200) NOT NULL, topic VARCHAR(200) NOT NULL, "
+        "partition INTEGER NOT NULL, \"offset\" BIGINT NOT NULL, processed_at DATETIME NOT NULL, "
+        "PRIMARY KEY (message_id))",
+        "INSERT INTO inbox VALUES ('e-1', 't', 0, 1, '2026-01-01 00:00:00.000000')",
+    ) as engine:
         tables = messaging_tables(metadata := MetaData())
         await db.create_schema(engine, metadata)
         await db.create_schema(engine, metadata)  # a second start: nothing to add
@@ -115,8 +114,6 @@ async def test_an_existing_sqlite_inbox_gets_the_index_and_the_prune_uses_it(tmp
             values = tuple(prune.parameters({"before": NOW, "size": 10}))
             plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {prune.sql}", values)).all()
             assert any("ix_inbox_processed_at" in str(step) for step in plan), plan
-    finally:
-        await engine.dispose()
 
 
 async def test_every_service_prunes_unless_the_retention_is_zero(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -119,6 +119,24 @@ async def test_a_browser_without_a_session_gets_the_sign_in_page(api: Api) -> No
         assert "Operator token" in await response.text()
 
 
+@pytest.mark.parametrize(("path", "page", "title", "own_element", "live", "crumbs"), [
+    ("/", "list", "Cancellation requests", 'id="rows"', True, False),
+    ("/ui/requests/r-1", "request", "Request", 'id="request-id"', True, True),
+    ("/ui/subscriptions/s-1", "subscription", "Subscription", 'id="sub-details"', False, True),
+])
+async def test_each_dashboard_page_is_served_whole_in_the_shared_frame(
+        api: Api, path: str, page: str, title: str, own_element: str, live: bool, crumbs: bool) -> None:
+    async with api.client.get(path, headers={"Authorization": f"Bearer {VERA}"}) as response:
+        assert response.status == 200 and response.content_type == "text/html"
+        assert response.headers["Cache-Control"] == "no-cache"
+        html = await response.text()
+    assert html.startswith("<!doctype html>\n") and html.endswith("</body>\n</html>\n")
+    assert f"<title>{title} · cancelflow support</title>" in html and f'<body data-page="{page}">' in html
+    assert own_element in html and html.count('<main id="main" tabindex="-1">') == 1
+    assert ('id="connection"' in html) is live and ('class="crumbs"' in html) is crumbs
+    assert html.index("</header>") < html.index(own_element) < html.index('<script src="/static/dashboard.js"')
+
+
 async def test_signing_in_sets_a_session_cookie_good_for_reads_only(api: Api) -> None:
     async with api.client.post("/session", headers={"Authorization": f"Bearer {ALICE}"}) as response:
         assert response.status == 200

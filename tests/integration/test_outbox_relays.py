@@ -20,7 +20,7 @@ from sqlalchemy import MetaData, insert, select, text
 from cancelflow import db
 from cancelflow.messaging.relay import BUSY, OutboxRelay
 from cancelflow.messaging.store import messaging_tables
-from tests.conftest import DatabaseFactory, eventually
+from tests.conftest import DatabaseFactory, eventually, sqlite_left_by_an_older_release
 
 
 class Acked:
@@ -85,14 +85,13 @@ async def test_a_row_inserted_after_another_relay_emptied_the_table_survives(sto
 
 
 async def test_an_outbox_from_before_is_rebuilt_with_its_rows(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
-    try:
-        async with engine.begin() as conn:  # the table as create_all made it before the fix
-            await conn.execute(text(
-                "CREATE TABLE outbox (id INTEGER NOT NULL, topic VARCHAR(200) NOT NULL, \"key\" VARCHAR(200), "
-                "value BLOB NOT NULL, headers JSON, event_type VARCHAR(100) NOT NULL, "
-                "created_at DATETIME NOT NULL, PRIMARY KEY (id))"))
-            await conn.execute(text("INSERT INTO outbox VALUES (7, 't', 'k', x'01', '{}', 'E', '2026-11-21')"))
+    async with sqlite_left_by_an_older_release(  # the table as create_all made it before the fix
+        tmp_path / "old.db",
+        "CREATE TABLE outbox (id INTEGER NOT NULL, topic VARCHAR(200) NOT NULL, \"key\" VARCHAR(200), "
+        "value BLOB NOT NULL, headers JSON, event_type VARCHAR(100) NOT NULL, "
+        "created_at DATETIME NOT NULL, PRIMARY KEY (id))",
+        "INSERT INTO outbox VALUES (7, 't', 'k', x'01', '{}', 'E', '2026-11-21')",
+    ) as engine:
         tables = messaging_tables(MetaData())
         await db.sqlite_outbox_ids_never_reused(engine, tables.outbox)
         await db.sqlite_outbox_ids_never_reused(engine, tables.outbox)  # a second start: nothing to do
@@ -105,8 +104,6 @@ async def test_an_outbox_from_before_is_rebuilt_with_its_rows(tmp_path: Path) ->
         await add(sessions, tables.outbox, b"new")
         async with sessions() as session:
             assert (await session.execute(select(tables.outbox.c.id))).scalar_one() == 8
-    finally:
-        await engine.dispose()
 
 
 async def test_relays_of_one_outbox_take_turns_and_publish_each_row_once(store: DatabaseFactory) -> None:

@@ -3,60 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from cancelflow_tools.sandboxes.gateway import build_gateway_app
 from cancelflow_tools.sandboxes.vendor import build_vendor_app
-
-
-class Running:
-    """Started apps, stopped (and restartable) by the test."""
-
-    def __init__(self) -> None:
-        self.runners: list[web.AppRunner] = []
-
-    async def start(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    async def stop_all(self) -> None:
-        while self.runners:
-            await self.runners.pop().cleanup()
+from tests.conftest import LocalApps
 
 
 @pytest.fixture
-async def running() -> AsyncIterator[Running]:
-    apps = Running()
-    yield apps
-    await apps.stop_all()
+def vendor(vendor_url: str) -> str:  # short names: every test here speaks to the sandboxes
+    return vendor_url
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-async def vendor(running: Running) -> str:
-    return await running.start(build_vendor_app(hang_seconds=5))
-
-
-@pytest.fixture
-async def gateway(running: Running) -> str:
-    return await running.start(build_gateway_app(hang_seconds=5))
+def gateway(gateway_url: str) -> str:
+    return gateway_url
 
 
 async def call(
@@ -411,19 +377,19 @@ async def test_concurrent_refunds_never_exceed_the_charge(http: aiohttp.ClientSe
 
 
 async def test_state_file_survives_a_restart(
-    http: aiohttp.ClientSession, running: Running, tmp_path: Path
+    http: aiohttp.ClientSession, local_apps: LocalApps, tmp_path: Path
 ) -> None:
     vendor_file, gateway_file = tmp_path / "vendor.json", tmp_path / "gateway.json"
-    vendor = await running.start(build_vendor_app(vendor_file))
-    gateway = await running.start(build_gateway_app(gateway_file))
+    vendor = await local_apps.start(build_vendor_app(vendor_file))
+    gateway = await local_apps.start(build_gateway_app(gateway_file))
     await call(http, "POST", f"{vendor}/v1/subscriptions/v-1/cancel", cancel_body())
     charge = await capture(http, gateway)
     _, created = await refund(http, gateway, "k1", refund_body(charge))
     await add_rule(http, gateway, {"subscription_id": "sub-9"}, {"status": 503, "error": "x"}, None)
 
-    await running.stop_all()
-    vendor = await running.start(build_vendor_app(vendor_file))
-    gateway = await running.start(build_gateway_app(gateway_file))
+    await local_apps.stop_all()
+    vendor = await local_apps.start(build_vendor_app(vendor_file))
+    gateway = await local_apps.start(build_gateway_app(gateway_file))
 
     assert (await call(http, "POST", f"{vendor}/v1/subscriptions/v-1/cancel", cancel_body()))[0] == 409
     assert await refund(http, gateway, "k1", refund_body(charge)) == (200, created)
@@ -431,8 +397,8 @@ async def test_state_file_survives_a_restart(
     assert len(effects(await ledger(http, vendor), "cancellation")) == 1
 
 
-async def test_hanging_calls_are_released_on_shutdown(http: aiohttp.ClientSession, running: Running) -> None:
-    vendor = await running.start(build_vendor_app(hang_seconds=60))
+async def test_hanging_calls_are_released_on_shutdown(http: aiohttp.ClientSession, local_apps: LocalApps) -> None:
+    vendor = await local_apps.start(build_vendor_app(hang_seconds=60))
     await add_rule(http, vendor, {"vendor_subscription_id": "v-1"}, {"timeout": True}, None)
     pending = asyncio.ensure_future(
         call(http, "POST", f"{vendor}/v1/subscriptions/v-1/cancel", cancel_body())
@@ -440,7 +406,7 @@ async def test_hanging_calls_are_released_on_shutdown(http: aiohttp.ClientSessio
     while not (await ledger(http, vendor))["calls"]:
         pass  # each ledger read is a round trip, so the held call gets its turn
 
-    await asyncio.wait_for(running.stop_all(), timeout=5)
+    await asyncio.wait_for(local_apps.stop_all(), timeout=5)
 
     [outcome] = await asyncio.gather(pending, return_exceptions=True)
     assert isinstance(outcome, aiohttp.ClientError) or outcome[0] == 504

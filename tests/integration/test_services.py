@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from cancelflow import topics
 from cancelflow.events import (
@@ -35,7 +34,6 @@ from cancelflow.events import (
 )
 from cancelflow_tools.sandboxes.gateway import build_gateway_app
 from cancelflow_tools.sandboxes.vendor import build_vendor_app
-from cancelflow_tools.stack.broker import free_port
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,34 +41,8 @@ pytestmark = pytest.mark.timeout(120)
 CUSTOMER = RequestedBy(user_id="u-1", role="customer", channel="storefront")
 
 
-class Sandboxes:
-    """Vendor/gateway sandbox apps on loopback, stopped when the test ends."""
-
-    def __init__(self) -> None:
-        self.runners: list[web.AppRunner] = []
-
-    async def start(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        self.runners.append(runner)
-        return f"http://127.0.0.1:{port}"
-
-    async def stop_all(self) -> None:
-        while self.runners:
-            await self.runners.pop().cleanup()
-
-
 @pytest.fixture
-async def sandboxes() -> AsyncIterator[Sandboxes]:
-    running = Sandboxes()
-    yield running
-    await running.stop_all()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
+async def http() -> AsyncIterator[aiohttp.ClientSession]:  # with a deadline, unlike the suite's
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         yield session
 
@@ -171,9 +143,9 @@ async def _status_is(http: aiohttp.ClientSession, url: str, expected: int) -> bo
 # --- provisioning ----------------------------------------------------------------------------------
 
 
-async def test_provisioning_asks_the_vendor_and_reports(sandboxes, store, services, publisher, topic_reader,
+async def test_provisioning_asks_the_vendor_and_reports(local_apps, store, services, publisher, topic_reader,
                                                         http, ids):
-    vendor = await sandboxes.start(build_vendor_app(hang_seconds=2))
+    vendor = await local_apps.start(build_vendor_app(hang_seconds=2))
     await services.start_service("provisioning", store("provisioning"), VENDOR_API_URL=vendor,
                                  VENDOR_TIMEOUT_SECONDS="2", VENDOR_ATTEMPTS="2")
     saga = await topic_reader(topics.SAGA)
@@ -209,9 +181,9 @@ async def test_provisioning_asks_the_vendor_and_reports(sandboxes, store, servic
 # --- payment gateway -------------------------------------------------------------------------------
 
 
-async def test_payment_gateway_refunds_the_unused_part(sandboxes, store, services, publisher, topic_reader,
+async def test_payment_gateway_refunds_the_unused_part(local_apps, store, services, publisher, topic_reader,
                                                        http, ids):
-    gateway = await sandboxes.start(build_gateway_app(hang_seconds=2))
+    gateway = await local_apps.start(build_gateway_app(hang_seconds=2))
     running = await services.start_service("payment_gateway", store("payment_gateway"), GATEWAY_API_URL=gateway,
                                            GATEWAY_TIMEOUT_SECONDS="2", GATEWAY_ATTEMPTS="2")
     saga = await topic_reader(topics.SAGA)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import date, timedelta
 from typing import Any
 
@@ -10,7 +9,8 @@ import pytest
 
 from billing import domain
 from billing.domain import Plan, Rejection, SubscriptionFacts, validate
-from cancelflow.events import CancellationRequested, Mode, ValidationCode
+from cancelflow.events import Mode, ValidationCode
+from tests.factories import cancellation_requested as request
 
 TODAY = date(2026, 11, 21)
 PERIOD_START = date(2026, 11, 1)
@@ -30,16 +30,6 @@ def sub(**overrides: Any) -> SubscriptionFacts:
     )
     values.update(overrides)
     return SubscriptionFacts(**values)
-
-
-def request(**overrides: Any) -> CancellationRequested:
-    values: dict[str, Any] = dict(
-        request_id=uuid.uuid4(), account_id="acc-1",
-        requested_by={"user_id": "u-1", "role": "customer", "channel": "storefront"},
-        target="subscription", subscription_id="sub-1", mode="immediate",
-    )
-    values.update(overrides)
-    return CancellationRequested.model_validate(values)
 
 
 def rejected(verdict: Rejection | Plan, code: ValidationCode) -> Rejection:

@@ -47,8 +47,10 @@ from payment_gateway.ledger import Ledger
 from provisioning import orm as provisioning_orm
 from provisioning.adapters.vendor import VendorOutcome
 from provisioning.handlers import ProvisioningHandlers
+from tests.factories import cancellation_requested
 
 TODAY = date(2026, 11, 21)
+OPERATOR = {"user_id": "op-1", "role": "operator", "channel": "bss"}
 PERIOD_START = date(2026, 11, 1)
 PERIOD_END = date(2026, 12, 1)  # 30 days; 10 of them unused on TODAY
 SEED_VENDOR = ("Subscription failed to cancel due to Provisioning Error. "
@@ -110,13 +112,7 @@ def activated(**overrides: Any) -> SubscriptionActivated:
 
 
 def requested(**overrides: Any) -> CancellationRequested:
-    values: dict[str, Any] = dict(
-        request_id=uuid.uuid4(), account_id="acc-1",
-        requested_by={"user_id": "op-1", "role": "operator", "channel": "bss"},
-        target="subscription", subscription_id="sub-1", mode="immediate",
-    )
-    values.update(overrides)
-    return CancellationRequested.model_validate(values)
+    return cancellation_requested(**{"requested_by": OPERATOR, **overrides})
 
 
 def provisioned(request_id: uuid.UUID, new_quantity: int = 0) -> VendorProvisioned:

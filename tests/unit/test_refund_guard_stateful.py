@@ -125,6 +125,17 @@ class RefundGuardMachine(RuleBasedStateMachine):
             return False
         return True
 
+    def _deliver_with(self, msg: Message, fault: str) -> None:
+        self.gateway.next_faults.append(fault)
+        self.run(self.deliver(msg))
+
+    def _deliver_until_done(self, msg: Message, what: str) -> None:
+        self.gateway.next_faults.clear()
+        for _ in range(5):
+            if self.run(self.deliver(msg)):
+                return
+        raise AssertionError(f"{what} was still transient with the gateway healthy")
+
     # --- rules -----------------------------------------------------------------------------------
 
     @rule(target=charges, cents=st.integers(min_value=1, max_value=50_000))
@@ -156,22 +167,16 @@ class RefundGuardMachine(RuleBasedStateMachine):
           removed=st.integers(1, 5), fault=st.sampled_from(FAULTS))
     def cancel(self, subscription: str, unused: int, quantity: int, removed: int, fault: str) -> Message:
         msg = self._commit_message(subscription, unused, quantity, min(removed, quantity))
-        self.gateway.next_faults.append(fault)
-        self.run(self.deliver(msg))
+        self._deliver_with(msg, fault)
         return msg  # kept: it may be redelivered (a no-op once done) or need another delivery
 
     @rule(msg=unfinished, fault=st.sampled_from(FAULTS))
     def redeliver(self, msg: Message, fault: str) -> None:
-        self.gateway.next_faults.append(fault)
-        self.run(self.deliver(msg))
+        self._deliver_with(msg, fault)
 
     @rule(msg=consumes(unfinished))
     def deliver_until_done(self, msg: Message) -> None:
-        self.gateway.next_faults.clear()
-        for _ in range(5):
-            if self.run(self.deliver(msg)):
-                return
-        raise AssertionError("a record was still transient with the gateway healthy")
+        self._deliver_until_done(msg, "a record")
 
     @rule(subscription=charges, unused=st.integers(0, 30), removed=st.integers(1, 3))
     def concurrent(self, subscription: str, unused: int, removed: int) -> None:

@@ -59,8 +59,7 @@ class RefundRetryMachine(guard.RefundGuardMachine):
         target = candidates[pick % len(candidates)]
         msgs = [self._retry(target) for _ in range(copies)]
         for msg in msgs:
-            self.gateway.next_faults.append(fault)
-            self.run(self.deliver(msg))
+            self._deliver_with(msg, fault)
         return msgs[0]
 
     @rule(target=retries, subscription=guard.RefundGuardMachine.charges, unused=st.integers(1, 30),
@@ -86,16 +85,11 @@ class RefundRetryMachine(guard.RefundGuardMachine):
 
     @rule(msg=retries, fault=st.sampled_from(guard.FAULTS))
     def redeliver_retry(self, msg: Message, fault: str) -> None:
-        self.gateway.next_faults.append(fault)
-        self.run(self.deliver(msg))
+        self._deliver_with(msg, fault)
 
     @rule(msg=consumes(retries))
     def retry_until_done(self, msg: Message) -> None:
-        self.gateway.next_faults.clear()
-        for _ in range(5):
-            if self.run(self.deliver(msg)):
-                return
-        raise AssertionError("a retry was still transient with the gateway healthy")
+        self._deliver_until_done(msg, "a retry")
 
     @invariant()
     def a_refused_line_is_refunded_at_most_once_over_its_retries(self) -> None:

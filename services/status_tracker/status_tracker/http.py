@@ -4,7 +4,7 @@
   `error_source` take comma-separated alternatives), paged by `limit` (<= 500) and `offset`;
 - `GET /requests/{request_id}`: the full status with its history, emails and errors (404 if unknown);
 - `GET /events`: server-sent events, one `status` event per record on `cancellations.status`;
-- `GET /` and `GET /ui/requests/{request_id}`: the dashboard (static files, no build step);
+- `GET /` and `GET /ui/requests/{request_id}`: the dashboard (pages/ and static/, no build step);
 - `GET /ui/subscriptions/{subscription_id}` and `GET /subscriptions/{subscription_id}`: a subscription as
   the services that own it see it (billing, provisioning, payment-gateway), and its requests;
 - operators (CONTRACT.md section 11): `POST /session` (sign in: sets the session cookie), `GET /session`,
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy import select
 
 from cancelflow.service import json_response
@@ -32,6 +33,7 @@ from status_tracker.projection import MAX_PAGE, Query, ReadModel
 from status_tracker.subscriptions import SubscriptionViews
 
 STATIC = Path(__file__).parent / "static"
+PAGES = Path(__file__).parent / "pages"  # the dashboard's pages: one frame (_page.html) around each
 HEARTBEAT_S = 15.0
 ACTIONS = ("approve", "decline", "retry", "resolve")
 
@@ -106,9 +108,16 @@ async def _sign_out(_request: web.Request) -> web.Response:
     return response
 
 
+_pages = Environment(loader=FileSystemLoader(PAGES), autoescape=True, undefined=StrictUndefined,
+                     trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
 def _page(name: str):  # type: ignore[no-untyped-def]
-    async def page(_request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+    body = _pages.get_template(name).render().encode()  # no per-request data: rendered once
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
 
     return page
 
