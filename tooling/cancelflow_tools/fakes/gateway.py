@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from cancelflow.http_client import Exchange, lower_keys
+from cancelflow_tools.fakes.common import SandboxFake
 from cancelflow_tools.sandboxes import gateway as gateway_sandbox
-from cancelflow_tools.sandboxes.common import Reply, run_action
+from cancelflow_tools.sandboxes.common import Reply
 from payment_gateway.adapters.gateway import (
     GatewayError,
     GatewayOutcome,
@@ -29,7 +29,7 @@ def _exchange_of(reply: Reply) -> Exchange:
     return Exchange(reply.status, reply.body, lower_keys(reply.headers))
 
 
-class FakeGatewayClient:
+class FakeGatewayClient(SandboxFake[RefundOutcome]):
     """In-memory gateway for handler tests.
 
     It runs the gateway sandbox's own rules (idempotency keys, refundable amounts, disputes, reversal or
@@ -37,23 +37,14 @@ class FakeGatewayClient:
     """
 
     def __init__(self) -> None:
-        self.state = gateway_sandbox.empty_state()
-        self.calls: list[dict[str, Any]] = []
-        self.effects: list[dict[str, Any]] = []
-        self._scripted: deque[RefundOutcome] = deque()
+        super().__init__(gateway_sandbox.empty_state())
 
     def script_refund(self, *outcomes: RefundOutcome) -> None:
-        self._scripted.extend(outcomes)
+        self._queue(*outcomes)
 
     def force_state(self, gateway_charge_id: str, state: str) -> None:
         """Make the gateway report a charge as `disputed`, `settled`, ... (as the sandbox hook does)."""
         self._run(gateway_sandbox.force_charge_state, gateway_charge_id, {"state": state})
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     async def refund(
         self,
@@ -68,8 +59,8 @@ class FakeGatewayClient:
     ) -> RefundOutcome:
         body = _refund_body(gateway_charge_id, amount, currency, reason, request_id, subscription_id)
         self.calls.append({"call": "refund", "idempotency_key": key, **body})
-        if self._scripted:
-            return self._scripted.popleft()
+        if (scripted := self._next_scripted()) is not None:
+            return scripted
         return refund_outcome(key, self._run(gateway_sandbox.refund, key, body))
 
     async def lookup_refund(self, key: str) -> RefundOutcome | None:
@@ -105,10 +96,3 @@ class FakeGatewayClient:
 
     def _run(self, action: Callable[..., Reply], value: str | None, body: dict[str, Any]) -> Exchange:
         return _exchange_of(self._apply(lambda state, b: action(state, value, b), body))
-
-    def _apply(
-        self, action: Callable[[dict[str, Any], dict[str, Any]], Reply], body: dict[str, Any]
-    ) -> Reply:
-        reply = run_action(action, self.state, body)
-        self.effects.extend(reply.effects)
-        return reply

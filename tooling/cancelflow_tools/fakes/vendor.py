@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections import deque
 from datetime import date
 from typing import Any
 
 from cancelflow.http_client import Exchange
+from cancelflow_tools.fakes.common import SandboxFake
 from cancelflow_tools.sandboxes import vendor as vendor_sandbox
-from cancelflow_tools.sandboxes.common import run_action
 from cancelflow_tools.sandboxes.vendor import SubscriptionAction
 from provisioning.adapters.vendor import VendorOutcome, _cancel_body, _quantity_body, classify
 
 
-class FakeVendorClient:
+class FakeVendorClient(SandboxFake[VendorOutcome]):
     """In-memory vendor for handler tests.
 
     It runs the vendor sandbox's own rules (lazy creation, 409 already_canceled, idempotent quantity),
@@ -21,19 +20,10 @@ class FakeVendorClient:
     """
 
     def __init__(self) -> None:
-        self.state = vendor_sandbox.empty_state()
-        self.calls: list[dict[str, Any]] = []
-        self.effects: list[dict[str, Any]] = []
-        self._scripted: deque[VendorOutcome] = deque()
+        super().__init__(vendor_sandbox.empty_state())
 
     def script(self, *outcomes: VendorOutcome) -> None:
-        self._scripted.extend(outcomes)
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
+        self._queue(*outcomes)
 
     async def cancel(
         self, vendor_subscription_id: str, *, subscription_id: str, request_id: str, effective_date: date
@@ -63,8 +53,7 @@ class FakeVendorClient:
     ) -> VendorOutcome:
         name = "cancel" if cancelling else "set_quantity"
         self.calls.append({"call": name, "vendor_subscription_id": vendor_subscription_id, **body})
-        if self._scripted:
-            return self._scripted.popleft()
-        reply = run_action(lambda state, b: action(state, vendor_subscription_id, b), self.state, body)
-        self.effects.extend(reply.effects)
+        if (scripted := self._next_scripted()) is not None:
+            return scripted
+        reply = self._apply(lambda state, b: action(state, vendor_subscription_id, b), body)
         return classify(Exchange(reply.status, reply.body), cancelling=cancelling)
