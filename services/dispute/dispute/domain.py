@@ -15,6 +15,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from cancelflow import contract
 from cancelflow.events import ChargeVerification, RequestedBy, ValidationCode
 
 
@@ -199,15 +200,11 @@ def confirm(charge: Charge, seen: ChargeVerification) -> Confirmation:
                                     f"{_money(charge)} refundable")
 
 
-def refund_key(request_id: str, charge_id: str) -> str:
-    """The idempotency key of a duplicate's refund: derived, so a redelivery or a retry reuses it.
-    Payment-gateway derives the same (payment_gateway.domain.dispute_refund_key) and refuses others."""
-    return f"cf-dispute-{request_id}-{charge_id}"
-
-
-REFUND_REFUSED_BY_GUARD = "insufficient_refundable_balance"
+# The idempotency key of a duplicate's refund: derived, so a redelivery or a retry reuses it.
+refund_key = contract.dispute_refund_key
 
 
 def refund_failure_reason(error: str | None) -> Reason:
     """A failed refund line: the guard found too little left (already refunded), or the gateway refused."""
-    return Reason.already_refunded if (error or "").startswith(REFUND_REFUSED_BY_GUARD) else Reason.refund_refused
+    return (Reason.already_refunded if contract.GuardCode.insufficient_refundable_balance.refused_in(error)
+            else Reason.refund_refused)
