@@ -124,8 +124,8 @@ def test_a_bad_request_is_rejected_and_keeps_nothing_of_another_account(listed: 
     assert kinds(case) == ["Failed"]  # the validation step is audited only: the Failed tells it
     assert [(s.step, s.published) for s in case.steps][-1] == ("validated", False)
     own, bad = case.lines
-    assert (own.outcome, own.reason, own.amount) == (Outcome.rejected, "not_examined", Decimal("30.00"))
-    assert (bad.outcome, bad.reason, bad.amount, bad.gateway_charge_id) == (Outcome.rejected, code, None, None)
+    assert (own.outcome, own.reason, own.facts) == (Outcome.rejected, "not_examined", CHARGES["b"])
+    assert (bad.outcome, bad.reason, bad.facts) == (Outcome.rejected, code, None)
 
 
 def test_confirmed_duplicates_are_refunded_under_their_keys() -> None:
@@ -141,6 +141,14 @@ def test_confirmed_duplicates_are_refunded_under_their_keys() -> None:
         ("b", f"cf-dispute-{REQUEST}-b")]
     assert {line.charge_id: (line.outcome, line.gateway_state) for line in case.lines} == {
         "b": (Outcome.refund_requested, "captured"), "c": (Outcome.manual_review, "disputed")}
+
+
+def test_an_answer_naming_a_charge_twice_asks_for_one_refund() -> None:
+    """Found by the property below: the handler used to confirm the charge once per mention."""
+    case = examined("b")
+    case.verified([seen("b"), seen("b")])
+    (asked,) = [e for e in case.events if isinstance(e, DuplicateRefundRequested)]
+    assert [line.charge_id for line in asked.lines] == ["b"]
 
 
 def test_a_duplicate_the_answer_leaves_out_is_reviewed() -> None:
@@ -260,4 +268,4 @@ def test_any_sequence_moves_only_by_the_table_and_refunds_each_duplicate_once_at
     for event in case.events:
         if isinstance(event, RefundIssued):
             assert case.state is State.completed and set(refunded) == set(lines)
-            assert event.amount == sum((lines[c].amount for c in refunded), Decimal("0"))  # type: ignore[misc]
+            assert event.amount == sum((lines[c].charge.amount for c in refunded), Decimal("0"))

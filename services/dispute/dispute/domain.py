@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
 from cancelflow import contract
 from cancelflow.events import (
@@ -288,8 +289,8 @@ class Step:
 
 @dataclass
 class Line:
-    """One listed charge of a case: the facts copied in (none for another account's charge) and what
-    became of it."""
+    """One listed charge of a case: its facts (none kept of another account's charge) and what became
+    of it."""
 
     charge_id: str
     position: int
@@ -297,11 +298,7 @@ class Line:
     duplicate: bool
     reason: str  # a Reason, or the rejection's code
     detail: str
-    subscription_id: str | None = None
-    gateway_charge_id: str | None = None
-    amount: Decimal | None = None
-    currency: str | None = None
-    captured_at: datetime | None = None
+    facts: Charge | None = None
     related_charge_id: str | None = None  # what it duplicates / is compared with
     gateway_state: str | None = None
     idempotency_key: str | None = None
@@ -311,55 +308,56 @@ class Line:
 
     @classmethod
     def found(cls, position: int, finding: Finding) -> Line:
-        charge = finding.charge
-        return cls(charge.charge_id, position, Outcome.verifying if finding.duplicate else Outcome.manual_review,
-                   finding.duplicate, finding.reason.value, finding.detail, charge.subscription_id,
-                   charge.gateway_charge_id, charge.amount, charge.currency, charge.captured_at,
+        return cls(finding.charge.charge_id, position,
+                   Outcome.verifying if finding.duplicate else Outcome.manual_review, finding.duplicate,
+                   finding.reason.value, finding.detail, finding.charge,
                    finding.related.charge_id if finding.related else None)
 
+    @property
     def charge(self) -> Charge:
-        assert self.amount is not None and self.captured_at is not None, "a rejected line has no facts"
-        return Charge(self.charge_id, "", self.subscription_id or "", self.gateway_charge_id or "", self.amount,
-                      self.currency or "", self.captured_at)
+        assert self.facts is not None, f"charge {self.charge_id} of another account: no facts kept"
+        return self.facts
 
     @property
     def money(self) -> str:
-        return f"{self.amount:.2f} {self.currency}"
+        return _money(self.charge)
+
+    def refund_request(self) -> DuplicateRefundLine:
+        assert self.idempotency_key is not None
+        return DuplicateRefundLine(charge_id=self.charge_id, gateway_charge_id=self.charge.gateway_charge_id,
+                                   amount=self.charge.amount, currency=self.charge.currency,
+                                   idempotency_key=self.idempotency_key, duplicate_of=self.related_charge_id)
 
     def refund_line(self) -> RefundLine:
-        return RefundLine(charge_id=self.charge_id, gateway_charge_id=self.gateway_charge_id, amount=self.amount,
-                          currency=self.currency, idempotency_key=self.idempotency_key, kind=self.refund_kind,
-                          outcome="succeeded", refund_id=self.refund_id)
+        assert self.idempotency_key is not None
+        return RefundLine(charge_id=self.charge_id, gateway_charge_id=self.charge.gateway_charge_id,
+                          amount=self.charge.amount, currency=self.charge.currency,
+                          idempotency_key=self.idempotency_key, kind=self.refund_kind, outcome="succeeded",
+                          refund_id=self.refund_id)
 
     def view(self) -> dict[str, Any]:
         """The charge as the emails show it: what it was and what became of it."""
         refunded = self.outcome is Outcome.refunded
-        return {"charge_id": self.charge_id, "amount": _cents(self.amount), "currency": self.currency,
-                "captured_at": _iso(self.captured_at), "kind": self.refund_kind if refunded else None,
+        facts = self._facts()
+        return {"charge_id": self.charge_id, "amount": facts.get("amount"), "currency": facts.get("currency"),
+                "captured_at": facts.get("captured_at"), "kind": self.refund_kind if refunded else None,
                 "status": "refunded" if refunded else "under review", "reason": None if refunded else self.detail}
 
     def transaction(self) -> dict[str, Any]:
         """Every detail support needs to act on the charge by hand."""
         values = {
-            "charge_id": self.charge_id, "gateway_charge_id": self.gateway_charge_id,
-            "subscription_id": self.subscription_id, "amount": _cents(self.amount), "currency": self.currency,
-            "captured_at": _iso(self.captured_at), "duplicate": "yes" if self.duplicate else "no",
+            "charge_id": self.charge_id, **self._facts(), "duplicate": "yes" if self.duplicate else "no",
             "related_charge": self.related_charge_id, "gateway_state": self.gateway_state,
             "outcome": self.outcome.value, "reason": self.reason, "idempotency_key": self.idempotency_key,
             "refund_kind": self.refund_kind, "refund_id": self.refund_id, "refund_error": self.refund_error,
         }
         return {k: v for k, v in values.items() if v is not None}
 
+    def _facts(self) -> dict[str, Any]:
+        return {} if self.facts is None else self.facts.transaction()
+
     def review(self) -> dict[str, Any]:
         return {"charge_id": self.charge_id, "reason": self.reason, "detail": self.detail}
-
-
-def _cents(amount: Decimal | None) -> str | None:
-    return None if amount is None else f"{amount:.2f}"
-
-
-def _iso(at: datetime | None) -> str | None:
-    return None if at is None else at.isoformat()
 
 
 @dataclass
@@ -390,6 +388,10 @@ class Case:
                           data={"account_id": account_id, "charge_ids": listed, "reason": reason},
                           published=False))
         return case
+
+    @property
+    def uuid(self) -> UUID:
+        return UUID(self.request_id)
 
     # --- transitions ---------------------------------------------------------------------------
 
@@ -428,26 +430,25 @@ class Case:
             return
         self._move(State.verifying, "ask the gateway")
         self.events.append(ChargesVerificationRequested(
-            request_id=self.request_id, account_id=self.account_id,
+            request_id=self.uuid, account_id=self.account_id,
             charges=[DisputedCharge(charge_id=c.charge_id, gateway_charge_id=c.gateway_charge_id, amount=c.amount,
                                     currency=c.currency) for c in candidates]))
 
     def _reject(self, rejection: Rejection, known: dict[str, Charge]) -> None:
         for position, charge_id in enumerate(self.charge_ids):
-            bad = charge_id in rejection.charge_ids
-            own = known.get(charge_id) if not bad else None
-            self.lines.append(Line(
-                charge_id, position, Outcome.rejected, False, rejection.code.value if bad else "not_examined",
-                rejection.message if bad else "not examined: the request was rejected",
-                *((own.subscription_id, own.gateway_charge_id, own.amount, own.currency, own.captured_at)
-                  if own else ())))
+            if charge_id in rejection.charge_ids:  # nothing of it is kept but its id
+                self.lines.append(Line(charge_id, position, Outcome.rejected, False, rejection.code.value,
+                                       rejection.message))
+                continue
+            self.lines.append(Line(charge_id, position, Outcome.rejected, False, "not_examined",
+                                   "not examined: the request was rejected", known[charge_id]))
         self._move(State.rejected, "be rejected")
         self.error_code = rejection.code.value
         # The status history gets this from the Failed event itself.
         self._record(Step("validated", f"Rejected ({rejection.code.value}): {rejection.message}",
                           data={"outcome": "rejected", "code": rejection.code.value,
                                 "charge_ids": list(rejection.charge_ids)}, published=False))
-        self.events.append(Failed(request_id=self.request_id, source=Source.validation, code=rejection.code.value,
+        self.events.append(Failed(request_id=self.uuid, source=Source.validation, code=rejection.code.value,
                                   message=rejection.message, retryable=False))
 
     def verified(self, answers: list[ChargeVerification]) -> None:
@@ -459,10 +460,11 @@ class Case:
             line = lines.get(seen.charge_id)
             if line is None or line.outcome is not Outcome.verifying:
                 continue
-            verdict = confirm(line.charge(), seen)
+            verdict = confirm(line.charge, seen)
             line.gateway_state = seen.state
             data = {"confirmed": verdict.ok, **seen.model_dump(mode="json")}
-            if verdict.ok:
+            if verdict.ok:  # from now on the line waits for its refund (a repeated answer is skipped)
+                line.outcome = Outcome.refund_requested
                 confirmed.append(line)
                 message = f"Gateway confirmed charge {seen.charge_id}: {verdict.detail}"
             else:
@@ -481,21 +483,17 @@ class Case:
             self._conclude()
             return
         for line in confirmed:
-            key = refund_key(self.request_id, line.charge_id)
-            line.outcome, line.idempotency_key = Outcome.refund_requested, key
+            key = line.idempotency_key = refund_key(self.request_id, line.charge_id)
             self._record(Step("refund_requested", f"Refund of {line.money} requested for charge {line.charge_id} "
                                                   f"(idempotency key {key})",
                               charge_id=line.charge_id,
-                              data={"amount": _cents(line.amount), "currency": line.currency,
-                                    "gateway_charge_id": line.gateway_charge_id, "idempotency_key": key,
+                              data={"amount": f"{line.charge.amount:.2f}", "currency": line.charge.currency,
+                                    "gateway_charge_id": line.charge.gateway_charge_id, "idempotency_key": key,
                                     "duplicate_of": line.related_charge_id}))
         self._move(State.refunding, "ask for refunds")
         self.events.append(DuplicateRefundRequested(
-            request_id=self.request_id, account_id=self.account_id,
-            lines=[DuplicateRefundLine(charge_id=line.charge_id, gateway_charge_id=line.gateway_charge_id,
-                                       amount=line.amount, currency=line.currency,
-                                       idempotency_key=line.idempotency_key, duplicate_of=line.related_charge_id)
-                   for line in confirmed]))
+            request_id=self.uuid, account_id=self.account_id,
+            lines=[line.refund_request() for line in confirmed]))
 
     def refunds_issued(self, results: list[RefundLine]) -> None:
         """Payment-gateway's outcome per refund: the case concludes."""
@@ -532,7 +530,7 @@ class Case:
             self._record(Step("completed", f"Every listed charge was refunded: {total:.2f} {refunded[0].currency}",
                               data={"refunded": [line.model_dump(mode="json") for line in refunded]},
                               published=False))  # the status history shows the RefundIssued
-            self.events.append(RefundIssued(request_id=self.request_id, amount=total, currency=refunded[0].currency,
+            self.events.append(RefundIssued(request_id=self.uuid, amount=total, currency=refunded[0].currency,
                                             status="succeeded", lines=refunded))
             return
         self._move(State.manual_review, "go to review")
@@ -546,7 +544,7 @@ class Case:
                           data={"review": [line.review() for line in review],
                                 "refunded": [line.charge_id for line in refunded]}))
         self.events.append(Failed(
-            request_id=self.request_id, source=Source.payment, code="manual_review", message=message,
+            request_id=self.uuid, source=Source.payment, code="manual_review", message=message,
             retryable=False,
             details={
                 "dispute": True, "account_id": self.account_id, "charge_ids": self.charge_ids,
@@ -570,5 +568,5 @@ class Case:
     def _record(self, step: Step) -> None:
         self.steps.append(step)
         if step.published:
-            self.events.append(DisputeStepRecorded(request_id=self.request_id, step=step.step, actor=step.actor,
+            self.events.append(DisputeStepRecorded(request_id=self.uuid, step=step.step, actor=step.actor,
                                                    charge_id=step.charge_id, message=step.message, data=step.data))

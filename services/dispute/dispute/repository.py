@@ -52,16 +52,23 @@ def _charge(row: Any) -> Charge:
                   captured_at=_utc(row["captured_at"]))
 
 
-def _line(row: dict[str, Any]) -> Line:
+def _line(row: dict[str, Any], account_id: str) -> Line:
+    facts = None if row["amount"] is None else _charge({**row, "account_id": account_id})
     return Line(
         charge_id=row["charge_id"], position=row["position"], outcome=Outcome(row["outcome"]),
-        duplicate=row["duplicate"] == "yes", reason=row["reason"], detail=row["detail"],
-        subscription_id=row["subscription_id"], gateway_charge_id=row["gateway_charge_id"],
-        amount=None if row["amount"] is None else _cents(row["amount"]), currency=row["currency"],
-        captured_at=None if row["captured_at"] is None else _utc(row["captured_at"]),
+        duplicate=row["duplicate"] == "yes", reason=row["reason"], detail=row["detail"], facts=facts,
         related_charge_id=row["related_charge_id"], gateway_state=row["gateway_state"],
         idempotency_key=row["idempotency_key"], refund_kind=row["refund_kind"], refund_id=row["refund_id"],
         refund_error=row["refund_error"])
+
+
+def _facts(line: Line) -> dict[str, Any]:
+    """A listed charge's facts as copied in (none of another account's charge)."""
+    if line.facts is None:
+        return dict.fromkeys(("subscription_id", "gateway_charge_id", "amount", "currency", "captured_at"))
+    facts = line.facts
+    return {"subscription_id": facts.subscription_id, "gateway_charge_id": facts.gateway_charge_id,
+            "amount": facts.amount, "currency": facts.currency, "captured_at": facts.captured_at}
 
 
 def _line_values(line: Line) -> dict[str, Any]:
@@ -93,7 +100,7 @@ class DisputeRepository:
         row = await self.db.first(CASE, request_id=request_id)
         if row is None:
             return None
-        lines = [_line(r) for r in await self.db.all(LINES, request_id=request_id)]
+        lines = [_line(r, row["account_id"]) for r in await self.db.all(LINES, request_id=request_id)]
         case = Case(request_id=row["request_id"], account_id=row["account_id"], requested_by=row["requested_by"],
                     reason=row["reason"], charge_ids=list(row["charge_ids"]), window_hours=row["window_hours"],
                     opened_at=_utc(row["created_at"]), state=State(row["state"]), error_code=row["error_code"],
@@ -118,9 +125,7 @@ class DisputeRepository:
                                   error_code=case.error_code, updated_at=now)
         new = [line for line in case.lines if line.charge_id not in old_lines]
         await self.db.run_many(ADD_LINE, [{
-            "request_id": case.request_id, "charge_id": line.charge_id, "position": line.position,
-            "subscription_id": line.subscription_id, "gateway_charge_id": line.gateway_charge_id,
-            "amount": line.amount, "currency": line.currency, "captured_at": line.captured_at,
+            "request_id": case.request_id, "charge_id": line.charge_id, "position": line.position, **_facts(line),
             "duplicate": "yes" if line.duplicate else "no", "related_charge_id": line.related_charge_id,
             **_line_values(line), "updated_at": now} for line in new])
         for line in case.lines:
