@@ -35,8 +35,7 @@ charges = Table(
     Column("period_end", Date, nullable=False),
 )
 
-# One per request (target `charges`). State: verifying -> refunding -> completed | manual_review, or
-# rejected at validation; a case with nothing to verify goes straight to manual_review.
+# One per request (target `charges`): dispute.domain.Case; its state moves by domain.TRANSITIONS.
 disputes = Table(
     "disputes", metadata,
     Column("request_id", String(64), primary_key=True),
@@ -68,8 +67,7 @@ dispute_charges = Table(
     Column("detail", Text, nullable=False),  # the reason, readable
     Column("related_charge_id", String(100), nullable=True),  # what it duplicates / is compared with
     Column("gateway_state", String(30), nullable=True),
-    # pending | verifying | refund_requested | refunded | manual_review | rejected
-    Column("outcome", String(30), nullable=False),
+    Column("outcome", String(30), nullable=False),  # dispute.domain.Outcome
     Column("idempotency_key", String(200), nullable=True),
     Column("refund_kind", String(20), nullable=True),
     Column("refund_id", String(200), nullable=True),

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from cancelflow import metrics
+from cancelflow.contract import GuardCode
 from cancelflow.events import (
     ChargesVerificationRequested,
     ChargesVerified,
@@ -95,15 +96,17 @@ class DisputeRefundHandlers:
         balance = ChargeBalance(line.charge_id, line.gateway_charge_id, Decimal("0"), line.currency)
         refusal = None
         if line.idempotency_key != key:
-            refusal = f"unexpected_idempotency_key: expected {key}, got {line.idempotency_key}"
+            refusal = GuardCode.unexpected_idempotency_key.refused(f"expected {key}, got {line.idempotency_key}")
         elif charge is None:
-            refusal = f"unknown_charge: no charge {line.charge_id} in the payment records"
+            refusal = GuardCode.unknown_charge.refused(f"no charge {line.charge_id} in the payment records")
         elif charge["gateway_charge_id"] != line.gateway_charge_id or charge["currency"] != line.currency:
-            refusal = f"charge_mismatch: {line.charge_id} is {charge['gateway_charge_id']} in {charge['currency']}"
+            refusal = GuardCode.charge_mismatch.refused(
+                f"{line.charge_id} is {charge['gateway_charge_id']} in {charge['currency']}")
         elif not await books.reserve(line.charge_id, line.amount):
             left = await books.refundable(line.charge_id) or Decimal("0.00")
-            refusal = (f"{domain.INSUFFICIENT_BALANCE}: {left:.2f} {line.currency} of {line.charge_id} is left to "
-                       f"refund, not {line.amount:.2f} (refunded or being refunded by another request)")
+            refusal = GuardCode.insufficient_refundable_balance.refused(
+                f"{left:.2f} {line.currency} of {line.charge_id} is left to refund, not {line.amount:.2f} "
+                f"(refunded or being refunded by another request)")
         await books.add_refund(key=key, request_id=request_id, charge=balance, amount=line.amount)
         if refusal is not None:
             log.info("duplicate refund refused by the guard", key=key, error=refusal)

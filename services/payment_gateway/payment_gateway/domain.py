@@ -13,6 +13,8 @@ from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 
+from cancelflow import contract
+
 ZERO = Decimal("0.00")
 
 
@@ -82,20 +84,8 @@ class ChargeBalance:
     period_end: date | None = None
 
 
-def refund_key(request_id: str, charge_id: str) -> str:
-    """Derived from the request and the charge: a redelivery or a retry reuses it, never a new one."""
-    return f"cf-refund-{request_id}-{charge_id}"
-
-
-CANCELLATION_KEY_PREFIX = "cf-refund-"
-
-
-def dispute_refund_key(request_id: str, charge_id: str) -> str:
-    """The key of a duplicate charge's refund (the multiple-charge flow): one per request and charge.
-    The dispute service derives the same; a line carrying another key is refused."""
-    return f"cf-dispute-{request_id}-{charge_id}"
-
-
-# The error a refund line gets when the guard finds too little left of the charge (already refunded,
-# or reserved by a refund in flight); the dispute service reads it as "already refunded".
-INSUFFICIENT_BALANCE = "insufficient_refundable_balance"
+# The keys and the guard's codes are the contract's, shared with the dispute service; the names are ours.
+refund_key = contract.cancellation_refund_key
+dispute_refund_key = contract.dispute_refund_key
+CANCELLATION_KEY_PREFIX = contract.CANCELLATION_REFUND_PREFIX
+INSUFFICIENT_BALANCE = contract.GuardCode.insufficient_refundable_balance

@@ -14,6 +14,7 @@ import asyncio
 from decimal import Decimal
 from typing import Any
 
+from cancelflow.contract import retry_refund_key
 from cancelflow.events import Failed, RefundIssued, RefundLine, RefundRetryRequested, Source
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
@@ -22,10 +23,6 @@ from payment_gateway.adapters.gateway import AbstractGatewayClient, RefundOutcom
 from payment_gateway.domain import ChargeBalance
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
-
-
-def retry_refund_key(refused_request_id: str, charge_id: str) -> str:
-    return f"cf-refund-retry-{refused_request_id}-{charge_id}"
 
 
 class RefundRetryHandlers:
