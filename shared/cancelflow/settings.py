@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -242,5 +242,5 @@ def service_settings_class(service: str) -> type[ServiceSettings]:
     )
 
 
-def service_settings(service: str, **overrides: object) -> ServiceSettings:
+def service_settings(service: str, **overrides: Any) -> ServiceSettings:
     return service_settings_class(service)(**overrides)

@@ -39,8 +39,8 @@ from cancelflow.events import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.dispatch import HandlerContext
 from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
-from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Query
 from dispute import domain, orm
 from dispute.domain import Charge, Reason
@@ -59,7 +59,7 @@ class Audit:
     """Records a step in the database and, unless it is already told by another saga event, in the
     request's status history (DisputeStepRecorded)."""
 
-    def __init__(self, repo: DisputeRepository, uow: UnitOfWork, request_id: Any) -> None:
+    def __init__(self, repo: DisputeRepository, uow: HandlerContext, request_id: Any) -> None:
         self.repo, self.uow, self.request_id = repo, uow, request_id
 
     async def record(self, step: str, message: str, *, actor: str = ACTOR, charge_id: str | None = None,
@@ -98,8 +98,8 @@ class DisputeHandlers:
 
     # --- facts we keep -------------------------------------------------------------------------
 
-    async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
-        charge: ChargeCaptured = msg.payload  # type: ignore[assignment]
+    async def charge_captured(self, msg: Message[ChargeCaptured], uow: HandlerContext) -> None:
+        charge = msg.payload
         if await uow.db.first(KNOWN_CHARGE, charge_id=charge.charge_id) is not None:
             return
         await uow.db.run(
@@ -114,8 +114,8 @@ class DisputeHandlers:
 
     # --- a new case: validation and detection ---------------------------------------------------
 
-    async def cancellation_received(self, msg: Message, uow: UnitOfWork) -> None:
-        request: CancellationReceived = msg.payload  # type: ignore[assignment]
+    async def cancellation_received(self, msg: Message[CancellationReceived], uow: HandlerContext) -> None:
+        request = msg.payload
         if request.target != "charges":
             return
         repo = DisputeRepository(uow.db)
@@ -145,7 +145,7 @@ class DisputeHandlers:
             return
         await self._examine(uow, repo, audit, request_id, request.account_id, charge_ids, known)
 
-    async def settle_waiting(self, uow: UnitOfWork, request_id: str) -> bool:
+    async def settle_waiting(self, uow: HandlerContext, request_id: str) -> bool:
         """A case waiting for its charges' facts: examined when they have all arrived, or once the facts
         are read up to when it arrived, or after `facts_wait_s` (then rejected `unknown_charge`).
         False while it still waits (or waits no more)."""
@@ -164,7 +164,7 @@ class DisputeHandlers:
                             known)
         return True
 
-    async def _examine(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str,
+    async def _examine(self, uow: HandlerContext, repo: DisputeRepository, audit: Audit, request_id: str,
                        account_id: str, charge_ids: list[str], known: dict[str, Charge]) -> None:
         """Validate the listed charges, then detect the duplicates and ask the gateway about them."""
         rejection = domain.validate(account_id, charge_ids, known)
@@ -208,7 +208,7 @@ class DisputeHandlers:
             charges=[DisputedCharge(charge_id=c.charge_id, gateway_charge_id=c.gateway_charge_id, amount=c.amount,
                                     currency=c.currency) for c in candidates]))
 
-    async def _reject(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str,
+    async def _reject(self, uow: HandlerContext, repo: DisputeRepository, audit: Audit, request_id: str,
                       charge_ids: list[str], known: dict[str, Charge], rejection: domain.Rejection) -> None:
         for position, charge_id in enumerate(charge_ids):
             bad = charge_id in rejection.charge_ids
@@ -232,8 +232,8 @@ class DisputeHandlers:
 
     # --- the gateway's view ---------------------------------------------------------------------
 
-    async def charges_verified(self, msg: Message, uow: UnitOfWork) -> None:
-        event: ChargesVerified = msg.payload  # type: ignore[assignment]
+    async def charges_verified(self, msg: Message[ChargesVerified], uow: HandlerContext) -> None:
+        event = msg.payload
         repo = DisputeRepository(uow.db)
         request_id = str(event.request_id)
         case = await repo.case(request_id)
@@ -290,8 +290,8 @@ class DisputeHandlers:
 
     # --- the refunds' outcome -------------------------------------------------------------------
 
-    async def duplicate_refunds_issued(self, msg: Message, uow: UnitOfWork) -> None:
-        event: DuplicateRefundsIssued = msg.payload  # type: ignore[assignment]
+    async def duplicate_refunds_issued(self, msg: Message[DuplicateRefundsIssued], uow: HandlerContext) -> None:
+        event = msg.payload
         repo = DisputeRepository(uow.db)
         request_id = str(event.request_id)
         case = await repo.case(request_id)
@@ -325,7 +325,7 @@ class DisputeHandlers:
 
     # --- the outcome ----------------------------------------------------------------------------
 
-    async def _conclude(self, uow: UnitOfWork, repo: DisputeRepository, audit: Audit, request_id: str,
+    async def _conclude(self, uow: HandlerContext, repo: DisputeRepository, audit: Audit, request_id: str,
                         case: dict[str, Any]) -> None:
         """`case` as the caller read it in this transaction: only its account and charge ids are used, which
         no step changes."""

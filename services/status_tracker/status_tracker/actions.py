@@ -25,8 +25,8 @@ from cancelflow.events import (
     CancellationRequested,
     Mode,
     OperatorActed,
-    Payload,
     RefundRetryRequested,
+    RequestedBy,
     State,
     envelope_for,
     utcnow,
@@ -176,8 +176,8 @@ class Actions:
             parsed: OnBehalfBody = _parse(OnBehalfBody, body)
             try:
                 request = CancellationRequested(
-                    request_id=uuid.uuid4(), requested_by={"user_id": operator.name, "role": "operator",
-                                                           "channel": CHANNEL},
+                    request_id=uuid.uuid4(), requested_by=RequestedBy.model_validate(
+                        {"user_id": operator.name, "role": "operator", "channel": CHANNEL}),
                     **parsed.model_dump())
             except ValidationError as exc:
                 raise Refused(400, "; ".join(e["msg"] for e in exc.errors())) from None
@@ -217,7 +217,8 @@ class Actions:
                                new_request_id=new_id), key=request_id)
         return new_id
 
-    def _emit_upstream(self, uow: UnitOfWork, payload: Payload) -> None:
+    def _emit_upstream(self, uow: UnitOfWork,
+                       payload: CancellationRequested | CancellationApproved | CancellationDeclined) -> None:
         envelope = envelope_for(payload, producer=CHANNEL, correlation_id=str(payload.request_id),
                                 causation_id=None)
         headers = None

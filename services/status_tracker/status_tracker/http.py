@@ -37,7 +37,7 @@ ACTIONS = ("approve", "decline", "retry", "resolve")
 
 
 def install(app: web.Application, read_model: ReadModel, feed: StatusFeed, *, operators: Operators,
-            actions: Actions, sessions, subscriptions: SubscriptionViews | None = None) -> None:  # type: ignore[no-untyped-def]
+            actions: Actions, sessions, subscriptions: SubscriptionViews | None = None) -> None:
     app.middlewares.append(_signed_in(operators))
     api = _Api(read_model, feed, actions, sessions)
     if subscriptions is not None:
@@ -58,9 +58,9 @@ def install(app: web.Application, read_model: ReadModel, feed: StatusFeed, *, op
     app.router.add_static("/static/", STATIC, append_version=False)
 
 
-def _signed_in(operators: Operators):  # type: ignore[no-untyped-def]
+def _signed_in(operators: Operators):
     @web.middleware
-    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def middleware(request: web.Request, handler):
         if not operators.enabled or request.path in OPEN_PATHS:
             return await handler(request)
         operator = operators.from_request(request)
@@ -77,7 +77,7 @@ def _signed_in(operators: Operators):  # type: ignore[no-untyped-def]
     return middleware
 
 
-def _subscription(views: SubscriptionViews):  # type: ignore[no-untyped-def]
+def _subscription(views: SubscriptionViews):
     async def subscription(request: web.Request) -> web.Response:
         return json_response(await views.view(request.match_info["subscription_id"]))
 
@@ -106,7 +106,7 @@ async def _sign_out(_request: web.Request) -> web.Response:
     return response
 
 
-def _page(name: str):  # type: ignore[no-untyped-def]
+def _page(name: str):
     async def page(_request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
@@ -142,7 +142,7 @@ AUDIT_LIMIT = 200
 
 
 class _Api:
-    def __init__(self, read_model: ReadModel, feed: StatusFeed, actions: Actions, sessions) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, read_model: ReadModel, feed: StatusFeed, actions: Actions, sessions) -> None:
         self._read_model = read_model
         self._feed = feed
         self._actions = actions
@@ -154,7 +154,7 @@ class _Api:
             return json_response({"error": "unknown request_id"}, 404)
         return json_response({**document, "actions": allowed_actions(document)})
 
-    def action(self, action: str):  # type: ignore[no-untyped-def]
+    def action(self, action: str):
         async def act(request: web.Request) -> web.Response:
             answer = await self._actions.on_request(operator_of(request), action, request.match_info["request_id"],
                                                     await _body(request))
