@@ -58,15 +58,16 @@ def make_engine(url: str) -> AsyncEngine:
 
     writers = asyncio.Lock()  # this engine's connections queue here for the write lock (see InlineSqlite)
 
-    async def connect() -> aiosqlite.Connection:
+    async def connect() -> InlineSqlite:
         connection = InlineSqlite(lambda: sqlite3.connect(path, timeout=30, check_same_thread=False), 64)
         connection.writers = writers
-        return await connection
+        await connection
+        return connection
 
     async def connect_for_units_of_work() -> InlineSqlite:
         connection = await connect()
         await connection._execute(_sqlite_pragmas, connection._conn)  # the engine's "connect" hook
-        return connection  # type: ignore[return-value]
+        return connection
 
     engine = create_async_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=False, async_creator=connect,
                                  **JSON_CODEC)

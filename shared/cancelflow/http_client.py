@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from cancelflow import metrics
 from cancelflow.events import TEXT_CHARS
@@ -123,7 +129,7 @@ class JsonApiClient:
             # Full jitter, so callers retrying the same server at once spread out.
             wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_cap),
             retry=retry_if_result(retry_when),
-            retry_error_callback=lambda state: state.outcome.result(),  # out of budget: keep the last answer
+            retry_error_callback=_last_answer,
         )
         return await retrying(counted), attempts
 
@@ -154,3 +160,9 @@ class JsonApiClient:
         except aiohttp.ClientError as exc:
             return Exchange(None, failure="dropped", detail=f"The connection to the {self.target} was lost "
                                                             f"before it answered ({type(exc).__name__})")
+
+
+def _last_answer(state: RetryCallState) -> Any:
+    """Out of budget: keep the last answer."""
+    assert state.outcome is not None  # set by every attempt
+    return state.outcome.result()

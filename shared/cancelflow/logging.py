@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import Any, cast
 
 import structlog
+from structlog.typing import EventDict, Processor
 
 from cancelflow.pii import mask_email, scrubbed
 
 
-def _scrub(_logger: object, _method: str, event_dict: dict) -> dict:
+def _scrub(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
     for key, value in list(event_dict.items()):
         if key == "event" and isinstance(value, str):
             event_dict[key] = mask_email(value)  # the message itself is never hidden, only masked
@@ -44,7 +45,7 @@ class record_context:  # noqa: N801 (used like structlog's bound_contextvars)
         _RECORD.reset(self._token)
 
 
-def _merge_record_context(_logger: object, _method: str, event_dict: dict) -> dict:
+def _merge_record_context(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
     values = _RECORD.get()
     if values:
         for key, value in values.items():
@@ -56,7 +57,7 @@ def configure(service: str, *, level: str = "INFO", json: bool = False) -> None:
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     # The same steps for our lines and for the libraries' (aiokafka, aiohttp, ...): the request context,
     # level, time, the traceback as text, and masking last, so nothing printed escapes it.
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         _merge_record_context,
         structlog.processors.add_log_level,
@@ -83,4 +84,4 @@ def configure(service: str, *, level: str = "INFO", json: bool = False) -> None:
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    return cast(structlog.stdlib.BoundLogger, structlog.get_logger(name))

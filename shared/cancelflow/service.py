@@ -11,7 +11,8 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -21,11 +22,12 @@ from sqlalchemy import MetaData, func, select
 
 from cancelflow import db, migrations
 from cancelflow import logging as cf_logging
-from cancelflow.events import Source
+from cancelflow.events import Payload, Source
 from cancelflow.http_guard import allowed_hosts, guard
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.consumer import ConsumeLoop
+from cancelflow.messaging.dispatch import Route
 from cancelflow.messaging.facts import FactsProgress
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.kafka import Membership, make_consumer, make_producer
@@ -38,7 +40,7 @@ from cancelflow.settings import ServiceSettings
 
 log = get_logger(__name__)
 
-Task = Callable[[], Awaitable[None]]
+Task = Callable[[], Coroutine[Any, Any, None]]
 
 
 def json_response(value: object, status: int = 200) -> web.Response:
@@ -130,7 +132,7 @@ class ServiceRuntime:
         })
         self.http.router.add_get("/inflight", self._inflight)
 
-    def new_uow(self, message: Message | None = None) -> UnitOfWork:
+    def new_uow(self, message: Message[Payload] | None = None) -> UnitOfWork:
         return UnitOfWork(self.transactions, self.tables, producer=self.name, message=message,
                           on_commit=self._committed, write_lock=self._write_lock)
 

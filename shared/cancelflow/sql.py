@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Executable, bindparam, text
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 Row = dict[str, Any]
 
@@ -52,21 +54,21 @@ class _Plan:
 
     @classmethod
     def compile(cls, construct: Executable, dialect: Dialect, names: Iterable[str]) -> _Plan:
-        compiled = construct.compile(dialect=dialect, column_keys=sorted(names))
+        compiled = cast(ClauseElement, construct).compile(dialect=dialect, column_keys=sorted(names))
         assert isinstance(compiled, SQLCompiler)
         if compiled.post_compile_params or compiled.literal_execute_params:
             raise TypeError("expanding parameters (IN lists) are not supported by Query: use the session")
-        fixed = compiled.construct_params(_check=False)
+        fixed = dict(compiled.construct_params(_check=False))
         computed: dict[str, Callable[[], Any]] = {}
         for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
-            default = column.default if column in compiled.insert_prefetch else column.onupdate
+            default: Any = column.default if column in compiled.insert_prefetch else column.onupdate
             if default is None or not (default.is_scalar or default.is_callable):
                 raise TypeError(f"column default of {column} is not supported by Query: use the session")
             if default.is_scalar:
                 fixed[column.key] = default.arg
             else:
-                computed[column.key] = lambda arg=default.arg: arg(None)
-        processors = compiled._bind_processors
+                computed[column.key] = functools.partial(default.arg, None)
+        processors = cast(Mapping[str, Callable[[Any], Any]], compiled._bind_processors)
         positions = tuple(compiled.positiontup or ())
         return cls(
             sql=compiled.string,
@@ -211,6 +213,11 @@ class Db:
         self._dialect = bind.dialect
         self._direct = self._dialect.name == "sqlite"
 
+    @property
+    def _orm(self) -> AsyncSession:
+        """The session, for the statements not run the direct way (a DriverTransaction's always are)."""
+        return cast(AsyncSession, self.session)
+
     async def _plan(self, query: Query, names: Iterable[str]) -> tuple[_Plan, Any]:
         """The statement's plan for the driver connection (the direct way), and that connection."""
         plan = query.plan(self._dialect, names)
@@ -223,7 +230,7 @@ class Db:
         if self._direct:
             plan, driver = await self._plan(query, params)
             return [plan.row(values) for values in await driver.rows(plan.sql, plan.parameters(params))]
-        return [dict(row) for row in (await self.session.execute(query.construct, params)).mappings()]
+        return [dict(row) for row in (await self._orm.execute(query.construct, params)).mappings()]
 
     async def first(self, query: Query, /, **params: Any) -> Row | None:
         """The first row, or None; the rest are not fetched."""
@@ -231,7 +238,7 @@ class Db:
             plan, driver = await self._plan(query, params)
             values = await driver.first_row(plan.sql, plan.parameters(params))
             return None if values is None else plan.row(values)
-        row = (await self.session.execute(query.construct, params)).mappings().first()
+        row = (await self._orm.execute(query.construct, params)).mappings().first()
         return None if row is None else dict(row)
 
     async def scalar(self, query: Query, /, **params: Any) -> Any:
@@ -243,8 +250,8 @@ class Db:
         if self._direct:
             plan = query.plan(self._dialect, params)
             return int(await (await self._driver()).touch(plan.sql, plan.parameters(params)))
-        result = await self.session.execute(query.construct, params)
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        result = await self._orm.execute(query.construct, params)
+        return int(cast(CursorResult[Any], result).rowcount)
 
     async def run_many(self, query: Query, rows: Sequence[Mapping[str, Any]]) -> None:
         """The same insert, update or delete for every row (all rows have the same keys)."""
@@ -254,7 +261,7 @@ class Db:
             plan = query.plan(self._dialect, rows[0])
             await (await self._driver()).many(plan.sql, [plan.parameters(row) for row in rows])
             return
-        await self.session.execute(query.construct, list(rows))
+        await self._orm.execute(query.construct, list(rows))
 
     async def among(self, among: Among, values: Sequence[Any]) -> list[Row]:
         """The rows of an `Among` statement for `values`. A row matched by two values comes back once

@@ -17,10 +17,11 @@ from sqlalchemy import MetaData
 
 from cancelflow import metrics, topics
 from cancelflow.db import create_schema, make_engine, transactions
-from cancelflow.events import CancellationRequested, RequestedBy, envelope_for
+from cancelflow.events import CancellationRequested, Payload, RequestedBy, SubscriptionActivated, envelope_for
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, Message, encode
-from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.consumer import ConsumeLoop
 from cancelflow.messaging.deadletter import TransientError
+from cancelflow.messaging.dispatch import HandlerContext, Route
 from cancelflow.messaging.store import messaging_tables
 from cancelflow.messaging.uow import UnitOfWork
 
@@ -135,7 +136,7 @@ async def test_offsets_are_committed_together_on_an_empty_poll_and_at_stop(new_u
         {},
         {TP1: records(TP1, 1, 2)},
     ])
-    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED)], new_uow,  # type: ignore[arg-type]
                        service="test", group_id="g")
     await _run_until_drained(loop, consumer)
     # Two polls' offsets in one commit (at the empty poll), the last poll's at the stop.
@@ -145,7 +146,7 @@ async def test_offsets_are_committed_together_on_an_empty_poll_and_at_stop(new_u
 async def test_the_lag_counts_what_is_handled_not_what_is_committed(new_uow, monkeypatch, lag) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(ConsumeLoop, "COMMIT_EVERY_S", 3600.0)
     consumer = ScriptedConsumer([{TP0: records(TP0, 0, 1, 2, 3)}])
-    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED)], new_uow,  # type: ignore[arg-type]
                        service="test", group_id="g")
     task = asyncio.create_task(loop.run())
     await asyncio.wait_for(consumer.drained.wait(), 10)  # handled, not committed: the stream stays busy
@@ -164,7 +165,7 @@ async def test_the_lag_grows_while_a_poll_is_retried(new_uow, lag) -> None:  # t
     only after polls, so it froze and the lag alert missed the stuck partition."""
     away = asyncio.Event()
 
-    async def database_away(message: Message, uow: UnitOfWork) -> None:
+    async def database_away(message: Message[CancellationRequested], uow: HandlerContext) -> None:
         away.set()
         raise TransientError("the database is away")
 
@@ -173,7 +174,7 @@ async def test_the_lag_grows_while_a_poll_is_retried(new_uow, lag) -> None:  # t
         requested_by=RequestedBy(user_id="u", role="customer", channel="bss")),
         producer="test", correlation_id="c", causation_id=None))
     consumer = ScriptedConsumer([{TP0: records(TP0, 2, event_type="CancellationRequested", value=value)}])
-    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {"CancellationRequested": database_away})],
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED).on(CancellationRequested, database_away)],
                        new_uow, service="test", group_id="g")  # type: ignore[arg-type]
     task = asyncio.create_task(loop.run())
     await asyncio.wait_for(away.wait(), 10)
@@ -187,7 +188,7 @@ async def test_the_lag_grows_while_a_poll_is_retried(new_uow, lag) -> None:  # t
 async def test_with_no_interval_every_poll_commits(new_uow, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(ConsumeLoop, "COMMIT_EVERY_S", 0.0)
     consumer = ScriptedConsumer([{TP0: records(TP0, 0)}, {TP0: records(TP0, 1)}])
-    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {})], new_uow,  # type: ignore[arg-type]
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED)], new_uow,  # type: ignore[arg-type]
                        service="test", group_id="g")
     await _run_until_drained(loop, consumer)
     assert consumer.commits == [{TP0: 1}, {TP0: 2}]
@@ -199,7 +200,7 @@ async def test_a_batch_lets_the_service_run_between_its_records(new_uow) -> None
     batch."""
     seen: list[str] = []
 
-    async def handle(msg: Message, uow: Any) -> None:
+    async def handle(msg: Message[CancellationRequested], uow: HandlerContext) -> None:
         seen.append("record")
         started = time.perf_counter()
         while time.perf_counter() - started < ConsumeLoop.YIELD_EVERY_S:  # a record's CPU-bound work
@@ -220,7 +221,7 @@ async def test_a_batch_lets_the_service_run_between_its_records(new_uow) -> None
     batch = [r for i in range(3) for r in records(TP0, i, event_type="CancellationRequested", value=value(i),
                                                       key=f"s-{i}".encode())]
     consumer = ScriptedConsumer([{TP0: batch}])
-    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {"CancellationRequested": handle}, batch=True)],
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, batch=True).on(CancellationRequested, handle)],
                        new_uow, service="test", group_id="g")  # type: ignore[arg-type]
     other = asyncio.create_task(other_work())
     await asyncio.sleep(0)
@@ -246,7 +247,7 @@ async def test_a_refused_dead_letter_record_is_written_without_the_records_bytes
     await create_schema(engine, METADATA)
     sessions = transactions(engine)
     consumer = ScriptedConsumer([{TP0: records(TP0, 0, value=b"not json", key=b"k" * 300)}])
-    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, {}, dead_letter=True)],  # type: ignore[arg-type]
+    loop = ConsumeLoop(consumer, [Route(topics.REQUESTED, dead_letter=True)],  # type: ignore[arg-type]
                        lambda message=None: RefusingUnitOfWork(sessions, MESSAGING, producer="test", message=message),
                        service="test", group_id="g")
     try:
@@ -287,7 +288,7 @@ async def test_a_polls_facts_are_handled_before_its_requests(new_uow, batch) -> 
 
     handled: list[str] = []
 
-    async def handle(msg: Message, uow: Any) -> None:
+    async def handle(msg: Message[Payload], uow: HandlerContext) -> None:
         if msg.event_type == "SubscriptionActivated":
             await asyncio.sleep(0.01)  # a slower write: one by one, the requests must still wait for it
         handled.append(msg.event_type)
@@ -295,8 +296,8 @@ async def test_a_polls_facts_are_handled_before_its_requests(new_uow, batch) -> 
     poll = {TP0: _envelope_records(TP0, [requested(subscription_id=f"s-{i}") for i in range(3)]),
             FACTS_TP: _envelope_records(FACTS_TP, [activated(subscription_id=f"s-{i}") for i in range(3)])}
     consumer = ScriptedConsumer([poll])
-    routes = [Route(topics.REQUESTED, {"CancellationRequested": handle}, batch=batch),
-              Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handle}, batch=batch, facts=True)]
+    routes = [Route(topics.REQUESTED, batch=batch).on(CancellationRequested, handle),
+              Route(topics.PLATFORM_SUBSCRIPTIONS, batch=batch, facts=True).on(SubscriptionActivated, handle)]
     loop = ConsumeLoop(consumer, routes, new_uow, service="test", group_id="g")  # type: ignore[arg-type]
     await _run_until_drained(loop, consumer)
     assert handled == ["SubscriptionActivated"] * 3 + ["CancellationRequested"] * 3

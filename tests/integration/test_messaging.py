@@ -29,6 +29,7 @@ from cancelflow.events import (
     Envelope,
     Failed,
     RequestedBy,
+    SagaEvent,
     Source,
     SubscriptionSnapshot,
     VendorCancellationRequested,
@@ -36,10 +37,10 @@ from cancelflow.events import (
     envelope_for,
 )
 from cancelflow.messaging.codec import MAX_RECORD_BYTES, Message
-from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.consumer import ConsumeLoop
+from cancelflow.messaging.dispatch import HandlerContext, Route
 from cancelflow.messaging.kafka import make_producer
 from cancelflow.messaging.store import messaging_tables
-from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.service import ServiceRuntime
 from cancelflow.settings import CommonSettings, ServiceSettings
 from cancelflow.sql import Query
@@ -66,8 +67,8 @@ class TinyService:
         self.calls: list[str] = []
         self.mode = mode  # "batch": a poll's records in one transaction; "rounds": with a call between
 
-    async def handle(self, msg: Message, uow: UnitOfWork) -> None:
-        request: CancellationRequested = msg.payload  # type: ignore[assignment]
+    async def handle(self, msg: Message[CancellationRequested], uow: HandlerContext) -> None:
+        request = msg.payload
         request_id = str(request.request_id)
         self.calls.append(request_id)
         if request.reason == "explode":
@@ -85,8 +86,8 @@ class TinyService:
         settings = ServiceSettings(service="msgtest", database_url_env=database_url, http_port=free_port(),
                                    kafka_bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=25)
         runtime = ServiceRuntime("msgtest", settings, METADATA, MESSAGING)
-        runtime.add_route(Route(topics.REQUESTED, {"CancellationRequested": self.handle}, dead_letter=True,
-                                batch=self.mode == "batch", rounds=self.mode == "rounds"))
+        runtime.add_route(Route(topics.REQUESTED, dead_letter=True, batch=self.mode == "batch",
+                                rounds=self.mode == "rounds").on(CancellationRequested, self.handle))
         return runtime
 
 
@@ -290,18 +291,18 @@ async def test_failing_handler_is_retried_then_dead_lettered(broker, store, serv
 class FailingSagaService:
     """A service named `name` whose `event_type` handler raises for one request (and ignores others)."""
 
-    def __init__(self, name: str, event_type: str, request_id: str) -> None:
-        self.name, self.event_type, self.request_id = name, event_type, request_id
+    def __init__(self, name: str, event: type[SagaEvent], request_id: str, step: Source | None = None) -> None:
+        self.name, self.event, self.request_id, self.step = name, event, request_id, step
 
-    async def handle(self, msg: Message, uow: UnitOfWork) -> None:
-        if str(msg.payload.request_id) == self.request_id:  # type: ignore[attr-defined]
-            raise RuntimeError(f"{self.name} cannot handle {self.event_type}")
+    async def handle(self, msg: Message[SagaEvent], uow: HandlerContext) -> None:
+        if str(msg.payload.request_id) == self.request_id:
+            raise RuntimeError(f"{self.name} cannot handle {self.event.event_type}")
 
     def runtime(self, broker: Any, database_url: str) -> ServiceRuntime:
         settings = ServiceSettings(service=self.name, database_url_env=database_url, http_port=free_port(),
                                    kafka_bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=25)
-        runtime = ServiceRuntime(self.name, settings, METADATA, MESSAGING)
-        runtime.add_route(Route(topics.SAGA, {self.event_type: self.handle}))
+        runtime = ServiceRuntime(self.name, settings, METADATA, MESSAGING, failure_source=self.step)
+        runtime.add_route(Route(topics.SAGA).on(self.event, self.handle))
         return runtime
 
 
@@ -309,9 +310,9 @@ async def test_saga_events_a_service_cannot_handle(broker, store, services, publ
     """A saga step that keeps failing fails the request at its step; an observer (the status tracker)
     does not, and a `Failed` event is never answered with another one (that fed back forever)."""
     rid = {name: str(uuid.uuid4()) for name in ("step", "observer", "failed")}
-    step = FailingSagaService("provisioning", "VendorCancellationRequested", rid["step"])
-    observer = FailingSagaService("msgtest", "VendorProvisioned", rid["observer"])
-    answering = FailingSagaService("notification", "Failed", rid["failed"])
+    step = FailingSagaService("provisioning", VendorCancellationRequested, rid["step"], Source.vendor)
+    observer = FailingSagaService("msgtest", VendorProvisioned, rid["observer"])
+    answering = FailingSagaService("notification", Failed, rid["failed"], Source.notification)
     running = {s.name: await services.start(s.runtime(broker, store(s.name))) for s in (step, observer, answering)}
     dlq = await topic_reader(topics.DLQ)
     saga = await topic_reader(topics.SAGA)

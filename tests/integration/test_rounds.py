@@ -13,9 +13,11 @@ import orjson
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, insert, select
 
+from cancelflow import topics
 from cancelflow.db import create_schema, make_engine, session_factory, transactions
-from cancelflow.events import CancellationReceived, CancellationRequested, RequestedBy, utcnow
+from cancelflow.events import CancellationReceived, CancellationRequested, Payload, RequestedBy, utcnow
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.dispatch import EventHandler, HandlerContext, Route
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
 from cancelflow.messaging.store import messaging_tables
 from cancelflow.messaging.uow import OUTBOX, UnitOfWork
@@ -36,10 +38,14 @@ EFFECTS = Table(
 ADD_EFFECT = Query(insert(EFFECTS))
 
 
-def a_request(subscription_id: str = "sub-r", *, reason: str = "") -> Message:
+def a_request(subscription_id: str = "sub-r", *, reason: str = "") -> Message[CancellationRequested]:
     return message(CancellationRequested(
         request_id=str(uuid.uuid4()), account_id="acct-r", target="subscription", subscription_id=subscription_id,
         requested_by=RequestedBy(user_id="u-1", role="customer", channel="storefront"), reason=reason))
+
+
+def route_to(handler: EventHandler[CancellationRequested]) -> Route:
+    return Route(topics.REQUESTED).on(CancellationRequested, handler)
 
 
 class Outside:
@@ -52,8 +58,8 @@ class Outside:
         self.barrier = asyncio.Barrier(in_flight_together)
         self.intents_seen_during_calls: list[int] = []
 
-    async def handle(self, msg: Message, uow: Any) -> None:
-        request: CancellationRequested = msg.payload  # type: ignore[assignment]
+    async def handle(self, msg: Message[CancellationRequested], uow: HandlerContext) -> None:
+        request = msg.payload
         request_id = str(request.request_id)
         await uow.db.run(ADD_EFFECT, request_id=request_id, phase="intent")
         async with uow.outside():
@@ -98,10 +104,10 @@ async def _rounds(sessions: Any, chains: list[Chain], seen: set[str] | None = No
     return commits
 
 
-async def _phases(sessions: Any, msg: Message) -> list[str]:
+async def _phases(sessions: Any, msg: Message[CancellationRequested]) -> list[str]:
     async with sessions() as session:
         rows = await session.execute(select(EFFECTS.c.phase).where(
-            EFFECTS.c.request_id == str(msg.payload.request_id)).order_by(EFFECTS.c.id))  # type: ignore[attr-defined]
+            EFFECTS.c.request_id == str(msg.payload.request_id)).order_by(EFFECTS.c.id))
         return [row[0] for row in rows]
 
 
@@ -119,7 +125,7 @@ async def _inbox(sessions: Any) -> set[str]:
 async def test_a_round_commits_every_intent_then_calls_together_then_records_every_answer(sessions) -> None:  # type: ignore[no-untyped-def]
     handler = Outside(sessions, in_flight_together=3)
     msgs = [a_request(f"sub-{i}") for i in range(3)]
-    chains = [Chain([Step(0, m, handler.handle)]) for m in msgs]
+    chains = [Chain([Step(0, m, route_to(handler.handle))]) for m in msgs]
 
     commits = await _rounds(sessions, chains)
 
@@ -136,7 +142,7 @@ async def test_a_round_commits_every_intent_then_calls_together_then_records_eve
 async def test_a_handler_that_raises_loses_only_its_own_round(sessions) -> None:  # type: ignore[no-untyped-def]
     handler = Outside(sessions, in_flight_together=3)
     good_a, bad, good_b = a_request("sub-a"), a_request("sub-b", reason="explode"), a_request("sub-c")
-    chains = [Chain([Step(0, m, handler.handle)]) for m in (good_a, bad, good_b)]
+    chains = [Chain([Step(0, m, route_to(handler.handle))]) for m in (good_a, bad, good_b)]
 
     await _rounds(sessions, chains)
 
@@ -151,8 +157,8 @@ async def test_a_handler_that_raises_loses_only_its_own_round(sessions) -> None:
 async def test_a_keys_records_run_in_order_and_duplicates_are_skipped(sessions) -> None:  # type: ignore[no-untyped-def]
     order: list[str] = []
 
-    async def handle(msg: Message, uow: Any) -> None:
-        request_id = str(msg.payload.request_id)  # type: ignore[attr-defined]
+    async def handle(msg: Message[CancellationRequested], uow: HandlerContext) -> None:
+        request_id = str(msg.payload.request_id)
         order.append(f"{request_id}:start")
         async with uow.outside():
             await asyncio.sleep(0)
@@ -160,11 +166,12 @@ async def test_a_keys_records_run_in_order_and_duplicates_are_skipped(sessions) 
         await uow.db.run(ADD_EFFECT, request_id=request_id, phase="answer")
 
     first, second, done_before = a_request(), a_request(), a_request()
-    chain = Chain([Step(0, first, handle), Step(1, done_before, handle), Step(2, second, handle)])
+    route = route_to(handle)
+    chain = Chain([Step(0, first, route), Step(1, done_before, route), Step(2, second, route)])
 
     commits = await _rounds(sessions, [chain], seen={done_before.event_id})
 
-    one, two = str(first.payload.request_id), str(second.payload.request_id)  # type: ignore[attr-defined]
+    one, two = str(first.payload.request_id), str(second.payload.request_id)
     assert order == [f"{one}:start", f"{one}:end", f"{two}:start", f"{two}:end"]
     assert commits == 3  # first's intent; first's answer with second's intent; second's answer
     assert await _phases(sessions, done_before) == []
@@ -177,12 +184,12 @@ async def test_a_failure_around_a_handler_fails_the_rounds_so_no_record_is_lost(
     was neither done nor handed back."""
     handler = Outside(sessions, in_flight_together=1)
 
-    def broken(self: UnitOfWork, message: Message) -> None:
+    def broken(self: UnitOfWork, message: Message[Payload]) -> None:
         raise RuntimeError("the inbox row could not be kept")
 
     monkeypatch.setattr(UnitOfWork, "mark_processed_later", broken)
     with pytest.raises(RuntimeError, match="inbox row"):
-        await _rounds(sessions, [Chain([Step(0, a_request(), handler.handle)])])
+        await _rounds(sessions, [Chain([Step(0, a_request(), route_to(handler.handle))])])
 
 
 @pytest.mark.parametrize("asked", [1, 3, 64, 256, 300])

@@ -32,12 +32,15 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.codec import Message
 from cancelflow_tools.fakes.gateway import FakeGatewayClient
-from cancelflow_tools.testing.messages import Handler, handle, message
+from cancelflow_tools.testing.messages import handle, message
 from dispute import orm as dispute_orm
+from dispute.bootstrap import routes as dispute_routes
 from dispute.handlers import DisputeHandlers
 from payment_gateway import orm as payment_orm
+from payment_gateway.bootstrap import routes as payment_routes
 from payment_gateway.disputes import DisputeRefundHandlers
 from payment_gateway.handlers import PaymentHandlers
+from payment_gateway.retries import RefundRetryHandlers
 from status_tracker import fold
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -59,16 +62,10 @@ class World:
         self.engines = {"dispute": dispute_engine, "payment": payment_engine}
         self.gateway = FakeGatewayClient()
         self.dispute = DisputeHandlers(window_hours=window_hours)
-        disputes = DisputeRefundHandlers(self.gateway)
         self.payments = PaymentHandlers(self.gateway)
-        self.routes: dict[str, list[tuple[str, Handler]]] = {
-            "CancellationReceived": [("dispute", self.dispute.cancellation_received)],
-            "ChargesVerified": [("dispute", self.dispute.charges_verified)],
-            "DuplicateRefundsIssued": [("dispute", self.dispute.duplicate_refunds_issued)],
-            "ChargesVerificationRequested": [("payment", disputes.charges_verification_requested)],
-            "DuplicateRefundRequested": [("payment", disputes.duplicate_refund_requested)],
-            "PlatformCommitted": [("payment", self.payments.platform_committed)],
-        }
+        self.routes = {"dispute": dispute_routes(self.dispute),
+                       "payment": payment_routes(self.payments, DisputeRefundHandlers(self.gateway),
+                                                 RefundRetryHandlers(self.gateway))}
         self.orms = {"dispute": dispute_orm, "payment": payment_orm}
         self.seen = {"dispute": 0, "payment": 0}
         self.saga: list[Payload] = []  # every saga event emitted, in order
@@ -82,8 +79,8 @@ class World:
         event = ChargeCaptured(charge_id=charge_id, account_id=account, subscription_id=subscription, amount=amount,
                                currency="USD", captured_at=captured_at, gateway_charge_id=f"gw-{charge_id}",
                                period_start=PERIOD_START, period_end=PERIOD_END)
-        await handle(self.engines["dispute"], dispute_orm, self.dispute.charge_captured, message(event))
-        await handle(self.engines["payment"], payment_orm, self.payments.charge_captured, message(event))
+        await handle(self.engines["dispute"], dispute_orm, self.routes["dispute"], message(event))
+        await handle(self.engines["payment"], payment_orm, self.routes["payment"], message(event))
         return event
 
     async def deliver(self, payload: Payload, msg: Message | None = None, *, follow: bool = True) -> list[Payload]:
@@ -93,8 +90,10 @@ class World:
         queue = [(payload, msg or message(payload))]
         while queue:
             event, record = queue.pop(0)
-            for service, handler in self.routes.get(event.event_type, []):
-                await handle(self.engines[service], self.orms[service], handler, record)
+            for service, routes in self.routes.items():
+                if not any(route.topic == record.topic and route.handles(record.event_type) for route in routes):
+                    continue
+                await handle(self.engines[service], self.orms[service], routes, record)
                 for emitted in await self._new_outbox(service):
                     self.saga.append(emitted)
                     if follow:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import orm as billing_orm
+from billing.bootstrap import routes as billing_routes
 from billing.handlers import BillingHandlers
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
@@ -46,6 +47,7 @@ from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from provisioning import orm as provisioning_orm
 from provisioning.adapters.vendor import VendorOutcome
+from provisioning.bootstrap import routes as provisioning_routes
 from provisioning.handlers import ProvisioningHandlers
 from tests.factories import cancellation_requested
 
@@ -58,7 +60,7 @@ SEED_VENDOR = ("Subscription failed to cancel due to Provisioning Error. "
 SEED_PLATFORM = ("The subscription cancellation process has encountered an error on our Platform. "
                  "Please contact your administrator")
 
-Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
+Handle = Callable[..., Awaitable[bool]]  # cancelflow_tools.testing.messages.handle or handle_in_rounds
 
 
 # --- plumbing -----------------------------------------------------------------------------------------
@@ -134,19 +136,12 @@ class Billing:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.handlers = BillingHandlers(FixedClock(TODAY))  # type: ignore[arg-type]
+        self.routes = billing_routes(self.handlers)
 
     async def send(self, payload: Payload, msg: Message | None = None) -> list[dict[str, Any]]:
         """Handle one record; the outbox rows it added."""
         before = len(await outbox(self.engine, billing_orm))
-        route = {
-            "SubscriptionActivated": self.handlers.subscription_activated,
-            "CancellationRequested": self.handlers.cancellation_requested,
-            "VendorProvisioned": self.handlers.vendor_provisioned,
-            "VendorCancellationFailed": self.handlers.vendor_failed,
-            "CancellationApproved": self.handlers.cancellation_approved,
-            "CancellationDeclined": self.handlers.cancellation_declined,
-        }
-        await handle(self.engine, billing_orm, route[payload.event_type], msg or message(payload))
+        await handle(self.engine, billing_orm, self.routes, msg or message(payload))
         return (await outbox(self.engine, billing_orm))[before:]
 
     async def subscription(self) -> dict[str, Any]:
@@ -445,15 +440,14 @@ async def test_billing_partial_end_of_term_keeps_renewing_with_the_licenses_left
 
 
 @pytest.fixture(params=["one_by_one", "rounds"])
-def handle_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def handle_way(request: pytest.FixtureRequest) -> Handle:
     """The provisioning and payment routes run in rounds in the service (messaging/rounds.py) and one
     by one when a record is retried: their tests run both ways."""
-    if request.param == "rounds":
-        monkeypatch.setitem(globals(), "handle", handle_in_rounds)
+    return handle_in_rounds if request.param == "rounds" else handle
 
 
 @pytest.fixture
-async def provisioning_engine(tmp_path: Any, handle_way: None) -> AsyncIterator[AsyncEngine]:
+async def provisioning_engine(tmp_path: Any, handle_way: Handle) -> AsyncIterator[AsyncEngine]:
     engine = await new_engine(tmp_path / "provisioning.db", provisioning_orm)
     yield engine
     await engine.dispose()
@@ -466,17 +460,17 @@ def vendor_command(request_id: uuid.UUID | None = None, *, new_quantity: int = 0
         snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="In Progress"))
 
 
-async def provision(engine: AsyncEngine, vendor: Any, command: VendorCancellationRequested) -> list[dict[str, Any]]:
+async def provision(engine: AsyncEngine, vendor: Any, command: VendorCancellationRequested,
+                    handle_way: Handle) -> list[dict[str, Any]]:
     before = len(await outbox(engine, provisioning_orm))
-    handlers = ProvisioningHandlers(vendor)
-    await handle(engine, provisioning_orm, handlers.vendor_cancellation_requested, message(command))
+    await handle_way(engine, provisioning_orm, provisioning_routes(ProvisioningHandlers(vendor)), message(command))
     return (await outbox(engine, provisioning_orm))[before:]
 
 
-async def test_provisioning_success(provisioning_engine: AsyncEngine) -> None:
+async def test_provisioning_success(provisioning_engine: AsyncEngine, handle_way: Handle) -> None:
     vendor = FakeVendorClient()
     command = vendor_command()
-    emitted = await provision(provisioning_engine, vendor, command)
+    emitted = await provision(provisioning_engine, vendor, command, handle_way)
     assert types(emitted) == ["VendorProvisioned"]
     answer = emitted[0]["payload"]
     assert answer["request_id"] == str(command.request_id)
@@ -486,22 +480,22 @@ async def test_provisioning_success(provisioning_engine: AsyncEngine) -> None:
     op = (await rows(provisioning_engine, provisioning_orm.vendor_operations))[0]
     assert (op["status"], op["operation"], op["attempts"]) == ("succeeded", "cancel", 1)
     # Redelivered under a new event id: answered already, the vendor is not called again.
-    assert await provision(provisioning_engine, vendor, command) == []
+    assert await provision(provisioning_engine, vendor, command, handle_way) == []
     assert len(vendor.calls) == 1
 
 
-async def test_provisioning_partial_sets_the_quantity(provisioning_engine: AsyncEngine) -> None:
+async def test_provisioning_partial_sets_the_quantity(provisioning_engine: AsyncEngine, handle_way: Handle) -> None:
     vendor = FakeVendorClient()
-    emitted = await provision(provisioning_engine, vendor, vendor_command(new_quantity=3))
+    emitted = await provision(provisioning_engine, vendor, vendor_command(new_quantity=3), handle_way)
     assert types(emitted) == ["VendorProvisioned"]
     assert [(e["type"], e["from"], e["to"]) for e in vendor.effects] == [("quantity_change", 5, 3)]
 
 
-async def test_provisioning_vendor_failure(provisioning_engine: AsyncEngine) -> None:
+async def test_provisioning_vendor_failure(provisioning_engine: AsyncEngine, handle_way: Handle) -> None:
     vendor = FakeVendorClient()
     vendor.script(VendorOutcome.failed("vendor_rejected", "Subscription is locked by another operation",
                                        retryable=False, http_status=409, attempts=1))
-    emitted = await provision(provisioning_engine, vendor, vendor_command())
+    emitted = await provision(provisioning_engine, vendor, vendor_command(), handle_way)
     assert types(emitted) == ["VendorCancellationFailed"]
     answer = emitted[0]["payload"]
     assert answer["code"] == "vendor_rejected"
@@ -534,18 +528,18 @@ class CrashingVendor(FakeVendorClient):
 
 @pytest.mark.parametrize("crash_before_call", [False, True], ids=["after_call", "before_call"])
 async def test_provisioning_crash_leaves_a_pending_row_and_one_effect(
-        provisioning_engine: AsyncEngine, crash_before_call: bool) -> None:
+        provisioning_engine: AsyncEngine, crash_before_call: bool, handle_way: Handle) -> None:
     vendor = CrashingVendor(crash_before_call=crash_before_call)
     command = vendor_command()
     msg = message(command)
     handlers = ProvisioningHandlers(vendor)
     with pytest.raises(RuntimeError, match="crash"):
-        await handle(provisioning_engine, provisioning_orm, handlers.vendor_cancellation_requested, msg)
+        await handle_way(provisioning_engine, provisioning_orm, provisioning_routes(handlers), msg)
     ops = await rows(provisioning_engine, provisioning_orm.vendor_operations)
     assert [op["status"] for op in ops] == ["pending"]  # the intent was checkpointed before the call
     assert await outbox(provisioning_engine, provisioning_orm) == []
     # Redelivery of the same record (it was never marked processed).
-    assert await handle(provisioning_engine, provisioning_orm, handlers.vendor_cancellation_requested, msg)
+    assert await handle_way(provisioning_engine, provisioning_orm, provisioning_routes(handlers), msg)
     assert [e["type"] for e in vendor.effects] == ["cancellation"]
     emitted = await outbox(provisioning_engine, provisioning_orm)
     assert types(emitted) == ["VendorProvisioned"]
@@ -558,7 +552,7 @@ async def test_provisioning_crash_leaves_a_pending_row_and_one_effect(
 
 
 @pytest.fixture
-async def payment_engine(tmp_path: Any, handle_way: None) -> AsyncIterator[AsyncEngine]:
+async def payment_engine(tmp_path: Any, handle_way: Handle) -> AsyncIterator[AsyncEngine]:
     engine = await new_engine(tmp_path / "payment.db", payment_orm)
     yield engine
     await engine.dispose()
@@ -577,8 +571,9 @@ def platform_committed(request_id: uuid.UUID | None = None, **overrides: Any) ->
 
 
 class Payments:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, handle_way: Handle) -> None:
         self.engine = engine
+        self.handle = handle_way
         self.gateway = FakeGatewayClient()
         self.handlers = PaymentHandlers(self.gateway)
 
@@ -591,11 +586,11 @@ class Payments:
         event = ChargeCaptured(charge_id=charge_id, account_id="acc-1", subscription_id="sub-1", amount=amount,
                                currency="USD", captured_at=captured_at, gateway_charge_id=gateway_charge_id,
                                period_start=PERIOD_START, period_end=PERIOD_END)
-        await handle(self.engine, payment_orm, self.handlers.charge_captured, message(event))
+        await self.handle(self.engine, payment_orm, self.handlers.charge_captured, message(event))
 
     async def commit(self, event: PlatformCommitted) -> list[dict[str, Any]]:
         before = len(await outbox(self.engine, payment_orm))
-        await handle(self.engine, payment_orm, self.handlers.platform_committed, message(event))
+        await self.handle(self.engine, payment_orm, self.handlers.platform_committed, message(event))
         return (await outbox(self.engine, payment_orm))[before:]
 
     def refund_effects(self) -> list[dict[str, Any]]:
@@ -607,8 +602,8 @@ class Payments:
 
 
 @pytest.fixture
-async def payments(payment_engine: AsyncEngine) -> Payments:
-    return Payments(payment_engine)
+async def payments(payment_engine: AsyncEngine, handle_way: Handle) -> Payments:
+    return Payments(payment_engine, handle_way)
 
 
 async def test_payment_refunds_the_prorated_amount(payments: Payments) -> None:
@@ -746,8 +741,9 @@ class MeetingGateway(FakeGatewayClient):
         return await super().stop_schedule(subscription_id, request_id=request_id)
 
 
-async def test_payment_stops_the_schedule_and_refunds_in_one_round_trip(payment_engine: AsyncEngine) -> None:
-    payments = Payments(payment_engine)
+async def test_payment_stops_the_schedule_and_refunds_in_one_round_trip(payment_engine: AsyncEngine,
+                                                                       handle_way: Handle) -> None:
+    payments = Payments(payment_engine, handle_way)
     payments.gateway = MeetingGateway()  # one after the other, the first call would time out waiting
     payments.handlers = PaymentHandlers(payments.gateway)
     await payments.charge()
@@ -765,11 +761,11 @@ async def test_payment_schedule_stop_failure_keeps_the_refund_pending_for_the_re
     real_stop = payments.gateway.stop_schedule
     payments.gateway.stop_schedule = lambda *a, **k: asyncio.sleep(0, failing)  # type: ignore[method-assign]
     with pytest.raises(TransientError, match="recurring schedule"):
-        await handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
+        await payments.handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
     # The refund went out with the stop, but nothing of the answers is recorded: the key stays pending.
     assert [r["status"] for r in await rows(payments.engine, payment_orm.refunds)] == ["pending"]
     payments.gateway.stop_schedule = real_stop  # type: ignore[method-assign]
-    assert await handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
+    assert await payments.handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
     key = refund_key(str(event.request_id), "c1")
     assert [c["idempotency_key"] for c in payments.gateway.calls if c["call"] == "refund"] == [key, key]
     assert len(payments.refund_effects()) == 1  # the gateway answered the second ask with the first refund
@@ -802,7 +798,7 @@ async def test_payment_a_refused_schedule_stop_at_the_end_of_term_is_manual_revi
     scheduled = CancellationScheduled(
         request_id=uuid.uuid4(), account_id="acc-1", subscription_id="sub-1", run_on=PERIOD_END, history="(scheduled)",
         snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized"))
-    await handle(payments.engine, payment_orm, payments.handlers.cancellation_scheduled, message(scheduled))
+    await payments.handle(payments.engine, payment_orm, payments.handlers.cancellation_scheduled, message(scheduled))
     emitted = await outbox(payments.engine, payment_orm)
     assert types(emitted) == ["Failed"]
     assert emitted[0]["payload"]["code"] == "auto_renew_stop_failed"
@@ -816,7 +812,7 @@ async def test_payment_end_of_term_stops_the_schedule_only_for_a_full_cancellati
         request_id=uuid.uuid4(), account_id="acc-1", subscription_id="sub-1", run_on=PERIOD_END,
         history="(scheduled)", full=full,
         snapshot=SubscriptionSnapshot(subscription_status="active", provisioning_status="Synchronized"))
-    await handle(payments.engine, payment_orm, payments.handlers.cancellation_scheduled, message(scheduled))
+    await payments.handle(payments.engine, payment_orm, payments.handlers.cancellation_scheduled, message(scheduled))
     stops = [call for call in payments.gateway.calls if call["call"] == "stop_schedule"]
     emitted = await outbox(payments.engine, payment_orm)
     if full:
@@ -832,11 +828,11 @@ async def test_payment_unknown_outcome_is_retried_with_the_same_key(payments: Pa
     payments.gateway.script_refund(RefundOutcome("unknown", key, "gateway_timeout", "no answer"))
     msg = message(event)
     with pytest.raises(TransientError):
-        await handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
+        await payments.handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
     # The reservation and the pending key survived; the retry reuses them.
     assert await payments.refunded_amount() == Decimal("10.00")
     assert [r["status"] for r in await rows(payments.engine, payment_orm.refunds)] == ["pending"]
-    assert await handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
+    assert await payments.handle(payments.engine, payment_orm, payments.handlers.platform_committed, msg)
     refund_calls = [c for c in payments.gateway.calls if c["call"] == "refund"]
     assert [c["idempotency_key"] for c in refund_calls] == [key, key]
     assert len(payments.refund_effects()) == 1
@@ -845,19 +841,19 @@ async def test_payment_unknown_outcome_is_retried_with_the_same_key(payments: Pa
 
 
 async def test_an_operators_retry_after_a_platform_failure_does_not_call_the_vendor_again(
-        provisioning_engine: AsyncEngine) -> None:
+        provisioning_engine: AsyncEngine, handle_way: Handle) -> None:
     vendor = FakeVendorClient()
     first = vendor_command(new_quantity=3)
-    await provision(provisioning_engine, vendor, first)
+    await provision(provisioning_engine, vendor, first, handle_way)
     retry = vendor_command(new_quantity=3).model_copy(update={"retry_of": first.request_id})
-    emitted = await provision(provisioning_engine, vendor, retry)
+    emitted = await provision(provisioning_engine, vendor, retry, handle_way)
     assert types(emitted) == ["VendorProvisioned"] and emitted[0]["payload"]["already_applied"] is True
     assert len(vendor.calls) == 1
     # A retry of a retry finds it on record too; a different change (another quantity) is asked for.
     again = vendor_command(new_quantity=3).model_copy(update={"retry_of": retry.request_id})
-    assert types(await provision(provisioning_engine, vendor, again)) == ["VendorProvisioned"]
+    assert types(await provision(provisioning_engine, vendor, again, handle_way)) == ["VendorProvisioned"]
     other = vendor_command(new_quantity=2).model_copy(update={"retry_of": again.request_id})
-    await provision(provisioning_engine, vendor, other)
+    await provision(provisioning_engine, vendor, other, handle_way)
     assert len(vendor.calls) == 2
 
 

@@ -13,8 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cancelflow.db import create_schema, make_engine
 from cancelflow.events import ChargeCaptured
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.dispatch import HandlerContext, Route
 from cancelflow.messaging.rounds import Chain, Step
-from cancelflow.messaging.uow import UnitOfWork
 from cancelflow_tools.testing.messages import consume_loop, handle, handle_batch, handle_in_rounds, message
 from payment_gateway import orm
 
@@ -27,7 +27,7 @@ async def engine(store) -> AsyncIterator[AsyncEngine]:  # type: ignore[no-untype
     await engine.dispose()
 
 
-def charge(n: int) -> Message:
+def charge(n: int) -> Message[ChargeCaptured]:
     return message(ChargeCaptured(
         charge_id=f"ch-{n}", account_id="acc-1", subscription_id="sub-1", amount="30.00", currency="USD",
         captured_at=datetime(2026, 11, 1, tzinfo=UTC), gateway_charge_id=f"gw-{n}",
@@ -38,7 +38,7 @@ class Counting:
     def __init__(self) -> None:
         self.handled: list[str] = []
 
-    async def __call__(self, msg: Message, uow: UnitOfWork) -> None:
+    async def __call__(self, msg: Message[ChargeCaptured], uow: HandlerContext) -> None:
         self.handled.append(msg.event_id)
 
 
@@ -51,14 +51,15 @@ async def test_one_by_one(engine: AsyncEngine) -> None:
 
 async def test_in_a_batch(engine: AsyncEngine) -> None:
     handler, first, second = Counting(), charge(1), charge(2)
-    assert await handle_batch(engine, orm, [(first, handler), (first, handler)]) == {first.event_id}
-    assert await handle_batch(engine, orm, [(first, handler), (second, handler)]) == {first.event_id}
+    assert await handle_batch(engine, orm, handler, [first, first]) == {first.event_id}
+    assert await handle_batch(engine, orm, handler, [first, second]) == {first.event_id}
     assert handler.handled == [first.event_id, second.event_id]
 
 
 async def test_in_rounds(engine: AsyncEngine) -> None:
     handler, first = Counting(), charge(1)
-    twice = Chain([Step(0, first, handler), Step(1, first, handler)])  # the same record twice in one poll
-    assert await consume_loop(engine, orm).handle_in_rounds([twice]) == set()
+    route = Route(first.topic).on(ChargeCaptured, handler)
+    twice = Chain([Step(0, first, route), Step(1, first, route)])  # the same record twice in one poll
+    assert await consume_loop(engine, orm, [route]).handle_in_rounds([twice]) == set()
     assert await handle_in_rounds(engine, orm, handler, first) is False
     assert handler.handled == [first.event_id]

@@ -15,10 +15,10 @@ import pytest
 import structlog
 
 from cancelflow import logging as cf_logging
-from cancelflow import topics
-from cancelflow.events import CancellationRequested, RequestedBy, SubscriptionActivated, envelope_for
+from cancelflow.events import CancellationRequested, Payload, RequestedBy, SubscriptionActivated, envelope_for
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.consumer import ConsumeLoop, Route
+from cancelflow.messaging.consumer import ConsumeLoop
+from cancelflow.messaging.dispatch import Route
 
 
 def _configure(json: bool) -> io.StringIO:
@@ -127,11 +127,11 @@ def _record(payload: Any, correlation_id: str) -> SimpleNamespace:
                            value=orjson.dumps(envelope.model_dump(mode="json")))
 
 
-async def _consume(record: SimpleNamespace, topic: str, event_type: str) -> None:
-    async def handler(_msg: Message, _uow: Any) -> None:
+async def _consume(record: SimpleNamespace, event: type[Payload]) -> None:
+    async def handler(_msg: Message[Payload], _uow: Any) -> None:
         cf_logging.get_logger("handler").info("handling")
 
-    loop = ConsumeLoop(SimpleNamespace(), [Route(topic, {event_type: handler})],  # type: ignore[arg-type]
+    loop = ConsumeLoop(SimpleNamespace(), [Route(event.topic).on(event, handler)],
                        lambda _message: _FakeUow(), service="billing", group_id="g")  # type: ignore[arg-type, return-value]
     await loop.process(record)  # type: ignore[arg-type]
 
@@ -141,7 +141,7 @@ async def test_consume_loop_binds_the_request_on_handler_lines(json_logs: Any) -
     request = CancellationRequested(
         request_id=request_id, account_id="acct-1", target="subscription", subscription_id="sub-1",
         requested_by=RequestedBy(user_id="u", role="customer", channel="storefront"))
-    await _consume(_record(request, request_id), topics.REQUESTED, "CancellationRequested")
+    await _consume(_record(request, request_id), CancellationRequested)
     [line] = json_logs()
     assert line["event"] == "handling"
     assert line["request_id"] == line["correlation_id"] == request_id
@@ -158,7 +158,7 @@ async def test_facts_belong_to_no_request(json_logs: Any) -> None:
         "vendor_subscription_id": "v-1", "billing_period": "monthly", "unit_price": "1.00",
         "currency": "USD", "quantity": 1, "status": "active", "current_period_start": "2026-01-01",
         "current_period_end": "2026-02-01", "auto_renew": True})
-    await _consume(_record(facts, "sub-1"), topics.PLATFORM_SUBSCRIPTIONS, "SubscriptionActivated")
+    await _consume(_record(facts, "sub-1"), SubscriptionActivated)
     [line] = json_logs()
     assert line["request_id"] is None and line["correlation_id"] == "sub-1"
 

@@ -12,8 +12,17 @@ from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
 from billing.settings import Settings
 from cancelflow import topics
-from cancelflow.events import Source
-from cancelflow.messaging.consumer import Route
+from cancelflow.events import (
+    CancellationApproved,
+    CancellationDeclined,
+    CancellationRequested,
+    RequestStuck,
+    Source,
+    SubscriptionActivated,
+    VendorCancellationFailed,
+    VendorProvisioned,
+)
+from cancelflow.messaging.dispatch import Route
 from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.sql import Db
@@ -33,19 +42,7 @@ def build() -> ServiceRuntime:
     runtime.on_start.append(lambda: clock.load(runtime.sessions))
     locks = OverdueLocks(runtime.new_uow, handlers.release_lock, stuck_after_s=settings.stuck_after_s)
     runtime.tasks += [scheduler.run, waiter.run, locks.run]
-    runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {
-        "SubscriptionActivated": handlers.subscription_activated,
-    }, dead_letter=True, batch=True, facts=True))
-    runtime.add_route(Route(topics.REQUESTED, {
-        "CancellationRequested": handlers.cancellation_requested,
-        "CancellationApproved": handlers.cancellation_approved,
-        "CancellationDeclined": handlers.cancellation_declined,
-    }, dead_letter=True, batch=True))
-    runtime.add_route(Route(topics.SAGA, {
-        "VendorProvisioned": handlers.vendor_provisioned,
-        "VendorCancellationFailed": handlers.vendor_failed,
-        "RequestStuck": handlers.request_stuck,
-    }, batch=True))
+    runtime.routes += routes(handlers)
     runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
     if settings.enable_fault_hooks:
         runtime.http.router.add_post("/_faults", _arm_fault(runtime))
@@ -53,7 +50,23 @@ def build() -> ServiceRuntime:
     return runtime
 
 
-async def _json_object(request: web.Request) -> dict:  # type: ignore[type-arg]
+def routes(handlers: BillingHandlers) -> list[Route]:
+    """What billing consumes, and the handler of each event (the consume loop's and the tests')."""
+    return [
+        Route(topics.PLATFORM_SUBSCRIPTIONS, dead_letter=True, batch=True, facts=True)
+        .on(SubscriptionActivated, handlers.subscription_activated),
+        Route(topics.REQUESTED, dead_letter=True, batch=True)
+        .on(CancellationRequested, handlers.cancellation_requested)
+        .on(CancellationApproved, handlers.cancellation_approved)
+        .on(CancellationDeclined, handlers.cancellation_declined),
+        Route(topics.SAGA, batch=True)
+        .on(VendorProvisioned, handlers.vendor_provisioned)
+        .on(VendorCancellationFailed, handlers.vendor_failed)
+        .on(RequestStuck, handlers.request_stuck),
+    ]
+
+
+async def _json_object(request: web.Request) -> dict:
     """The body as a JSON object, or {} (the hooks then say what they need)."""
     try:
         body = await request.json()
@@ -62,7 +75,7 @@ async def _json_object(request: web.Request) -> dict:  # type: ignore[type-arg]
     return body if isinstance(body, dict) else {}
 
 
-def _arm_fault(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _arm_fault(runtime: ServiceRuntime):
     async def arm(request: web.Request) -> web.Response:
         body = await _json_object(request)
         subscription_id, stage = body.get("subscription_id"), body.get("stage", "commit")
@@ -75,7 +88,7 @@ def _arm_fault(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     return arm
 
 
-def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermScheduler):  # type: ignore[no-untyped-def]
+def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermScheduler):
     """Test/demo hook: move billing's today by `offset_days` (end-of-term runs without waiting a month)."""
 
     async def set_clock(request: web.Request) -> web.Response:
@@ -91,7 +104,7 @@ def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermSchedu
     return set_clock
 
 
-def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _subscription_view(runtime: ServiceRuntime):
     """Read-only: the subscription, its history records and its billings, for operators and the CLI."""
 
     async def view(request: web.Request) -> web.Response:

@@ -35,8 +35,8 @@ from cancelflow.events import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.dispatch import HandlerContext
 from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
-from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Savepoint
 
 log = get_logger(__name__)
@@ -59,8 +59,8 @@ class BillingHandlers:
         self.facts_wait_s = facts_wait_s
         self.on_scheduled: Callable[[], None] = lambda: None
 
-    async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
-        facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
+    async def subscription_activated(self, msg: Message[SubscriptionActivated], uow: HandlerContext) -> None:
+        facts = msg.payload
         repo = BillingRepository(uow.db)
         existing = await repo.subscription(facts.subscription_id)
         if existing is not None and msg.envelope.occurred_at < _utc(existing["updated_at"]):
@@ -86,8 +86,8 @@ class BillingHandlers:
 
     # --- intake ------------------------------------------------------------------------------
 
-    async def cancellation_requested(self, msg: Message, uow: UnitOfWork) -> None:
-        request: CancellationRequested = msg.payload  # type: ignore[assignment]
+    async def cancellation_requested(self, msg: Message[CancellationRequested], uow: HandlerContext) -> None:
+        request = msg.payload
         repo = BillingRepository(uow.db)
         request_id = str(request.request_id)
         if await repo.cancellation(request_id) is not None:
@@ -116,7 +116,7 @@ class BillingHandlers:
                                     request=request.model_dump(mode="json"))
         await self._intake(uow, repo, request, row)
 
-    async def _intake(self, uow: UnitOfWork, repo: BillingRepository, request: CancellationRequested,
+    async def _intake(self, uow: HandlerContext, repo: BillingRepository, request: CancellationRequested,
                       row: dict | None) -> None:
         """Validate the request (its cancellation row exists) and reject it or set it on its way."""
         request_id = str(request.request_id)
@@ -140,7 +140,7 @@ class BillingHandlers:
             return
         await self._proceed(uow, repo, saga, row)
 
-    async def settle_waiting(self, uow: UnitOfWork, request_id: str) -> bool:
+    async def settle_waiting(self, uow: HandlerContext, request_id: str) -> bool:
         """A request waiting for its subscription's facts: taken in when they have arrived; rejected as
         unknown once the facts are read up to when it arrived, or after `facts_wait_s` whatever they say.
         False while it still waits (or waits no more)."""
@@ -178,15 +178,15 @@ class BillingHandlers:
 
     # --- operator decisions ------------------------------------------------------------------
 
-    async def cancellation_approved(self, msg: Message, uow: UnitOfWork) -> None:
-        decision: CancellationApproved = msg.payload  # type: ignore[assignment]
+    async def cancellation_approved(self, msg: Message[CancellationApproved], uow: HandlerContext) -> None:
+        decision = msg.payload
         await self._on_decision(uow, str(decision.request_id), "approved", decision.decided_by, decision.note)
 
-    async def cancellation_declined(self, msg: Message, uow: UnitOfWork) -> None:
-        decision: CancellationDeclined = msg.payload  # type: ignore[assignment]
+    async def cancellation_declined(self, msg: Message[CancellationDeclined], uow: HandlerContext) -> None:
+        decision = msg.payload
         await self._on_decision(uow, str(decision.request_id), "declined", decision.decided_by, decision.note)
 
-    async def _on_decision(self, uow: UnitOfWork, request_id: str, decision: str, decided_by: str,
+    async def _on_decision(self, uow: HandlerContext, request_id: str, decision: str, decided_by: str,
                            note: str) -> None:
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(request_id)
@@ -200,7 +200,7 @@ class BillingHandlers:
             return
         await self._decide(uow, repo, saga, decision=decision, decided_by=decided_by, note=note)
 
-    async def _decide(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, *, decision: str,
+    async def _decide(self, uow: HandlerContext, repo: BillingRepository, saga: dict, *, decision: str,
                       decided_by: str, note: str) -> None:
         request_id = saga["request_id"]
         if decision == "declined":
@@ -224,13 +224,13 @@ class BillingHandlers:
 
     # --- scheduling and the vendor step ---------------------------------------------------------
 
-    async def _proceed(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, row: dict) -> None:
+    async def _proceed(self, uow: HandlerContext, repo: BillingRepository, saga: dict, row: dict) -> None:
         if saga["mode"] == Mode.end_of_term.value and saga["run_on"] > self.clock.today():
             await self._schedule(uow, repo, saga, row)
         else:
             await self._lock_and_ask_vendor(uow, repo, saga, row)
 
-    async def _schedule(self, uow: UnitOfWork, repo: BillingRepository, saga: dict, row: dict) -> None:
+    async def _schedule(self, uow: HandlerContext, repo: BillingRepository, saga: dict, row: dict) -> None:
         """End of term, full: auto-renew stops now (billing here, the gateway's schedule via the event).
         Partial: nothing stops. The subscription goes on with the licenses that are left, so it keeps
         renewing; the commit at the end of the term reprices the renewal (`_commit`)."""
@@ -254,7 +254,7 @@ class BillingHandlers:
                                    access_end_date=saga["access_end_date"])))
         self.on_scheduled()
 
-    async def start_scheduled(self, uow: UnitOfWork, request_id: str) -> bool:
+    async def start_scheduled(self, uow: HandlerContext, request_id: str) -> bool:
         """Called by the scheduler when a scheduled cancellation's period has ended."""
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(request_id)
@@ -266,7 +266,7 @@ class BillingHandlers:
         await self._lock_and_ask_vendor(uow, repo, saga, row)
         return True
 
-    async def _lock_and_ask_vendor(self, uow: UnitOfWork, repo: BillingRepository, saga: dict,
+    async def _lock_and_ask_vendor(self, uow: HandlerContext, repo: BillingRepository, saga: dict,
                                    row: dict) -> None:
         await repo.set_cancellation(saga["request_id"], state="awaiting_vendor", prior_status=row["status"],
                                     prior_provisioning_status=row["provisioning_status"])
@@ -283,16 +283,16 @@ class BillingHandlers:
                                           access_end_date=saga["access_end_date"]),
         ))
 
-    async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
+    async def request_stuck(self, msg: Message[RequestStuck], uow: HandlerContext) -> None:
         """The status tracker set the request aside (no progress for too long). Its lock must not outlive
         it: were the subscription left `In Progress`, every later request for it would be rejected and
         support could do nothing. Billing unlocks it (statuses back to what they were) and says in the
         history that the vendor may have canceled and that canceling again is safe (the vendor counts
         "already canceled" as success)."""
-        event: RequestStuck = msg.payload  # type: ignore[assignment]
+        event = msg.payload
         await self.release_lock(uow, str(event.request_id), why=f"set aside as stuck at the {event.stage} step")
 
-    async def release_lock(self, uow: UnitOfWork, request_id: str, *, why: str) -> bool:
+    async def release_lock(self, uow: HandlerContext, request_id: str, *, why: str) -> bool:
         """Unlock the subscription of a request that waits for the vendor's answer no more (its status
         set aside, or a lock left overdue: `locks.OverdueLocks`); False when it holds no lock."""
         repo = BillingRepository(uow.db)
@@ -314,8 +314,8 @@ class BillingHandlers:
             return None
         return retried if earlier["subscription_id"] == row["subscription_id"] else None
 
-    async def vendor_provisioned(self, msg: Message, uow: UnitOfWork) -> None:
-        event: VendorProvisioned = msg.payload  # type: ignore[assignment]
+    async def vendor_provisioned(self, msg: Message[VendorProvisioned], uow: HandlerContext) -> None:
+        event = msg.payload
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
         if saga is None or saga["state"] not in ("awaiting_vendor", RELEASED_STUCK):
@@ -380,7 +380,7 @@ class BillingHandlers:
         assert row is not None
         return row
 
-    async def _revert_after_platform_error(self, uow: UnitOfWork, repo: BillingRepository, saga: dict,
+    async def _revert_after_platform_error(self, uow: HandlerContext, repo: BillingRepository, saga: dict,
                                            before: dict, exc: Exception) -> None:
         row = await self._revert(repo, saga, domain.HISTORY_PLATFORM_ERROR, "reverted_platform")
         uow.emit(Failed(
@@ -395,8 +395,8 @@ class BillingHandlers:
             },
         ))
 
-    async def vendor_failed(self, msg: Message, uow: UnitOfWork) -> None:
-        event: VendorCancellationFailed = msg.payload  # type: ignore[assignment]
+    async def vendor_failed(self, msg: Message[VendorCancellationFailed], uow: HandlerContext) -> None:
+        event = msg.payload
         repo = BillingRepository(uow.db)
         saga = await repo.cancellation(str(event.request_id))
         if saga is None or saga["state"] != "awaiting_vendor":

@@ -10,8 +10,14 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
-from cancelflow.events import Source
-from cancelflow.messaging.consumer import Route
+from cancelflow.events import (
+    CancellationReceived,
+    ChargeCaptured,
+    ChargesVerified,
+    DuplicateRefundsIssued,
+    Source,
+)
+from cancelflow.messaging.dispatch import Route
 from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.sql import Db, Query
@@ -31,19 +37,24 @@ def build() -> ServiceRuntime:
                          handlers.settle_waiting)
     runtime.wake_on(AWAITING_FACTS, waiter.notify)
     runtime.tasks.append(waiter.run)
-    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured}, batch=True,
-                            facts=True))
-    runtime.add_route(Route(topics.SAGA, {
-        "CancellationReceived": handlers.cancellation_received,
-        "ChargesVerified": handlers.charges_verified,
-        "DuplicateRefundsIssued": handlers.duplicate_refunds_issued,
-    }, batch=True))
+    runtime.routes += routes(handlers)
     runtime.http.router.add_get("/disputes/{request_id}", _dispute_view(runtime))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     return runtime
 
 
-def _dispute_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def routes(handlers: DisputeHandlers) -> list[Route]:
+    """What dispute consumes, and the handler of each event (the consume loop's and the tests')."""
+    return [
+        Route(topics.PAYMENTS_CHARGES, batch=True, facts=True).on(ChargeCaptured, handlers.charge_captured),
+        Route(topics.SAGA, batch=True)
+        .on(CancellationReceived, handlers.cancellation_received)
+        .on(ChargesVerified, handlers.charges_verified)
+        .on(DuplicateRefundsIssued, handlers.duplicate_refunds_issued),
+    ]
+
+
+def _dispute_view(runtime: ServiceRuntime):
     async def view(request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
         async with runtime.sessions() as session:
@@ -66,7 +77,7 @@ def _utc(row: dict[str, Any]) -> dict[str, Any]:
             for k, v in row.items()}
 
 
-def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _charge_view(runtime: ServiceRuntime):
     """Whether the dispute service has a charge (its copy from payments.charges)."""
 
     async def view(request: web.Request) -> web.Response:

@@ -29,8 +29,8 @@ from cancelflow.events import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.dispatch import HandlerContext
 from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
-from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.sql import Query
 from dispute import orm
 from dispute.domain import Case, Charge, State
@@ -54,8 +54,8 @@ class DisputeHandlers:
 
     # --- facts we keep -------------------------------------------------------------------------
 
-    async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
-        charge: ChargeCaptured = msg.payload  # type: ignore[assignment]
+    async def charge_captured(self, msg: Message[ChargeCaptured], uow: HandlerContext) -> None:
+        charge = msg.payload
         if await uow.db.first(KNOWN_CHARGE, charge_id=charge.charge_id) is not None:
             return
         await uow.db.run(
@@ -70,8 +70,8 @@ class DisputeHandlers:
 
     # --- a new case: validation and detection ---------------------------------------------------
 
-    async def cancellation_received(self, msg: Message, uow: UnitOfWork) -> None:
-        request: CancellationReceived = msg.payload  # type: ignore[assignment]
+    async def cancellation_received(self, msg: Message[CancellationReceived], uow: HandlerContext) -> None:
+        request = msg.payload
         if request.target != "charges":
             return
         repo = DisputeRepository(uow.db)
@@ -94,7 +94,7 @@ class DisputeHandlers:
             await self._examine(repo, case, known)
         await self._save(uow, repo, case)
 
-    async def settle_waiting(self, uow: UnitOfWork, request_id: str) -> bool:
+    async def settle_waiting(self, uow: HandlerContext, request_id: str) -> bool:
         """A case waiting for its charges' facts: examined when they have all arrived, or once the facts
         are read up to when it arrived, or after `facts_wait_s` (then rejected `unknown_charge`).
         False while it still waits (or waits no more)."""
@@ -116,8 +116,8 @@ class DisputeHandlers:
 
     # --- the gateway's view ---------------------------------------------------------------------
 
-    async def charges_verified(self, msg: Message, uow: UnitOfWork) -> None:
-        event: ChargesVerified = msg.payload  # type: ignore[assignment]
+    async def charges_verified(self, msg: Message[ChargesVerified], uow: HandlerContext) -> None:
+        event = msg.payload
         repo = DisputeRepository(uow.db)
         case = await repo.get(str(event.request_id))
         if case is None or case.state is not State.verifying:
@@ -127,8 +127,8 @@ class DisputeHandlers:
 
     # --- the refunds' outcome -------------------------------------------------------------------
 
-    async def duplicate_refunds_issued(self, msg: Message, uow: UnitOfWork) -> None:
-        event: DuplicateRefundsIssued = msg.payload  # type: ignore[assignment]
+    async def duplicate_refunds_issued(self, msg: Message[DuplicateRefundsIssued], uow: HandlerContext) -> None:
+        event = msg.payload
         repo = DisputeRepository(uow.db)
         case = await repo.get(str(event.request_id))
         if case is None or case.state is not State.refunding:
@@ -137,7 +137,7 @@ class DisputeHandlers:
         await self._save(uow, repo, case)
 
     @staticmethod
-    async def _save(uow: UnitOfWork, repo: DisputeRepository, case: Case) -> None:
+    async def _save(uow: HandlerContext, repo: DisputeRepository, case: Case) -> None:
         await repo.save(case)
         for event in case.events:
             uow.emit(event)

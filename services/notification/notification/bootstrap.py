@@ -6,8 +6,26 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
-from cancelflow.events import Source
-from cancelflow.messaging.consumer import Route
+from cancelflow.events import (
+    ApprovalPending,
+    AutoRenewStopped,
+    CancellationReceived,
+    CancellationScheduled,
+    DisputeStepRecorded,
+    EmailSent,
+    Failed,
+    PlatformCommitted,
+    RefundIssued,
+    RequestDeclined,
+    RequestStuck,
+    SagaEvent,
+    Source,
+    SubscriptionActivated,
+    VendorCancellationFailed,
+    VendorCancellationRequested,
+    VendorProvisioned,
+)
+from cancelflow.messaging.dispatch import Route
 from cancelflow.service import ServiceRuntime
 from cancelflow.sql import Db, Query
 from notification import orm, render
@@ -32,20 +50,7 @@ def build() -> ServiceRuntime:
     sender = EmailSender(mailer, runtime.new_uow, max_backoff_s=settings.smtp_retry_max_s,
                          in_flight=settings.smtp_connections)
     runtime.on_start.append(render.load_templates)
-    runtime.add_route(Route(topics.PLATFORM_SUBSCRIPTIONS, {"SubscriptionActivated": handlers.subscription_activated},
-                            batch=True, facts=True))
-    runtime.add_route(Route(topics.SAGA, {
-        "CancellationReceived": handlers.cancellation_received,
-        "VendorCancellationRequested": handlers.vendor_requested,
-        "PlatformCommitted": handlers.platform_committed,
-        "RefundIssued": handlers.refund_issued,
-        "Failed": handlers.failed,
-        "RequestDeclined": handlers.request_declined,
-        "RequestStuck": handlers.request_stuck,
-        # Steps that owe no email: lines of the timeline support alerts show.
-        **dict.fromkeys(["ApprovalPending", "CancellationScheduled", "AutoRenewStopped", "VendorProvisioned",
-                         "VendorCancellationFailed", "EmailSent", "DisputeStepRecorded"], handlers.timeline),
-    }, batch=True))
+    runtime.routes += routes(handlers)
     runtime.http.router.add_get("/contacts/{subscription_id}", _contact_known(runtime))
     runtime.http.router.add_get("/requests/{request_id}/emails", _emails_of(runtime))
     runtime.wake_on(EMAILS_DUE, sender.notify)
@@ -54,7 +59,29 @@ def build() -> ServiceRuntime:
     return runtime
 
 
-def _contact_known(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+# Steps that owe no email: lines of the timeline support alerts show.
+TIMELINE: list[type[SagaEvent]] = [ApprovalPending, CancellationScheduled, AutoRenewStopped, VendorProvisioned,
+                                   VendorCancellationFailed, EmailSent, DisputeStepRecorded]
+
+
+def routes(handlers: NotificationHandlers) -> list[Route]:
+    """What notification consumes, and the handler of each event (the consume loop's and the tests')."""
+    return [
+        Route(topics.PLATFORM_SUBSCRIPTIONS, batch=True, facts=True)
+        .on(SubscriptionActivated, handlers.subscription_activated),
+        Route(topics.SAGA, batch=True)
+        .on(CancellationReceived, handlers.cancellation_received)
+        .on(VendorCancellationRequested, handlers.vendor_requested)
+        .on(PlatformCommitted, handlers.platform_committed)
+        .on(RefundIssued, handlers.refund_issued)
+        .on(Failed, handlers.failed)
+        .on(RequestDeclined, handlers.request_declined)
+        .on(RequestStuck, handlers.request_stuck)
+        .on_each(TIMELINE, handlers.timeline),
+    ]
+
+
+def _contact_known(runtime: ServiceRuntime):
     """Whether we can reach the subscription's customer; never the address itself (no PII over HTTP)."""
 
     async def known(request: web.Request) -> web.Response:
@@ -65,7 +92,7 @@ def _contact_known(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
     return known
 
 
-def _emails_of(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _emails_of(runtime: ServiceRuntime):
     """The emails a request owes and their delivery status (kind, audience, subject; no addresses)."""
 
     async def emails(request: web.Request) -> web.Response:

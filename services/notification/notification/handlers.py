@@ -36,6 +36,7 @@ from cancelflow.events import (
     RefundIssued,
     RequestDeclined,
     RequestStuck,
+    SagaEvent,
     Source,
     SubscriptionActivated,
     VendorCancellationFailed,
@@ -45,7 +46,7 @@ from cancelflow.events import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.dispatch import HandlerContext
 from cancelflow.sql import Query
 from notification import orm, render
 
@@ -111,7 +112,7 @@ def _timestamp(at: datetime) -> str:
 
 
 def _jsonable(context: dict[str, Any]) -> dict[str, Any]:
-    return orjson.loads(orjson.dumps(context, default=str))  # type: ignore[no-any-return]
+    return orjson.loads(orjson.dumps(context, default=str))
 
 
 class NotificationHandlers:
@@ -121,8 +122,8 @@ class NotificationHandlers:
 
     # --- facts we keep --------------------------------------------------------------------------
 
-    async def subscription_activated(self, msg: Message, uow: UnitOfWork) -> None:
-        facts: SubscriptionActivated = msg.payload  # type: ignore[assignment]
+    async def subscription_activated(self, msg: Message[SubscriptionActivated], uow: HandlerContext) -> None:
+        facts = msg.payload
         values = dict(account_id=facts.account_id, email=facts.customer.email, name=facts.customer.name,
                       product_name=facts.product_name)
         if await uow.db.first(CONTACT_KNOWN, subscription_id=facts.subscription_id):
@@ -131,7 +132,7 @@ class NotificationHandlers:
             await uow.db.run(ADD_CONTACT, subscription_id=facts.subscription_id, **values)
         await self._release_awaiting(uow, facts)
 
-    async def _release_awaiting(self, uow: UnitOfWork, facts: SubscriptionActivated) -> None:
+    async def _release_awaiting(self, uow: HandlerContext, facts: SubscriptionActivated) -> None:
         """Customer emails owed before the address was known: render them now and queue them."""
         rows = await uow.db.all(AWAITING_CONTACT, account_id=facts.account_id, subscription_id=facts.subscription_id)
         for row in rows:
@@ -147,8 +148,8 @@ class NotificationHandlers:
             uow.wrote(EMAILS_DUE)
             log.info("customer contact arrived; owed email queued", kind=row["kind"])
 
-    async def cancellation_received(self, msg: Message, uow: UnitOfWork) -> None:
-        e: CancellationReceived = msg.payload  # type: ignore[assignment]
+    async def cancellation_received(self, msg: Message[CancellationReceived], uow: HandlerContext) -> None:
+        e = msg.payload
         if await self._request(uow, str(e.request_id)) is not None:
             return
         what = f"subscription {e.subscription_id}" if e.target == "subscription" else (
@@ -162,8 +163,8 @@ class NotificationHandlers:
             facts={"charge_ids": e.charge_ids, "reason": e.reason,
                    "history": [{"at": _at(msg), "message": received}]})
 
-    async def vendor_requested(self, msg: Message, uow: UnitOfWork) -> None:
-        e: VendorCancellationRequested = msg.payload  # type: ignore[assignment]
+    async def vendor_requested(self, msg: Message[VendorCancellationRequested], uow: HandlerContext) -> None:
+        e = msg.payload
         asked = (f"reduce {e.vendor_subscription_id} to {e.new_quantity} licenses" if e.new_quantity
                  else f"cancel {e.vendor_subscription_id}")
         await self._learn(uow, str(e.request_id), vendor=e.vendor, vendor_subscription_id=e.vendor_subscription_id,
@@ -175,14 +176,14 @@ class NotificationHandlers:
                           _note=(msg, f"Provisioning status is set to In Progress; vendor {e.vendor} asked to "
                                       f"{asked}"))
 
-    async def platform_committed(self, msg: Message, uow: UnitOfWork) -> None:
-        e: PlatformCommitted = msg.payload  # type: ignore[assignment]
+    async def platform_committed(self, msg: Message[PlatformCommitted], uow: HandlerContext) -> None:
+        e = msg.payload
         await self._learn(uow, str(e.request_id), effective_date=e.effective_date.isoformat(),
                           access_end_date=e.access_end_date.isoformat(), _note=(msg, e.history))
 
     # --- the timeline only (what support alerts show) ---------------------------------------------
 
-    async def timeline(self, msg: Message, uow: UnitOfWork) -> None:
+    async def timeline(self, msg: Message[SagaEvent], uow: HandlerContext) -> None:
         """A saga step that owes no email: one line of the request's timeline."""
         e = msg.payload
         if isinstance(e, ApprovalPending):
@@ -203,12 +204,12 @@ class NotificationHandlers:
             text = e.message
         else:
             return
-        await self._learn(uow, str(e.request_id), _note=(msg, text))  # type: ignore[attr-defined]
+        await self._learn(uow, str(e.request_id), _note=(msg, text))
 
     # --- outcomes -------------------------------------------------------------------------------
 
-    async def refund_issued(self, msg: Message, uow: UnitOfWork) -> None:
-        e: RefundIssued = msg.payload  # type: ignore[assignment]
+    async def refund_issued(self, msg: Message[RefundIssued], uow: HandlerContext) -> None:
+        e = msg.payload
         note = (f"Refund of {e.amount:.2f} {e.currency} issued" if e.status == "succeeded"
                 else "No refund is due")
         request = await self._learn(uow, str(e.request_id), _note=(msg, note))
@@ -218,14 +219,14 @@ class NotificationHandlers:
         refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
         await self._owe(uow, str(e.request_id), request, ("completed",), refund=refund)
 
-    async def request_declined(self, msg: Message, uow: UnitOfWork) -> None:
-        e: RequestDeclined = msg.payload  # type: ignore[assignment]
+    async def request_declined(self, msg: Message[RequestDeclined], uow: HandlerContext) -> None:
+        e = msg.payload
         request = await self._learn(uow, str(e.request_id), _note=(msg, f"Declined by {e.decided_by}"))
         await self._owe(uow, str(e.request_id), request, ("declined",), decided_by=e.decided_by,
                         note=e.note or None)
 
-    async def failed(self, msg: Message, uow: UnitOfWork) -> None:
-        e: Failed = msg.payload  # type: ignore[assignment]
+    async def failed(self, msg: Message[Failed], uow: HandlerContext) -> None:
+        e = msg.payload
         request = await self._learn(uow, str(e.request_id),
                                     _note=(msg, e.history or f"{e.source.value} error ({e.code}): {e.message}"))
         if e.source is Source.payment and e.details.get("dispute"):
@@ -250,10 +251,10 @@ class NotificationHandlers:
                                                          if k in ("vendor", "vendor_subscription_id",
                                                                   "platform_error", "scheduled")})
 
-    async def request_stuck(self, msg: Message, uow: UnitOfWork) -> None:
+    async def request_stuck(self, msg: Message[RequestStuck], uow: HandlerContext) -> None:
         """No progress for too long: support gets everything it needs, the customer that it is being
         reviewed. Once per request (the Message-IDs), however often the tracker says it again."""
-        e: RequestStuck = msg.payload  # type: ignore[assignment]
+        e = msg.payload
         request_id = str(e.request_id)
         extra = dict(stage=e.stage, updated_at=_timestamp(e.since), stuck_for=humanize_seconds(e.stuck_for_seconds))
         request = await self._request(uow, request_id)
@@ -269,19 +270,19 @@ class NotificationHandlers:
 
     # --- the multiple-charge flow (target charges) ------------------------------------------------
 
-    async def charges_refunded(self, msg: Message, uow: UnitOfWork, request: dict[str, Any] | None) -> None:
+    async def charges_refunded(self, msg: Message[RefundIssued], uow: HandlerContext, request: dict[str, Any] | None) -> None:
         """Every listed duplicate was refunded: one email listing each refunded charge and amount."""
-        e: RefundIssued = msg.payload  # type: ignore[assignment]
+        e = msg.payload
         charges = [{"charge_id": line.charge_id, "amount": f"{line.amount:.2f}", "currency": line.currency,
                     "kind": line.kind or "refund", "status": "refunded"}
                    for line in e.lines if line.outcome == "succeeded"]
         refund = {"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status}
         await self._owe(uow, str(e.request_id), request, ("charges_refunded",), charges=charges, refund=refund)
 
-    async def dispute_review(self, msg: Message, uow: UnitOfWork, request: dict[str, Any] | None) -> None:
+    async def dispute_review(self, msg: Message[Failed], uow: HandlerContext, request: dict[str, Any] | None) -> None:
         """Some listed charges are not provably duplicates: the customer is told it is under review (with
         what was refunded already), support gets the case with the reason and every transaction."""
-        e: Failed = msg.payload  # type: ignore[assignment]
+        e = msg.payload
         details = e.details
         # The message is the per-charge reasons: shown once, as the reason.
         await self._owe(uow, str(e.request_id), request, FAILURE_EMAILS[Source.payment],
@@ -290,10 +291,10 @@ class NotificationHandlers:
 
     # --- helpers --------------------------------------------------------------------------------
 
-    async def _request(self, uow: UnitOfWork, request_id: str) -> dict[str, Any] | None:
+    async def _request(self, uow: HandlerContext, request_id: str) -> dict[str, Any] | None:
         return await uow.db.first(REQUEST, request_id=request_id)
 
-    async def _learn(self, uow: UnitOfWork, request_id: str, *, _note: tuple[Message, str | None] | None = None,
+    async def _learn(self, uow: HandlerContext, request_id: str, *, _note: tuple[Message, str | None] | None = None,
                      **facts: Any) -> dict[str, Any] | None:
         """Merge what a step taught us into the request's facts; `_note` adds a timeline line.
 
@@ -309,7 +310,7 @@ class NotificationHandlers:
         await uow.db.run(SET_REQUEST, match_request_id=request_id, facts=merged)
         return {**row, "facts": merged}
 
-    async def _contact(self, uow: UnitOfWork, request: dict[str, Any]) -> dict[str, Any] | None:
+    async def _contact(self, uow: HandlerContext, request: dict[str, Any]) -> dict[str, Any] | None:
         if request["account_id"] is None:
             return None
         if request["subscription_id"]:
@@ -319,7 +320,7 @@ class NotificationHandlers:
         # Never mail a customer of another account (a not_owner request must not reach them).
         return row if row and row["account_id"] == request["account_id"] else None
 
-    async def _owe(self, uow: UnitOfWork, request_id: str, request: dict[str, Any] | None,
+    async def _owe(self, uow: HandlerContext, request_id: str, request: dict[str, Any] | None,
                    kinds: tuple[str, ...], **extra: Any) -> None:
         """`request` is the row the handler's `_learn` left (None: notification never saw the request)."""
         if request is None:
@@ -327,7 +328,7 @@ class NotificationHandlers:
             return
         await self._owe_request(uow, request, kinds, **extra)
 
-    async def _owe_request(self, uow: UnitOfWork, request: dict[str, Any], kinds: tuple[str, ...],
+    async def _owe_request(self, uow: HandlerContext, request: dict[str, Any], kinds: tuple[str, ...],
                            **extra: Any) -> None:
         request_id = request["request_id"]
         contact = await self._contact(uow, request)
@@ -353,7 +354,7 @@ class NotificationHandlers:
             # This request's outcome email is still sent; nothing after it (CONTRACT.md section 5).
             await uow.db.run(ADD_OPT_OUT, account_id=request["account_id"], request_id=request_id, at=utcnow())
 
-    async def _record(self, uow: UnitOfWork, request: dict[str, Any], kind: str, context: dict[str, Any],
+    async def _record(self, uow: HandlerContext, request: dict[str, Any], kind: str, context: dict[str, Any],
                       contact: dict[str, Any] | None, opted_out: bool) -> None:
         message_id = render.message_id_for(request["request_id"], kind)
         if await uow.db.first(EMAIL_OWED, message_id=message_id):

@@ -273,7 +273,7 @@ def build_message(
     """The complete email as a message object: `message_bytes`, read back (for tests and tools)."""
     raw = message_bytes(kind, context, render(kind, context), sender=sender, to=to, message_id=message_id,
                         reply_to=reply_to, date=date)
-    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+    return email.message_from_bytes(raw, policy=email.policy.default)
 
 
 # Bodies in UTF-8, sent as they are when they are ASCII in lines SMTP accepts (7bit), quoted-printable
@@ -307,7 +307,7 @@ class _QuickFold(Compat32):
     def _fold(self, name: str, value: Any, sanitize: bool) -> str:
         if isinstance(value, str) and _written_as_is(name, value, self.max_line_length or 78):
             return f"{name}: {value}{self.linesep}"
-        return super()._fold(name, value, sanitize)  # type: ignore[no-any-return]
+        return super()._fold(name, value, sanitize)
 
 
 _POLICY = _QuickFold()

@@ -6,8 +6,16 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
-from cancelflow.events import Source
-from cancelflow.messaging.consumer import Route
+from cancelflow.events import (
+    CancellationScheduled,
+    ChargeCaptured,
+    ChargesVerificationRequested,
+    DuplicateRefundRequested,
+    PlatformCommitted,
+    RefundRetryRequested,
+    Source,
+)
+from cancelflow.messaging.dispatch import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.sql import Db, Query
 from payment_gateway import orm
@@ -24,18 +32,7 @@ def build() -> ServiceRuntime:
     runtime = ServiceRuntime("payment_gateway", settings, orm.metadata, orm.messaging, failure_source=Source.payment)
     gateway = GatewayClient(settings.gateway_url, timeout=settings.gateway_timeout_s,
                             attempts=settings.gateway_attempts)
-    handlers = PaymentHandlers(gateway)
-    disputes = DisputeRefundHandlers(gateway)
-    retries = RefundRetryHandlers(gateway)
-    runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},
-                            dead_letter=True, batch=True, facts=True))
-    runtime.add_route(Route(topics.SAGA, {
-        "PlatformCommitted": handlers.platform_committed,
-        "CancellationScheduled": handlers.cancellation_scheduled,
-        "ChargesVerificationRequested": disputes.charges_verification_requested,
-        "DuplicateRefundRequested": disputes.duplicate_refund_requested,
-        "RefundRetryRequested": retries.refund_retry_requested,
-    }, rounds=True))
+    runtime.routes += routes(PaymentHandlers(gateway), DisputeRefundHandlers(gateway), RefundRetryHandlers(gateway))
     runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
     runtime.http.router.add_get("/subscriptions/{subscription_id}/charges", _subscription_charges(runtime))
     runtime.on_start.append(gateway.start)
@@ -43,12 +40,26 @@ def build() -> ServiceRuntime:
     return runtime
 
 
+def routes(handlers: PaymentHandlers, disputes: DisputeRefundHandlers, retries: RefundRetryHandlers) -> list[Route]:
+    """What the gateway service consumes, and the handler of each event (the consume loop's and the tests')."""
+    return [
+        Route(topics.PAYMENTS_CHARGES, dead_letter=True, batch=True, facts=True)
+        .on(ChargeCaptured, handlers.charge_captured),
+        Route(topics.SAGA, rounds=True)
+        .on(PlatformCommitted, handlers.platform_committed)
+        .on(CancellationScheduled, handlers.cancellation_scheduled)
+        .on(ChargesVerificationRequested, disputes.charges_verification_requested)
+        .on(DuplicateRefundRequested, disputes.duplicate_refund_requested)
+        .on(RefundRetryRequested, retries.refund_retry_requested),
+    ]
+
+
 CHARGE = Query(select(orm.charges).where(orm.charges.c.charge_id == bindparam("charge_id")))
 CHARGE_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id == bindparam("charge_id"))
                        .order_by(orm.refunds.c.created_at))
 
 
-def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _charge_view(runtime: ServiceRuntime):
     """Read-only: a charge with its refund guard balance and the refunds issued against it."""
 
     async def view(request: web.Request) -> web.Response:
@@ -73,7 +84,7 @@ SUBSCRIPTION_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id.i
     .order_by(orm.refunds.c.created_at))
 
 
-def _subscription_charges(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _subscription_charges(runtime: ServiceRuntime):
     """Read-only: a subscription's charges with what each has left, and every refund against them."""
 
     async def view(request: web.Request) -> web.Response:

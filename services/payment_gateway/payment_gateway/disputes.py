@@ -28,7 +28,7 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.dispatch import HandlerContext
 from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient, GatewayError
 from payment_gateway.domain import ChargeBalance
@@ -45,14 +45,14 @@ class DisputeRefundHandlers:
 
     # --- verification ---------------------------------------------------------------------------
 
-    async def charges_verification_requested(self, msg: Message, uow: UnitOfWork) -> None:
-        event: ChargesVerificationRequested = msg.payload  # type: ignore[assignment]
+    async def charges_verification_requested(self, msg: Message[ChargesVerificationRequested], uow: HandlerContext) -> None:
+        event = msg.payload
         answers = [await self._verify(uow, charge) for charge in event.charges]
         uow.emit(ChargesVerified(request_id=event.request_id, charges=answers))
 
-    async def _verify(self, uow: UnitOfWork, charge: DisputedCharge) -> ChargeVerification:
+    async def _verify(self, uow: HandlerContext, charge: DisputedCharge) -> ChargeVerification:
         guard = await Ledger(uow.db).refundable(charge.charge_id)
-        base = {"charge_id": charge.charge_id, "gateway_charge_id": charge.gateway_charge_id,
+        base: dict[str, Any] = {"charge_id": charge.charge_id, "gateway_charge_id": charge.gateway_charge_id,
                 "guard_refundable": guard}
         try:
             async with uow.outside():
@@ -70,8 +70,8 @@ class DisputeRefundHandlers:
 
     # --- refunds --------------------------------------------------------------------------------
 
-    async def duplicate_refund_requested(self, msg: Message, uow: UnitOfWork) -> None:
-        event: DuplicateRefundRequested = msg.payload  # type: ignore[assignment]
+    async def duplicate_refund_requested(self, msg: Message[DuplicateRefundRequested], uow: HandlerContext) -> None:
+        event = msg.payload
         request_id = str(event.request_id)
         books = Ledger(uow.db)
         records: list[dict[str, Any]] = []
@@ -90,7 +90,7 @@ class DisputeRefundHandlers:
         lines = [await self._issue(uow, books, record) for record in records]
         uow.emit(DuplicateRefundsIssued(request_id=event.request_id, lines=lines))
 
-    async def _plan(self, uow: UnitOfWork, books: Ledger, key: str, request_id: str,
+    async def _plan(self, uow: HandlerContext, books: Ledger, key: str, request_id: str,
                     line: DuplicateRefundLine) -> dict[str, Any]:
         charge = await books.charge_row(line.charge_id)
         balance = ChargeBalance(line.charge_id, line.gateway_charge_id, Decimal("0"), line.currency)
@@ -116,7 +116,7 @@ class DisputeRefundHandlers:
         assert record is not None
         return record
 
-    async def _issue(self, uow: UnitOfWork, books: Ledger, record: dict[str, Any]) -> RefundLine:
+    async def _issue(self, uow: HandlerContext, books: Ledger, record: dict[str, Any]) -> RefundLine:
         key = record["idempotency_key"]
         if record["status"] == "pending":
             charge = await books.charge_row(record["charge_id"])

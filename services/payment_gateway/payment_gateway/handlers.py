@@ -17,6 +17,7 @@ from cancelflow.crashpoints import crash_point
 from cancelflow.events import (
     AutoRenewStopped,
     CancellationScheduled,
+    ChargeCaptured,
     Failed,
     PlatformCommitted,
     RefundIssued,
@@ -26,7 +27,7 @@ from cancelflow.events import (
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.dispatch import HandlerContext
 from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient, GatewayOutcome, RefundOutcome
 from payment_gateway.ledger import Ledger
@@ -60,11 +61,11 @@ class PaymentHandlers:
     def __init__(self, gateway: AbstractGatewayClient) -> None:
         self.gateway = gateway
 
-    async def charge_captured(self, msg: Message, uow: UnitOfWork) -> None:
-        await Ledger(uow.db).record_charge(msg.payload)  # type: ignore[arg-type]
+    async def charge_captured(self, msg: Message[ChargeCaptured], uow: HandlerContext) -> None:
+        await Ledger(uow.db).record_charge(msg.payload)
 
-    async def platform_committed(self, msg: Message, uow: UnitOfWork) -> None:
-        event: PlatformCommitted = msg.payload  # type: ignore[assignment]
+    async def platform_committed(self, msg: Message[PlatformCommitted], uow: HandlerContext) -> None:
+        event = msg.payload
         ledger = Ledger(uow.db)
         stop = event.full and not await ledger.schedule_stopped(event.subscription_id)
         records: list[dict] = []
@@ -88,7 +89,7 @@ class PaymentHandlers:
                  if record["status"] != "not_due"]
         self._conclude(uow, event, lines, event.full and refused is None, refused, foreign)
 
-    async def _at_gateway(self, uow: UnitOfWork, event: PlatformCommitted, stop: bool,
+    async def _at_gateway(self, uow: HandlerContext, event: PlatformCommitted, stop: bool,
                           pending: list[dict]) -> tuple[dict[str, RefundOutcome], GatewayOutcome | None]:
         """Stop the recurring schedule (when `stop`) and issue the pending refunds together: one round
         trip to the gateway, not one after the other. What was planned (refund keys, reservations) is
@@ -98,7 +99,7 @@ class PaymentHandlers:
         if not stop and not pending:
             return {}, None
         async with uow.outside():
-            calls = [self._refund(record, event) for record in pending]
+            calls: list[Awaitable[Any]] = [self._refund(record, event) for record in pending]
             if stop:
                 calls.append(self.gateway.stop_schedule(event.subscription_id, request_id=str(event.request_id)))
             answers: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
@@ -119,10 +120,10 @@ class PaymentHandlers:
                 raise TransientError(f"refund {key} outcome unknown: {outcome.message}")
         return outcomes, refused
 
-    async def cancellation_scheduled(self, msg: Message, uow: UnitOfWork) -> None:
+    async def cancellation_scheduled(self, msg: Message[CancellationScheduled], uow: HandlerContext) -> None:
         """End of term: the recurring schedule stops now, the cancellation itself runs later. A partial
         one keeps the schedule: the subscription renews with the licenses that are left."""
-        event: CancellationScheduled = msg.payload  # type: ignore[assignment]
+        event = msg.payload
         if not event.full:
             return
         ledger = Ledger(uow.db)
@@ -206,7 +207,7 @@ class PaymentHandlers:
                           error=record.get("error"))
 
     @staticmethod
-    def _conclude(uow: UnitOfWork, event: PlatformCommitted, lines: list[RefundLine], stopped: bool,
+    def _conclude(uow: HandlerContext, event: PlatformCommitted, lines: list[RefundLine], stopped: bool,
                   refused: GatewayOutcome | None = None, foreign: list[domain.ChargeBalance] | None = None) -> None:
         failed = [line for line in lines if line.outcome == "failed"]
         foreign = foreign or []

@@ -18,7 +18,7 @@ from cancelflow.contract import retry_refund_key
 from cancelflow.events import Failed, RefundIssued, RefundLine, RefundRetryRequested, Source
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.dispatch import HandlerContext
 from payment_gateway.adapters.gateway import AbstractGatewayClient, RefundOutcome
 from payment_gateway.domain import ChargeBalance
 from payment_gateway.handlers import PaymentHandlers
@@ -29,8 +29,8 @@ class RefundRetryHandlers:
     def __init__(self, gateway: AbstractGatewayClient) -> None:
         self.gateway = gateway
 
-    async def refund_retry_requested(self, msg: Message, uow: UnitOfWork) -> None:
-        event: RefundRetryRequested = msg.payload  # type: ignore[assignment]
+    async def refund_retry_requested(self, msg: Message[RefundRetryRequested], uow: HandlerContext) -> None:
+        event = msg.payload
         ledger = Ledger(uow.db)
         request_id = str(event.request_id)
         records = await ledger.refunds_for(request_id) or await self._plan(ledger, event)

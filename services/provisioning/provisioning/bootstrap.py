@@ -6,8 +6,8 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
-from cancelflow.events import Source
-from cancelflow.messaging.consumer import Route
+from cancelflow.events import Source, VendorCancellationRequested
+from cancelflow.messaging.dispatch import Route
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.sql import Db, Query
 from provisioning import orm
@@ -22,13 +22,17 @@ def build() -> ServiceRuntime:
     vendor = VendorClient(settings.vendor_url, timeout=settings.vendor_timeout_s,
                           attempts=settings.vendor_attempts)
     handlers = ProvisioningHandlers(vendor)
-    runtime.add_route(Route(topics.SAGA, {
-        "VendorCancellationRequested": handlers.vendor_cancellation_requested,
-    }, rounds=True))
+    runtime.routes += routes(handlers)
     runtime.http.router.add_get("/subscriptions/{subscription_id}/operations", _operations_view(runtime))
     runtime.on_start.append(vendor.start)
     runtime.on_stop.append(vendor.close)
     return runtime
+
+
+def routes(handlers: ProvisioningHandlers) -> list[Route]:
+    """What provisioning consumes, and the handler of each event (the consume loop's and the tests')."""
+    return [Route(topics.SAGA, rounds=True)
+            .on(VendorCancellationRequested, handlers.vendor_cancellation_requested)]
 
 
 OPERATIONS = Query(select(orm.vendor_operations)
@@ -36,7 +40,7 @@ OPERATIONS = Query(select(orm.vendor_operations)
                    .order_by(orm.vendor_operations.c.started_at))
 
 
-def _operations_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
+def _operations_view(runtime: ServiceRuntime):
     """Read-only: every vendor operation of a subscription (empty when there was none)."""
 
     async def view(request: web.Request) -> web.Response:

@@ -16,7 +16,7 @@ from cancelflow.crashpoints import crash_point
 from cancelflow.events import VendorCancellationFailed, VendorCancellationRequested, VendorProvisioned, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.messaging.dispatch import HandlerContext
 from cancelflow.sql import Query
 from provisioning import orm
 from provisioning.adapters.vendor import AbstractVendorClient, VendorOutcome
@@ -35,8 +35,8 @@ class ProvisioningHandlers:
     def __init__(self, vendor: AbstractVendorClient) -> None:
         self.vendor = vendor
 
-    async def vendor_cancellation_requested(self, msg: Message, uow: UnitOfWork) -> None:
-        command: VendorCancellationRequested = msg.payload  # type: ignore[assignment]
+    async def vendor_cancellation_requested(self, msg: Message[VendorCancellationRequested], uow: HandlerContext) -> None:
+        command = msg.payload
         request_id = str(command.request_id)
         op = await uow.db.first(OPERATION, request_id=request_id)
         if op is not None and op["status"] != "pending":
@@ -65,7 +65,7 @@ class ProvisioningHandlers:
         uow.emit(self._answer(command, outcome))
 
     @staticmethod
-    async def _done_before(uow: UnitOfWork, command: VendorCancellationRequested) -> bool:
+    async def _done_before(uow: HandlerContext, command: VendorCancellationRequested) -> bool:
         """Whether the request this one retries already made this very change at the vendor."""
         if command.retry_of is None:
             return False

@@ -25,8 +25,8 @@ from cancelflow.events import (
     CancellationRequested,
     Mode,
     OperatorActed,
-    Payload,
     RefundRetryRequested,
+    RequestedBy,
     State,
     envelope_for,
     utcnow,
@@ -176,8 +176,8 @@ class Actions:
             parsed: OnBehalfBody = _parse(OnBehalfBody, body)
             try:
                 request = CancellationRequested(
-                    request_id=uuid.uuid4(), requested_by={"user_id": operator.name, "role": "operator",
-                                                           "channel": CHANNEL},
+                    request_id=uuid.uuid4(), requested_by=RequestedBy.model_validate(
+                        {"user_id": operator.name, "role": "operator", "channel": CHANNEL}),
                     **parsed.model_dump())
             except ValidationError as exc:
                 raise Refused(400, "; ".join(e["msg"] for e in exc.errors())) from None
@@ -213,11 +213,12 @@ class Actions:
             uow.emit(RefundRetryRequested(request_id=new_id, retry_of=rid, account_id=view.get("account_id"),
                                           subscription_id=view.get("subscription_id"), operator=operator.name,
                                           note=note), key=str(new_id))
-        uow.emit(OperatorActed(request_id=rid, action=kind, operator=operator.name, note=note,  # type: ignore[arg-type]
+        uow.emit(OperatorActed(request_id=rid, action=kind, operator=operator.name, note=note,
                                new_request_id=new_id), key=request_id)
         return new_id
 
-    def _emit_upstream(self, uow: UnitOfWork, payload: Payload) -> None:
+    def _emit_upstream(self, uow: UnitOfWork,
+                       payload: CancellationRequested | CancellationApproved | CancellationDeclined) -> None:
         envelope = envelope_for(payload, producer=CHANNEL, correlation_id=str(payload.request_id),
                                 causation_id=None)
         headers = None
@@ -284,7 +285,7 @@ def _repeat(view: dict[str, Any], options: dict[str, Any], new_id: uuid.UUID, op
     mode = Mode(view.get("mode") or Mode.immediate.value)
     return CancellationRequested(
         request_id=new_id, account_id=view["account_id"],
-        requested_by={"user_id": operator.name, "role": "operator", "channel": CHANNEL},  # type: ignore[arg-type]
+        requested_by={"user_id": operator.name, "role": "operator", "channel": CHANNEL},
         target=view.get("target") or "subscription", subscription_id=view.get("subscription_id"),
         charge_ids=view.get("charge_ids") or options.get("charge_ids") or [], mode=mode,
         effective_date=options.get("effective_date") if mode is Mode.past_dated else None,

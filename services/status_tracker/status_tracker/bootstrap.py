@@ -5,9 +5,9 @@ and the read API, live feed and dashboard on STATUS_HTTP_PORT."""
 from __future__ import annotations
 
 from cancelflow import topics
-from cancelflow.messaging.consumer import Route
+from cancelflow.messaging.dispatch import Route
 from cancelflow.service import ServiceRuntime
-from status_tracker import gauges, http, orm
+from status_tracker import fold, gauges, http, orm
 from status_tracker.actions import Actions
 from status_tracker.feed import StatusFeed
 from status_tracker.handlers import TrackerHandlers
@@ -26,7 +26,7 @@ def build() -> ServiceRuntime:
     read_model = ReadModel(runtime.engine, runtime.sessions)
     handlers = TrackerHandlers(read_model)
     # The tracker owns DLQ duty for the saga topic: it reads every saga event anyway.
-    runtime.add_route(Route(topics.SAGA, handlers.routes(), dead_letter=True, batch=True))  # type: ignore[arg-type]
+    runtime.routes += routes(handlers)
     runtime.stuck = StuckTimer(read_model, runtime.new_uow, lambda: runtime.consumer,  # type: ignore[attr-defined]
                                after_s=settings.stuck_after_s)
     feed = runtime.feed = StatusFeed(settings)  # type: ignore[attr-defined]
@@ -49,3 +49,8 @@ def build() -> ServiceRuntime:
     http.install(runtime.http, read_model, feed, operators=operators, actions=actions, sessions=runtime.sessions,
                  subscriptions=subscriptions)
     return runtime
+
+
+def routes(handlers: TrackerHandlers) -> list[Route]:
+    """What the tracker consumes: every saga event a support person can see, one handler for all."""
+    return [Route(topics.SAGA, dead_letter=True, batch=True).on_each(fold.SAGA_EVENTS, handlers.saga_event)]

@@ -8,6 +8,7 @@ afterwards still shows in its fields, and its outcome resolves the case (`resolu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -28,6 +29,7 @@ from cancelflow.events import (
     RefundRetryRequested,
     RequestDeclined,
     RequestStuck,
+    SagaEvent,
     Source,
     State,
     SubscriptionSnapshot,
@@ -75,7 +77,7 @@ def apply(view: View, event: Payload, at: datetime) -> View | None:
     if is_set_aside(view):
         return _work_went_on(view, event, at)
     new = {**view, "history": list(view["history"])}
-    handler = _HANDLERS.get(type(event))
+    handler = _HANDLERS.get(type(event)) if isinstance(event, SagaEvent) else None
     if handler is None:
         return None
     handler(new, event, at)
@@ -311,7 +313,7 @@ def _refund_retry(view: View, e: RefundRetryRequested, at: datetime) -> None:
                    + (f": {e.note}" if e.note else ""))
 
 
-_HANDLERS = {
+_HANDLERS: dict[type[SagaEvent], Callable[[View, Any, datetime], None]] = {
     CancellationReceived: _received,
     ApprovalPending: _pending,
     RequestDeclined: _declined,
@@ -329,4 +331,5 @@ _HANDLERS = {
     OperatorActed: _operator_acted,
     RefundRetryRequested: _refund_retry,
 }
-SAGA_EVENT_TYPES = [cls.event_type for cls in _HANDLERS]
+SAGA_EVENTS: list[type[SagaEvent]] = list(_HANDLERS)
+SAGA_EVENT_TYPES = [cls.event_type for cls in SAGA_EVENTS]

@@ -7,8 +7,9 @@ are refreshed every `interval_s` from its database.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -52,12 +53,12 @@ async def request_counts(sessions: async_sessionmaker[AsyncSession]) -> dict[str
     views = orm.views
     async with sessions() as session:
         rows = (await session.execute(select(views.c.state, func.count()).group_by(views.c.state))).all()
-    counts = dict(rows)
+    counts: dict[str, int] = dict(rows)
     return {"open_requests": sum(counts.get(s, 0) for s in STUCK_STATES),
             "finished_requests": sum(counts.get(s.value, 0) for s in TERMINAL_STATES)}
 
 
-def refresher(sessions: async_sessionmaker[AsyncSession], interval_s: float = 15.0) -> Callable[[], Awaitable[None]]:
+def refresher(sessions: async_sessionmaker[AsyncSession], interval_s: float = 15.0) -> Callable[[], Coroutine[Any, Any, None]]:
     """A runtime task that keeps the gauges fresh until cancelled."""
 
     async def open_request_gauges() -> None:

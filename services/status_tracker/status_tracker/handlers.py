@@ -9,26 +9,21 @@ applied exactly once whatever crashes, and its status record is published after 
 from __future__ import annotations
 
 from cancelflow import metrics, topics
+from cancelflow.events import SagaEvent
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
-from cancelflow.messaging.uow import UnitOfWork
-from status_tracker import fold, tracking
+from cancelflow.messaging.dispatch import HandlerContext
+from status_tracker import tracking
 from status_tracker.projection import ReadModel
 
 log = get_logger(__name__)
-
-HANDLED = frozenset(fold.SAGA_EVENT_TYPES)
-
 
 class TrackerHandlers:
     def __init__(self, read_model: ReadModel) -> None:
         self._read_model = read_model
 
-    def routes(self) -> dict[str, object]:
-        return dict.fromkeys(HANDLED, self.saga_event)
-
-    async def saga_event(self, message: Message, uow: UnitOfWork) -> None:
-        request_id = str(message.payload.request_id)  # type: ignore[attr-defined]
+    async def saga_event(self, message: Message[SagaEvent], uow: HandlerContext) -> None:
+        request_id = str(message.payload.request_id)
         before = await self._read_model.entry_in(uow.db, request_id)
         step = tracking.track(before, message)
         if step.duplicate:

@@ -17,6 +17,7 @@ With CANCELFLOW_OPERATORS set, everything but /healthz, /readyz, /inflight and /
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -39,7 +40,7 @@ ACTIONS = ("approve", "decline", "retry", "resolve")
 
 
 def install(app: web.Application, read_model: ReadModel, feed: StatusFeed, *, operators: Operators,
-            actions: Actions, sessions, subscriptions: SubscriptionViews | None = None) -> None:  # type: ignore[no-untyped-def]
+            actions: Actions, sessions, subscriptions: SubscriptionViews | None = None) -> None:
     app.middlewares.append(_signed_in(operators))
     api = _Api(read_model, feed, actions, sessions)
     if subscriptions is not None:
@@ -60,9 +61,9 @@ def install(app: web.Application, read_model: ReadModel, feed: StatusFeed, *, op
     app.router.add_static("/static/", STATIC, append_version=False)
 
 
-def _signed_in(operators: Operators):  # type: ignore[no-untyped-def]
+def _signed_in(operators: Operators):
     @web.middleware
-    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def middleware(request: web.Request, handler):
         if not operators.enabled or request.path in OPEN_PATHS:
             return await handler(request)
         operator = operators.from_request(request)
@@ -79,7 +80,7 @@ def _signed_in(operators: Operators):  # type: ignore[no-untyped-def]
     return middleware
 
 
-def _subscription(views: SubscriptionViews):  # type: ignore[no-untyped-def]
+def _subscription(views: SubscriptionViews):
     async def subscription(request: web.Request) -> web.Response:
         return json_response(await views.view(request.match_info["subscription_id"]))
 
@@ -112,7 +113,7 @@ _pages = Environment(loader=FileSystemLoader(PAGES), autoescape=True, undefined=
                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 
 
-def _page(name: str):  # type: ignore[no-untyped-def]
+def _page(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     body = _pages.get_template(name).render().encode()  # no per-request data: rendered once
 
     async def page(_request: web.Request) -> web.Response:
@@ -151,7 +152,7 @@ AUDIT_LIMIT = 200
 
 
 class _Api:
-    def __init__(self, read_model: ReadModel, feed: StatusFeed, actions: Actions, sessions) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, read_model: ReadModel, feed: StatusFeed, actions: Actions, sessions) -> None:
         self._read_model = read_model
         self._feed = feed
         self._actions = actions
@@ -163,7 +164,7 @@ class _Api:
             return json_response({"error": "unknown request_id"}, 404)
         return json_response({**document, "actions": allowed_actions(document)})
 
-    def action(self, action: str):  # type: ignore[no-untyped-def]
+    def action(self, action: str):
         async def act(request: web.Request) -> web.Response:
             answer = await self._actions.on_request(operator_of(request), action, request.match_info["request_id"],
                                                     await _body(request))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import ColumnElement, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -82,7 +82,7 @@ class ReadModel:
 
     @staticmethod
     async def _view_in(db: Db, request_id: str) -> dict[str, Any] | None:
-        return await db.scalar(VIEW, request_id=request_id)  # type: ignore[no-any-return]
+        return await db.scalar(VIEW, request_id=request_id)
 
     @classmethod
     async def entry_in(cls, db: Db, request_id: str) -> dict[str, Any] | None:
@@ -109,7 +109,7 @@ class ReadModel:
 
     async def search(self, query: Query) -> tuple[list[dict[str, Any]], int]:
         """The matching documents, newest request first, and how many match in all."""
-        where = []
+        where: list[ColumnElement[bool]] = []
         if query.states:
             where.append(views.c.state.in_(query.states))
         if query.account_id:

@@ -74,7 +74,7 @@ class SubscriptionViews:
                     return {"unknown": True}
                 if response.status != 200:
                     return {"unavailable": f"HTTP {response.status}"}
-                return await response.json()  # type: ignore[no-any-return]
+                return await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("a subscription view's owner did not answer", service=service, error=repr(exc))
             return {"unavailable": type(exc).__name__}

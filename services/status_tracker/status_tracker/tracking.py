@@ -26,6 +26,7 @@ from cancelflow.events import (
     Envelope,
     Failed,
     RequestStuck,
+    SagaEvent,
     State,
     VendorCancellationFailed,
 )
@@ -54,9 +55,9 @@ def new_entry(request_id: str, at: datetime) -> Entry:
             "updated_at": at.isoformat(), "applied": [], "emails": [], "errors": []}
 
 
-def track(entry: Entry | None, message: Message) -> Step:
+def track(entry: Entry | None, message: Message[SagaEvent]) -> Step:
     payload = message.payload
-    request_id = str(payload.request_id)  # type: ignore[attr-defined]
+    request_id = str(payload.request_id)
     at = message.envelope.occurred_at
     current = entry or new_entry(request_id, at)
     if message.event_id in current["applied"]:

@@ -6,7 +6,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -29,12 +29,16 @@ class BadRecord(Exception):
         self.request_id = request_id
 
 
+# The payload's class: `Message[VendorProvisioned]` is what a handler of that event receives.
+P_co = TypeVar("P_co", bound=Payload, covariant=True)
+
+
 @dataclass(frozen=True)
-class Message:
+class Message(Generic[P_co]):
     """A decoded record: the envelope, its typed payload, and where it came from."""
 
     envelope: Envelope
-    payload: Payload
+    payload: P_co
     topic: str
     partition: int
     offset: int
@@ -73,7 +77,7 @@ def _guess_request_id(data: Any) -> str | None:
 
 
 def decode(value: bytes | None, *, topic: str, partition: int = 0, offset: int = 0,
-           key: bytes | None = None) -> Message:
+           key: bytes | None = None) -> Message[Payload]:
     if value is None:
         raise BadRecord("empty", "the record has no value (tombstone or empty)")
     if len(value) > MAX_RECORD_BYTES:

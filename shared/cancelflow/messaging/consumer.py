@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable
+from typing import Literal
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from cancelflow import metrics, topics
-from cancelflow.events import Failed, RecordDeadLettered, Source, ValidationCode
+from cancelflow.events import Failed, Payload, RecordDeadLettered, Source, ValidationCode
 from cancelflow.logging import get_logger, record_context
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, BadRecord, Message, decode
 from cancelflow.messaging.deadletter import (
@@ -29,6 +30,7 @@ from cancelflow.messaging.deadletter import (
     handle_with_retries,
     marker_of,
 )
+from cancelflow.messaging.dispatch import Route, dispatch
 from cancelflow.messaging.facts import FactsProgress
 from cancelflow.messaging.gaps import GapGuard
 from cancelflow.messaging.rounds import Chain, Step, run_in_rounds
@@ -37,30 +39,6 @@ from cancelflow.messaging.uow import UnitOfWork
 from cancelflow.periodic import repeat
 
 log = get_logger(__name__)
-
-Handler = Callable[[Message, UnitOfWork], Awaitable[None]]
-
-
-@dataclass
-class Route:
-    """What a service does with one topic: handlers by event type, and whether it owns the DLQ duty
-    for the topic (one service per topic dead-letters bad records, so each lands there once)."""
-
-    topic: str
-    handlers: dict[str, Handler] = field(default_factory=dict)
-    dead_letter: bool = False
-    # The handlers only touch the service's own database (no vendor, gateway or SMTP call): a poll's
-    # records of this topic are handled in one transaction (see ConsumeLoop._in_one_transaction).
-    batch: bool = False
-    # The handlers call the outside world between transactions (`uow.outside()`): a poll's records of
-    # this topic are handled together in rounds, each round's database work in one transaction and
-    # its calls concurrently (messaging/rounds.py).
-    rounds: bool = False
-    # Upstream facts (subscriptions, charges) that the topic's requests rely on: a poll's records of
-    # this topic are handled before its other records, so a backlog never puts a request before the
-    # facts published ahead of it (and `FactsProgress` tracks how far they are read).
-    facts: bool = False
-
 
 class ConsumeLoop:
     MAX_HANDLER_ATTEMPTS = MAX_HANDLER_ATTEMPTS
@@ -80,7 +58,7 @@ class ConsumeLoop:
     LAG_EVERY_S = 5.0
 
     def __init__(self, consumer: AIOKafkaConsumer, routes: list[Route],
-                 new_uow: Callable[[Message | None], UnitOfWork], *, service: str, group_id: str,
+                 new_uow: Callable[[Message[Payload] | None], UnitOfWork], *, service: str, group_id: str,
                  failure_source: Source | None = None,
                  signatures: SignatureCheck | None = None, concurrency: int = 16,
                  gap_guard: GapGuard | None = None, facts: FactsProgress | None = None) -> None:
@@ -216,7 +194,7 @@ class ConsumeLoop:
         dead-letters and reports as usual (the inbox drops what was done before)."""
         prepared = self._prepare_groups(groups)
         leftovers = [records[cut:] for records, (_, cut) in zip(groups, prepared, strict=True) if cut is not None]
-        work = [(step.message, step.handler) for steps, _ in prepared for step in steps]
+        work = [step.message for steps, _ in prepared for step in steps]
         if not work:
             return leftovers
         try:
@@ -226,24 +204,24 @@ class ConsumeLoop:
         except Exception as exc:
             log.info("batch rolled back; its records are handled one by one", error=repr(exc))
             return groups
-        for message, _ in work:
+        for message in work:
             metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
         return leftovers
 
-    async def handle_batch(self, work: list[tuple[Message, Handler]]) -> set[str]:
+    async def handle_batch(self, work: list[Message[Payload]]) -> set[str]:
         """Handle the records in one transaction, in order, each event id once (the inbox and the batch
         itself drop the rest); a handler's exception rolls everything back. The event ids skipped."""
         skipped: set[str] = set()
         async with self._new_uow(None) as uow:
-            done = await uow.processed_among([m.event_id for m, _ in work])
+            done = await uow.processed_among([m.event_id for m in work])
             yielded = time.perf_counter()
-            for message, handler in work:
+            for message in work:
                 if message.event_id in done:
                     metrics.INBOX_DUPLICATES.labels(message.topic).inc()
                     skipped.add(message.event_id)
                     continue
                 done.add(message.event_id)
-                await self._handle_in_batch(uow, message, handler)
+                await self._handle_in_batch(uow, message)
                 if time.perf_counter() - yielded >= self.YIELD_EVERY_S:
                     await asyncio.sleep(0)
                     yielded = time.perf_counter()
@@ -282,7 +260,7 @@ class ConsumeLoop:
         return already
 
     def _prepare_groups(self, groups: list[list[ConsumerRecord]]) -> list[tuple[list[Step], int | None]]:
-        """For each key's records: the steps (message and handler; records that are not ours left out) up
+        """For each key's records: the steps (message and route; records that are not ours left out) up
         to its first bad or forged record, and that record's index (from it on, the records go the
         one-by-one way, which dead-letters it), or None."""
         prepared: list[tuple[list[Step], int | None]] = []
@@ -295,12 +273,12 @@ class ConsumeLoop:
                     cut = i
                     break
                 if found is not None:
-                    steps.append(Step(i, *found))
+                    steps.append(Step(i, found, self._routes[record.topic]))
             prepared.append((steps, cut))
         return prepared
 
-    def _prepare(self, record: ConsumerRecord) -> tuple[Message, Handler] | None | bool:
-        """A batch record's message and handler; None when it is not ours; False when it is bad or
+    def _prepare(self, record: ConsumerRecord) -> Message[Payload] | None | Literal[False]:
+        """A batch record's message; None when it is not ours; False when it is bad or
         forged (the one-by-one path dead-letters it)."""
         route = self._routes[record.topic]
         if self._skippable(route, record):
@@ -314,15 +292,13 @@ class ConsumeLoop:
             return False
         if self._signatures and self._signatures.not_owner(record.topic, message.event_type, record.headers):
             return False
-        handler = route.handlers.get(message.event_type)
-        return None if handler is None else (message, handler)
+        return message if route.handles(message.event_type) else None
 
-    @staticmethod
-    async def _handle_in_batch(uow: UnitOfWork, message: Message, handler: Handler) -> None:
+    async def _handle_in_batch(self, uow: UnitOfWork, message: Message[Payload]) -> None:
         with _log_context(message):
             started = time.perf_counter()
             uow.begin_step(message)
-            await handler(message, uow)
+            await dispatch(self._routes[message.topic], message, uow)
             uow.end_step()
             metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
 
@@ -334,7 +310,7 @@ class ConsumeLoop:
             return False
         for name, value in record.headers or ():
             if name == EVENT_TYPE_HEADER:
-                return value.decode("utf-8", "replace") not in route.handlers
+                return not route.handles(value.decode("utf-8", "replace"))
         return False
 
     async def process(self, record: ConsumerRecord) -> None:
@@ -359,11 +335,10 @@ class ConsumeLoop:
                                                                       record.headers)):
             await self._forged(route, record, foreign)
             return
-        handler = route.handlers.get(message.event_type)
-        if handler is None:
+        if not route.handles(message.event_type):
             return  # a known event for another service
         with _log_context(message):
-            await self._handle(record, route, message, handler)
+            await self._handle(record, message)
 
     async def _forged(self, route: Route, record: ConsumerRecord, problem: str) -> None:
         # No effect, and no status either: an unauthenticated record may not speak for a request.
@@ -372,7 +347,7 @@ class ConsumeLoop:
             with structlog.contextvars.bound_contextvars(topic=record.topic):
                 await self._dead_letter(record, "bad_signature", problem, None)
 
-    async def handle_once(self, message: Message, handler: Handler) -> bool:
+    async def handle_once(self, message: Message[Payload]) -> bool:
         """One attempt at a record in its own transaction; False when the inbox holds its event id already."""
         started = time.perf_counter()
         async with self._new_uow(message) as uow:
@@ -380,15 +355,15 @@ class ConsumeLoop:
                 metrics.INBOX_DUPLICATES.labels(message.topic).inc()
                 log.info("duplicate skipped")
                 return False
-            await handler(message, uow)
+            await dispatch(self._routes[message.topic], message, uow)
             await uow.commit()
         metrics.EVENTS_CONSUMED.labels(message.topic, message.event_type).inc()
         metrics.HANDLER_SECONDS.labels(message.event_type).observe(time.perf_counter() - started)
         return True
 
-    async def _handle(self, record: ConsumerRecord, route: Route, message: Message, handler: Handler) -> None:
+    async def _handle(self, record: ConsumerRecord, message: Message[Payload]) -> None:
         async def attempt() -> None:
-            await self.handle_once(message, handler)
+            await self.handle_once(message)
 
         async def give_up(exc: Exception) -> None:
             await self._dead_letter(record, "handler_error",
@@ -398,7 +373,7 @@ class ConsumeLoop:
         await handle_with_retries(attempt, event_type=message.event_type, give_up=give_up)
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str, request_id: str | None,
-                           *, message: Message | None = None) -> None:
+                           *, message: Message[Payload] | None = None) -> None:
         """Write the record's DLQ record (and the request's rejected or failed status). The database away:
         retried until it is back. The write refused otherwise: retried, then written without the record's
         bytes and key, so the dead-letter path never stops on the record it is handling."""
@@ -427,7 +402,7 @@ class ConsumeLoop:
         count_dead_lettered(record, reason, detail)
 
     async def _write_dead_letter(self, record: ConsumerRecord, dead: RecordDeadLettered, reason: str,
-                                 detail: str, message: Message | None) -> None:
+                                 detail: str, message: Message[Payload] | None) -> None:
         marker = marker_of(record)
         request_id = dead.request_id
         async with self._new_uow(message) as uow:
@@ -439,14 +414,14 @@ class ConsumeLoop:
                 # What was wrong with the record helps its sender; our own exceptions stay in the DLQ.
                 said = (f"{reason}: {detail}" if message is None
                         else "The request could not be processed; it was set aside for support.")
-                uow.emit(Failed(request_id=request_id, source=Source.validation,
+                uow.emit(Failed(request_id=uuid.UUID(request_id), source=Source.validation,
                                 code=ValidationCode.bad_input, message=said,
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
             # Only a service that owns a saga step fails the request (the tracker only observes), and a
             # `Failed` never causes another one (the tracker and notification read every `Failed`).
             elif request_id and message is not None and self._failure_source and message.event_type != Failed.event_type:
-                uow.emit(Failed(request_id=request_id, source=self._failure_source,
+                uow.emit(Failed(request_id=uuid.UUID(request_id), source=self._failure_source,
                                 code="internal_error", message=detail,
                                 details={"dead_lettered": marker}),
                          correlation_id=request_id)
@@ -454,7 +429,7 @@ class ConsumeLoop:
 
 
 
-def _log_context(message: Message) -> contextlib.AbstractContextManager[object]:
+def _log_context(message: Message[Payload]) -> contextlib.AbstractContextManager[object]:
     """Every line logged while handling `message` (ours, the handler's, the adapters') names the request.
     For requests and saga events request_id is the envelope's correlation_id (CONTRACT section 1);
     upstream facts (subscriptions, charges) belong to no request."""

@@ -115,7 +115,7 @@ def dead_letter_record(record: Any, *, reason: str, detail: str, request_id: str
     fail on the record; `keep_value=False` leaves out its bytes and key (where it is, its size and digest
     remain), the last resort when even this could not be written."""
     value = record.value or b""
-    return RecordDeadLettered(
+    return RecordDeadLettered(  # type: ignore[call-arg]  # pydantic's mypy plugin misses the `topic` alias
         reason=reason,
         detail=bounded(detail),
         topic=record.topic,

@@ -19,32 +19,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cancelflow import metrics
 from cancelflow.events import Envelope, Payload
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
+from cancelflow.messaging.dispatch import Route, dispatch
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow.sql import Savepoint
+from cancelflow.sql import Db, Savepoint
 
 log = get_logger(__name__)
 
 # One record's savepoint at a time (their database work never overlaps).
 STEP = Savepoint("round_step")
 
-Handler = Callable[[Message, Any], Awaitable[None]]
-
 
 @dataclass
 class Step:
-    """One record to handle: its place among its key's records, its message and its handler."""
+    """One record to handle: its place among its key's records, its message and the route it came by."""
 
     index: int
-    message: Message
-    handler: Handler
+    message: Message[Payload]
+    route: Route
 
 
 @dataclass
@@ -77,10 +75,10 @@ class Chain:
 
 
 class RoundStep:
-    """What a handler sees as its unit of work when it runs in rounds: the shared transaction's session
-    and statements, and its own message, savepoint and emitted events."""
+    """The `HandlerContext` of a handler that runs in rounds: the shared transaction's session and
+    statements, and its own message, savepoint and emitted events."""
 
-    def __init__(self, uow: UnitOfWork, chain: Chain, message: Message) -> None:
+    def __init__(self, uow: UnitOfWork, chain: Chain, message: Message[Payload]) -> None:
         self._uow = uow
         self._chain = chain
         self.message = message
@@ -89,12 +87,20 @@ class RoundStep:
         self._emitted_mark = 0
 
     @property
-    def db(self) -> Any:
+    def db(self) -> Db:
         return self._uow.db
 
-    def emit(self, payload: Payload, **kwargs: Any) -> Envelope:
+    def emit(self, payload: Payload, *, correlation_id: str | None = None, key: str | None = None,
+             headers: dict[str, str] | None = None) -> Envelope:
         self._uow.message = self.message  # the shared unit of work names this record as the cause
-        return self._uow.emit(payload, **kwargs)
+        return self._uow.emit(payload, correlation_id=correlation_id, key=key, headers=headers)
+
+    def emit_envelope(self, envelope: Envelope, *, topic: str, key: str | None,
+                      headers: dict[str, str] | None = None) -> None:
+        self._uow.emit_envelope(envelope, topic=topic, key=key, headers=headers)
+
+    def wrote(self, what: str) -> None:
+        self._uow.wrote(what)
 
     async def open(self) -> None:
         await self._uow.db.run(STEP.begin)
@@ -133,7 +139,7 @@ class RoundStep:
 
 
 async def _run_chain(chain: Chain, uow: UnitOfWork, seen: set[str],
-                     log_context: Callable[[Message], contextlib.AbstractContextManager[object]]) -> None:
+                     log_context: Callable[[Message[Payload]], contextlib.AbstractContextManager[object]]) -> None:
     try:
         await chain.park()  # the first round's database turn
         for step in chain.steps:
@@ -147,7 +153,7 @@ async def _run_chain(chain: Chain, uow: UnitOfWork, seen: set[str],
             with log_context(message):
                 try:
                     await view.open()
-                    await step.handler(message, view)
+                    await dispatch(step.route, message, view)
                     await view.close()
                 except asyncio.CancelledError:
                     raise
@@ -170,7 +176,7 @@ async def _run_chain(chain: Chain, uow: UnitOfWork, seen: set[str],
 
 
 async def run_in_rounds(uow: UnitOfWork, chains: list[Chain], seen: set[str],
-                        log_context: Callable[[Message], contextlib.AbstractContextManager[object]]) -> None:
+                        log_context: Callable[[Message[Payload]], contextlib.AbstractContextManager[object]]) -> None:
     """Drive `chains` to the end in rounds on `uow` (a transaction is open). `seen` holds the event ids
     already processed; each chain's `failed_at` tells what is left to handle one by one."""
     tasks = [asyncio.create_task(_run_chain(chain, uow, seen, log_context)) for chain in chains]

@@ -25,14 +25,15 @@ OUTBOX = "outbox"  # what a unit of work wrote, for `on_commit`: outbox rows (th
 
 
 class UnitOfWork:
-    """`async with uow:` opens a transaction; `emit` adds to the outbox; `commit` records the inbox.
+    """`async with uow:` opens a transaction; `emit` adds to the outbox; `commit` records the inbox. The
+    `HandlerContext` (messaging/dispatch.py) of a handler one by one and in a batch.
 
     Handlers that call the outside world (vendor, gateway, SMTP) first record their intent and
     `checkpoint()` it, so a crash after the call is found and resolved on redelivery.
     """
 
     def __init__(self, sessions: Transactions, tables: MessagingTables, *,
-                 producer: str, message: Message | None = None,
+                 producer: str, message: Message[Payload] | None = None,
                  on_commit: Callable[[frozenset[str]], None] | None = None, write_lock: asyncio.Lock | None = None) -> None:
         self._sessions = sessions
         self._tables = tables
@@ -127,7 +128,7 @@ class UnitOfWork:
         """Which of these ids the inbox already holds: one query for a poll's batch."""
         return {row["message_id"] for row in await self.db.among(self._tables.inbox_among, message_ids)}
 
-    def begin_step(self, message: Message) -> None:
+    def begin_step(self, message: Message[Payload]) -> None:
         """Handle `message` inside the batch's transaction (what it emits joins the batch's outbox rows)."""
         self.message = message
         self._batched = True
@@ -137,7 +138,7 @@ class UnitOfWork:
         assert self.message is not None
         self.mark_processed_later(self.message)
 
-    def mark_processed_later(self, message: Message) -> None:
+    def mark_processed_later(self, message: Message[Payload]) -> None:
         """`message` is done: its inbox row is written with the next `commit_batch`."""
         self.message = message
         self._inbox_rows.append(self._inbox_row(message.event_id))

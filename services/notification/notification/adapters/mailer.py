@@ -287,8 +287,8 @@ class FakeMailer:
         if self._failures:
             raise self._failures.popleft()
         if isinstance(msg, bytes):  # tests read headers and parts, as a receiving mail client would
-            msg = email.message_from_bytes(msg, policy=email.policy.default)  # type: ignore[assignment]
-        self.sent.append(msg)  # type: ignore[arg-type]
+            msg = email.message_from_bytes(msg, policy=email.policy.default)
+        self.sent.append(msg)
 
     async def close(self) -> None:
         self.closed = True

@@ -81,7 +81,7 @@ def refund_outcome(key: str, exchange: Exchange) -> RefundOutcome:
     if exchange.status in (200, 201):
         return _succeeded(key, exchange)
     code, message = _error(exchange)
-    status = "unknown" if exchange.worth_retrying else "failed"
+    status: Literal["unknown", "failed"] = "unknown" if exchange.worth_retrying else "failed"
     return RefundOutcome(status, key, code, message, exchange.status)
 
 
