@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy import bindparam, select
 
 from billing import orm
+from billing.cancellation import State
 from billing.clock import Clock
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
@@ -24,7 +25,7 @@ Start = Callable[[UnitOfWork, str], Awaitable[bool]]
 
 _cancellations = orm.cancellations
 DUE = Query(select(_cancellations.c.request_id).where(
-    (_cancellations.c.state == "scheduled") & (_cancellations.c.run_on <= bindparam("today"))
+    (_cancellations.c.state == State.SCHEDULED.value) & (_cancellations.c.run_on <= bindparam("today"))
 ).order_by(_cancellations.c.run_on, _cancellations.c.created_at).limit(200))
 
 
