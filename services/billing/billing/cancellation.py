@@ -138,7 +138,7 @@ class Cancellation:
         cancellation = cls(request_id=str(request.request_id), account_id=request.account_id,
                            mode=request.mode, state=State.RECEIVED, subscription_id=request.subscription_id,
                            request=request)
-        cancellation.events.append(_received(request))
+        cancellation.events.append(received(request))
         return cancellation
 
     @property
@@ -382,7 +382,7 @@ class Cancellation:
         return self.subscription
 
 
-def _received(request: CancellationRequested) -> CancellationReceived:
+def received(request: CancellationRequested) -> CancellationReceived:
     return CancellationReceived(
         request_id=request.request_id, account_id=request.account_id, target=request.target,
         subscription_id=request.subscription_id, charge_ids=request.charge_ids, mode=request.mode,
