@@ -217,9 +217,10 @@ class Cancellation:
     def schedule(self) -> None:
         """End of term, full: auto-renew stops now (billing here, the gateway's schedule via the event).
         Partial: nothing stops; the subscription renews with the licenses left (`commit` reprices)."""
-        self._move(State.SCHEDULED)
         plan, subscription = self._plan, self._subscription
-        assert plan.run_on is not None, "only an end-of-term plan is scheduled"
+        if plan.run_on is None:
+            raise IllegalTransition(f"cancellation {self.request_id}: only an end-of-term plan is scheduled")
+        self._move(State.SCHEDULED)
         if self.full:
             history = domain.HISTORY_SCHEDULED.format(effective_date=plan.run_on.isoformat())
             subscription._set(auto_renew=False)
@@ -237,8 +238,8 @@ class Cancellation:
     def lock(self, *, retried: Cancellation | None = None) -> None:
         """Lock the subscription (provisioning `In Progress`) and ask provisioning to go to the vendor.
         `retried`: the request this one's `retry_of` names, when there is one."""
-        self._move(State.AWAITING_VENDOR)
         plan, subscription = self._plan, self._subscription
+        self._move(State.AWAITING_VENDOR)
         self._set(prior_status=subscription.status, prior_provisioning_status=subscription.provisioning_status)
         subscription._set(provisioning_status=domain.IN_PROGRESS)
         self.events.append(VendorCancellationRequested(
@@ -276,8 +277,8 @@ class Cancellation:
         """The vendor canceled: the platform follows (released and untouched since: as with the lock)."""
         if self.changed_since_released:
             raise IllegalTransition(f"{self.request_id}: its subscription changed since its lock was released")
-        self._move(State.COMMITTED)
         plan, subscription = self._plan, self._subscription
+        self._move(State.COMMITTED)
         before = subscription.quantity
         if self.full:
             subscription._set(status=domain.CANCELED, effective_date=plan.effective_date, auto_renew=False,
@@ -301,9 +302,8 @@ class Cancellation:
 
     def revert_platform(self, error: Exception) -> None:
         """The vendor canceled but our platform could not commit (scenario 3): unlocked, support told."""
-        subscription = self._subscription
+        plan, subscription = self._plan, self._subscription
         self._revert(State.REVERTED_PLATFORM, domain.HISTORY_PLATFORM_ERROR)
-        plan = self._plan
         self.events.append(Failed(
             request_id=uuid.UUID(self.request_id), source=Source.platform, code="platform_commit_failed",
             message=domain.HISTORY_PLATFORM_ERROR, retryable=False, history=domain.HISTORY_PLATFORM_ERROR,
@@ -332,9 +332,11 @@ class Cancellation:
     # --- helpers ----------------------------------------------------------------------------------
 
     def _revert(self, to: State, history: str) -> None:
-        self._move(to)
+        self._check(to)
+        subscription = self._subscription
         assert self.prior_status is not None and self.prior_provisioning_status is not None
-        self._subscription._set(status=self.prior_status, provisioning_status=self.prior_provisioning_status)
+        self._move(to)
+        subscription._set(status=self.prior_status, provisioning_status=self.prior_provisioning_status)
         self.history.append(history)
 
     def _reject(self, rejection: domain.Rejection, subscription: Subscription | None, *,
@@ -350,9 +352,14 @@ class Cancellation:
             snapshot=subscription.snapshot() if owner and subscription is not None else None))
 
     def _move(self, to: State) -> None:
+        self._check(to)
+        self._set(state=to)
+
+    def _check(self, to: State) -> None:
         if to not in LEGAL.get(self.state, frozenset()):
             raise IllegalTransition(f"cancellation {self.request_id}: {self.state} -> {to} is not a legal move")
-        self._set(state=to)
+        if self.state is State.PENDING_APPROVAL and to in HOLDS_LOCK and self.decided_by is None:
+            raise IllegalTransition(f"cancellation {self.request_id}: waits for an operator's approval")
 
     def _require(self, *states: State) -> None:
         if self.state not in states:
@@ -383,6 +390,7 @@ class Cancellation:
 
 
 def received(request: CancellationRequested) -> CancellationReceived:
+    """What the tracker starts the request's view from: the request as billing took it."""
     return CancellationReceived(
         request_id=request.request_id, account_id=request.account_id, target=request.target,
         subscription_id=request.subscription_id, charge_ids=request.charge_ids, mode=request.mode,
