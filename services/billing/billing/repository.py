@@ -138,7 +138,9 @@ class BillingRepository:
     async def kept_quantity(self, subscription_id: str, period_start: date) -> int | None:
         """The licenses a partial cancellation of ours left, effective in the period beginning
         `period_start` or later (the fewest, when several); None when there is none."""
-        return await self.db.scalar(KEPT_QUANTITY, subscription_id=subscription_id, period_start=period_start)
+        kept: int | None = await self.db.scalar(KEPT_QUANTITY, subscription_id=subscription_id,
+                                                period_start=period_start)
+        return kept
 
     async def update_subscription(self, subscription_id: str, **values: Any) -> None:
         await self.db.run(SET_SUBSCRIPTION, match_subscription_id=subscription_id, updated_at=utcnow(), **values)
@@ -271,8 +273,9 @@ def _cancellation_columns(cancellation: Cancellation, fields: set[str] | frozens
     for name in fields:
         if name == "plan":
             plan = cancellation.plan
-            columns.update(effective_date=plan and plan.effective_date, access_end_date=plan and plan.access_end_date,
-                           new_quantity=plan and plan.new_quantity, run_on=plan and plan.run_on)
+            columns.update(dict.fromkeys(("effective_date", "access_end_date", "new_quantity", "run_on")) if plan is None
+                           else dict(effective_date=plan.effective_date, access_end_date=plan.access_end_date,
+                                     new_quantity=plan.new_quantity, run_on=plan.run_on))
         elif name == "request":
             request = cancellation.request
             columns["request"] = None if request is None else request.model_dump(mode="json")
