@@ -240,6 +240,17 @@ def test_reverts_restore_the_statuses_before_the_lock() -> None:
             illegal()
 
 
+def test_a_commit_tried_on_a_copy_leaves_the_cancellation_to_revert_as_it_was() -> None:
+    cancellation = stored(taken_in())
+    attempt = cancellation.copy()
+    attempt.commit()
+    assert cancellation.state is State.AWAITING_VENDOR and cancellation.events == cancellation.history == []
+    assert cancellation.subscription is not None and cancellation.subscription.changes == {}
+    assert not cancellation.subscription.renewals_canceled and cancellation.subscription.status == "active"
+    cancellation.revert_platform(RuntimeError("savepoint undone"))
+    assert cancellation.state is State.REVERTED_PLATFORM
+
+
 def test_a_released_lock_commits_after_all_unless_the_subscription_changed_since() -> None:
     untouched = stored(taken_in())
     untouched.release()

@@ -4,7 +4,7 @@ records. Pure: handlers load it, call one transition, save it and emit what it r
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -140,6 +140,12 @@ class Cancellation:
                            request=request)
         cancellation.events.append(received(request))
         return cancellation
+
+    def copy(self) -> Cancellation:
+        """An independent copy, to try a transition on (its request and plan are shared: never changed)."""
+        subscription = self.subscription and replace(self.subscription, changes=dict(self.subscription.changes))
+        return replace(self, subscription=subscription, events=list(self.events), history=list(self.history),
+                       changes=set(self.changes))
 
     @property
     def is_new(self) -> bool:

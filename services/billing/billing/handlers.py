@@ -6,7 +6,6 @@ record commit together (see cancelflow.messaging).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from billing import domain
@@ -239,7 +238,7 @@ class BillingHandlers:
             return
         # Disarmed outside the savepoint, so the injected fault fires once and stays spent.
         fault = await repo.take_fault(subscription.subscription_id, "commit")
-        committed = copy.deepcopy(cancellation)  # the one to revert stays as loaded, should the commit fail
+        committed = cancellation.copy()  # the one to revert stays as loaded, should the commit fail
         try:
             async with uow.db.savepoint(PLATFORM_COMMIT):
                 committed.commit()
