@@ -38,6 +38,12 @@ BILLINGS = Query(select(_billings).where(_billings.c.subscription_id == bindpara
                  .order_by(_billings.c.bill_on, _billings.c.id))
 
 CANCELLATION = Query(select(_cancellations).where(_cancellations.c.request_id == bindparam("request_id")))
+# A cancellation and the subscription it is about, in one read (the subscription's columns prefixed `s_`).
+CANCELLATION_AND_SUBSCRIPTION = Query(
+    select(_cancellations, *(column.label(f"s_{column.name}") for column in _subscriptions.c))
+    .select_from(_cancellations.outerjoin(
+        _subscriptions, _cancellations.c.subscription_id == _subscriptions.c.subscription_id))
+    .where(_cancellations.c.request_id == bindparam("request_id")))
 CANCELLATION_ID = Query(select(_cancellations.c.request_id).where(
     _cancellations.c.request_id == bindparam("request_id")))
 ADD_CANCELLATION = Query(insert(_cancellations))
@@ -176,12 +182,13 @@ class BillingRepository:
 
     async def load(self, request_id: str, *, with_subscription: bool = True) -> Cancellation | None:
         """The cancellation of `request_id` and (unless told not to) the subscription it is about."""
-        row = await self.db.first(CANCELLATION, request_id=request_id)
+        row = await self.db.first(CANCELLATION_AND_SUBSCRIPTION if with_subscription else CANCELLATION,
+                                  request_id=request_id)
         if row is None:
             return None
         cancellation = _cancellation(row)
-        if with_subscription and cancellation.subscription_id is not None:
-            cancellation.subscription = await self.load_subscription(cancellation.subscription_id)
+        if with_subscription and row["s_subscription_id"] is not None:
+            cancellation.subscription = _subscription(row, prefix="s_")
         return cancellation
 
     async def save(self, cancellation: Cancellation) -> None:
@@ -299,14 +306,18 @@ def _cancellation(row: dict[str, Any]) -> Cancellation:
         updated_at=utc(row["updated_at"]))
 
 
-def _subscription(row: dict[str, Any]) -> Subscription:
+def _subscription(row: dict[str, Any], *, prefix: str = "") -> Subscription:
+    def column(name: str) -> Any:
+        return row[prefix + name]
+
     return Subscription(
-        subscription_id=row["subscription_id"], account_id=row["account_id"], vendor=row["vendor"],
-        vendor_subscription_id=row["vendor_subscription_id"], unit_price=row["unit_price"], currency=row["currency"],
-        quantity=row["quantity"], period_quantity=row["period_quantity"], status=row["status"], trial=row["trial"],
-        provisioning_status=row["provisioning_status"], current_period_start=row["current_period_start"],
-        current_period_end=row["current_period_end"], auto_renew=row["auto_renew"],
-        effective_date=row["effective_date"], updated_at=utc(row["updated_at"]))
+        subscription_id=column("subscription_id"), account_id=column("account_id"), vendor=column("vendor"),
+        vendor_subscription_id=column("vendor_subscription_id"), unit_price=column("unit_price"),
+        currency=column("currency"), quantity=column("quantity"), period_quantity=column("period_quantity"),
+        status=column("status"), trial=column("trial"), provisioning_status=column("provisioning_status"),
+        current_period_start=column("current_period_start"), current_period_end=column("current_period_end"),
+        auto_renew=column("auto_renew"), effective_date=column("effective_date"),
+        updated_at=utc(column("updated_at")))
 
 
 def utc(at: datetime) -> datetime:
