@@ -10,8 +10,8 @@ from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
 from billing import orm
 from billing.cancellation import HOLDS_LOCK, Cancellation, State, Subscription
-from billing.domain import CANCELED, IN_PROGRESS, Plan, SubscriptionFacts
-from cancelflow.events import CancellationRequested, Mode, SubscriptionActivated, SubscriptionSnapshot, utcnow
+from billing.domain import CANCELED, IN_PROGRESS, Plan
+from cancelflow.events import CancellationRequested, Mode, SubscriptionActivated, utcnow
 from cancelflow.sql import Db, Query
 
 _subscriptions, _history, _billings = orm.subscriptions, orm.history, orm.scheduled_billings
@@ -92,22 +92,6 @@ class BillingRepository:
 
     async def subscription(self, subscription_id: str) -> dict[str, Any] | None:
         return await self.db.first(SUBSCRIPTION, subscription_id=subscription_id)
-
-    @staticmethod
-    def facts(row: dict[str, Any]) -> SubscriptionFacts:
-        return SubscriptionFacts(
-            subscription_id=row["subscription_id"], account_id=row["account_id"], status=row["status"],
-            provisioning_status=row["provisioning_status"], quantity=row["quantity"],
-            current_period_start=row["current_period_start"], current_period_end=row["current_period_end"],
-        )
-
-    @staticmethod
-    def snapshot(row: dict[str, Any], *, effective_date: date | None = None,
-                 access_end_date: date | None = None) -> SubscriptionSnapshot:
-        return SubscriptionSnapshot(subscription_status=row["status"],
-                                    provisioning_status=row["provisioning_status"],
-                                    effective_date=effective_date or row["effective_date"],
-                                    access_end_date=access_end_date)
 
     async def upsert_subscription(self, facts: SubscriptionActivated, *, provisioning_status: str,
                                   existing: dict[str, Any] | None) -> None:
