@@ -1,8 +1,5 @@
-"""Billing's handlers: the intake of cancellation requests and the platform side of the saga.
-
-Each handler runs inside one unit of work: the state change, the events it emits and the inbox
-record commit together (see cancelflow.messaging).
-"""
+"""Billing's handlers: each loads a cancellation, calls one of its transitions, saves it and emits the
+events it recorded, in one unit of work (state, outbox and inbox commit together)."""
 
 from __future__ import annotations
 

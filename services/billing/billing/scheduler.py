@@ -1,9 +1,5 @@
-"""Runs end-of-term cancellations when their period ends.
-
-Durable by construction: a scheduled cancellation is a row in billing's database; starting it
-(lock, vendor request in the outbox, state `awaiting_vendor`) is one transaction. A restart finds
-what is still `scheduled` and runs it; what already started is never started again.
-"""
+"""Runs end-of-term cancellations when their period ends. A scheduled one is a row, and starting it (lock,
+vendor request in the outbox, new state) is one transaction: a restart runs what is still scheduled, once."""
 
 from __future__ import annotations
 
