@@ -1,4 +1,5 @@
-"""Handlers with fakes and a real SQLite unit of work: state, outbox and inbox after each commit."""
+"""Handlers with fakes and a real unit of work (billing's on SQLite and PostgreSQL, the others on SQLite):
+state, outbox and inbox after each commit."""
 
 from __future__ import annotations
 
@@ -96,8 +97,9 @@ def types(events: list[dict[str, Any]]) -> list[str]:
 
 
 @pytest.fixture
-async def billing_engine(tmp_path: Any) -> AsyncIterator[AsyncEngine]:
-    engine = await new_engine(tmp_path / "billing.db", billing_orm)
+async def billing_engine(store: Any) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(store("billing"))
+    await create_schema(engine, billing_orm.metadata)
     yield engine
     await engine.dispose()
 

@@ -1,35 +1,22 @@
-"""Billing's handlers: the intake of cancellation requests and the platform side of the saga.
-
-Each handler runs inside one unit of work: the state change, the events it emits and the inbox
-record commit together (see cancelflow.messaging).
-"""
+"""Billing's handlers: each loads a cancellation, calls one of its transitions, saves it and emits the
+events it recorded, in one unit of work (state, outbox and inbox commit together)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from billing import domain
+from billing.cancellation import Cancellation, State, Subscription
+from billing.cancellation import received as _received  # noqa: F401  (its size is tested under this name)
 from billing.clock import Clock
-from billing.repository import BillingRepository
+from billing.repository import BillingRepository, utc
 from cancelflow.events import (
-    ApprovalPending,
     CancellationApproved,
     CancellationDeclined,
-    CancellationReceived,
     CancellationRequested,
-    CancellationScheduled,
-    Failed,
-    Mode,
-    PlatformCommitted,
-    RequestDeclined,
     RequestStuck,
-    Source,
     SubscriptionActivated,
-    SubscriptionSnapshot,
-    ValidationCode,
     VendorCancellationFailed,
-    VendorCancellationRequested,
     VendorProvisioned,
     utcnow,
 )
@@ -41,11 +28,8 @@ from cancelflow.sql import Savepoint
 
 log = get_logger(__name__)
 
-# A request for a subscription not known yet, waiting for the upstream facts (`settle_waiting`).
-AWAITING_FACTS = "awaiting_facts"
-
-# A request the status tracker set aside as stuck while it held the lock (`request_stuck`).
-RELEASED_STUCK = "released_stuck"
+# What a request waiting for its subscription's facts wakes once committed (`settle_waiting`).
+AWAITING_FACTS = State.AWAITING_FACTS
 
 # The platform commit after the vendor canceled: undone as a whole when it fails (scenario 3).
 PLATFORM_COMMIT = Savepoint("platform_commit")
@@ -63,7 +47,7 @@ class BillingHandlers:
         facts = msg.payload
         repo = BillingRepository(uow.db)
         existing = await repo.subscription(facts.subscription_id)
-        if existing is not None and msg.envelope.occurred_at < _utc(existing["updated_at"]):
+        if existing is not None and msg.envelope.occurred_at < utc(existing["updated_at"]):
             # Facts from before our last change of the subscription (a cancellation committed since,
             # a lock taken): applying them would undo what happened after them.
             log.info("subscription facts older than our last change of it: not applied",
@@ -89,92 +73,74 @@ class BillingHandlers:
     async def cancellation_requested(self, msg: Message[CancellationRequested], uow: HandlerContext) -> None:
         request = msg.payload
         repo = BillingRepository(uow.db)
-        request_id = str(request.request_id)
-        if await repo.cancellation(request_id) is not None:
-            log.info("request_id seen before: no new effect", request_id=request_id)
+        if await repo.seen(str(request.request_id)):
+            log.info("request_id seen before: no new effect", request_id=str(request.request_id))
             return
-        uow.emit(_received(request), correlation_id=request_id)
+        cancellation = Cancellation.receive(request)
         if request.target == "charges":
-            # Duplicate-charge disputes belong to the dispute service, which owns that case from here.
-            await repo.add_cancellation(request_id=request_id, subscription_id=None,
-                                        account_id=request.account_id, mode=request.mode.value,
-                                        state="routed_to_dispute")
+            cancellation.route_to_dispute()
+            await _save(uow, repo, cancellation)
             return
-        row = await repo.subscription(request.subscription_id or "")
-        if row is None and not self.facts.read_up_to(msg.envelope.occurred_at):
+        subscription = await repo.load_subscription(request.subscription_id or "")
+        if subscription is None and not self.facts.read_up_to(msg.envelope.occurred_at):
             # The subscription's facts may be behind us in a backlog (billing restarted): the request waits
             # for them, within a bound (`settle_waiting`), rather than being rejected as unknown now.
-            await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
-                                        account_id=request.account_id, mode=request.mode.value,
-                                        state=AWAITING_FACTS, request=request.model_dump(mode="json"))
+            cancellation.await_facts()
+            await _save(uow, repo, cancellation)
             log.info("subscription unknown while its facts are not read up to the request: waiting",
-                     request_id=request_id, subscription_id=request.subscription_id)
+                     request_id=cancellation.request_id, subscription_id=request.subscription_id)
             uow.wrote(AWAITING_FACTS)  # wakes the waiter once committed
             return
-        await repo.add_cancellation(request_id=request_id, subscription_id=request.subscription_id,
-                                    account_id=request.account_id, mode=request.mode.value, state="received",
-                                    request=request.model_dump(mode="json"))
-        await self._intake(uow, repo, request, row)
+        await self._intake(uow, repo, cancellation, subscription)
 
-    async def _intake(self, uow: HandlerContext, repo: BillingRepository, request: CancellationRequested,
-                      row: dict | None) -> None:
-        """Validate the request (its cancellation row exists) and reject it or set it on its way."""
-        request_id = str(request.request_id)
-        verdict = await self._validate(repo, request, row)
-        if isinstance(verdict, domain.Rejection):
-            await repo.set_cancellation(request_id, state="rejected", request=None)
-            uow.emit(self._rejection(request, verdict, row))
-            return
-        assert row is not None
-        await repo.set_cancellation(request_id, subscription_id=row["subscription_id"], state="received",
-                                    **_plan_columns(verdict))
-        saga = await repo.cancellation(request_id)
-        assert saga is not None
-        if request.requires_approval:
-            await repo.set_cancellation(request_id, state="pending_approval")
-            uow.emit(ApprovalPending(request_id=request.request_id, subscription_id=row["subscription_id"],
-                                     snapshot=repo.snapshot(row)))
-            parked = await repo.take_parked_decision(request_id)
+    async def _intake(self, uow: HandlerContext, repo: BillingRepository, cancellation: Cancellation,
+                      subscription: Subscription | None) -> None:
+        """Validate the request and reject it, park it for approval or set it on its way."""
+        request = cancellation.request
+        assert request is not None
+        verdict = await self._validate(repo, request, subscription)
+        cancellation.take_in(verdict, subscription, today=self.clock.today(),
+                             retried=await self._retried(repo, request))
+        if cancellation.state is State.PENDING_APPROVAL:
+            parked = await repo.take_parked_decision(cancellation.request_id)
             if parked is not None:
-                await self._decide(uow, repo, {**saga, "state": "pending_approval"}, **parked)
-            return
-        await self._proceed(uow, repo, saga, row)
+                await self._decide(uow, repo, cancellation, **parked)
+                return
+        await self._saved(uow, repo, cancellation)
 
     async def settle_waiting(self, uow: HandlerContext, request_id: str) -> bool:
         """A request waiting for its subscription's facts: taken in when they have arrived; rejected as
         unknown once the facts are read up to when it arrived, or after `facts_wait_s` whatever they say.
         False while it still waits (or waits no more)."""
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(request_id)
-        if saga is None or saga["state"] != AWAITING_FACTS:
+        cancellation = await repo.load(request_id)
+        if cancellation is None or cancellation.state is not State.AWAITING_FACTS:
             return False
-        row = await repo.subscription(saga["subscription_id"] or "")
-        arrived = _utc(saga["created_at"])
-        if row is None and not self.facts.read_up_to(arrived) and (
+        assert cancellation.created_at is not None
+        arrived = cancellation.created_at
+        if cancellation.subscription is None and not self.facts.read_up_to(arrived) and (
                 utcnow() - arrived).total_seconds() < self.facts_wait_s:
             return False
-        if row is None:
+        if cancellation.subscription is None:
             log.info("subscription still unknown after waiting for its facts", request_id=request_id,
                      waited_s=round((utcnow() - arrived).total_seconds(), 1))
-        await self._intake(uow, repo, CancellationRequested.model_validate(saga["request"]), row)
+        await self._intake(uow, repo, cancellation, cancellation.subscription)
         return True
 
     async def _validate(self, repo: BillingRepository, request: CancellationRequested,
-                        row: dict | None) -> domain.Rejection | domain.Plan:
+                        subscription: Subscription | None) -> domain.Rejection | domain.Plan:
         other_in_flight = False
-        if row is not None and row["account_id"] == request.account_id:
-            other_in_flight = await repo.in_flight(row["subscription_id"], exclude=str(request.request_id))
-        return domain.validate(request, repo.facts(row) if row else None, self.clock.today(),
+        if subscription is not None and subscription.account_id == request.account_id:
+            other_in_flight = await repo.in_flight(subscription.subscription_id, exclude=str(request.request_id))
+        return domain.validate(request, subscription.facts() if subscription else None, self.clock.today(),
                                other_in_flight=other_in_flight)
 
     @staticmethod
-    def _rejection(request: CancellationRequested, rejection: domain.Rejection, row: dict | None) -> Failed:
-        owner = row is not None and row["account_id"] == request.account_id
-        return Failed(
-            request_id=request.request_id, source=Source.validation, code=rejection.code.value,
-            message=rejection.message, retryable=rejection.code is ValidationCode.provisioning_in_progress,
-            snapshot=BillingRepository.snapshot(row) if owner and row else None,
-        )
+    async def _retried(repo: BillingRepository, request: CancellationRequested) -> Cancellation | None:
+        """The earlier request an operator's retry names (its vendor step may have gone through)."""
+        if request.retry_of is None:
+            return None
+        return await repo.load(str(request.retry_of), with_subscription=False)
 
     # --- operator decisions ------------------------------------------------------------------
 
@@ -189,99 +155,49 @@ class BillingHandlers:
     async def _on_decision(self, uow: HandlerContext, request_id: str, decision: str, decided_by: str,
                            note: str) -> None:
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(request_id)
-        if saga is None or saga["state"] == AWAITING_FACTS:
+        cancellation = await repo.load(request_id)
+        if cancellation is None or cancellation.state is State.AWAITING_FACTS:
             # Decisions travel on other partitions than their request: keep it until the request is taken in.
             await repo.park_decision(request_id, decision=decision, decided_by=decided_by, note=note)
             return
-        if saga["state"] != "pending_approval":
+        if cancellation.state is not State.PENDING_APPROVAL:
             log.warning("decision for a request that is not pending approval: ignored",
-                        request_id=request_id, state=saga["state"], decision=decision)
+                        request_id=request_id, state=cancellation.state.value, decision=decision)
             return
-        await self._decide(uow, repo, saga, decision=decision, decided_by=decided_by, note=note)
+        await self._decide(uow, repo, cancellation, decision=decision, decided_by=decided_by, note=note)
 
-    async def _decide(self, uow: HandlerContext, repo: BillingRepository, saga: dict, *, decision: str,
-                      decided_by: str, note: str) -> None:
-        request_id = saga["request_id"]
+    async def _decide(self, uow: HandlerContext, repo: BillingRepository, cancellation: Cancellation, *,
+                      decision: str, decided_by: str, note: str) -> None:
         if decision == "declined":
-            await repo.set_cancellation(request_id, state="declined", decided_by=decided_by)
-            uow.emit(RequestDeclined(request_id=request_id, subscription_id=saga["subscription_id"],
-                                     decided_by=decided_by, note=note))
-            return
-        # Approved: the world may have moved on while the request waited, so validate again.
-        request = CancellationRequested.model_validate(saga["request"])
-        row = await repo.subscription(saga["subscription_id"])
-        verdict = await self._validate(repo, request, row)
-        if isinstance(verdict, domain.Rejection):
-            await repo.set_cancellation(request_id, state="rejected", decided_by=decided_by)
-            uow.emit(self._rejection(request, verdict, row))
-            return
-        assert row is not None
-        await repo.set_cancellation(request_id, decided_by=decided_by, **_plan_columns(verdict))
-        saga = await repo.cancellation(request_id)
-        assert saga is not None
-        await self._proceed(uow, repo, saga, row)
+            cancellation.decline(decided_by, note)
+        else:
+            # Approved: the world may have moved on while the request waited, so validate again.
+            request = cancellation.request
+            assert request is not None
+            verdict = await self._validate(repo, request, cancellation.subscription)
+            cancellation.approve(decided_by, verdict, cancellation.subscription, today=self.clock.today(),
+                                 retried=await self._retried(repo, request))
+        await self._saved(uow, repo, cancellation)
+
+    async def _saved(self, uow: HandlerContext, repo: BillingRepository, cancellation: Cancellation) -> None:
+        await _save(uow, repo, cancellation)
+        if cancellation.state is State.SCHEDULED:
+            self.on_scheduled()
 
     # --- scheduling and the vendor step ---------------------------------------------------------
-
-    async def _proceed(self, uow: HandlerContext, repo: BillingRepository, saga: dict, row: dict) -> None:
-        if saga["mode"] == Mode.end_of_term.value and saga["run_on"] > self.clock.today():
-            await self._schedule(uow, repo, saga, row)
-        else:
-            await self._lock_and_ask_vendor(uow, repo, saga, row)
-
-    async def _schedule(self, uow: HandlerContext, repo: BillingRepository, saga: dict, row: dict) -> None:
-        """End of term, full: auto-renew stops now (billing here, the gateway's schedule via the event).
-        Partial: nothing stops. The subscription goes on with the licenses that are left, so it keeps
-        renewing; the commit at the end of the term reprices the renewal (`_commit`)."""
-        subscription_id = row["subscription_id"]
-        full = saga["new_quantity"] == 0
-        if full:
-            history = domain.HISTORY_SCHEDULED.format(effective_date=saga["run_on"].isoformat())
-            await repo.update_subscription(subscription_id, auto_renew=False)
-            await repo.cancel_scheduled_billings(subscription_id)
-        else:
-            history = domain.HISTORY_SCHEDULED_PARTIAL.format(quantity=saga["new_quantity"],
-                                                              effective_date=saga["run_on"].isoformat())
-        await repo.add_history(subscription_id, saga["request_id"], history)
-        await repo.set_cancellation(saga["request_id"], state="scheduled")
-        after = await repo.subscription(subscription_id)
-        assert after is not None
-        uow.emit(CancellationScheduled(
-            request_id=saga["request_id"], account_id=row["account_id"], subscription_id=subscription_id,
-            run_on=saga["run_on"], history=history, full=full,
-            snapshot=repo.snapshot(after, effective_date=saga["effective_date"],
-                                   access_end_date=saga["access_end_date"])))
-        self.on_scheduled()
 
     async def start_scheduled(self, uow: HandlerContext, request_id: str) -> bool:
         """Called by the scheduler when a scheduled cancellation's period has ended."""
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(request_id)
-        if saga is None or saga["state"] != "scheduled":
+        cancellation = await repo.load(request_id)
+        if cancellation is None or cancellation.state is not State.SCHEDULED:
             return False
-        row = await repo.subscription(saga["subscription_id"])
-        if row is None or row["provisioning_status"] == domain.IN_PROGRESS:
+        if cancellation.subscription is None or cancellation.subscription.locked:
             return False  # something else holds the lock: next round
-        await self._lock_and_ask_vendor(uow, repo, saga, row)
+        request = cancellation.request
+        cancellation.lock(retried=await self._retried(repo, request) if request else None)
+        await _save(uow, repo, cancellation)
         return True
-
-    async def _lock_and_ask_vendor(self, uow: HandlerContext, repo: BillingRepository, saga: dict,
-                                   row: dict) -> None:
-        await repo.set_cancellation(saga["request_id"], state="awaiting_vendor", prior_status=row["status"],
-                                    prior_provisioning_status=row["provisioning_status"])
-        await repo.update_subscription(row["subscription_id"], provisioning_status=domain.IN_PROGRESS)
-        uow.emit(VendorCancellationRequested(
-            request_id=saga["request_id"], account_id=row["account_id"],
-            subscription_id=row["subscription_id"], vendor=row["vendor"],
-            vendor_subscription_id=row["vendor_subscription_id"], effective_date=saga["effective_date"],
-            current_quantity=row["quantity"], new_quantity=saga["new_quantity"],
-            retry_of=await self._vendor_done_by(repo, saga, row),
-            snapshot=SubscriptionSnapshot(subscription_status=row["status"],
-                                          provisioning_status=domain.IN_PROGRESS,
-                                          effective_date=saga["effective_date"],
-                                          access_end_date=saga["access_end_date"]),
-        ))
 
     async def request_stuck(self, msg: Message[RequestStuck], uow: HandlerContext) -> None:
         """The status tracker set the request aside (no progress for too long). Its lock must not outlive
@@ -296,136 +212,60 @@ class BillingHandlers:
         """Unlock the subscription of a request that waits for the vendor's answer no more (its status
         set aside, or a lock left overdue: `locks.OverdueLocks`); False when it holds no lock."""
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(request_id)
-        if saga is None or saga["state"] != "awaiting_vendor":
+        cancellation = await repo.load(request_id)
+        if cancellation is None or cancellation.state is not State.AWAITING_VENDOR:
             return False  # not holding the lock: nothing of billing's to release
-        await self._revert(repo, saga, domain.HISTORY_STUCK, RELEASED_STUCK)
+        cancellation.release()
+        await _save(uow, repo, cancellation)
         log.warning("lock released: the request waits for the vendor no more", request_id=request_id,
-                    subscription_id=saga["subscription_id"], why=why)
+                    subscription_id=cancellation.subscription_id, why=why)
         return True
-    @staticmethod
-    async def _vendor_done_by(repo: BillingRepository, saga: dict, row: dict) -> str | None:
-        """The request this one retries, when its vendor step went through and our platform then failed
-        (provisioning does not ask the vendor again for the same change); None otherwise, whatever
-        `retry_of` a request claims."""
-        retried = (saga.get("request") or {}).get("retry_of")
-        earlier = await repo.cancellation(retried) if retried else None
-        if earlier is None or earlier["state"] != "reverted_platform":
-            return None
-        return retried if earlier["subscription_id"] == row["subscription_id"] else None
 
     async def vendor_provisioned(self, msg: Message[VendorProvisioned], uow: HandlerContext) -> None:
         event = msg.payload
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(str(event.request_id))
-        if saga is None or saga["state"] not in ("awaiting_vendor", RELEASED_STUCK):
+        cancellation = await repo.load(str(event.request_id))
+        if cancellation is None or cancellation.state not in (State.AWAITING_VENDOR, State.RELEASED_STUCK):
             return
-        row = await repo.subscription(saga["subscription_id"])
-        assert row is not None
-        if saga["state"] == RELEASED_STUCK and _utc(row["updated_at"]) > _utc(saga["updated_at"]):
-            # The vendor canceled after all, but the subscription changed since its lock was released
-            # (another request took it, say): committing this one now could undo that. Support finishes it.
-            await repo.add_history(row["subscription_id"], saga["request_id"], domain.HISTORY_LATE_VENDOR)
+        subscription = cancellation.subscription
+        assert subscription is not None
+        if cancellation.changed_since_released:
+            cancellation.note_late_vendor()
+            await _save(uow, repo, cancellation)
             return
-        # Released and untouched since: the saga finishes after all, as it would have with the lock.
         # Disarmed outside the savepoint, so the injected fault fires once and stays spent.
-        fault = await repo.take_fault(row["subscription_id"], "commit")
+        fault = await repo.take_fault(subscription.subscription_id, "commit")
+        committed = cancellation.copy()  # the one to revert stays as loaded, should the commit fail
         try:
             async with uow.db.savepoint(PLATFORM_COMMIT):
-                committed = await self._commit(repo, saga, row, inject_fault=fault)
+                committed.commit()
+                await repo.save(committed)
+                if fault:  # after the writes, so the savepoint really has something to undo
+                    raise domain.PlatformCommitError("injected platform fault at stage 'commit'")
         except Exception as exc:  # scenario 3: the vendor canceled, our platform did not
             log.error("platform commit failed after vendor success", error=repr(exc))
-            await self._revert_after_platform_error(uow, repo, saga, row, exc)
+            cancellation.revert_platform(exc)
+            await _save(uow, repo, cancellation)
             return
-        uow.emit(committed)
-
-    async def _commit(self, repo: BillingRepository, saga: dict, row: dict, *,
-                      inject_fault: bool) -> PlatformCommitted:
-        subscription_id = row["subscription_id"]
-        effective = saga["effective_date"]
-        full = saga["new_quantity"] == 0
-        history = domain.committed_history(saga["new_quantity"], effective)
-        if full:
-            await repo.update_subscription(subscription_id, status=domain.CANCELED, effective_date=effective,
-                                           auto_renew=False, provisioning_status=domain.SYNCHRONIZED)
-            await repo.cancel_scheduled_billings(subscription_id)
-        else:
-            await repo.update_subscription(subscription_id, quantity=saga["new_quantity"],
-                                           effective_date=effective, provisioning_status=domain.SYNCHRONIZED)
-            await repo.reprice_scheduled_billings(subscription_id, row["unit_price"] * saga["new_quantity"])
-        await repo.add_history(subscription_id, saga["request_id"], history)
-        await repo.set_cancellation(saga["request_id"], state="committed")
-        if inject_fault:  # after the writes, so the savepoint really has something to undo
-            raise domain.PlatformCommitError("injected platform fault at stage 'commit'")
-        after = await repo.subscription(subscription_id)
-        assert after is not None
-        return PlatformCommitted(
-            request_id=saga["request_id"], account_id=row["account_id"], subscription_id=subscription_id,
-            mode=Mode(saga["mode"]), full=full, trial=row["trial"], effective_date=effective,
-            access_end_date=saga["access_end_date"], period_start=row["current_period_start"],
-            period_end=row["current_period_end"], quantity_before=row["quantity"],
-            quantity_after=saga["new_quantity"], period_quantity=row["period_quantity"], currency=row["currency"],
-            refund_due=not row["trial"] and saga["mode"] != Mode.end_of_term.value,
-            history=history,
-            snapshot=repo.snapshot(after, access_end_date=saga["access_end_date"]),
-        )
-
-    async def _revert(self, repo: BillingRepository, saga: dict, history: str, state: str) -> dict:
-        subscription_id = saga["subscription_id"]
-        await repo.update_subscription(subscription_id, status=saga["prior_status"],
-                                       provisioning_status=saga["prior_provisioning_status"])
-        await repo.add_history(subscription_id, saga["request_id"], history)
-        await repo.set_cancellation(saga["request_id"], state=state)
-        row = await repo.subscription(subscription_id)
-        assert row is not None
-        return row
-
-    async def _revert_after_platform_error(self, uow: HandlerContext, repo: BillingRepository, saga: dict,
-                                           before: dict, exc: Exception) -> None:
-        row = await self._revert(repo, saga, domain.HISTORY_PLATFORM_ERROR, "reverted_platform")
-        uow.emit(Failed(
-            request_id=saga["request_id"], source=Source.platform, code="platform_commit_failed",
-            message=domain.HISTORY_PLATFORM_ERROR, retryable=False, history=domain.HISTORY_PLATFORM_ERROR,
-            snapshot=repo.snapshot(row),
-            details={
-                "account_id": before["account_id"], "subscription_id": before["subscription_id"],
-                "vendor": before["vendor"], "vendor_subscription_id": before["vendor_subscription_id"],
-                "vendor_state": "canceled at the vendor", "requested_effective_date": str(saga["effective_date"]),
-                "new_quantity": saga["new_quantity"], "platform_error": str(exc),
-            },
-        ))
+        _emit(uow, committed)
 
     async def vendor_failed(self, msg: Message[VendorCancellationFailed], uow: HandlerContext) -> None:
         event = msg.payload
         repo = BillingRepository(uow.db)
-        saga = await repo.cancellation(str(event.request_id))
-        if saga is None or saga["state"] != "awaiting_vendor":
+        cancellation = await repo.load(str(event.request_id))
+        if cancellation is None or cancellation.state is not State.AWAITING_VENDOR:
             return
-        history = domain.vendor_error_history(event.message)
-        row = await self._revert(repo, saga, history, "reverted_vendor")
-        uow.emit(Failed(
-            request_id=event.request_id, source=Source.vendor, code=event.code, message=event.message,
-            retryable=True, history=history, snapshot=repo.snapshot(row),
-            details={"vendor": event.vendor, "vendor_subscription_id": event.vendor_subscription_id,
-                     "http_status": event.http_status, "attempts": event.attempts},
-        ))
+        cancellation.revert_vendor(event)
+        await _save(uow, repo, cancellation)
 
 
-def _plan_columns(plan: domain.Plan) -> dict:
-    return {"effective_date": plan.effective_date, "access_end_date": plan.access_end_date,
-            "new_quantity": plan.new_quantity, "run_on": plan.run_on}
+async def _save(uow: HandlerContext, repo: BillingRepository, cancellation: Cancellation) -> None:
+    """Store the cancellation's changes and emit the events its transitions recorded, in one transaction."""
+    await repo.save(cancellation)
+    _emit(uow, cancellation)
 
 
-def _received(request: CancellationRequested) -> CancellationReceived:
-    return CancellationReceived(
-        request_id=request.request_id, account_id=request.account_id, target=request.target,
-        subscription_id=request.subscription_id, charge_ids=request.charge_ids, mode=request.mode,
-        effective_date=request.effective_date, quantity=request.quantity, requested_by=request.requested_by,
-        reason=request.reason, requires_approval=request.requires_approval,
-        opt_out_of_emails=request.opt_out_of_emails, retry_of=request.retry_of,
-    )
-
-
-def _utc(at: datetime) -> datetime:
-    """A stored timestamp as an aware UTC one (SQLite gives them back without their zone)."""
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+def _emit(uow: HandlerContext, cancellation: Cancellation) -> None:
+    for event in cancellation.events:
+        uow.emit(event)
+    cancellation.events.clear()

@@ -69,8 +69,7 @@ cancellations = Table(
     Column("subscription_id", String(100), nullable=True, index=True),
     Column("account_id", String(100), nullable=False),
     Column("mode", String(20), nullable=False),
-    # pending_approval -> (scheduled ->) awaiting_vendor -> committed | reverted_vendor | reverted_platform;
-    # or rejected, declined, routed_to_dispute
+    # a cancellation.State value; its legal moves are cancellation.LEGAL
     Column("state", String(30), nullable=False),
     Column("effective_date", Date, nullable=True),
     Column("access_end_date", Date, nullable=True),

@@ -1,9 +1,5 @@
-"""Runs end-of-term cancellations when their period ends.
-
-Durable by construction: a scheduled cancellation is a row in billing's database; starting it
-(lock, vendor request in the outbox, state `awaiting_vendor`) is one transaction. A restart finds
-what is still `scheduled` and runs it; what already started is never started again.
-"""
+"""Runs end-of-term cancellations when their period ends. A scheduled one is a row, and starting it (lock,
+vendor request in the outbox, new state) is one transaction: a restart runs what is still scheduled, once."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import structlog
 from sqlalchemy import bindparam, select
 
 from billing import orm
+from billing.cancellation import State
 from billing.clock import Clock
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
@@ -24,7 +21,7 @@ Start = Callable[[UnitOfWork, str], Awaitable[bool]]
 
 _cancellations = orm.cancellations
 DUE = Query(select(_cancellations.c.request_id).where(
-    (_cancellations.c.state == "scheduled") & (_cancellations.c.run_on <= bindparam("today"))
+    (_cancellations.c.state == State.SCHEDULED.value) & (_cancellations.c.run_on <= bindparam("today"))
 ).order_by(_cancellations.c.run_on, _cancellations.c.created_at).limit(200))
 
 
