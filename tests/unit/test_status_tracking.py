@@ -200,8 +200,8 @@ def test_a_stuck_alert_overtaken_by_progress_is_dropped() -> None:
 
 
 @pytest.fixture
-async def tracker_db(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'tracker.db'}")
+async def tracker_db(store):  # type: ignore[no-untyped-def]
+    engine = db.make_engine(store("status_tracker"))
     await db.create_schema(engine, orm.metadata)
     yield engine
     await engine.dispose()
