@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -291,8 +290,8 @@ async def _partitions(found: set[int]) -> set[int]:
 # --- the read model ----------------------------------------------------------------------------------
 
 
-async def test_read_model_keeps_the_newest_version_and_filters(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'status.db'}")
+async def test_read_model_keeps_the_newest_version_and_filters(store: Any) -> None:
+    engine = db.make_engine(store("status"))
     try:
         await db.create_schema(engine, orm.metadata)
         model = ReadModel(engine, db.session_factory(engine))
