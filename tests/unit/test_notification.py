@@ -1,6 +1,6 @@
 """Notification with a fake mailer and a real unit of work (SQLite and PostgreSQL): which emails each
-outcome owes, the intent-first delivery (claim, send, mark), recovery after a kill between send and mark, SMTP outages,
-customers whose contact arrives late, opt-out and stuck requests."""
+outcome owes, the intent-first delivery (claim, send, mark), recovery after a kill between send and
+mark, SMTP outages, customers whose contact arrives late, opt-out and stuck requests."""
 
 from __future__ import annotations
 

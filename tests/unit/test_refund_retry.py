@@ -1,7 +1,7 @@
 """An operator's refund retry at the payment-gateway handler (fake gateway; SQLite and PostgreSQL): the
-refused line is refunded once under a new key, however many retry requests name it and however often each is
-delivered; never above what the charge has left; and a retry of a request with nothing refused ends
-`manual_review` with nothing refunded."""
+refused line is refunded once under a new key, however many retry requests name it and however often
+each is delivered; never above what the charge has left; and a retry of a request with nothing refused
+ends `manual_review` with nothing refunded."""
 
 from __future__ import annotations
 
