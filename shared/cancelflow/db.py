@@ -39,8 +39,8 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-# JSON columns (status views, email contexts, outbox headers) go through orjson: the standard
-# library's encoder was 4% of the status tracker's CPU in a benchmark burst.
+# JSON columns (status views, email contexts, outbox headers) go through orjson, the cheaper encoder
+# (docs/performance.md, "The speed forks").
 JSON_CODEC: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
@@ -82,29 +82,13 @@ def _register(engine: AsyncEngine, direct: DriverConnections) -> None:
 
 
 class InlineSqlite(aiosqlite.Connection):
-    """aiosqlite without a thread hop per call: statements run on the event loop, BEGIN too unless it must wait.
+    """aiosqlite without a thread hop per call, a speed fork: statements run on the event loop.
 
-    Profiled: handing every cursor, execute, fetch and commit to aiosqlite's thread and back (two
-    context switches and a fight for the GIL each) cost about half the CPU of a unit of work (2.3 ms
-    against 1.2 ms for a four-statement transaction). A statement on a local SQLite file takes
-    microseconds, so it runs on the event loop's thread. The one statement that can wait is BEGIN
-    IMMEDIATE (every transaction starts with it, see `_sqlite_serializable_writes`): it waits in
-    SQLite's busy handler while another connection writes, and that connection may be this process's
-    own, waiting for the loop. So BEGIN is first tried on the loop with no busy wait, and only when
-    another connection holds the write lock does it go to the thread and wait there (the hop cost
-    about 300 microseconds of CPU, more than half of a one-insert transaction). Once BEGIN returns,
-    this connection holds the write lock and nothing after it waits (WAL: readers never block,
-    commits do not wait).
-    A call made while the thread still works for this connection (its caller was cancelled, say at
-    shutdown) queues behind it: a sqlite3 connection must never be used by two threads at once.
-
-    The connections of one engine (one process: its consumer, outbox relay, email sender, HTTP views)
-    first queue for the write lock among themselves, on `writers`, from BEGIN until their transaction
-    ends. Measured without it: a BEGIN that found this process's own consume loop holding the lock (it
-    yields between a batch's records) went to the thread and waited in SQLite's busy handler, which
-    sleeps in steps of up to 100 ms; the relay's events were late by that much. Queued, it begins
-    the moment the holder commits, without the thread. Other processes (a second instance) are still
-    waited for in the thread.
+    The hop cost more than the statement. Only BEGIN IMMEDIATE can wait (for another writer): it is tried
+    on the loop without waiting, and goes to the thread when the database is busy; a call made while the
+    thread works for this connection queues behind it (a sqlite3 connection is never used by two threads).
+    The connections of one engine queue for the write lock among themselves, on `writers`, from BEGIN to
+    the end of their transaction. docs/performance.md, items 5, 11 and 20.
     """
 
     _in_thread = 0  # calls handed to the thread and not finished yet (only touched on the loop)
@@ -264,17 +248,10 @@ def _sqlite_serializable_writes(engine: AsyncEngine) -> None:
 
 class DriverConnections:
     """An engine's driver connections for units of work and relays, without SQLAlchemy's session or
-    execution (`transaction()`, `reads()`): `InlineSqlite` on SQLite, `PgDriver` (asyncpg) on
-    PostgreSQL.
+    execution (`transaction()`, `reads()`): `InlineSqlite` on SQLite, `PgDriver` (asyncpg) on PostgreSQL.
 
-    Profiled (py-spy --gil, paced at 100 requests per second): the session around each transaction
-    (its begin, the lookup of its connection, BEGIN IMMEDIATE run through SQLAlchemy's execution,
-    the commit, the pool's check-in) was 16% of billing's CPU and 29% of dispute's on SQLite, more
-    than the statements it wrapped; on PostgreSQL every statement also went through SQLAlchemy's
-    execution (a three-statement transaction: 1.0-1.3 ms of client CPU, 0.19-0.22 on asyncpg
-    directly). Here a transaction is its BEGIN, the statements and COMMIT on a connection set up as
-    the engine's own are (on SQLite the same queue for the write lock among the engine's
-    connections). SQLAlchemy's sessions stay for the rest (HTTP views, migrations, maintenance).
+    The session around a transaction cost more than the statements in it (docs/performance.md, items 25
+    and 26). Sessions stay for the rest: HTTP views, migrations, maintenance.
     """
 
     IDLE_MAX = 4  # connections kept open between transactions; more are opened while needed
@@ -420,10 +397,8 @@ class _Begin:
 
 class PgDriver:
     """An asyncpg connection as `cancelflow.sql.Db` and `DriverTransaction` use it (the calls of
-    `InlineSqlite`): statements prepared once by asyncpg and run with the values SQLAlchemy's bind
-    processors made, rows converted by its result processors (`Db`), with no SQLAlchemy execution
-    in between. Measured on pgserver, a three-statement transaction: 1.0 to 1.3 ms of client CPU
-    through a session, 0.19 to 0.22 ms on asyncpg directly."""
+    `InlineSqlite`): statements prepared once by asyncpg, values and rows converted by SQLAlchemy's
+    processors (`Db`), no SQLAlchemy execution in between (docs/performance.md, item 26)."""
 
     __slots__ = ("_raw",)
 
@@ -467,8 +442,8 @@ class PgDriver:
     async def _lost_is_transient(self, call: Awaitable[Any]) -> Any:
         """A call that failed because the connection is gone (the server restarted, or ended an idle
         connection) raises `ConnectionLost`, which the retry policy retries (on a new connection:
-        a closed one is not used again). Measured: asyncpg's own error for a connection the server
-        had ended while idle was an InternalClientError ('cannot switch to state ...')."""
+        a closed one is not used again). asyncpg's own error for a connection the server ended while
+        idle is an InternalClientError ('cannot switch to state ...'), so the connection is asked."""
         try:
             return await call
         except Exception as exc:

@@ -1,22 +1,8 @@
-"""Statements built once and run many times, and the handle a unit of work runs them with.
+"""Statements built once (`Query`) and run on the driver connection (`Db`): a speed fork of SQLAlchemy.
 
-Profiled in a benchmark burst (issue 8): building a statement, computing its cache key and going
-through SQLAlchemy's execution on every call cost about 150 microseconds, more than half of each
-service's CPU, against about 4 for SQLite to run it. So a `Query` is built once (at import, with
-named `bindparam`s), and `Db` runs it:
-
-- on the driver connection (SQLite always; PostgreSQL in units of work and relays), with the SQL,
-  parameter order and type conversions SQLAlchemy compiled for it the first time: its own bind and
-  result processors, so values go in and come back exactly as they do through SQLAlchemy (dates,
-  decimals, booleans, JSON). On PostgreSQL the result conversions depend on the column types the
-  server reports, so they are chosen when the statement is first prepared;
-- in a PostgreSQL session (HTTP views), through SQLAlchemy, which still saves the building and the
-  cache key.
-
-`Db` commits nothing itself. It runs in a session's transaction (it asks the session for its
-connection, which begins the transaction) or, for units of work and relays, in a
-`cancelflow.db.DriverTransaction`: the same statements on a driver connection with no session
-around them.
+Building and executing every statement through SQLAlchemy cost more than running it. `Db` runs the SQL,
+parameter order and bind/result conversions SQLAlchemy compiled once, in a session's transaction or a
+`cancelflow.db.DriverTransaction`, and commits nothing. docs/performance.md, items 8 and 26.
 """
 
 from __future__ import annotations
@@ -166,10 +152,7 @@ class Among:
 class Savepoint:
     """A named savepoint as three plain statements, run by `Db.savepoint` (or one by one).
 
-    Through the session (`begin_nested()`), a savepoint cost as much as the statements inside it:
-    the session's transaction bookkeeping, SQLAlchemy's own SAVEPOINT statement and, afterwards, a
-    new lookup of the driver connection. As plain statements in the transaction it costs three
-    statements."""
+    The session's `begin_nested()` cost as much as the statements inside it: docs/performance.md, item 17."""
 
     __slots__ = ("begin", "release", "rollback_to")
 

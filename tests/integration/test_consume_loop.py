@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -111,8 +110,8 @@ def lag(monkeypatch: pytest.MonkeyPatch) -> LagGauge:
 
 
 @pytest.fixture
-async def new_uow(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/loop.db")
+async def new_uow(store: Any):  # type: ignore[no-untyped-def]
+    engine = make_engine(store("loop"))
     await create_schema(engine, METADATA)
     sessions = transactions(engine)
     try:
@@ -242,8 +241,8 @@ class RefusingUnitOfWork(UnitOfWork):
         return super().emit(payload, **kwargs)
 
 
-async def test_a_refused_dead_letter_record_is_written_without_the_records_bytes(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/refusing.db")
+async def test_a_refused_dead_letter_record_is_written_without_the_records_bytes(store: Any) -> None:
+    engine = make_engine(store("refusing"))
     await create_schema(engine, METADATA)
     sessions = transactions(engine)
     consumer = ScriptedConsumer([{TP0: records(TP0, 0, value=b"not json", key=b"k" * 300)}])

@@ -3,22 +3,22 @@
 Hypothesis deals subscriptions and charges out to a few accounts at random, then lets random accounts
 ask to cancel random subscriptions and dispute random sets of charges. Whatever the draw, a request
 that names anything of another account is rejected `not_owner`, reveals nothing about it, and leaves
-no effect: no lock, no vendor call, no gateway call, no refund.
+no effect: no lock, no vendor call, no gateway call, no refund. On SQLite and PostgreSQL: one database
+per test, emptied before each example.
 """
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import uuid
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import orm as billing_orm
@@ -36,7 +36,8 @@ from dispute.handlers import DisputeHandlers
 
 TODAY = date(2026, 11, 21)
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
-PROFILE = settings(max_examples=30, derandomize=True, deadline=None)
+PROFILE = settings(max_examples=30, derandomize=True, deadline=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture])  # the database, emptied per example
 
 
 class FixedClock:
@@ -53,9 +54,17 @@ def _subscription(subscription_id: str, owner: str) -> SubscriptionActivated:
         auto_renew=True)
 
 
-async def _engine(path: Path, orm: Any) -> AsyncEngine:
-    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+@pytest.fixture
+def database(store: Any) -> str:
+    return store("authorization")
+
+
+async def _engine(url: str, orm: Any) -> AsyncEngine:
+    engine = make_engine(url)
     await create_schema(engine, orm.metadata)
+    async with engine.begin() as conn:
+        for table in reversed(orm.metadata.sorted_tables):
+            await conn.execute(delete(table))
     return engine
 
 
@@ -73,10 +82,10 @@ owners = st.lists(st.sampled_from(ACCOUNTS), min_size=1, max_size=4)
 @PROFILE
 @given(subscription_owners=owners,
        asks=st.lists(st.tuples(st.sampled_from(ACCOUNTS), st.integers(0, 3)), min_size=1, max_size=6))
-def test_cancellations_never_touch_another_accounts_subscription(subscription_owners: list[str],
+def test_cancellations_never_touch_another_accounts_subscription(database: str, subscription_owners: list[str],
                                                                 asks: list[tuple[str, int]]) -> None:
-    async def scenario(path: Path) -> None:
-        engine = await _engine(path, billing_orm)
+    async def scenario() -> None:
+        engine = await _engine(database, billing_orm)
         handlers = BillingHandlers(FixedClock())  # type: ignore[arg-type]
         try:
             for n, owner in enumerate(subscription_owners):
@@ -103,8 +112,7 @@ def test_cancellations_never_touch_another_accounts_subscription(subscription_ow
         finally:
             await engine.dispose()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(Path(tmp) / "billing.db"))
+    asyncio.run(scenario())
 
 
 async def _row(engine: AsyncEngine, subscription_id: str) -> dict[str, Any]:
@@ -117,10 +125,10 @@ async def _row(engine: AsyncEngine, subscription_id: str) -> dict[str, Any]:
 @PROFILE
 @given(charge_owners=owners, asks=st.lists(
     st.tuples(st.sampled_from(ACCOUNTS), st.sets(st.integers(0, 3), min_size=1, max_size=3)), min_size=1, max_size=5))
-def test_disputes_never_touch_another_accounts_charges(charge_owners: list[str],
+def test_disputes_never_touch_another_accounts_charges(database: str, charge_owners: list[str],
                                                       asks: list[tuple[str, set[int]]]) -> None:
-    async def scenario(path: Path) -> None:
-        engine = await _engine(path, dispute_orm)
+    async def scenario() -> None:
+        engine = await _engine(database, dispute_orm)
         handlers = DisputeHandlers(window_hours=72)
         captured = datetime(2026, 11, 20, 12, tzinfo=UTC)
         try:
@@ -150,5 +158,4 @@ def test_disputes_never_touch_another_accounts_charges(charge_owners: list[str],
         finally:
             await engine.dispose()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(Path(tmp) / "dispute.db"))
+    asyncio.run(scenario())

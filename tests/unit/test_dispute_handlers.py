@@ -1,5 +1,5 @@
 """The multiple-charge flow at handler level: the dispute service and payment-gateway's dispute handlers
-on real SQLite units of work, a fake gateway running the sandbox's rules, and the status fold.
+on real units of work (SQLite and PostgreSQL), a fake gateway running the sandbox's rules, and the status fold.
 
 Saga events are passed between the two services as the broker would, so every step can be checked:
 the audit trail, the refund guard shared with cancellation refunds, and redeliveries.
@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -49,8 +48,8 @@ PERIOD_END = PERIOD_START + timedelta(days=30)
 
 
 
-async def new_engine(path: Path, orm: ModuleType) -> AsyncEngine:
-    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+async def new_engine(url: str, orm: ModuleType) -> AsyncEngine:
+    engine = make_engine(url)
     await create_schema(engine, orm.metadata)
     return engine
 
@@ -149,9 +148,9 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    dispute_engine = await new_engine(tmp_path / "dispute.db", dispute_orm)
-    payment_engine = await new_engine(tmp_path / "payment.db", payment_orm)
+async def world(store: Any) -> AsyncIterator[World]:
+    dispute_engine = await new_engine(store("dispute"), dispute_orm)
+    payment_engine = await new_engine(store("payment"), payment_orm)
     yield World(dispute_engine, payment_engine)
     await dispute_engine.dispose()
     await payment_engine.dispose()
@@ -345,9 +344,9 @@ async def test_redelivered_events_refund_once(world: World) -> None:
     assert [e.event_type for e in world.saga].count("RefundIssued") == 1
 
 
-async def test_window_setting_is_used(tmp_path: Path) -> None:
-    dispute_engine = await new_engine(tmp_path / "d.db", dispute_orm)
-    payment_engine = await new_engine(tmp_path / "p.db", payment_orm)
+async def test_window_setting_is_used(store: Any) -> None:
+    dispute_engine = await new_engine(store("dispute"), dispute_orm)
+    payment_engine = await new_engine(store("payment"), payment_orm)
     try:
         world = World(dispute_engine, payment_engine, window_hours=1)
         await world.capture("a", 3)

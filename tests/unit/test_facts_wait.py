@@ -115,8 +115,8 @@ async def test_an_unknown_subscription_is_rejected_after_the_bound_whatever_the_
 # --- dispute: a charge it does not know yet -----------------------------------------------------------
 
 
-async def test_a_dispute_before_its_charges_waits_and_goes_on_when_they_come(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    world = World(await new_engine(tmp_path / "d.db", dispute_orm), await new_engine(tmp_path / "p.db", payment_orm))
+async def test_a_dispute_before_its_charges_waits_and_goes_on_when_they_come(store) -> None:  # type: ignore[no-untyped-def]
+    world = World(await new_engine(store("dispute"), dispute_orm), await new_engine(store("payment"), payment_orm))
     facts = Facts()
     world.dispute.facts = facts
     waiter = FactsWaiter(

@@ -1,5 +1,5 @@
-"""Handlers with fakes and a real unit of work (billing's on SQLite and PostgreSQL, the others on SQLite):
-state, outbox and inbox after each commit."""
+"""Handlers with fakes and a real unit of work, on SQLite and on PostgreSQL (`store`): state, outbox and
+inbox after each commit."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ async def rows(engine: AsyncEngine, table: Any, *where: Any) -> list[dict[str, A
         return [dict(r) for r in (await conn.execute(query)).mappings().all()]
 
 
-async def new_engine(path: Any, orm: ModuleType) -> AsyncEngine:
-    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+async def new_engine(url: str, orm: ModuleType) -> AsyncEngine:
+    engine = make_engine(url)
     await create_schema(engine, orm.metadata)
     return engine
 
@@ -98,8 +98,7 @@ def types(events: list[dict[str, Any]]) -> list[str]:
 
 @pytest.fixture
 async def billing_engine(store: Any) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(store("billing"))
-    await create_schema(engine, billing_orm.metadata)
+    engine = await new_engine(store("billing"), billing_orm)
     yield engine
     await engine.dispose()
 
@@ -449,8 +448,8 @@ def handle_way(request: pytest.FixtureRequest) -> Handle:
 
 
 @pytest.fixture
-async def provisioning_engine(tmp_path: Any, handle_way: Handle) -> AsyncIterator[AsyncEngine]:
-    engine = await new_engine(tmp_path / "provisioning.db", provisioning_orm)
+async def provisioning_engine(store: Any, handle_way: Handle) -> AsyncIterator[AsyncEngine]:
+    engine = await new_engine(store("provisioning"), provisioning_orm)
     yield engine
     await engine.dispose()
 
@@ -554,8 +553,8 @@ async def test_provisioning_crash_leaves_a_pending_row_and_one_effect(
 
 
 @pytest.fixture
-async def payment_engine(tmp_path: Any, handle_way: Handle) -> AsyncIterator[AsyncEngine]:
-    engine = await new_engine(tmp_path / "payment.db", payment_orm)
+async def payment_engine(store: Any, handle_way: Handle) -> AsyncIterator[AsyncEngine]:
+    engine = await new_engine(store("payment"), payment_orm)
     yield engine
     await engine.dispose()
 

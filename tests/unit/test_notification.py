@@ -1,6 +1,6 @@
-"""Notification with a fake mailer and a real SQLite unit of work: which emails each outcome owes, the
-intent-first delivery (claim, send, mark), recovery after a kill between send and mark, SMTP outages,
-customers whose contact arrives late, opt-out and stuck requests."""
+"""Notification with a fake mailer and a real unit of work (SQLite and PostgreSQL): which emails each
+outcome owes, the intent-first delivery (claim, send, mark), recovery after a kill between send and
+mark, SMTP outages, customers whose contact arrives late, opt-out and stuck requests."""
 
 from __future__ import annotations
 
@@ -165,8 +165,8 @@ def text(msg: EmailMessage) -> str:
 
 
 @pytest.fixture
-async def world(tmp_path: Any) -> AsyncIterator[World]:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'notification.db'}")
+async def world(store: Any) -> AsyncIterator[World]:
+    engine = make_engine(store("notification"))
     await create_schema(engine, orm.metadata)
     yield World(engine)
     await engine.dispose()

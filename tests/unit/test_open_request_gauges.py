@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 from prometheus_client import REGISTRY
 from sqlalchemy import insert
@@ -16,8 +16,8 @@ def gauge(name: str, state: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"state": state})
 
 
-async def test_refresh_counts_open_requests_and_ages_the_oldest(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'status.db'}")
+async def test_refresh_counts_open_requests_and_ages_the_oldest(store: Any) -> None:
+    engine = db.make_engine(store("status"))
     sessions = db.session_factory(engine)
     now = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
     try:

@@ -142,9 +142,9 @@ async def test_licenses_refunded_never_exceed_licenses_paid_whatever_upstream_sa
     assert payments.refunded() == Decimal("100.00")  # was 132.89
 
 
-async def test_billing_keeps_the_quantity_its_cancellations_set(tmp_path: Any, payments: Payments) -> None:
+async def test_billing_keeps_the_quantity_its_cancellations_set(store: Any, payments: Payments) -> None:
     """Remove 2 of 5, an upstream refresh with quantity 5, remove 4, cancel the rest: 100.00 of 150.00."""
-    billing_engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}")
+    billing_engine = make_engine(store("billing"))
     await create_schema(billing_engine, billing_orm.metadata)
     billing = Billing(billing_engine)
     try:
@@ -172,8 +172,8 @@ async def test_billing_keeps_the_quantity_its_cancellations_set(tmp_path: Any, p
         await billing_engine.dispose()
 
 
-async def test_a_new_period_takes_upstream_quantity_again(tmp_path: Any) -> None:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}")
+async def test_a_new_period_takes_upstream_quantity_again(store: Any) -> None:
+    engine = make_engine(store("billing"))
     await create_schema(engine, billing_orm.metadata)
     billing = Billing(engine)
     try:

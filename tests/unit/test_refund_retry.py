@@ -1,7 +1,7 @@
-"""An operator's refund retry at the payment-gateway handler (fake gateway, SQLite): the refused line is
-refunded once under a new key, however many retry requests name it and however often each is
-delivered; never above what the charge has left; and a retry of a request with nothing refused ends
-`manual_review` with nothing refunded."""
+"""An operator's refund retry at the payment-gateway handler (fake gateway; SQLite and PostgreSQL): the
+refused line is refunded once under a new key, however many retry requests name it and however often
+each is delivered; never above what the charge has left; and a retry of a request with nothing refused
+ends `manual_review` with nothing refunded."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class RefusingOnce(FakeGatewayClient):
 
 
 @pytest.fixture
-async def money(tmp_path):  # type: ignore[no-untyped-def]
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'payments.db'}")
+async def money(store):  # type: ignore[no-untyped-def]
+    engine = make_engine(store("payment_gateway"))
     await create_schema(engine, orm.metadata)
     gateway = RefusingOnce()
     await gateway.capture(amount=Decimal("30.00"), currency="USD", account_id="acc", subscription_id="sub",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -200,8 +199,8 @@ def test_a_stuck_alert_overtaken_by_progress_is_dropped() -> None:
 
 
 @pytest.fixture
-async def tracker_db(tmp_path: Path):  # type: ignore[no-untyped-def]
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'tracker.db'}")
+async def tracker_db(store):  # type: ignore[no-untyped-def]
+    engine = db.make_engine(store("status_tracker"))
     await db.create_schema(engine, orm.metadata)
     yield engine
     await engine.dispose()
@@ -291,8 +290,8 @@ async def _partitions(found: set[int]) -> set[int]:
 # --- the read model ----------------------------------------------------------------------------------
 
 
-async def test_read_model_keeps_the_newest_version_and_filters(tmp_path: Path) -> None:
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'status.db'}")
+async def test_read_model_keeps_the_newest_version_and_filters(store: Any) -> None:
+    engine = db.make_engine(store("status"))
     try:
         await db.create_schema(engine, orm.metadata)
         model = ReadModel(engine, db.session_factory(engine))

@@ -1,14 +1,9 @@
-"""Email content: a text and an HTML Jinja2 template per kind, and the MIME message around them.
+"""Email content: `render(kind, context)` gives (subject, text, html) from a Jinja2 template pair per kind;
+`message_bytes(...)` wraps them into the multipart/alternative message, with the Message-ID (deduplication
+at the receiver) and X-Cancelflow-* headers (emails told apart without parsing bodies).
 
-`render(kind, context)` gives (subject, text, html); `message_bytes(...)` wraps them into a
-multipart/alternative message with the headers the rest of cancelflow relies on
-(Message-ID for deduplication at the receiver, X-Cancelflow-Kind and X-Cancelflow-Request-Id so tests
-and support can tell emails apart without parsing bodies).
-
-Context: each kind names the keys it cannot do without (`KINDS[kind].required`, a ValueError names the
-missing one); every other key of `CONTEXT_KEYS` is optional and renders cleanly when absent. The
-templates run under StrictUndefined after the context was completed with None for the optional keys,
-so a typo in a template fails the tests instead of silently printing nothing.
+A kind's required context keys raise a ValueError when missing; the others are optional. Templates run
+under StrictUndefined (optional keys completed with None): a typo fails the tests, never prints nothing.
 """
 
 from __future__ import annotations
@@ -228,8 +223,8 @@ def _one_line(text: str) -> str:
 
 
 async def load_templates() -> None:
-    """Compile every template at start, not while the first emails of a burst wait (profiled: the
-    compiles were 4% of the service's CPU in a 10-second burst)."""
+    """Compile every template at start, not while the first emails of a burst wait (docs/performance.md,
+    item 14)."""
     for name in _env.list_templates():
         _env.get_template(name)
 
@@ -301,8 +296,8 @@ def _written_as_is(name: str, value: str, max_line_length: int = 78) -> bool:
 
 class _QuickFold(Compat32):
     """compat32, except that a header short enough to need no folding, ASCII and on one line, is
-    written as it is instead of through a `Header` object (which gave the same bytes for a third of
-    the cost of the whole message)."""
+    written as it is instead of through a `Header` object: the same bytes, cheaper (docs/performance.md,
+    item 19)."""
 
     def _fold(self, name: str, value: Any, sanitize: bool) -> str:
         if isinstance(value, str) and _written_as_is(name, value, self.max_line_length or 78):
@@ -349,10 +344,9 @@ def message_bytes(
     """The complete email, ready for SMTP: multipart/alternative (text first, HTML preferred by capable
     clients), from what `render(kind, context)` gave. `boundary` is for tests (a fresh one otherwise).
 
-    Built with the classic (compat32) MIME classes: a quarter of the CPU of `EmailMessage` with the
-    modern policy. The usual email (ASCII headers that need no folding, ASCII bodies in lines SMTP
-    accepts) is written directly, byte for byte what those classes write for it (`_classic`;
-    tests/unit/test_render.py compares the two): a tenth of their CPU."""
+    A speed fork of `EmailMessage`, which cost most of composing: the usual email (ASCII headers that need
+    no folding, ASCII bodies in lines SMTP accepts) is written directly, byte for byte what the classic
+    MIME classes (`_classic`) write for the rest. docs/performance.md, items 6, 19 and 28."""
     subject, text, html = rendered
     recipients = [to] if isinstance(to, str) else list(to)
     if not recipients:

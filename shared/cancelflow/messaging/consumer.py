@@ -42,15 +42,12 @@ log = get_logger(__name__)
 
 class ConsumeLoop:
     MAX_HANDLER_ATTEMPTS = MAX_HANDLER_ATTEMPTS
-    # Offsets of handled polls are committed together at most this often (and whenever a poll comes
-    # back empty, and at shutdown): each commit is a request to the broker, and a poll's commit was
-    # a third of a busy consumer's requests. Redelivering what a crash left uncommitted is safe (the
-    # inbox drops it), so this only bounds that redelivery.
+    # Offsets of handled polls are committed together at most this often (and at an empty poll and at
+    # shutdown): each commit is a broker request (docs/performance.md, item 15). Redelivering what a
+    # crash left uncommitted is safe (the inbox drops it), so this only bounds that redelivery.
     COMMIT_EVERY_S = 0.25
-    # SQLite statements run on the loop without yielding, so a batch would hold up the rest of the
-    # service (the email sender's SMTP exchanges, the relay, HTTP probes) from its start to its end:
-    # measured, each SMTP command waited out a batch. It yields once this long has passed. Yielding
-    # after every record cost a sixth of the throughput of a 1,000-request burst.
+    # SQLite statements run on the loop without yielding, so a batch yields once this long has passed,
+    # not to hold up the rest of the service (SMTP, relay, HTTP); docs/performance.md, item 16.
     YIELD_EVERY_S = 0.005
     # How often the lag gauge is set, from the broker's end offsets: on a timer rather than after each
     # poll, so that it also grows while a poll's records are retried (the loop waits then) and it
