@@ -71,7 +71,7 @@ def run_env(metadata: MetaData) -> None:
     `config.attributes["connection"]`, or offline (SQL text) with `sqlalchemy.url` naming the dialect."""
     from alembic import context
 
-    options: dict[str, Any] = {"target_metadata": metadata, "compare_type": True}
+    options: dict[str, Any] = {"target_metadata": metadata, "compare_type": True, "render_item": _render_item}
     if context.is_offline_mode():
         context.configure(url=context.config.get_main_option("sqlalchemy.url"), literal_binds=True,
                           dialect_opts={"paramstyle": "named"}, **options)
@@ -85,6 +85,16 @@ def run_env(metadata: MetaData) -> None:
     context.configure(connection=connection, **options)
     with context.begin_transaction():  # a no-op inside the caller's transaction
         context.run_migrations()
+
+
+def _render_item(kind: str, item: Any, _context: Any) -> str | bool:
+    """Autogenerate writes a column type of ours (cancelflow.columns) as the SQLAlchemy type it stores:
+    revisions import only `sa`."""
+    from sqlalchemy import TypeDecorator
+
+    if kind == "type" and isinstance(item, TypeDecorator):
+        return f"sa.{item.impl!r}"
+    return False
 
 
 # --- running them ----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -60,9 +60,8 @@ def _dispute_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
 
 
 def _utc(row: dict[str, Any]) -> dict[str, Any]:
-    """Timestamps as RFC 3339 UTC (SQLite hands them back without their zone)."""
-    return {k: (v.replace(tzinfo=UTC) if v.tzinfo is None else v).isoformat() if isinstance(v, datetime) else v
-            for k, v in row.items()}
+    """Timestamps as RFC 3339 UTC."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
 
 
 def _charge_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]

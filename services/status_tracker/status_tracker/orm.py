@@ -5,8 +5,9 @@ query about any request."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, Text
 
+from cancelflow.columns import UtcDateTime
 from cancelflow.messaging.store import messaging_tables
 
 metadata = MetaData()
@@ -21,8 +22,8 @@ views = Table(
     Column("error_source", String(20), nullable=True, index=True),
     Column("version", Integer, nullable=False),
     Column("view", JSON, nullable=False),  # tracking.document(): the status fields, emails, errors
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False, index=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 # Every operator action, allowed or refused (CONTRACT.md section 11): who, when, what, on which
@@ -30,7 +31,7 @@ views = Table(
 audit = Table(
     "operator_audit", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("at", UtcDateTime(), nullable=False, index=True),
     Column("operator", String(100), nullable=False),
     Column("role", String(20), nullable=False),
     Column("action", String(30), nullable=False),
@@ -50,5 +51,5 @@ claims = Table(
     Column("phase", String(20), primary_key=True),  # decision | resolution
     Column("action", String(30), nullable=False),
     Column("operator", String(100), nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
 )
