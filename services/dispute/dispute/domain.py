@@ -15,6 +15,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from cancelflow import durations
 from cancelflow.events import ChargeVerification, RequestedBy, ValidationCode
 
 
@@ -112,15 +113,7 @@ def validate(account_id: str, charge_ids: list[str], known: dict[str, Charge]) -
 
 def human_delta(delta: timedelta) -> str:
     """'45 min', '2 h', '3 h 5 min', '4 d 2 h'."""
-    minutes = int(abs(delta).total_seconds() // 60)
-    days, rest = divmod(minutes, 24 * 60)
-    hours, mins = divmod(rest, 60)
-    parts = [f"{days} d"] if days else []
-    if hours:
-        parts.append(f"{hours} h")
-    if mins and not days:
-        parts.append(f"{mins} min")
-    return " ".join(parts) or "0 min"
+    return durations.text(delta.total_seconds())
 
 
 def _money(charge: Charge) -> str:
