@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from billing import orm
@@ -13,7 +15,7 @@ from billing.scheduler import EndOfTermScheduler
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
 from cancelflow.messaging.facts import FactsWaiter
-from cancelflow.service import ServiceRuntime, json_response
+from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
 from cancelflow.sql import Db
 
@@ -45,7 +47,7 @@ def build() -> ServiceRuntime:
         "VendorCancellationFailed": handlers.vendor_failed,
         "RequestStuck": handlers.request_stuck,
     }, batch=True))
-    runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
+    runtime.add_view("/subscriptions/{subscription_id}", _subscription, missing="unknown subscription")
     if settings.enable_fault_hooks:
         runtime.http.router.add_post("/_faults", _arm_fault(runtime))
         runtime.http.router.add_post("/_clock", _set_clock(runtime, clock, scheduler))
@@ -90,17 +92,11 @@ def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermSchedu
     return set_clock
 
 
-def _subscription_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
-    """Read-only: the subscription, its history records and its billings, for operators and the CLI."""
-
-    async def view(request: web.Request) -> web.Response:
-        async with runtime.sessions() as session:
-            repo = BillingRepository(Db(session))
-            row = await repo.subscription(request.match_info["subscription_id"])
-            if row is None:
-                return web.json_response({"error": "unknown subscription"}, status=404)
-            history = await repo.history(row["subscription_id"])
-            billings = await repo.billings(row["subscription_id"])
-        return json_response({"subscription": row, "history": history, "billings": billings})
-
-    return view
+async def _subscription(db: Db, subscription_id: str) -> dict[str, Any] | None:
+    """The subscription, its history records and its billings, for operators and the CLI."""
+    repo = BillingRepository(db)
+    row = await repo.subscription(subscription_id)
+    if row is None:
+        return None
+    return {"subscription": row, "history": await repo.history(subscription_id),
+            "billings": await repo.billings(subscription_id)}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
+
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
 from cancelflow.messaging.consumer import Route
-from cancelflow.service import ServiceRuntime, json_response
+from cancelflow.service import ServiceRuntime
 from cancelflow.settings import service_settings
 from cancelflow.sql import Db, Query
 from provisioning import orm
@@ -24,7 +25,7 @@ def build() -> ServiceRuntime:
     runtime.add_route(Route(topics.SAGA, {
         "VendorCancellationRequested": handlers.vendor_cancellation_requested,
     }, rounds=True))
-    runtime.http.router.add_get("/subscriptions/{subscription_id}/operations", _operations_view(runtime))
+    runtime.add_view("/subscriptions/{subscription_id}/operations", _operations)
     runtime.on_start.append(vendor.start)
     runtime.on_stop.append(vendor.close)
     return runtime
@@ -35,12 +36,6 @@ OPERATIONS = Query(select(orm.vendor_operations)
                    .order_by(orm.vendor_operations.c.started_at))
 
 
-def _operations_view(runtime: ServiceRuntime):  # type: ignore[no-untyped-def]
-    """Read-only: every vendor operation of a subscription (empty when there was none)."""
-
-    async def view(request: web.Request) -> web.Response:
-        async with runtime.sessions() as session:
-            rows = await Db(session).all(OPERATIONS, subscription_id=request.match_info["subscription_id"])
-        return json_response({"operations": rows})
-
-    return view
+async def _operations(db: Db, subscription_id: str) -> dict[str, Any]:
+    """Every vendor operation of a subscription (empty when there was none)."""
+    return {"operations": await db.all(OPERATIONS, subscription_id=subscription_id)}
