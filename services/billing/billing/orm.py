@@ -8,7 +8,6 @@ from sqlalchemy import (
     Column,
     Date,
     Integer,
-    MetaData,
     Numeric,
     String,
     Table,
@@ -16,10 +15,9 @@ from sqlalchemy import (
 )
 
 from cancelflow.columns import UtcDateTime
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 subscriptions = Table(
     "subscriptions", metadata,

@@ -9,7 +9,6 @@ from sqlalchemy import (
     Column,
     Date,
     Integer,
-    MetaData,
     Numeric,
     String,
     Table,
@@ -17,10 +16,9 @@ from sqlalchemy import (
 )
 
 from cancelflow.columns import UtcDateTime
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 charges = Table(
     "charges", metadata,

@@ -9,17 +9,15 @@ from sqlalchemy import (
     Column,
     Integer,
     LargeBinary,
-    MetaData,
     String,
     Table,
     Text,
 )
 
 from cancelflow.columns import UtcDateTime
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 contacts = Table(
     "contacts", metadata,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, Integer, MetaData, Numeric, String, Table, Text
+from sqlalchemy import Column, Date, Integer, Numeric, String, Table, Text
 
 from cancelflow.columns import UtcDateTime
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 charges = Table(
     "charges", metadata,

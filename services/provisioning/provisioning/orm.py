@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Date, Integer, MetaData, String, Table, Text
+from sqlalchemy import Boolean, Column, Date, Integer, String, Table, Text
 
 from cancelflow.columns import UtcDateTime
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 vendor_operations = Table(
     "vendor_operations", metadata,

@@ -5,13 +5,12 @@ query about any request."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Column, Integer, String, Table, Text
 
 from cancelflow.columns import UtcDateTime
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 views = Table(
     "request_views", metadata,

@@ -104,3 +104,9 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         sqlite_autoincrement=True,
     )
     return MessagingTables(inbox, outbox)
+
+
+def service_metadata() -> tuple[MetaData, MessagingTables]:
+    """A service's schema, begun with its inbox and outbox: `metadata, messaging = service_metadata()`."""
+    metadata = MetaData()
+    return metadata, messaging_tables(metadata)
