@@ -140,7 +140,7 @@ def _say(view: View, at: datetime, message: str) -> None:
     view["history"].append({"at": at.isoformat(), "message": message})
 
 
-def _tell(view: View, at: datetime, event: Payload) -> None:
+def _tell(view: View, event: Payload, at: datetime) -> None:
     """The lines the event adds to the timeline (cancelflow.timeline, as notification's alerts say them)."""
     for message in timeline.lines(event):
         _say(view, at, message)
@@ -163,60 +163,52 @@ def _received(view: View, e: CancellationReceived, at: datetime) -> None:
                 retry_of=str(e.retry_of) if e.retry_of else None)
     if view["state"] is None:
         view.update(state=State.received.value, stage=Source.validation.value)
-        _tell(view, at, e)
+        _tell(view, e, at)
 
 
 def _pending(view: View, e: ApprovalPending, at: datetime) -> None:
     view.update(state=State.pending_approval.value, stage=Source.validation.value)
     _snapshot(view, e.snapshot)
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _declined(view: View, e: RequestDeclined, at: datetime) -> None:
     view.update(state=State.declined.value, stage=None)
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _scheduled(view: View, e: CancellationScheduled, at: datetime) -> None:
     view.update(state=State.scheduled.value, stage=None)
     _snapshot(view, e.snapshot)
-    _tell(view, at, e)
-
-
-def _auto_renew_stopped(view: View, e: AutoRenewStopped, at: datetime) -> None:
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _vendor_requested(view: View, e: VendorCancellationRequested, at: datetime) -> None:
     view.update(state=State.in_progress.value, stage=Source.vendor.value)
     _snapshot(view, e.snapshot)
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _vendor_provisioned(view: View, e: VendorProvisioned, at: datetime) -> None:
     view.update(stage=Source.platform.value)
-    _tell(view, at, e)
-
-
-def _vendor_failed(view: View, e: VendorCancellationFailed, at: datetime) -> None:
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _committed(view: View, e: PlatformCommitted, at: datetime) -> None:
     view.update(stage=Source.payment.value)
     _snapshot(view, e.snapshot)
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _refund(view: View, e: RefundIssued, at: datetime) -> None:
     view.update(state=State.completed.value, stage=Source.notification.value, error=None,
                 refund={"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status})
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _failed(view: View, e: Failed, at: datetime) -> None:
     if e.source is Source.notification:
-        _tell(view, at, e)
+        _tell(view, e, at)
         return
     if e.source is Source.validation and e.details.get("dead_lettered") and view["state"] is not None:
         # A bad record naming a request already under way (a garbled copy of the request, an approval that
@@ -238,11 +230,7 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
             issued = all(r.get("outcome") == "succeeded" for r in refunds)
             view["refund"] = {"amount": f"{total:.2f}", "currency": refunds[0]["currency"],
                               "status": "succeeded" if issued else "failed"}
-    _tell(view, at, e)
-
-
-def _email(view: View, e: EmailSent, at: datetime) -> None:
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _stuck(view: View, e: RequestStuck, at: datetime) -> None:
@@ -268,13 +256,13 @@ def _dispute_step(view: View, e: DisputeStepRecorded, at: datetime) -> None:
         total = Decimal(before.get("amount") or "0") + Decimal(str(e.data["amount"]))
         view["refund"] = {"amount": f"{total:.2f}", "currency": e.data.get("currency") or before.get("currency"),
                           "status": "succeeded"}
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 def _operator_acted(view: View, e: OperatorActed, at: datetime) -> None:
     """CONTRACT.md section 11: `<Action> by <name>: <note>`; a finished request keeps its state and
     gains `resolution` (the work the action causes runs as its own request)."""
-    _tell(view, at, e)
+    _tell(view, e, at)
     if view["state"] is not None and State(view["state"]) in TERMINAL_STATES:
         view["resolution"] = {"by": e.operator, "at": at.isoformat(), "action": e.action, "note": e.note,
                               "request_id": str(e.new_request_id) if e.new_request_id else None}
@@ -287,7 +275,7 @@ def _refund_retry(view: View, e: RefundRetryRequested, at: datetime) -> None:
     view.update(account_id=e.account_id, target="subscription" if e.subscription_id else None,
                 subscription_id=e.subscription_id, state=State.in_progress.value, stage=Source.payment.value,
                 retry_of=str(e.retry_of))
-    _tell(view, at, e)
+    _tell(view, e, at)
 
 
 _HANDLERS = {
@@ -295,14 +283,14 @@ _HANDLERS = {
     ApprovalPending: _pending,
     RequestDeclined: _declined,
     CancellationScheduled: _scheduled,
-    AutoRenewStopped: _auto_renew_stopped,
+    AutoRenewStopped: _tell,
     VendorCancellationRequested: _vendor_requested,
     VendorProvisioned: _vendor_provisioned,
-    VendorCancellationFailed: _vendor_failed,
+    VendorCancellationFailed: _tell,
     PlatformCommitted: _committed,
     RefundIssued: _refund,
     Failed: _failed,
-    EmailSent: _email,
+    EmailSent: _tell,
     DisputeStepRecorded: _dispute_step,
     RequestStuck: _stuck,
     OperatorActed: _operator_acted,
