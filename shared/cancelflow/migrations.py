@@ -11,6 +11,8 @@ replicas starting together migrate once. Each service keeps its environment in
 - `cancelflow migrate` upgrades the databases named by `<SERVICE>_DATABASE_URL`, or prints the SQL;
 - tests/integration/test_migrations.py checks that head gives exactly the models' schema.
 
+The inbox and outbox are the same in every service: revisions create them with the helpers at the end.
+
 Nothing here imports Alembic until it is needed: SQLite-only processes never load it.
 """
 
@@ -69,7 +71,7 @@ def run_env(metadata: MetaData) -> None:
     `config.attributes["connection"]`, or offline (SQL text) with `sqlalchemy.url` naming the dialect."""
     from alembic import context
 
-    options: dict[str, Any] = {"target_metadata": metadata, "compare_type": True}
+    options: dict[str, Any] = {"target_metadata": metadata, "compare_type": True, "render_item": _render_item}
     if context.is_offline_mode():
         context.configure(url=context.config.get_main_option("sqlalchemy.url"), literal_binds=True,
                           dialect_opts={"paramstyle": "named"}, **options)
@@ -83,6 +85,16 @@ def run_env(metadata: MetaData) -> None:
     context.configure(connection=connection, **options)
     with context.begin_transaction():  # a no-op inside the caller's transaction
         context.run_migrations()
+
+
+def _render_item(kind: str, item: Any, _context: Any) -> str | bool:
+    """Autogenerate writes a column type of ours (cancelflow.columns) as the SQLAlchemy type it stores:
+    revisions import only `sa`."""
+    from sqlalchemy import TypeDecorator
+
+    if kind == "type" and isinstance(item, TypeDecorator):
+        return f"sa.{item.impl!r}"
+    return False
 
 
 # --- running them ----------------------------------------------------------------------------------
@@ -147,3 +159,52 @@ def upgrade_sql(package: str, url: str = "postgresql://", revision: str = "head"
     with contextlib.redirect_stdout(out):
         command.upgrade(config, revision, sql=True)
     return out.getvalue()
+
+
+# --- what revisions call: the inbox and outbox, the same in every service ---------------------------
+
+
+def create_inbox_and_outbox() -> None:
+    """The inbox and outbox as a service's first revision creates them. Frozen: the models live in
+    messaging/store.py, and a change to them is a new revision in every service."""
+    import sqlalchemy as sa
+    from alembic import op
+
+    op.create_table('inbox',
+    sa.Column('message_id', sa.String(length=200), nullable=False),
+    sa.Column('topic', sa.String(length=200), nullable=False),
+    sa.Column('partition', sa.Integer(), nullable=False),
+    sa.Column('offset', sa.BigInteger(), nullable=False),
+    sa.Column('processed_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('message_id')
+    )
+    op.create_table('outbox',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('topic', sa.String(length=200), nullable=False),
+    sa.Column('key', sa.String(length=200), nullable=True),
+    sa.Column('value', sa.LargeBinary(), nullable=False),
+    sa.Column('headers', sa.JSON(), nullable=True),
+    sa.Column('event_type', sa.String(length=100), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id')
+    )
+
+
+def drop_inbox_and_outbox() -> None:
+    from alembic import op
+
+    op.drop_table('outbox')
+    op.drop_table('inbox')
+
+
+def create_inbox_processed_at_index() -> None:
+    """The inbox is pruned by age (CANCELFLOW_INBOX_RETENTION_DAYS, messaging/retention.py)."""
+    from alembic import op
+
+    op.create_index(op.f('ix_inbox_processed_at'), 'inbox', ['processed_at'], unique=False)
+
+
+def drop_inbox_processed_at_index() -> None:
+    from alembic import op
+
+    op.drop_index(op.f('ix_inbox_processed_at'), table_name='inbox')

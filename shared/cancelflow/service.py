@@ -37,6 +37,7 @@ from cancelflow.messaging.signatures import SignatureCheck
 from cancelflow.messaging.store import MessagingTables
 from cancelflow.messaging.uow import OUTBOX, UnitOfWork
 from cancelflow.settings import ServiceSettings
+from cancelflow.sql import Db
 
 log = get_logger(__name__)
 
@@ -172,6 +173,17 @@ class ServiceRuntime:
         self.routes.append(route)
 
     # --- HTTP --------------------------------------------------------------------------------
+
+    def add_view(self, path: str, read: Callable[..., Awaitable[object | None]], *, missing: str = "not found") -> None:
+        """A read-only GET: `read(db, **the path's parameters)` in one session, as JSON; a 404 saying
+        `missing` when it finds nothing (None)."""
+
+        async def view(request: web.Request) -> web.Response:
+            async with self.sessions() as session:
+                body = await read(Db(session), **request.match_info)
+            return json_response({"error": missing}, 404) if body is None else json_response(body)
+
+        self.http.router.add_get(path, view)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -286,7 +286,7 @@ async def test_stuck_request_alerts_support_and_tells_the_customer_once(client, 
     assert mails["support_stuck"]["To"] == SUPPORT
     for fact in (rid, ids["account"], sample.facts.subscription_id, "approval", "2 hours 5 minutes",
                  since.strftime("%Y-%m-%d %H:%M:%S UTC"), "customer@example.com", "Timeline",
-                 "Waiting for an operator's approval"):
+                 "Waiting for an operator to approve the cancellation"):
         assert fact in alert, fact
     assert mails["manual_review"]["To"] == "customer@example.com"
     assert "taking longer than it should" in " ".join(mails["manual_review"].get_body(("plain",)).get_content().split())

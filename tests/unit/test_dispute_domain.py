@@ -148,7 +148,7 @@ def test_human_delta():
     assert human_delta(timedelta(hours=2)) == "2 h"
     assert human_delta(timedelta(hours=3, minutes=5)) == "3 h 5 min"
     assert human_delta(timedelta(days=4, hours=2, minutes=9)) == "4 d 2 h"
-    assert human_delta(timedelta(0)) == "0 min"
+    assert human_delta(timedelta(0)) == "0 s"
 
 
 # --- the gateway's view ----------------------------------------------------------------------------

@@ -36,9 +36,10 @@ from cancelflow_tools.testing.messages import handle, message
 from notification import orm
 from notification import sender as sender_module
 from notification.adapters.mailer import FakeMailer, MailDeliveryError
-from notification.handlers import EMAILS_DUE, NotificationHandlers, humanize_seconds
+from notification.handlers import EMAILS_DUE, NotificationHandlers
 from notification.render import message_id_for
 from notification.sender import EmailSender
+from status_tracker.fold import apply, empty_view
 
 SUPPORT = "support@example.test"
 TODAY = date(2026, 11, 21)
@@ -210,10 +211,31 @@ async def test_platform_failure_alerts_support_with_the_timeline(world: World) -
     assert mails["support_platform_failure"]["To"] == SUPPORT
     alert = text(mails["support_platform_failure"])
     # the error the commit met (the status says only the seed's text), and when access was to end
-    for fact in (rid, "acc-1", "sub-1", "V-sub-1", "jane@example.com", "Timeline", "Request received",
+    for fact in (rid, "acc-1", "sub-1", "V-sub-1", "jane@example.com", "Timeline", "requested by",
                  "vendor acme asked to cancel V-sub-1", "encountered an error on our Platform",
                  "IntegrityError('subscriptions.quantity')", f"Access end date: {TODAY}"):
         assert fact in alert, fact
+
+
+async def test_the_timeline_says_what_the_status_history_says(world: World) -> None:
+    """Support's timeline and the tracker's status history have the same lines (cancelflow.timeline)."""
+    told: list[Payload] = []
+    send = world.send
+
+    async def recording(payload: Payload) -> bool:
+        told.append(payload)
+        return await send(payload)
+
+    world.send = recording  # type: ignore[method-assign]
+    rid = await world.known()
+    await world.platform_failed(rid)
+    async with world.engine.connect() as conn:
+        facts = (await conn.execute(select(orm.requests.c.facts).where(orm.requests.c.request_id == rid))).scalar_one()
+    view = empty_view(rid)
+    for payload in told:
+        view = apply(view, payload, datetime.now(UTC)) or view
+    history = [h["message"] for h in view["history"]]
+    assert len(history) == 3 and [h["message"] for h in facts["history"]] == history
 
 
 # --- killed between the SMTP send and the mark --------------------------------------------------------
@@ -458,7 +480,7 @@ async def test_stuck_request_alerts_support_and_tells_the_customer_once(world: W
     assert set(mails) == {"manual_review", "support_stuck"} and len(world.sent_to(rid)) == 2
     alert = text(mails["support_stuck"])
     for fact in (rid, "acc-1", "sub-1", "Jane", "jane@example.com", "V-sub-1", "vendor", "45 minutes",
-                 "2026-11-21 10:00:00 UTC", "Timeline", "Request received", "asked to cancel V-sub-1"):
+                 "2026-11-21 10:00:00 UTC", "Timeline", "requested by", "asked to cancel V-sub-1"):
         assert fact in alert, fact
     assert "taking longer than it should" in text(mails["manual_review"])
     assert mails["manual_review"]["To"] == "jane@example.com"
@@ -471,9 +493,3 @@ async def test_stuck_request_notification_never_saw_still_alerts_support(world: 
     [alert] = world.sent_to(rid)
     assert alert["X-Cancelflow-Kind"] == "support_stuck" and alert["To"] == SUPPORT
     assert "validation" in text(alert) and "1 minute" in text(alert)
-
-
-def test_humanize_seconds() -> None:
-    assert [humanize_seconds(s) for s in (0, 1, 59, 60, 2700, 3600, 7500, 90_000, 200_000)] == [
-        "0 seconds", "1 second", "59 seconds", "1 minute", "45 minutes", "1 hour", "2 hours 5 minutes",
-        "1 day 1 hour", "2 days 7 hours"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from billing import orm
@@ -24,7 +26,7 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.dispatch import Route
 from cancelflow.messaging.facts import FactsWaiter
-from cancelflow.service import ServiceRuntime, json_response
+from cancelflow.service import ServiceRuntime
 from cancelflow.sql import Db
 
 
@@ -43,7 +45,7 @@ def build() -> ServiceRuntime:
     locks = OverdueLocks(runtime.new_uow, handlers.release_lock, stuck_after_s=settings.stuck_after_s)
     runtime.tasks += [scheduler.run, waiter.run, locks.run]
     runtime.routes += routes(handlers)
-    runtime.http.router.add_get("/subscriptions/{subscription_id}", _subscription_view(runtime))
+    runtime.add_view("/subscriptions/{subscription_id}", _subscription, missing="unknown subscription")
     if settings.enable_fault_hooks:
         runtime.http.router.add_post("/_faults", _arm_fault(runtime))
         runtime.http.router.add_post("/_clock", _set_clock(runtime, clock, scheduler))
@@ -104,17 +106,11 @@ def _set_clock(runtime: ServiceRuntime, clock: Clock, scheduler: EndOfTermSchedu
     return set_clock
 
 
-def _subscription_view(runtime: ServiceRuntime):
-    """Read-only: the subscription, its history records and its billings, for operators and the CLI."""
-
-    async def view(request: web.Request) -> web.Response:
-        async with runtime.sessions() as session:
-            repo = BillingRepository(Db(session))
-            row = await repo.subscription(request.match_info["subscription_id"])
-            if row is None:
-                return web.json_response({"error": "unknown subscription"}, status=404)
-            history = await repo.history(row["subscription_id"])
-            billings = await repo.billings(row["subscription_id"])
-        return json_response({"subscription": row, "history": history, "billings": billings})
-
-    return view
+async def _subscription(db: Db, subscription_id: str) -> dict[str, Any] | None:
+    """The subscription, its history records and its billings, for operators and the CLI."""
+    repo = BillingRepository(db)
+    row = await repo.subscription(subscription_id)
+    if row is None:
+        return None
+    return {"subscription": row, "history": await repo.history(subscription_id),
+            "billings": await repo.billings(subscription_id)}

@@ -9,7 +9,7 @@ from billing import domain
 from billing.cancellation import Cancellation, State, Subscription
 from billing.cancellation import received as _received  # noqa: F401  (its size is tested under this name)
 from billing.clock import Clock
-from billing.repository import BillingRepository, utc
+from billing.repository import BillingRepository
 from cancelflow.events import (
     CancellationApproved,
     CancellationDeclined,
@@ -47,7 +47,7 @@ class BillingHandlers:
         facts = msg.payload
         repo = BillingRepository(uow.db)
         existing = await repo.subscription(facts.subscription_id)
-        if existing is not None and msg.envelope.occurred_at < utc(existing["updated_at"]):
+        if existing is not None and msg.envelope.occurred_at < existing["updated_at"]:
             # Facts from before our last change of the subscription (a cancellation committed since,
             # a lock taken): applying them would undo what happened after them.
             log.info("subscription facts older than our last change of it: not applied",

@@ -7,19 +7,17 @@ from sqlalchemy import (
     Boolean,
     Column,
     Date,
-    DateTime,
     Integer,
-    MetaData,
     Numeric,
     String,
     Table,
     Text,
 )
 
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.columns import UtcDateTime
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 subscriptions = Table(
     "subscriptions", metadata,
@@ -41,7 +39,7 @@ subscriptions = Table(
     Column("current_period_end", Date, nullable=False),
     Column("auto_renew", Boolean, nullable=False),
     Column("effective_date", Date, nullable=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 history = Table(
@@ -49,7 +47,7 @@ history = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("subscription_id", String(100), nullable=False, index=True),
     Column("request_id", String(64), nullable=True),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
     Column("message", Text, nullable=False),
 )
 
@@ -79,8 +77,8 @@ cancellations = Table(
     Column("decided_by", String(200), nullable=True),
     Column("prior_status", String(20), nullable=True),
     Column("prior_provisioning_status", String(30), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 # Section 8 fault hook: the next platform commit for the subscription fails (embedded stack only).
@@ -88,7 +86,7 @@ armed_faults = Table(
     "armed_faults", metadata,
     Column("subscription_id", String(100), primary_key=True),
     Column("stage", String(20), nullable=False),
-    Column("armed_at", DateTime(timezone=True), nullable=False),
+    Column("armed_at", UtcDateTime(), nullable=False),
 )
 
 # An operator's decision that arrived before its request (different partitions): applied on arrival.
@@ -98,7 +96,7 @@ parked_decisions = Table(
     Column("decision", String(20), nullable=False),  # approved | declined
     Column("decided_by", String(200), nullable=False),
     Column("note", Text, nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
 )
 
 # Test and demo hook (POST /_clock with fault hooks on): days added to today; kept across restarts.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -286,8 +286,8 @@ def _cancellation(row: dict[str, Any]) -> Cancellation:
         subscription_id=row["subscription_id"],
         request=None if row["request"] is None else CancellationRequested.model_validate(row["request"]),
         plan=plan, decided_by=row["decided_by"], prior_status=row["prior_status"],
-        prior_provisioning_status=row["prior_provisioning_status"], created_at=utc(row["created_at"]),
-        updated_at=utc(row["updated_at"]))
+        prior_provisioning_status=row["prior_provisioning_status"], created_at=row["created_at"],
+        updated_at=row["updated_at"])
 
 
 def _subscription(row: dict[str, Any], *, prefix: str = "") -> Subscription:
@@ -301,9 +301,5 @@ def _subscription(row: dict[str, Any], *, prefix: str = "") -> Subscription:
         status=column("status"), trial=column("trial"), provisioning_status=column("provisioning_status"),
         current_period_start=column("current_period_start"), current_period_end=column("current_period_end"),
         auto_renew=column("auto_renew"), effective_date=column("effective_date"),
-        updated_at=utc(column("updated_at")))
+        updated_at=column("updated_at"))
 
-
-def utc(at: datetime) -> datetime:
-    """A stored timestamp as an aware UTC one (SQLite gives them back without their zone)."""
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -14,6 +14,7 @@ from billing.cancellation import State
 from billing.clock import Clock
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.periodic import repeat
 from cancelflow.sql import Query
 
 log = get_logger(__name__)
@@ -38,18 +39,7 @@ class EndOfTermScheduler:
         self._wakeup.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database may be away; try again next round
-                log.warning("scheduler round failed", error=repr(exc))
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.interval_s)
-            except TimeoutError:
-                pass
+        await repeat(self.run_due, every_s=self.interval_s, wakeup=self._wakeup, failed="scheduler round failed")
 
     async def run_due(self) -> int:
         async with self.new_uow() as uow:

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
@@ -19,7 +17,7 @@ from cancelflow.events import (
 )
 from cancelflow.messaging.dispatch import Route
 from cancelflow.messaging.facts import FactsWaiter
-from cancelflow.service import ServiceRuntime, json_response
+from cancelflow.service import ServiceRuntime
 from cancelflow.sql import Db, Query
 from dispute import orm
 from dispute.handlers import AWAITING_FACTS, DisputeHandlers
@@ -38,8 +36,8 @@ def build() -> ServiceRuntime:
     runtime.wake_on(AWAITING_FACTS, waiter.notify)
     runtime.tasks.append(waiter.run)
     runtime.routes += routes(handlers)
-    runtime.http.router.add_get("/disputes/{request_id}", _dispute_view(runtime))
-    runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
+    runtime.add_view("/disputes/{request_id}", _dispute, missing="unknown dispute")
+    runtime.add_view("/charges/{charge_id}", _charge, missing="unknown charge")
     return runtime
 
 
@@ -54,37 +52,21 @@ def routes(handlers: DisputeHandlers) -> list[Route]:
     ]
 
 
-def _dispute_view(runtime: ServiceRuntime):
-    async def view(request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
-        async with runtime.sessions() as session:
-            repo = DisputeRepository(Db(session))
-            case = await repo.case(request_id)
-            if case is None:
-                return json_response({"error": "unknown dispute"}, 404)
-            lines = await repo.lines(request_id)
-            trail = await repo.audit_trail(request_id)
-        charges = [_utc({k: v for k, v in line.items() if k != "request_id"}) for line in lines]
-        audit = [_utc({k: v for k, v in entry.items() if k != "request_id"}) for entry in trail]
-        return json_response({"dispute": _utc(case), "charges": charges, "audit": audit})
-
-    return view
+async def _dispute(db: Db, request_id: str) -> dict[str, Any] | None:
+    repo = DisputeRepository(db)
+    case = await repo.case(request_id)
+    if case is None:
+        return None
+    charges = [_without_request(line) for line in await repo.lines(request_id)]
+    audit = [_without_request(entry) for entry in await repo.audit_trail(request_id)]
+    return {"dispute": case, "charges": charges, "audit": audit}
 
 
-def _utc(row: dict[str, Any]) -> dict[str, Any]:
-    """Timestamps as RFC 3339 UTC (SQLite hands them back without their zone)."""
-    return {k: (v.replace(tzinfo=UTC) if v.tzinfo is None else v).isoformat() if isinstance(v, datetime) else v
-            for k, v in row.items()}
+def _without_request(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "request_id"}
 
 
-def _charge_view(runtime: ServiceRuntime):
+async def _charge(db: Db, charge_id: str) -> dict[str, Any] | None:
     """Whether the dispute service has a charge (its copy from payments.charges)."""
-
-    async def view(request: web.Request) -> web.Response:
-        async with runtime.sessions() as session:
-            row = await Db(session).first(CHARGE, charge_id=request.match_info["charge_id"])
-        if row is None:
-            return json_response({"error": "unknown charge"}, 404)
-        return json_response({"charge": _utc(row)})
-
-    return view
+    row = await db.first(CHARGE, charge_id=charge_id)
+    return None if row is None else {"charge": row}

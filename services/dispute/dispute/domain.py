@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from cancelflow import contract
+from cancelflow import contract, durations
 from cancelflow.events import (
     ChargesVerificationRequested,
     ChargeVerification,
@@ -130,15 +130,7 @@ def validate(account_id: str, charge_ids: list[str], known: dict[str, Charge]) -
 
 def human_delta(delta: timedelta) -> str:
     """'45 min', '2 h', '3 h 5 min', '4 d 2 h'."""
-    minutes = int(abs(delta).total_seconds() // 60)
-    days, rest = divmod(minutes, 24 * 60)
-    hours, mins = divmod(rest, 60)
-    parts = [f"{days} d"] if days else []
-    if hours:
-        parts.append(f"{hours} h")
-    if mins and not days:
-        parts.append(f"{mins} min")
-    return " ".join(parts) or "0 min"
+    return durations.text(delta.total_seconds())
 
 
 def _money(charge: Charge) -> str:

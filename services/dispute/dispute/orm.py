@@ -8,19 +8,17 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Date,
-    DateTime,
     Integer,
-    MetaData,
     Numeric,
     String,
     Table,
     Text,
 )
 
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.columns import UtcDateTime
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 charges = Table(
     "charges", metadata,
@@ -30,7 +28,7 @@ charges = Table(
     Column("gateway_charge_id", String(200), nullable=False),
     Column("amount", Numeric(12, 2), nullable=False),
     Column("currency", String(3), nullable=False),
-    Column("captured_at", DateTime(timezone=True), nullable=False),
+    Column("captured_at", UtcDateTime(), nullable=False),
     Column("period_start", Date, nullable=False),
     Column("period_end", Date, nullable=False),
 )
@@ -46,8 +44,8 @@ disputes = Table(
     Column("charge_ids", JSON, nullable=False),
     Column("window_hours", Integer, nullable=False),
     Column("error_code", String(50), nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 # What became of each listed charge. Transaction facts are copied in (not for charges of another
@@ -61,7 +59,7 @@ dispute_charges = Table(
     Column("gateway_charge_id", String(200), nullable=True),
     Column("amount", Numeric(12, 2), nullable=True),
     Column("currency", String(3), nullable=True),
-    Column("captured_at", DateTime(timezone=True), nullable=True),
+    Column("captured_at", UtcDateTime(), nullable=True),
     Column("duplicate", String(5), nullable=False),  # "yes" | "no": the detection verdict
     Column("reason", String(40), nullable=False),  # dispute.domain.Reason
     Column("detail", Text, nullable=False),  # the reason, readable
@@ -72,7 +70,7 @@ dispute_charges = Table(
     Column("refund_kind", String(20), nullable=True),
     Column("refund_id", String(200), nullable=True),
     Column("refund_error", Text, nullable=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 # The audit trail: every step with time, actor and data, in order.
@@ -85,5 +83,5 @@ audit = Table(
     Column("charge_id", String(100), nullable=True),
     Column("message", Text, nullable=False),
     Column("data", JSON, nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
 )

@@ -4,7 +4,6 @@ listed charges and audit steps) and the audit trail."""
 from __future__ import annotations
 
 from dataclasses import astuple
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -38,8 +37,6 @@ AUDIT_TRAIL = Query(select(orm.audit).where(orm.audit.c.request_id == bindparam(
                     .order_by(orm.audit.c.id))
 
 
-def _utc(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite hands back naive datetimes (stored as UTC)
 
 
 def _cents(amount: Any) -> Decimal:
@@ -49,7 +46,7 @@ def _cents(amount: Any) -> Decimal:
 def _charge(row: Any) -> Charge:
     return Charge(charge_id=row["charge_id"], account_id=row["account_id"], subscription_id=row["subscription_id"],
                   gateway_charge_id=row["gateway_charge_id"], amount=_cents(row["amount"]), currency=row["currency"],
-                  captured_at=_utc(row["captured_at"]))
+                  captured_at=row["captured_at"])
 
 
 def _line(row: dict[str, Any], account_id: str) -> Line:
@@ -103,7 +100,7 @@ class DisputeRepository:
         lines = [_line(r, row["account_id"]) for r in await self.db.all(LINES, request_id=request_id)]
         case = Case(request_id=row["request_id"], account_id=row["account_id"], requested_by=row["requested_by"],
                     reason=row["reason"], charge_ids=list(row["charge_ids"]), window_hours=row["window_hours"],
-                    opened_at=_utc(row["created_at"]), state=State(row["state"]), error_code=row["error_code"],
+                    opened_at=row["created_at"], state=State(row["state"]), error_code=row["error_code"],
                     lines=lines)
         self._loaded[request_id] = self._snapshot(case)
         return case

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from sqlalchemy import bindparam, select
 
@@ -52,7 +54,7 @@ def build() -> ServiceRuntime:
     runtime.on_start.append(render.load_templates)
     runtime.routes += routes(handlers)
     runtime.http.router.add_get("/contacts/{subscription_id}", _contact_known(runtime))
-    runtime.http.router.add_get("/requests/{request_id}/emails", _emails_of(runtime))
+    runtime.add_view("/requests/{request_id}/emails", _emails_of)
     runtime.wake_on(EMAILS_DUE, sender.notify)
     runtime.tasks.append(sender.run)
     runtime.on_stop.append(mailer.close)
@@ -92,13 +94,6 @@ def _contact_known(runtime: ServiceRuntime):
     return known
 
 
-def _emails_of(runtime: ServiceRuntime):
+async def _emails_of(db: Db, request_id: str) -> dict[str, Any]:
     """The emails a request owes and their delivery status (kind, audience, subject; no addresses)."""
-
-    async def emails(request: web.Request) -> web.Response:
-        async with runtime.sessions() as session:
-            rows = await Db(session).all(EMAILS_OF_REQUEST, request_id=request.match_info["request_id"])
-        return web.json_response({"emails": [{**r, "sent_at": r["sent_at"] and r["sent_at"].isoformat()}
-                                             for r in rows]})
-
-    return emails
+    return {"emails": await db.all(EMAILS_OF_REQUEST, request_id=request_id)}

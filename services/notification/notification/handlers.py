@@ -24,13 +24,9 @@ from typing import Any
 import orjson
 from sqlalchemy import bindparam, insert, or_, select, update
 
+from cancelflow import durations, timeline
 from cancelflow.events import (
-    ApprovalPending,
-    AutoRenewStopped,
     CancellationReceived,
-    CancellationScheduled,
-    DisputeStepRecorded,
-    EmailSent,
     Failed,
     PlatformCommitted,
     RefundIssued,
@@ -39,9 +35,7 @@ from cancelflow.events import (
     SagaEvent,
     Source,
     SubscriptionActivated,
-    VendorCancellationFailed,
     VendorCancellationRequested,
-    VendorProvisioned,
     utcnow,
 )
 from cancelflow.logging import get_logger
@@ -90,17 +84,6 @@ ADD_EMAIL = Query(insert(emails))
 EMAILS_DUE = "emails"  # `UnitOfWork.wrote`: a commit that made an email due wakes the sender
 OPTED_OUT_BY = Query(select(opt_outs.c.request_id).where(opt_outs.c.account_id == bindparam("account_id")))
 ADD_OPT_OUT = Query(insert(opt_outs))
-
-
-def humanize_seconds(seconds: float) -> str:
-    """'2 hours 5 minutes', '45 minutes', '30 seconds'."""
-    total = int(seconds)
-    days, rest = divmod(total, 86_400)
-    hours, rest = divmod(rest, 3_600)
-    minutes, secs = divmod(rest, 60)
-    parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
-    shown = [f"{n} {unit}{'' if n == 1 else 's'}" for n, unit in parts if n][:2]
-    return " ".join(shown) if shown else f"{secs} second{'' if secs == 1 else 's'}"
 
 
 def _at(msg: Message) -> str:
@@ -152,67 +135,38 @@ class NotificationHandlers:
         e = msg.payload
         if await self._request(uow, str(e.request_id)) is not None:
             return
-        what = f"subscription {e.subscription_id}" if e.target == "subscription" else (
-            f"charges {', '.join(e.charge_ids)}")
-        quantity = f" ({e.quantity} licenses)" if e.quantity else ""
-        received = (f"Request received: {e.mode.value} cancellation of {what}{quantity}, by "
-                    f"{e.requested_by.role} {e.requested_by.user_id} via {e.requested_by.channel}")
         await uow.db.run(
             ADD_REQUEST, request_id=str(e.request_id), account_id=e.account_id, subscription_id=e.subscription_id,
             target=e.target, mode=e.mode.value, opt_out_of_emails=e.opt_out_of_emails,
             facts={"charge_ids": e.charge_ids, "reason": e.reason,
-                   "history": [{"at": _at(msg), "message": received}]})
+                   "history": [{"at": _at(msg), "message": line} for line in timeline.lines(e)]})
 
     async def vendor_requested(self, msg: Message[VendorCancellationRequested], uow: HandlerContext) -> None:
         e = msg.payload
-        asked = (f"reduce {e.vendor_subscription_id} to {e.new_quantity} licenses" if e.new_quantity
-                 else f"cancel {e.vendor_subscription_id}")
         await self._learn(uow, str(e.request_id), vendor=e.vendor, vendor_subscription_id=e.vendor_subscription_id,
                           effective_date=e.effective_date.isoformat(),
                           access_end_date=(e.snapshot.access_end_date.isoformat()
                                            if e.snapshot and e.snapshot.access_end_date else None),
                           new_quantity=e.new_quantity or None,
                           removed_quantity=(e.current_quantity - e.new_quantity) if e.new_quantity else None,
-                          _note=(msg, f"Provisioning status is set to In Progress; vendor {e.vendor} asked to "
-                                      f"{asked}"))
+                          _note=msg)
 
     async def platform_committed(self, msg: Message[PlatformCommitted], uow: HandlerContext) -> None:
         e = msg.payload
         await self._learn(uow, str(e.request_id), effective_date=e.effective_date.isoformat(),
-                          access_end_date=e.access_end_date.isoformat(), _note=(msg, e.history))
+                          access_end_date=e.access_end_date.isoformat(), _note=msg)
 
     # --- the timeline only (what support alerts show) ---------------------------------------------
 
     async def timeline(self, msg: Message[SagaEvent], uow: HandlerContext) -> None:
-        """A saga step that owes no email: one line of the request's timeline."""
-        e = msg.payload
-        if isinstance(e, ApprovalPending):
-            text = "Waiting for an operator's approval"
-        elif isinstance(e, CancellationScheduled):
-            text = e.history or f"Cancellation scheduled for {e.run_on.isoformat()}"
-        elif isinstance(e, AutoRenewStopped):
-            text = "Auto-renew stopped at the payment gateway"
-        elif isinstance(e, VendorProvisioned):
-            text = (f"Vendor {e.vendor} confirmed {e.vendor_subscription_id}"
-                    + (" (already applied)" if e.already_applied else "")
-                    + (f" after {e.attempts} attempts" if e.attempts > 1 else ""))
-        elif isinstance(e, VendorCancellationFailed):
-            text = f"Vendor {e.vendor} failed after {e.attempts} attempt(s): {e.code} {e.message}"
-        elif isinstance(e, EmailSent):
-            text = f"Email \"{e.subject}\" sent to {'the customer' if e.audience == 'customer' else 'support'}"
-        elif isinstance(e, DisputeStepRecorded):
-            text = e.message
-        else:
-            return
-        await self._learn(uow, str(e.request_id), _note=(msg, text))
+        """A saga step that owes no email: its lines of the request's timeline."""
+        await self._learn(uow, str(msg.payload.request_id), _note=msg)
 
     # --- outcomes -------------------------------------------------------------------------------
 
     async def refund_issued(self, msg: Message[RefundIssued], uow: HandlerContext) -> None:
         e = msg.payload
-        note = (f"Refund of {e.amount:.2f} {e.currency} issued" if e.status == "succeeded"
-                else "No refund is due")
-        request = await self._learn(uow, str(e.request_id), _note=(msg, note))
+        request = await self._learn(uow, str(e.request_id), _note=msg)
         if request is not None and request["target"] == "charges":
             await self.charges_refunded(msg, uow, request)
             return
@@ -221,14 +175,13 @@ class NotificationHandlers:
 
     async def request_declined(self, msg: Message[RequestDeclined], uow: HandlerContext) -> None:
         e = msg.payload
-        request = await self._learn(uow, str(e.request_id), _note=(msg, f"Declined by {e.decided_by}"))
+        request = await self._learn(uow, str(e.request_id), _note=msg)
         await self._owe(uow, str(e.request_id), request, ("declined",), decided_by=e.decided_by,
                         note=e.note or None)
 
     async def failed(self, msg: Message[Failed], uow: HandlerContext) -> None:
         e = msg.payload
-        request = await self._learn(uow, str(e.request_id),
-                                    _note=(msg, e.history or f"{e.source.value} error ({e.code}): {e.message}"))
+        request = await self._learn(uow, str(e.request_id), _note=msg)
         if e.source is Source.payment and e.details.get("dispute"):
             await self.dispute_review(msg, uow, request)
             return
@@ -256,7 +209,7 @@ class NotificationHandlers:
         reviewed. Once per request (the Message-IDs), however often the tracker says it again."""
         e = msg.payload
         request_id = str(e.request_id)
-        extra = dict(stage=e.stage, updated_at=_timestamp(e.since), stuck_for=humanize_seconds(e.stuck_for_seconds))
+        extra = dict(stage=e.stage, updated_at=_timestamp(e.since), stuck_for=durations.text(e.stuck_for_seconds, words=True))
         request = await self._request(uow, request_id)
         if request is None:
             # Stuck before notification learnt of it (CancellationReceived): support still hears of it;
@@ -294,9 +247,10 @@ class NotificationHandlers:
     async def _request(self, uow: HandlerContext, request_id: str) -> dict[str, Any] | None:
         return await uow.db.first(REQUEST, request_id=request_id)
 
-    async def _learn(self, uow: HandlerContext, request_id: str, *, _note: tuple[Message, str | None] | None = None,
+    async def _learn(self, uow: HandlerContext, request_id: str, *, _note: Message[SagaEvent] | None = None,
                      **facts: Any) -> dict[str, Any] | None:
-        """Merge what a step taught us into the request's facts; `_note` adds a timeline line.
+        """Merge what a step taught us into the request's facts; `_note` adds its event's timeline lines
+        (cancelflow.timeline: what the tracker's status history says).
 
         Returns the request as it now stands (None if unknown), so that an outcome handler does not
         read it again: the facts are JSON values (strings, numbers, lists), the same as a re-read."""
@@ -304,8 +258,9 @@ class NotificationHandlers:
         if row is None:
             return None
         merged = {**row["facts"], **{k: v for k, v in facts.items() if v is not None}}
-        if _note is not None and _note[1]:
-            history = [*merged.get("history", []), {"at": _at(_note[0]), "message": _note[1]}]
+        if _note is not None and (told := timeline.lines(_note.payload)):
+            at = _at(_note)
+            history = [*merged.get("history", []), *({"at": at, "message": line} for line in told)]
             merged["history"] = history[-TIMELINE_LIMIT:]
         await uow.db.run(SET_REQUEST, match_request_id=request_id, facts=merged)
         return {**row, "facts": merged}

@@ -43,6 +43,7 @@ from cancelflow.crashpoints import crash_point
 from cancelflow.events import EmailSent, Failed, Source, utcnow
 from cancelflow.logging import get_logger
 from cancelflow.messaging.uow import UnitOfWork
+from cancelflow.periodic import repeat
 from cancelflow.sql import Query
 from notification import orm
 from notification.adapters.mailer import AbstractMailer, MailDeliveryError
@@ -83,6 +84,7 @@ class EmailSender:
         self._wakeup = asyncio.Event()
         self._outage_failures = 0  # consecutive "server unreachable" failures; 0 when it answers
         self._next_stale_check = 0.0
+        self._recovered = False  # `recover` ran once, at startup
 
     def notify(self) -> None:
         self._wakeup.set()
@@ -92,37 +94,20 @@ class EmailSender:
         return min(self.max_backoff_s, BACKOFF_BASE_S * 2 ** min(max(failures, 1), 16))
 
     async def run(self) -> None:
-        await self._recover_forever()
-        while True:
-            try:
-                sent_any = await self.deliver_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("email delivery round failed", error=repr(exc))
-                sent_any = False
-            if self._outage_failures:
-                # The server is away: wait out the backoff (new emails do not cut it short).
-                await asyncio.sleep(self.backoff(self._outage_failures))
-                continue
-            if sent_any:
-                continue
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.idle_poll_s)
-            except TimeoutError:
-                pass
+        await repeat(self._round, every_s=self.idle_poll_s, wakeup=self._wakeup,
+                     failed="email delivery round failed", then=self._pause_after)
 
-    async def _recover_forever(self) -> None:
-        while True:
-            try:
-                await self.recover()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database is away: try again, nothing is sent meanwhile
-                log.warning("email recovery failed", error=repr(exc))
-                await asyncio.sleep(self.idle_poll_s)
+    async def _round(self) -> bool:
+        if not self._recovered:  # nothing is sent before the emails left `sending` are pending again
+            await self.recover()
+            self._recovered = True
+        return await self.deliver_due()
+
+    def _pause_after(self, sent_any: bool | None) -> float | None:
+        if self._outage_failures:
+            # The server is away: wait out the backoff (new emails do not cut it short).
+            return self.backoff(self._outage_failures)
+        return 0 if sent_any else None
 
     async def recover(self, *, older_than_s: float | None = None) -> int:
         """Emails left `sending` (by a process that died after or during the SMTP handover) become

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
+
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
@@ -16,7 +17,7 @@ from cancelflow.events import (
     Source,
 )
 from cancelflow.messaging.dispatch import Route
-from cancelflow.service import ServiceRuntime, json_response
+from cancelflow.service import ServiceRuntime
 from cancelflow.sql import Db, Query
 from payment_gateway import orm
 from payment_gateway.adapters.gateway import GatewayClient
@@ -33,8 +34,8 @@ def build() -> ServiceRuntime:
     gateway = GatewayClient(settings.gateway_url, timeout=settings.gateway_timeout_s,
                             attempts=settings.gateway_attempts)
     runtime.routes += routes(PaymentHandlers(gateway), DisputeRefundHandlers(gateway), RefundRetryHandlers(gateway))
-    runtime.http.router.add_get("/charges/{charge_id}", _charge_view(runtime))
-    runtime.http.router.add_get("/subscriptions/{subscription_id}/charges", _subscription_charges(runtime))
+    runtime.add_view("/charges/{charge_id}", _charge, missing="unknown charge")
+    runtime.add_view("/subscriptions/{subscription_id}/charges", _subscription_charges, missing="unknown subscription")
     runtime.on_start.append(gateway.start)
     runtime.on_stop.append(gateway.close)
     return runtime
@@ -59,22 +60,14 @@ CHARGE_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id == bind
                        .order_by(orm.refunds.c.created_at))
 
 
-def _charge_view(runtime: ServiceRuntime):
-    """Read-only: a charge with its refund guard balance and the refunds issued against it."""
-
-    async def view(request: web.Request) -> web.Response:
-        charge_id = request.match_info["charge_id"]
-        async with runtime.sessions() as session:
-            db = Db(session)
-            row = await db.first(CHARGE, charge_id=charge_id)
-            if row is None:
-                return web.json_response({"error": "unknown charge"}, status=404)
-            refunds = await db.all(CHARGE_REFUNDS, charge_id=charge_id)
-            refundable = await Ledger(db).refundable(charge_id)  # the gateway charge's, however many records
-        body = {"charge": dict(row), "refundable": str(refundable), "refunds": [dict(r) for r in refunds]}
-        return json_response(body)
-
-    return view
+async def _charge(db: Db, charge_id: str) -> dict[str, Any] | None:
+    """A charge with its refund guard balance and the refunds issued against it."""
+    row = await db.first(CHARGE, charge_id=charge_id)
+    if row is None:
+        return None
+    refunds = await db.all(CHARGE_REFUNDS, charge_id=charge_id)
+    refundable = await Ledger(db).refundable(charge_id)  # the gateway charge's, however many records
+    return {"charge": row, "refundable": str(refundable), "refunds": refunds}
 
 
 SUBSCRIPTION_CHARGES = Query(select(orm.charges).where(orm.charges.c.subscription_id == bindparam("subscription_id"))
@@ -84,18 +77,10 @@ SUBSCRIPTION_REFUNDS = Query(select(orm.refunds).where(orm.refunds.c.charge_id.i
     .order_by(orm.refunds.c.created_at))
 
 
-def _subscription_charges(runtime: ServiceRuntime):
-    """Read-only: a subscription's charges with what each has left, and every refund against them."""
-
-    async def view(request: web.Request) -> web.Response:
-        subscription_id = request.match_info["subscription_id"]
-        async with runtime.sessions() as session:
-            db = Db(session)
-            charges = await db.all(SUBSCRIPTION_CHARGES, subscription_id=subscription_id)
-            refunds = await db.all(SUBSCRIPTION_REFUNDS, subscription_id=subscription_id)
-            ledger = Ledger(db)  # what a gateway charge has left, however many records name it
-            charges = [{**c, "refundable": str(await ledger.refundable(c["charge_id"]))} for c in charges]
-        body = {"charges": charges, "refunds": refunds}
-        return json_response(body)
-
-    return view
+async def _subscription_charges(db: Db, subscription_id: str) -> dict[str, Any]:
+    """A subscription's charges with what each has left, and every refund against them."""
+    charges = await db.all(SUBSCRIPTION_CHARGES, subscription_id=subscription_id)
+    refunds = await db.all(SUBSCRIPTION_REFUNDS, subscription_id=subscription_id)
+    ledger = Ledger(db)  # what a gateway charge has left, however many records name it
+    charges = [{**c, "refundable": str(await ledger.refundable(c["charge_id"]))} for c in charges]
+    return {"charges": charges, "refunds": refunds}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, DateTime, Integer, MetaData, Numeric, String, Table, Text
+from sqlalchemy import Column, Date, Integer, Numeric, String, Table, Text
 
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.columns import UtcDateTime
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 charges = Table(
     "charges", metadata,
@@ -21,7 +21,7 @@ charges = Table(
     # the other records of its gateway charge, never above the charge's amount.
     Column("refunded_amount", Numeric(12, 2), nullable=False),
     Column("currency", String(3), nullable=False),
-    Column("captured_at", DateTime(timezone=True), nullable=False),
+    Column("captured_at", UtcDateTime(), nullable=False),
     Column("period_start", Date, nullable=False),
     Column("period_end", Date, nullable=False),
     Column("quantity", Integer, nullable=True),  # the licenses it pays for, when upstream said
@@ -44,13 +44,13 @@ refunds = Table(
     Column("licenses", Integer, nullable=True),  # licenses this refund removed from the charge
     Column("licenses_paid", Integer, nullable=True),  # licenses the charge paid for
     Column("effective_date", Date, nullable=True),  # where the unused days begin
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 schedule_stops = Table(
     "schedule_stops", metadata,
     Column("subscription_id", String(100), primary_key=True),
     Column("request_id", String(64), nullable=False),
-    Column("stopped_at", DateTime(timezone=True), nullable=False),
+    Column("stopped_at", UtcDateTime(), nullable=False),
 )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
+
 from sqlalchemy import bindparam, select
 
 from cancelflow import topics
 from cancelflow.events import Source, VendorCancellationRequested
 from cancelflow.messaging.dispatch import Route
-from cancelflow.service import ServiceRuntime, json_response
+from cancelflow.service import ServiceRuntime
 from cancelflow.sql import Db, Query
 from provisioning import orm
 from provisioning.adapters.vendor import VendorClient
@@ -23,7 +24,7 @@ def build() -> ServiceRuntime:
                           attempts=settings.vendor_attempts)
     handlers = ProvisioningHandlers(vendor)
     runtime.routes += routes(handlers)
-    runtime.http.router.add_get("/subscriptions/{subscription_id}/operations", _operations_view(runtime))
+    runtime.add_view("/subscriptions/{subscription_id}/operations", _operations)
     runtime.on_start.append(vendor.start)
     runtime.on_stop.append(vendor.close)
     return runtime
@@ -40,12 +41,6 @@ OPERATIONS = Query(select(orm.vendor_operations)
                    .order_by(orm.vendor_operations.c.started_at))
 
 
-def _operations_view(runtime: ServiceRuntime):
-    """Read-only: every vendor operation of a subscription (empty when there was none)."""
-
-    async def view(request: web.Request) -> web.Response:
-        async with runtime.sessions() as session:
-            rows = await Db(session).all(OPERATIONS, subscription_id=request.match_info["subscription_id"])
-        return json_response({"operations": rows})
-
-    return view
+async def _operations(db: Db, subscription_id: str) -> dict[str, Any]:
+    """Every vendor operation of a subscription (empty when there was none)."""
+    return {"operations": await db.all(OPERATIONS, subscription_id=subscription_id)}

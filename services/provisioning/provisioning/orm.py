@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Date, DateTime, Integer, MetaData, String, Table, Text
+from sqlalchemy import Boolean, Column, Date, Integer, String, Table, Text
 
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.columns import UtcDateTime
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 vendor_operations = Table(
     "vendor_operations", metadata,
@@ -25,6 +25,6 @@ vendor_operations = Table(
     Column("message", Text, nullable=True),
     Column("http_status", Integer, nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("started_at", UtcDateTime(), nullable=False),
+    Column("finished_at", UtcDateTime(), nullable=True),
 )

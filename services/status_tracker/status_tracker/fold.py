@@ -13,6 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from cancelflow import timeline
 from cancelflow.events import (
     TERMINAL_STATES,
     ApprovalPending,
@@ -141,6 +142,12 @@ def _say(view: View, at: datetime, message: str) -> None:
     view["history"].append({"at": at.isoformat(), "message": message})
 
 
+def _tell(view: View, event: Payload, at: datetime) -> None:
+    """The lines the event adds to the timeline (cancelflow.timeline, as notification's alerts say them)."""
+    for message in timeline.lines(event):
+        _say(view, at, message)
+
+
 def _snapshot(view: View, snapshot: SubscriptionSnapshot | None) -> None:
     if snapshot is None:
         return
@@ -158,76 +165,58 @@ def _received(view: View, e: CancellationReceived, at: datetime) -> None:
                 retry_of=str(e.retry_of) if e.retry_of else None)
     if view["state"] is None:
         view.update(state=State.received.value, stage=Source.validation.value)
-        who = f"{e.requested_by.role} {e.requested_by.user_id} via {e.requested_by.channel}"
-        what = "charges " + ", ".join(e.charge_ids) if e.target == "charges" else f"subscription {e.subscription_id}"
-        _say(view, at, f"Cancellation of {what} ({e.mode.value}) requested by {who}")
+        _tell(view, e, at)
 
 
 def _pending(view: View, e: ApprovalPending, at: datetime) -> None:
     view.update(state=State.pending_approval.value, stage=Source.validation.value)
     _snapshot(view, e.snapshot)
-    _say(view, at, "Waiting for an operator to approve the cancellation")
+    _tell(view, e, at)
 
 
 def _declined(view: View, e: RequestDeclined, at: datetime) -> None:
     view.update(state=State.declined.value, stage=None)
-    _say(view, at, f"Declined by {e.decided_by}" + (f": {e.note}" if e.note else ""))
+    _tell(view, e, at)
 
 
 def _scheduled(view: View, e: CancellationScheduled, at: datetime) -> None:
     view.update(state=State.scheduled.value, stage=None)
     _snapshot(view, e.snapshot)
-    _say(view, at, e.history)
-
-
-def _auto_renew_stopped(view: View, e: AutoRenewStopped, at: datetime) -> None:
-    _say(view, at, "Auto-renew stopped at the payment gateway")
+    _tell(view, e, at)
 
 
 def _vendor_requested(view: View, e: VendorCancellationRequested, at: datetime) -> None:
     view.update(state=State.in_progress.value, stage=Source.vendor.value)
     _snapshot(view, e.snapshot)
-    _say(view, at, "Provisioning status is set to In Progress")
+    _tell(view, e, at)
 
 
 def _vendor_provisioned(view: View, e: VendorProvisioned, at: datetime) -> None:
     view.update(stage=Source.platform.value)
-    detail = " (it was already canceled there)" if e.already_applied else ""
-    action = "the cancellation" if e.new_quantity == 0 else f"the reduction to {e.new_quantity} licenses"
-    _say(view, at, f"Vendor {e.vendor} confirmed {action}{detail}")
-
-
-def _vendor_failed(view: View, e: VendorCancellationFailed, at: datetime) -> None:
-    _say(view, at, f"Vendor {e.vendor} error: {e.message}")
+    _tell(view, e, at)
 
 
 def _committed(view: View, e: PlatformCommitted, at: datetime) -> None:
     view.update(stage=Source.payment.value)
     _snapshot(view, e.snapshot)
-    _say(view, at, e.history)
+    _tell(view, e, at)
 
 
 def _refund(view: View, e: RefundIssued, at: datetime) -> None:
     view.update(state=State.completed.value, stage=Source.notification.value, error=None,
                 refund={"amount": f"{e.amount:.2f}", "currency": e.currency, "status": e.status})
-    if e.auto_renew_stopped:
-        _say(view, at, "Auto-renew stopped at the payment gateway")
-    for line in e.lines:
-        _say(view, at, f"Refund of {line.amount:.2f} {line.currency} issued to charge {line.charge_id}"
-                       f" ({line.kind or 'refund'})")
-    if e.status == "not_due":
-        _say(view, at, "No refund is due")
+    _tell(view, e, at)
 
 
 def _failed(view: View, e: Failed, at: datetime) -> None:
     if e.source is Source.notification:
-        _say(view, at, f"Notification problem: {e.message}")
+        _tell(view, e, at)
         return
     if e.source is Source.validation and e.details.get("dead_lettered") and view["state"] is not None:
         # A bad record naming a request already under way (a garbled copy of the request, an approval that
         # could not be read) was set aside: the request itself goes on, and says so. (A step's own record
         # that could not be handled fails the request at its step: source vendor, platform, payment.)
-        _say(view, at, f"A record for this request was set aside ({e.details['dead_lettered']}): {e.message}")
+        _say(view, at, timeline.set_aside(e))
         return
     view.update(state=FAILED_STATE[e.source].value, stage=e.source.value,
                 error={"source": e.source.value, "code": e.code, "message": e.message})
@@ -243,11 +232,7 @@ def _failed(view: View, e: Failed, at: datetime) -> None:
             issued = all(r.get("outcome") == "succeeded" for r in refunds)
             view["refund"] = {"amount": f"{total:.2f}", "currency": refunds[0]["currency"],
                               "status": "succeeded" if issued else "failed"}
-    _say(view, at, e.history or f"{e.source.value} error ({e.code}): {e.message}")
-
-
-def _email(view: View, e: EmailSent, at: datetime) -> None:
-    _say(view, at, f"Email \"{e.subject}\" sent to {'the customer' if e.audience == 'customer' else 'support'}")
+    _tell(view, e, at)
 
 
 def _stuck(view: View, e: RequestStuck, at: datetime) -> None:
@@ -257,20 +242,10 @@ def _stuck(view: View, e: RequestStuck, at: datetime) -> None:
         return
     stage = e.stage if e.stage in Source.__members__ else None
     source = stage or Source.platform.value
-    waited = _duration(e.stuck_for_seconds)
-    at_step = f" at the {stage} step" if stage else ""
-    message = f"No progress{at_step} for {waited}; set aside for manual review and support alerted"
+    message = timeline.stuck(stage, e.stuck_for_seconds)
     view.update(state=State.manual_review.value, stage=stage or view["stage"],
                 error={"source": source, "code": STUCK_CODE, "message": message})
     _say(view, at, message)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min" if minutes else f"{secs} s"
 
 
 def _dispute_step(view: View, e: DisputeStepRecorded, at: datetime) -> None:
@@ -283,20 +258,13 @@ def _dispute_step(view: View, e: DisputeStepRecorded, at: datetime) -> None:
         total = Decimal(before.get("amount") or "0") + Decimal(str(e.data["amount"]))
         view["refund"] = {"amount": f"{total:.2f}", "currency": e.data.get("currency") or before.get("currency"),
                           "status": "succeeded"}
-    _say(view, at, e.message)
-
-
-ACTION_NAMES = {"approve": "Approved", "decline": "Declined", "retry": "Retried",
-                "retry_refund": "Refund retried", "close": "Closed"}
+    _tell(view, e, at)
 
 
 def _operator_acted(view: View, e: OperatorActed, at: datetime) -> None:
     """CONTRACT.md section 11: `<Action> by <name>: <note>`; a finished request keeps its state and
     gains `resolution` (the work the action causes runs as its own request)."""
-    said = f"{ACTION_NAMES[e.action]} by {e.operator}" + (f": {e.note}" if e.note else "")
-    if e.new_request_id is not None:
-        said += f" (new request {e.new_request_id})"
-    _say(view, at, said)
+    _tell(view, e, at)
     if view["state"] is not None and State(view["state"]) in TERMINAL_STATES:
         view["resolution"] = {"by": e.operator, "at": at.isoformat(), "action": e.action, "note": e.note,
                               "request_id": str(e.new_request_id) if e.new_request_id else None}
@@ -309,8 +277,7 @@ def _refund_retry(view: View, e: RefundRetryRequested, at: datetime) -> None:
     view.update(account_id=e.account_id, target="subscription" if e.subscription_id else None,
                 subscription_id=e.subscription_id, state=State.in_progress.value, stage=Source.payment.value,
                 retry_of=str(e.retry_of))
-    _say(view, at, f"Refund of request {e.retry_of} retried by operator {e.operator}"
-                   + (f": {e.note}" if e.note else ""))
+    _tell(view, e, at)
 
 
 _HANDLERS: dict[type[SagaEvent], Callable[[View, Any, datetime], None]] = {
@@ -318,14 +285,14 @@ _HANDLERS: dict[type[SagaEvent], Callable[[View, Any, datetime], None]] = {
     ApprovalPending: _pending,
     RequestDeclined: _declined,
     CancellationScheduled: _scheduled,
-    AutoRenewStopped: _auto_renew_stopped,
+    AutoRenewStopped: _tell,
     VendorCancellationRequested: _vendor_requested,
     VendorProvisioned: _vendor_provisioned,
-    VendorCancellationFailed: _vendor_failed,
+    VendorCancellationFailed: _tell,
     PlatformCommitted: _committed,
     RefundIssued: _refund,
     Failed: _failed,
-    EmailSent: _email,
+    EmailSent: _tell,
     DisputeStepRecorded: _dispute_step,
     RequestStuck: _stuck,
     OperatorActed: _operator_acted,

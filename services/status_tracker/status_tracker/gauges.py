@@ -37,8 +37,6 @@ async def refresh(sessions: async_sessionmaker[AsyncSession], now: datetime | No
         )).all()
     found: dict[str, tuple[int, float]] = {}
     for state, count, oldest in rows:
-        if oldest is not None and oldest.tzinfo is None:  # SQLite gives naive UTC
-            oldest = oldest.replace(tzinfo=UTC)
         found[state] = (count, max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
     for state in OPEN_STATES:
         count, age = found.get(state, (0, 0.0))

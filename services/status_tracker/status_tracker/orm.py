@@ -5,12 +5,12 @@ query about any request."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Column, Integer, String, Table, Text
 
-from cancelflow.messaging.store import messaging_tables
+from cancelflow.columns import UtcDateTime
+from cancelflow.messaging.store import service_metadata
 
-metadata = MetaData()
-messaging = messaging_tables(metadata)
+metadata, messaging = service_metadata()
 
 views = Table(
     "request_views", metadata,
@@ -21,8 +21,8 @@ views = Table(
     Column("error_source", String(20), nullable=True, index=True),
     Column("version", Integer, nullable=False),
     Column("view", JSON, nullable=False),  # tracking.document(): the status fields, emails, errors
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False, index=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 # Every operator action, allowed or refused (CONTRACT.md section 11): who, when, what, on which
@@ -30,7 +30,7 @@ views = Table(
 audit = Table(
     "operator_audit", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("at", UtcDateTime(), nullable=False, index=True),
     Column("operator", String(100), nullable=False),
     Column("role", String(20), nullable=False),
     Column("action", String(30), nullable=False),
@@ -50,5 +50,5 @@ claims = Table(
     Column("phase", String(20), primary_key=True),  # decision | resolution
     Column("action", String(30), nullable=False),
     Column("operator", String(100), nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
 )

@@ -24,6 +24,7 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER
 from cancelflow.messaging.signatures import SIGNATURE_HEADER, signature_headers
 from cancelflow.messaging.store import MessagingTables
+from cancelflow.periodic import repeat
 from cancelflow.sql import Db
 
 log = get_logger(__name__)
@@ -55,24 +56,15 @@ class OutboxRelay:
         self._wakeup.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                published = await self.publish_pending()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # broker or database away: keep the rows, try again shortly
-                log.warning("outbox relay could not publish", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            if published == BUSY:
-                await asyncio.sleep(self._busy_retry_s)
-                continue
-            if published < self._batch_size:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self._idle_poll_s)
-                except TimeoutError:
-                    pass
+        await repeat(self.publish_pending, every_s=self._idle_poll_s, wakeup=self._wakeup,
+                     failed="outbox relay could not publish", then=self._pause_after)
+
+    def _pause_after(self, published: int | None) -> float | None:
+        if published is None:  # broker or database away: keep the rows, try again shortly
+            return 1.0
+        if published == BUSY:
+            return self._busy_retry_s
+        return 0 if published >= self._batch_size else None  # a full batch: more may wait
 
     async def publish_pending(self) -> int:
         """One round: the rows published, or BUSY when another relay of this outbox is in a round."""

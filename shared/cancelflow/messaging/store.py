@@ -13,7 +13,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
-    DateTime,
     Integer,
     LargeBinary,
     MetaData,
@@ -26,6 +25,7 @@ from sqlalchemy import (
     select,
 )
 
+from cancelflow.columns import UtcDateTime
 from cancelflow.sql import Among, Query
 
 # The longest record key the outbox holds: every key we emit is an id (events.ID_CHARS) or a dead-letter
@@ -86,7 +86,7 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         Column("partition", Integer, nullable=False),
         Column("offset", BigInteger, nullable=False),
         # indexed for pruning (messaging/retention.py)
-        Column("processed_at", DateTime(timezone=True), nullable=False, index=True),
+        Column("processed_at", UtcDateTime(), nullable=False, index=True),
     )
     outbox = Table(
         "outbox",
@@ -97,10 +97,16 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         Column("value", LargeBinary, nullable=False),
         Column("headers", JSON, nullable=True),
         Column("event_type", String(100), nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("created_at", UtcDateTime(), nullable=False),
         # Never reuse an id on SQLite. Without AUTOINCREMENT a row inserted after the table emptied
         # takes a deleted row's id; a second relay (two instances on one database) still holding the
         # deleted row would then delete the new row unpublished (db.sqlite_outbox_ids_never_reused).
         sqlite_autoincrement=True,
     )
     return MessagingTables(inbox, outbox)
+
+
+def service_metadata() -> tuple[MetaData, MessagingTables]:
+    """A service's schema, begun with its inbox and outbox: `metadata, messaging = service_metadata()`."""
+    metadata = MetaData()
+    return metadata, messaging_tables(metadata)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from cancelflow.migrations import create_inbox_and_outbox, drop_inbox_and_outbox
+
 revision: str = '0001'
 down_revision: str | None = None
 branch_labels: str | tuple[str, ...] | None = None
@@ -50,24 +52,7 @@ def upgrade() -> None:
     sa.Column('offset_days', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
-    op.create_table('inbox',
-    sa.Column('message_id', sa.String(length=200), nullable=False),
-    sa.Column('topic', sa.String(length=200), nullable=False),
-    sa.Column('partition', sa.Integer(), nullable=False),
-    sa.Column('offset', sa.BigInteger(), nullable=False),
-    sa.Column('processed_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('message_id')
-    )
-    op.create_table('outbox',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('topic', sa.String(length=200), nullable=False),
-    sa.Column('key', sa.String(length=200), nullable=True),
-    sa.Column('value', sa.LargeBinary(), nullable=False),
-    sa.Column('headers', sa.JSON(), nullable=True),
-    sa.Column('event_type', sa.String(length=100), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('id')
-    )
+    create_inbox_and_outbox()
     op.create_table('parked_decisions',
     sa.Column('request_id', sa.String(length=64), nullable=False),
     sa.Column('decision', sa.String(length=20), nullable=False),
@@ -128,8 +113,7 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_scheduled_billings_subscription_id'), table_name='scheduled_billings')
     op.drop_table('scheduled_billings')
     op.drop_table('parked_decisions')
-    op.drop_table('outbox')
-    op.drop_table('inbox')
+    drop_inbox_and_outbox()
     op.drop_table('clock')
     op.drop_index(op.f('ix_cancellations_subscription_id'), table_name='cancellations')
     op.drop_table('cancellations')
