@@ -16,6 +16,8 @@ DEAD_LETTERED = Counter("cancelflow_dead_lettered_total", "Records sent to the D
 HANDLER_ERRORS = Counter("cancelflow_handler_errors_total", "Handler attempts that raised", ["event_type"])
 INBOX_PRUNED = Counter("cancelflow_inbox_pruned_total",
                        "Inbox rows deleted after the retention period (CANCELFLOW_INBOX_RETENTION_DAYS)")
+PRODUCERS_REPLACED = Counter("cancelflow_producers_replaced_total",
+                             "Outbox producers replaced after their idempotence state was lost (Apache Kafka)")
 OUTBOX_BACKLOG = Gauge("cancelflow_outbox_backlog", "Outbox rows not yet published")
 CONSUMER_LAG = Gauge("cancelflow_consumer_lag", "Records behind the partition end", ["topic", "partition"])
 OFFSET_GAPS = Counter("cancelflow_offset_gaps_total",

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import MetaData, func, select
 
@@ -97,11 +97,14 @@ class ServiceRuntime:
         self.engine = db.make_engine(settings.database_url())
         self.sessions = db.session_factory(self.engine)  # HTTP views, maintenance
         self.transactions = db.transactions(self.engine)  # units of work and the relay (cancelflow.db)
-        self.producer = make_producer(settings, client_id=f"cancelflow-{name}")
+        def new_producer() -> AIOKafkaProducer:  # idempotent on Apache Kafka
+            return make_producer(settings, client_id=f"cancelflow-{name}", idempotent=True)
+
+        self.producer = new_producer()  # the first; the relay replaces it if its state is lost
         signing_key = settings.service_signing_key(name)
         self.relay = OutboxRelay(self.transactions, tables, self.producer, reads=db.reads(self.engine),
                                  round_lock=db.relay_round_lock(settings.database_url(), self.engine),
-                                 signer=(name, signing_key) if signing_key else None)
+                                 signer=(name, signing_key) if signing_key else None, new_producer=new_producer)
         self.routes: list[Route] = []
         # Browsers: no foreign Origin on a change, no foreign Host at all (cancelflow/http_guard.py).
         self.http = web.Application(middlewares=[guard(allowed_hosts(settings.http_host, settings.allowed_hosts))])
@@ -128,7 +131,7 @@ class ServiceRuntime:
         self._write_lock = asyncio.Lock() if db.is_sqlite(settings.database_url()) else None
         add_operations_routes(self.http, name, {
             "database": lambda: db.ping(self.engine),
-            "broker": lambda: self.producer.client.fetch_all_metadata(),
+            "broker": lambda: self.relay.producer.client.fetch_all_metadata(),
             "consumer": self._consuming,
         })
         self.http.router.add_get("/inflight", self._inflight)
@@ -251,7 +254,7 @@ class ServiceRuntime:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.relay.publish_pending(), 5)
         with contextlib.suppress(Exception):
-            await self.producer.stop()
+            await self.relay.producer.stop()
         await runner.cleanup()
         await self.engine.dispose()
         log.info("service stopped")

@@ -315,3 +315,14 @@ def test_the_status_service_reads_the_owners_under_a_name_they_answer_to(variabl
     host = urlsplit(url).hostname
     allowed = resolved(SERVICES_YAML[host]["environment"].get("CANCELFLOW_ALLOWED_HOSTS", ""))
     assert host in allowed.split(",")
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_each_service_keeps_its_static_membership_across_restarts(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The compose service's name: the same after a restart or a recreate, one container per service.
+    env = env_of(service)
+    assert env["CANCELFLOW_INSTANCE_ID"] == compose_name(service)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = service_settings(service)
+    assert settings.on_kafka and settings.instance_id == compose_name(service)

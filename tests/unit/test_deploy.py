@@ -249,3 +249,14 @@ def test_signature_keys_come_together_from_one_secret(service: str) -> None:
         assert (ref["name"], ref["key"]) == ("cancelflow-producer-keys", name)
     [keys] = [d for d in documents(K8S / "secret.example.yaml") if d["metadata"]["name"] == "cancelflow-producer-keys"]
     assert {entry.split(":")[0] for entry in keys["stringData"]["CANCELFLOW_SERVICE_KEYS"].split(",")} == set(SERVICES)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_static_membership_only_where_pods_never_overlap(service: str) -> None:
+    # A replaced one-replica Deployment hands its name over (static membership: partitions back at
+    # once); pods of a rolling or scaled one overlap and would fence each other with one id.
+    deployment = find("Deployment", k8s_name(service))
+    env = {e["name"]: e.get("value") for e in container(deployment)["env"]}
+    replaced = deployment["spec"]["strategy"]["type"] == "Recreate" and deployment["spec"]["replicas"] == 1
+    assert env.get("CANCELFLOW_INSTANCE_ID") == (k8s_name(service) if replaced else None)
+    assert "CANCELFLOW_INSTANCE_ID" not in CONFIG

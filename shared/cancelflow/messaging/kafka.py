@@ -36,15 +36,19 @@ def client_security(settings: CommonSettings) -> dict[str, Any]:
     return options
 
 
-def make_producer(settings: CommonSettings, *, client_id: str) -> AIOKafkaProducer:
-    # Exactly-once comes from the outbox (publish after commit) and the inbox (dedupe on event_id), on
-    # either broker. No idempotent producer, on Kafka either: aiokafka's does not recover from a batch
-    # it gave up on while the broker was down (kill -9 and restart): every later send fails with
-    # OutOfOrderSequenceNumber (tests/e2e/test_kafka_faults.py found it; docs/performance.md, item 35).
-    return AIOKafkaProducer(
+def make_producer(settings: CommonSettings, *, client_id: str, idempotent: bool = False) -> AIOKafkaProducer:
+    """`idempotent`: a producer id and per-partition sequence numbers, so a batch retried after a lost
+    acknowledgement is written once. Only Apache Kafka has them (not the embedded broker); a producer
+    whose sequence state is lost for good is replaced by the outbox relay (`relay.PRODUCER_STATE_LOST`)."""
+    return AIOKafkaProducer(**producer_options(settings, client_id=client_id, idempotent=idempotent))
+
+
+def producer_options(settings: CommonSettings, *, client_id: str, idempotent: bool = False) -> dict[str, Any]:
+    return dict(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=client_id,
         acks="all",
+        enable_idempotence=idempotent and settings.on_kafka,
         linger_ms=2,
         max_request_size=MAX_MESSAGE_BYTES,
         request_timeout_ms=30_000,

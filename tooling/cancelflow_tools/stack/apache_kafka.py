@@ -53,8 +53,10 @@ CLUSTER_SETTINGS: dict[str, str] = {
     "min.insync.replicas": "2",
 }
 # A small heap: the machines this runs on (laptops, CI) have two cores and share them with the stack.
+# The quick compiler only and one GC thread: half the broker's CPU per request in a run of minutes
+# (docs/performance.md, item 40). Compose's broker has cores of its own and keeps the image's defaults.
 # IPv4 sockets: on a dual stack Java binds 127.0.0.1 as ::ffff:127.0.0.1 (tests/e2e/test_exposure.py).
-JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
                "-Djava.net.preferIPv4Stack=true")
 _LOG4J = """\
 log4j.rootLogger=INFO, stdout
