@@ -8,6 +8,7 @@ from sqlalchemy import bindparam, select
 from cancelflow import topics
 from cancelflow.events import Source
 from cancelflow.messaging.consumer import Route
+from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime, json_response
 from cancelflow.sql import Db, Query
 from payment_gateway import orm
@@ -17,6 +18,7 @@ from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from payment_gateway.retries import RefundRetryHandlers
 from payment_gateway.settings import Settings
+from payment_gateway.waits import AWAITING_FACTS, RefundWaits
 
 
 def build() -> ServiceRuntime:
@@ -24,7 +26,10 @@ def build() -> ServiceRuntime:
     runtime = ServiceRuntime("payment_gateway", settings, orm.metadata, orm.messaging, failure_source=Source.payment)
     gateway = GatewayClient(settings.gateway_url, timeout=settings.gateway_timeout_s,
                             attempts=settings.gateway_attempts)
-    handlers = PaymentHandlers(gateway)
+    handlers = PaymentHandlers(gateway, runtime.facts)
+    waiter = FactsWaiter(runtime.new_uow, lambda uow: RefundWaits(uow.db).waiting(), handlers.settle_waiting)
+    runtime.wake_on(AWAITING_FACTS, waiter.notify)
+    runtime.tasks.append(waiter.run)
     disputes = DisputeRefundHandlers(gateway)
     retries = RefundRetryHandlers(gateway)
     runtime.add_route(Route(topics.PAYMENTS_CHARGES, {"ChargeCaptured": handlers.charge_captured},

@@ -82,6 +82,14 @@ class ChargeBalance:
     period_end: date | None = None
 
 
+def short_of_charges(quantities: list[int | None], *, period_quantity: int | None, quantity_before: int) -> bool:
+    """Whether the charges known for a period (their licenses, None: the subscription's) pay for fewer
+    licenses than the subscription had in it: some may not be read yet. A charge without a quantity of
+    its own pays for the quantity when the period began (billing's, else the one before the request)."""
+    whole = period_quantity or quantity_before
+    return sum(q or whole for q in quantities) < max(whole, quantity_before)
+
+
 def refund_key(request_id: str, charge_id: str) -> str:
     """Derived from the request and the charge: a redelivery or a retry reuses it, never a new one."""
     return f"cf-refund-{request_id}-{charge_id}"

@@ -92,6 +92,9 @@ class RoundStep:
     def db(self) -> Any:
         return self._uow.db
 
+    def wrote(self, what: str) -> None:
+        self._uow.wrote(what)  # heard after the round's commit (a spare wake-up if this record is undone)
+
     def emit(self, payload: Payload, **kwargs: Any) -> Envelope:
         self._uow.message = self.message  # the shared unit of work names this record as the cause
         return self._uow.emit(payload, **kwargs)
