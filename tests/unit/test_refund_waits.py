@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cancelflow.db import transactions
 from cancelflow.messaging.facts import FactsProgress, FactsWaiter
+from cancelflow.messaging.rounds import Chain, Step
 from cancelflow.messaging.uow import UnitOfWork
-from cancelflow_tools.testing.messages import handle, handle_in_rounds, message
+from cancelflow_tools.testing.messages import consume_loop, handle, message
 from payment_gateway import orm
 from payment_gateway.waits import AWAITING_FACTS, RefundWaits
 from tests.unit.test_handlers import outbox, types
@@ -160,8 +161,12 @@ async def test_a_refund_handled_in_rounds_waits_the_same(engine: AsyncEngine) ->
     """The saga route runs in rounds (messaging/rounds.py): the wait and its wake-up come through them."""
     payments = Waiting(engine)
     event = committed()
-    assert await handle_in_rounds(engine, orm, payments.handlers.platform_committed, message(event))
+    msg = message(event)
+    chain = Chain([Step(0, msg, payments.handlers.platform_committed)])
+    loop = consume_loop(engine, orm, on_commit=lambda written: payments.woken.extend(written))
+    assert await loop.handle_in_rounds([chain]) == set() and chain.error is None
     assert await payments.waits() == [str(event.request_id)]
+    assert AWAITING_FACTS in payments.woken
     await payments.charge("30.00")
     assert await payments.waiter.settle_round() == 0
     assert payments.refunded() == Decimal("20.00")
