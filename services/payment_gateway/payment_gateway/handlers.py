@@ -80,14 +80,16 @@ class PaymentHandlers:
     async def _waits_for_charges(self, uow: UnitOfWork, event: PlatformCommitted, occurred_at: datetime) -> bool:
         """Whether the refund waits (a row committed with the inbox): the period's charges known are short
         and the facts are not read up to the event, or an earlier refund of the subscription waits."""
+        if not event.refund_due:
+            return False
         waits = RefundWaits(uow.db)
         request_id = str(event.request_id)
-        if await waits.get(request_id) is not None:
-            return True
-        if not event.refund_due or await Ledger(uow.db).refunds_for(request_id):
-            return False  # nothing to refund, or planned before (a redelivery goes on with its keys)
-        if await waits.oldest(event.subscription_id) is None and not await self._short_of_charges(
-                uow, event, occurred_at):
+        oldest = await waits.oldest(event.subscription_id)
+        if oldest is not None and (oldest == request_id or await waits.get(request_id) is not None):
+            return True  # waits already (the event again under a new id)
+        if await Ledger(uow.db).refunds_for(request_id):
+            return False  # planned before: a redelivery goes on with its keys
+        if oldest is None and not await self._short_of_charges(uow, event, occurred_at):
             return False
         await waits.add(event, occurred_at)
         log.info("charges of the period not read up to the cancellation: its refund waits",
