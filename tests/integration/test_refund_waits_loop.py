@@ -129,3 +129,20 @@ async def test_a_refund_met_a_poll_before_its_charge_waits_for_it_and_is_paid_in
     assert [(e["payload"]["status"], e["payload"]["amount"]) for e in issued] == [("succeeded", "20.00")]
     refunded = [e for e in gateway.effects if e["type"] in ("refund", "reversal")]
     assert [Decimal(e["amount"]) for e in refunded] == [Decimal("20.00")]
+
+
+async def test_a_waiter_trusts_the_facts_only_once_their_poll_is_handled() -> None:
+    """The poll that reads the charges to their end counts them read at once (its own records come after
+    them), but a waiter running beside the loop while they are still being written must not: on
+    PostgreSQL it settled 20 of 20 waiting refunds `not_due` that way (tests/e2e/test_refund_waits.py)."""
+    at = datetime.now(UTC)
+    charge = ChargeCaptured(charge_id="c1", account_id="acc-1", subscription_id="sub-1", amount="30.00",
+                            currency="USD", captured_at=CAPTURED_AT, gateway_charge_id="gw-c1",
+                            period_start=PERIOD_START, period_end=PERIOD_END)
+    consumer = Backlog([{CHARGES: [record(CHARGES, 0, charge, 0)]}, {}])
+    progress = FactsProgress({topics.PAYMENTS_CHARGES})
+    await progress.update(consumer, await consumer.getmany())  # type: ignore[arg-type]
+    assert progress.read_up_to(at)  # for the poll's own handlers
+    assert not progress.handled_up_to(at)  # its charge may not be committed yet
+    await progress.update(consumer, await consumer.getmany())  # type: ignore[arg-type]  # the loop polls again
+    assert progress.handled_up_to(at)

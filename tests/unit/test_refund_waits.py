@@ -35,6 +35,8 @@ class Facts(FactsProgress):
     def read_up_to(self, at: datetime) -> bool:
         return self.caught_up
 
+    handled_up_to = read_up_to
+
 
 class Waiting(Payments):
     """Payments whose charges facts are behind, with the waiter the service runs."""

@@ -97,8 +97,10 @@ class PaymentHandlers:
         uow.wrote(AWAITING_FACTS)  # wakes the waiter once committed
         return True
 
-    async def _short_of_charges(self, uow: UnitOfWork, event: PlatformCommitted, occurred_at: datetime) -> bool:
-        if self.facts.read_up_to(occurred_at):
+    async def _short_of_charges(self, uow: UnitOfWork, event: PlatformCommitted, occurred_at: datetime, *,
+                                beside_the_loop: bool = False) -> bool:
+        read = self.facts.handled_up_to if beside_the_loop else self.facts.read_up_to
+        if read(occurred_at):
             return False  # every charge published before it is recorded: what is known is all there is
         charges = await Ledger(uow.db).period_charges(event.account_id, event.subscription_id, event.period_start)
         return domain.short_of_charges([c.quantity for c in charges], period_quantity=event.period_quantity,
@@ -115,7 +117,7 @@ class PaymentHandlers:
         event = PlatformCommitted.model_validate(wait["event"])
         waited_s = (utcnow() - _utc(wait["created_at"])).total_seconds()
         if not await Ledger(uow.db).refunds_for(request_id) and await self._short_of_charges(
-                uow, event, _utc(wait["occurred_at"])):
+                uow, event, _utc(wait["occurred_at"]), beside_the_loop=True):
             if waited_s < self.facts_wait_s:
                 return False
             log.warning("charges of the period still short after waiting for their facts: refunding what is "
