@@ -150,7 +150,7 @@ class BillingHandlers:
             return False
         row = await repo.subscription(saga["subscription_id"] or "")
         arrived = _utc(saga["created_at"])
-        if row is None and not self.facts.read_up_to(arrived) and (
+        if row is None and not self.facts.handled_up_to(arrived) and (
                 utcnow() - arrived).total_seconds() < self.facts_wait_s:
             return False
         if row is None:

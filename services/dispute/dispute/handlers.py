@@ -156,7 +156,7 @@ class DisputeHandlers:
         charge_ids = list(case["charge_ids"])
         known = await repo.charges(charge_ids)
         arrived = case["created_at"] if case["created_at"].tzinfo else case["created_at"].replace(tzinfo=UTC)
-        if set(charge_ids) - set(known) and not self.facts.read_up_to(arrived) and (
+        if set(charge_ids) - set(known) and not self.facts.handled_up_to(arrived) and (
                 utcnow() - arrived).total_seconds() < self.facts_wait_s:
             return False
         await repo.set_case(request_id, state="validating")
