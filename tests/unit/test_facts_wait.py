@@ -35,6 +35,8 @@ class Facts(FactsProgress):
     def read_up_to(self, at: datetime) -> bool:
         return self.caught_up
 
+    handled_up_to = read_up_to
+
 
 def billing_with(engine: AsyncEngine, facts: Facts, *, wait_s: float = 60.0) -> Billing:
     billing = Billing(engine)
@@ -159,3 +161,17 @@ async def test_a_decision_for_a_request_waiting_for_its_facts_is_kept_for_it(bil
     emitted = await billing.send(activated())
     assert "VendorCancellationRequested" in types(emitted)  # approved: on to the vendor, not waiting
     assert await state_of(billing, request.request_id) == "awaiting_vendor"
+
+
+async def test_a_waiting_request_trusts_the_facts_only_once_their_poll_is_handled(
+        billing_engine: AsyncEngine) -> None:
+    """The waiter runs beside the consume loop: facts read to their end but still being written must not
+    reject a waiting request as unknown (FactsProgress.handled_up_to)."""
+    facts = Facts()
+    billing = billing_with(billing_engine, facts)
+    request = requested()
+    await billing.send(request)
+    facts.read_up_to = lambda at: True  # type: ignore[method-assign]  # the poll with its facts is being handled
+    facts.handled_up_to = lambda at: False  # type: ignore[method-assign]
+    assert await waiter(billing).settle_round() == 1
+    assert await state_of(billing, request.request_id) == AWAITING_FACTS

@@ -118,7 +118,7 @@ class BillingHandlers:
             return False
         assert cancellation.created_at is not None
         arrived = cancellation.created_at
-        if cancellation.subscription is None and not self.facts.read_up_to(arrived) and (
+        if cancellation.subscription is None and not self.facts.handled_up_to(arrived) and (
                 utcnow() - arrived).total_seconds() < self.facts_wait_s:
             return False
         if cancellation.subscription is None:

@@ -103,7 +103,7 @@ class DisputeHandlers:
         if case is None or case.state is not State.awaiting_facts:
             return False
         known = await repo.charges(case.charge_ids)
-        if set(case.charge_ids) - set(known) and not self.facts.read_up_to(case.opened_at) and (
+        if set(case.charge_ids) - set(known) and not self.facts.handled_up_to(case.opened_at) and (
                 utcnow() - case.opened_at).total_seconds() < self.facts_wait_s:
             return False
         case.resume()

@@ -17,6 +17,7 @@ from cancelflow.events import (
     Source,
 )
 from cancelflow.messaging.dispatch import Route
+from cancelflow.messaging.facts import FactsWaiter
 from cancelflow.service import ServiceRuntime
 from cancelflow.sql import Db, Query
 from payment_gateway import orm
@@ -26,6 +27,7 @@ from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from payment_gateway.retries import RefundRetryHandlers
 from payment_gateway.settings import Settings
+from payment_gateway.waits import AWAITING_FACTS, RefundWaits
 
 
 def build() -> ServiceRuntime:
@@ -33,7 +35,11 @@ def build() -> ServiceRuntime:
     runtime = ServiceRuntime("payment_gateway", settings, orm.metadata, orm.messaging, failure_source=Source.payment)
     gateway = GatewayClient(settings.gateway_url, timeout=settings.gateway_timeout_s,
                             attempts=settings.gateway_attempts)
-    runtime.routes += routes(PaymentHandlers(gateway), DisputeRefundHandlers(gateway), RefundRetryHandlers(gateway))
+    handlers = PaymentHandlers(gateway, runtime.facts)
+    waiter = FactsWaiter(runtime.new_uow, lambda uow: RefundWaits(uow.db).waiting(), handlers.settle_waiting)
+    runtime.wake_on(AWAITING_FACTS, waiter.notify)
+    runtime.tasks.append(waiter.run)
+    runtime.routes += routes(handlers, DisputeRefundHandlers(gateway), RefundRetryHandlers(gateway))
     runtime.add_view("/charges/{charge_id}", _charge, missing="unknown charge")
     runtime.add_view("/subscriptions/{subscription_id}/charges", _subscription_charges, missing="unknown subscription")
     runtime.on_start.append(gateway.start)

@@ -84,6 +84,14 @@ class ChargeBalance:
     period_end: date | None = None
 
 
+def short_of_charges(quantities: list[int | None], *, period_quantity: int | None, quantity_before: int) -> bool:
+    """Whether the charges known for a period (their licenses, None: the subscription's) pay for fewer
+    licenses than the subscription had in it: some may not be read yet. A charge without a quantity of
+    its own pays for the quantity when the period began (billing's, else the one before the request)."""
+    whole = period_quantity or quantity_before
+    return sum(q or whole for q in quantities) < max(whole, quantity_before)
+
+
 # The keys and the guard's codes are the contract's, shared with the dispute service; the names are ours.
 refund_key = contract.cancellation_refund_key
 dispute_refund_key = contract.dispute_refund_key

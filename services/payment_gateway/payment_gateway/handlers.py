@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -23,14 +24,17 @@ from cancelflow.events import (
     RefundIssued,
     RefundLine,
     Source,
+    utcnow,
 )
 from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.dispatch import HandlerContext
+from cancelflow.messaging.facts import FACTS_WAIT_S, FactsProgress
 from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient, GatewayOutcome, RefundOutcome
 from payment_gateway.ledger import Ledger
+from payment_gateway.waits import AWAITING_FACTS, RefundWaits
 
 log = get_logger(__name__)
 
@@ -58,14 +62,72 @@ def _refusal(outcome: GatewayOutcome) -> str:
 
 
 class PaymentHandlers:
-    def __init__(self, gateway: AbstractGatewayClient) -> None:
+    def __init__(self, gateway: AbstractGatewayClient, facts: FactsProgress | None = None, *,
+                 facts_wait_s: float = FACTS_WAIT_S) -> None:
         self.gateway = gateway
+        self.facts = facts or FactsProgress()
+        self.facts_wait_s = facts_wait_s
 
     async def charge_captured(self, msg: Message[ChargeCaptured], uow: HandlerContext) -> None:
         await Ledger(uow.db).record_charge(msg.payload)
+        if await RefundWaits(uow.db).any():
+            uow.wrote(AWAITING_FACTS)  # the waiter looks again once the charge is committed
 
     async def platform_committed(self, msg: Message[PlatformCommitted], uow: HandlerContext) -> None:
         event = msg.payload
+        if not await self._waits_for_charges(uow, event, msg.envelope.occurred_at):
+            await self._stop_and_refund(uow, event)
+
+    async def _waits_for_charges(self, uow: HandlerContext, event: PlatformCommitted, occurred_at: datetime) -> bool:
+        """Whether the refund waits (a row committed with the inbox): the period's charges known are short
+        and the facts are not read up to the event, or an earlier refund of the subscription waits."""
+        if not event.refund_due:
+            return False
+        waits = RefundWaits(uow.db)
+        request_id = str(event.request_id)
+        oldest = await waits.oldest(event.subscription_id)
+        if oldest is not None and (oldest == request_id or await waits.get(request_id) is not None):
+            return True  # waits already (the event again under a new id)
+        if await Ledger(uow.db).refunds_for(request_id):
+            return False  # planned before: a redelivery goes on with its keys
+        if oldest is None and not await self._short_of_charges(uow, event, occurred_at):
+            return False
+        await waits.add(event, occurred_at)
+        log.info("charges of the period not read up to the cancellation: its refund waits",
+                 request_id=request_id, subscription_id=event.subscription_id)
+        uow.wrote(AWAITING_FACTS)  # wakes the waiter once committed
+        return True
+
+    async def _short_of_charges(self, uow: HandlerContext, event: PlatformCommitted, occurred_at: datetime, *,
+                                beside_the_loop: bool = False) -> bool:
+        read = self.facts.handled_up_to if beside_the_loop else self.facts.read_up_to
+        if read(occurred_at):
+            return False  # every charge published before it is recorded: what is known is all there is
+        charges = await Ledger(uow.db).period_charges(event.account_id, event.subscription_id, event.period_start)
+        return domain.short_of_charges([c.quantity for c in charges], period_quantity=event.period_quantity,
+                                       quantity_before=event.quantity_before)
+
+    async def settle_waiting(self, uow: HandlerContext, request_id: str) -> bool:
+        """A refund waiting for its charges: decided when they have come, once the facts are read up to
+        its event, or after `facts_wait_s` whatever they say, and after any earlier refund of its
+        subscription. False while it still waits (or waits no more)."""
+        waits = RefundWaits(uow.db)
+        wait = await waits.get(request_id)
+        if wait is None or await waits.oldest(wait["subscription_id"]) != request_id:
+            return False
+        event = PlatformCommitted.model_validate(wait["event"])
+        waited_s = (utcnow() - wait["created_at"]).total_seconds()
+        if not await Ledger(uow.db).refunds_for(request_id) and await self._short_of_charges(
+                uow, event, wait["occurred_at"], beside_the_loop=True):
+            if waited_s < self.facts_wait_s:
+                return False
+            log.warning("charges of the period still short after waiting for their facts: refunding what is "
+                        "known", request_id=request_id, waited_s=round(waited_s, 1))
+        await self._stop_and_refund(uow, event)  # raises (the wait stays) until the gateway's answers are final
+        await waits.drop(request_id)
+        return True
+
+    async def _stop_and_refund(self, uow: HandlerContext, event: PlatformCommitted) -> None:
         ledger = Ledger(uow.db)
         stop = event.full and not await ledger.schedule_stopped(event.subscription_id)
         records: list[dict] = []
@@ -234,3 +296,4 @@ class PaymentHandlers:
         uow.emit(RefundIssued(request_id=event.request_id, subscription_id=event.subscription_id, amount=total,
                               currency=event.currency, status="succeeded" if total > 0 else "not_due",
                               lines=lines, auto_renew_stopped=stopped))
+

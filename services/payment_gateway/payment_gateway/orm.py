@@ -1,8 +1,9 @@
-"""The payment-gateway service's database: its copy of charges with the refund guard, and refunds."""
+"""The payment-gateway service's database: its copy of charges with the refund guard, refunds, and the
+cancellations whose refund waits for their charges' facts."""
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Date, Integer, Numeric, String, Table, Text
+from sqlalchemy import JSON, Column, Date, Integer, Numeric, String, Table, Text
 
 from cancelflow.columns import UtcDateTime
 from cancelflow.messaging.store import service_metadata
@@ -53,4 +54,15 @@ schedule_stops = Table(
     Column("subscription_id", String(100), primary_key=True),
     Column("request_id", String(64), nullable=False),
     Column("stopped_at", UtcDateTime(), nullable=False),
+)
+
+# A cancellation met before the charges that paid for its period were read (a backlog after a restart):
+# its refund waits here, and is decided once they come, or the facts are read up to it, or after a bound.
+refund_waits = Table(
+    "refund_waits", metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("subscription_id", String(100), nullable=False, index=True),
+    Column("event", JSON, nullable=False),  # the PlatformCommitted, decided when the wait ends
+    Column("occurred_at", UtcDateTime(), nullable=False),  # the event's: the facts must reach it
+    Column("created_at", UtcDateTime(), nullable=False),  # when it began waiting: the bound
 )

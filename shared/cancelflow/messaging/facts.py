@@ -36,6 +36,8 @@ class FactsProgress:
     def __init__(self, topics: set[str] | None = None) -> None:
         self.topics: set[str] = set(topics or ())
         self._read: dict[TopicPartition, _Read | None] = {}  # None: not fetched yet
+        # As of the poll before: its records are all handled and committed once the loop polls again.
+        self._handled: dict[TopicPartition, _Read | None] = {}
 
     async def update(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """After a poll (whose facts are handled before anything else of it): where each facts partition
@@ -55,18 +57,28 @@ class FactsProgress:
             if batch.get(tp):
                 last = max(last or 0, max(r.timestamp for r in batch[tp]))
             read[tp] = _Read(await consumer.position(tp), highwater, last)
-        self._read = read
+        self._handled, self._read = self._read, read
 
     def read_up_to(self, at: datetime) -> bool:
         """Every facts partition this member holds is read to its end or past `at` (False while it holds
-        none, or one has not been fetched yet: then nobody can say; True when it reads no facts topic)."""
+        none, or one has not been fetched yet: then nobody can say; True when it reads no facts topic).
+        For the handlers of a poll: its facts are handled before anything else of it."""
+        return self._up_to(self._read, at)
+
+    def handled_up_to(self, at: datetime) -> bool:
+        """The same as of the last poll whose facts are all handled and committed: what a worker beside
+        the consume loop (`FactsWaiter`) may trust. `read_up_to` may already count the facts of a poll
+        still being handled, and a wait settled then would miss them. One poll behind at most."""
+        return self._up_to(self._handled, at)
+
+    def _up_to(self, read: dict[TopicPartition, _Read | None], at: datetime) -> bool:
         if not self.topics:
             return True
-        if not self._read:
+        if not read:
             return False
         at_ms = int(at.timestamp() * 1000)
         return all(r is not None and (r.position >= r.highwater or (r.last_fact_ms or -1) >= at_ms)
-                   for r in self._read.values())
+                   for r in read.values())
 
 
 # How long a request naming a subscription or charge not known yet waits for the upstream facts at most.
