@@ -19,7 +19,8 @@ from cancelflow_tools.stack.broker import create_topics, describe_topics, free_p
 pytestmark = pytest.mark.kafka
 
 
-async def _values(bootstrap: str, topic: str) -> list[bytes]:
+async def topic_values(bootstrap: str, topic: str) -> list[bytes]:
+    """Every record's value on `topic`, from the beginning to the end offsets as of now."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -58,7 +59,7 @@ async def test_topics_and_records_survive_a_restart_on_the_same_data_dir(tmp_pat
         assert await create_topics(again.bootstrap) == []  # all there already
         partitions = await describe_topics(again.bootstrap, [t.name for t in TOPICS])
         assert partitions == {t.name: t.partitions for t in TOPICS}  # Kafka's counts, not the embedded ones
-        assert await _values(again.bootstrap, topics.REQUESTED) == [b"kept"]
+        assert await topic_values(again.bootstrap, topics.REQUESTED) == [b"kept"]
     print(f"Kafka answered {first_start:.1f} s after its first start (format included)")
 
 
@@ -76,7 +77,7 @@ async def test_a_killed_node_is_started_again_on_its_log(tmp_path: Path) -> None
                 await asyncio.sleep(0.2)
             await wait_for_broker(broker.bootstrap, timeout=60)
             await _send(broker.bootstrap, topics.REQUESTED, b"after")
-            assert await _values(broker.bootstrap, topics.REQUESTED) == [b"before", b"after"]
+            assert await topic_values(broker.bootstrap, topics.REQUESTED) == [b"before", b"after"]
             assert broker.restarts == 1
         finally:
             supervising.cancel()

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, OutOfOrderSequenceNumber
 from sqlalchemy import MetaData, func, insert, select
 
 from cancelflow import db, topics
-from cancelflow.messaging.kafka import make_producer, partitions_of, producer_options
+from cancelflow.messaging.kafka import make_producer, producer_options
 from cancelflow.messaging.relay import OutboxRelay
 from cancelflow.messaging.store import MessagingTables, messaging_tables
 from cancelflow.settings import CommonSettings
@@ -30,6 +30,7 @@ from cancelflow.topics import TOPICS
 from cancelflow_tools.stack.apache_kafka import KafkaBroker
 from cancelflow_tools.stack.broker import create_topics, free_port
 from tests.conftest import DatabaseFactory
+from tests.integration.test_apache_kafka import topic_values
 
 KEYS = ("a", "b", "c", "d")
 
@@ -152,23 +153,6 @@ def test_the_producer_is_idempotent_on_apache_kafka_only() -> None:
 # --- Apache Kafka: a real sequence gap ----------------------------------------------------------------
 
 
-async def _log_of(bootstrap: str, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = await partitions_of(consumer, topic)
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        found: list[bytes] = []
-        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                found += [r.value for r in records]
-        return found
-    finally:
-        await consumer.stop()
-
-
 def _producer_id(producer: AIOKafkaProducer) -> int:
     return producer._txn_manager.producer_id  # type: ignore[no-any-return, union-attr]  # noqa: SLF001
 
@@ -204,7 +188,7 @@ async def test_on_kafka_a_sequence_gap_costs_a_new_producer_and_nothing_else(tmp
             assert relay.producers_replaced == 1
             assert _producer_id(relay.producer) != _producer_id(first)
             assert await outbox_rows(engine, tables) == 0
-            assert first_copies(await _log_of(broker.bootstrap, topic)) == in_order(40)
+            assert first_copies(await topic_values(broker.bootstrap, topic)) == in_order(40)
         finally:
             await relay.producer.stop()
             await engine.dispose()

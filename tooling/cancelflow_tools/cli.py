@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +21,9 @@ from rich.table import Table
 
 from cancelflow.settings import CommonSettings
 from cancelflow.topics import TOPICS
+
+if TYPE_CHECKING:
+    from cancelflow_tools.ops import StackClient
 
 app = typer.Typer(
     name="cancelflow",
@@ -430,21 +434,7 @@ def sample(
 @app.command()
 def status(request_id: str = typer.Argument(..., help="The cancellation request id.")) -> None:
     """Print a request's current status and history (from the status service)."""
-    from cancelflow_tools.ops import StackClient
-
-    async def fetch() -> dict | None:
-        async with StackClient(_endpoints()) as stack:
-            return await stack.status(request_id)
-
-    try:
-        found = asyncio.run(fetch())
-    except OSError as exc:
-        console.print(f"[red]the status service does not answer: {exc}[/] (is `cancelflow up` running?)")
-        raise typer.Exit(1) from None
-    if found is None:
-        console.print(f"[yellow]no request {request_id}[/]")
-        raise typer.Exit(1)
-    print_status(found)
+    print_status(_fetch_one("status", "request", lambda stack: stack.status(request_id), request_id))
 
 
 @app.command()
@@ -522,21 +512,28 @@ def print_dispute(found: dict) -> None:
 @app.command()
 def dispute(request_id: str = typer.Argument(..., help="The request id of a charges dispute.")) -> None:
     """Print a duplicate-charge dispute: each listed charge's outcome and the audit trail of every step."""
+    print_dispute(_fetch_one("dispute", "dispute", lambda stack: stack.dispute(request_id), request_id))
+
+
+def _fetch_one(service: str, what: str, read: Callable[[StackClient], Awaitable[dict | None]], ident: str) -> dict:
+    """One record from a running stack's service, or a clear line and exit 1 (not running, not found)."""
+    from aiokafka.errors import KafkaConnectionError
+
     from cancelflow_tools.ops import StackClient
 
     async def fetch() -> dict | None:
         async with StackClient(_endpoints()) as stack:
-            return await stack.dispute(request_id)
+            return await read(stack)
 
     try:
         found = asyncio.run(fetch())
-    except OSError as exc:
-        console.print(f"[red]the dispute service does not answer: {exc}[/] (is `cancelflow up` running?)")
+    except (OSError, KafkaConnectionError) as exc:
+        console.print(f"[red]the {service} service does not answer: {exc}[/] (is `cancelflow up` running?)")
         raise typer.Exit(1) from None
     if found is None:
-        console.print(f"[yellow]no dispute {request_id}[/]")
+        console.print(f"[yellow]no {what} {ident}[/]")
         raise typer.Exit(1)
-    print_dispute(found)
+    return found
 
 
 @app.command()
