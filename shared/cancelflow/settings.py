@@ -40,14 +40,9 @@ class CommonSettings(BaseSettings):
     # Static group membership (KIP-345): a restarted instance takes its partitions back at once.
     # The supervisor names each process it runs; unset, members are dynamic (Kafka only).
     instance_id: str | None = Field(None, validation_alias="CANCELFLOW_INSTANCE_ID")
-    # How long a fetch may wait. Kafka answers when a record arrives (500 is fine there). The embedded
-    # broker answers about every half wait, records or not, so the wait sets each hop's latency and how
-    # often every consumer polls: 25 kept 41% of a core busy on an idle stack, 100 kept 14%; paced at
-    # 5 requests/s the stack used 1.03 cores with 25 and 0.73 with 100 (docs/performance.md, item 23).
-    # 200: a steady 100 requests/s costs about 10% less CPU per request than with 100, and the stack
-    # queues far less (paced p99 about 1.4 s against 6 s over 15 s), for about 170 ms more
-    # per request at low load (item 31).
-    # On Kafka (CANCELFLOW_BROKER=kafka) the default is 500: a fetch wakes when a record arrives.
+    # How long a fetch may wait. The embedded broker answers about every half wait, records or not, so
+    # this sets each hop's latency against idle CPU (docs/performance.md, items 23 and 31). On Kafka the
+    # default is 500: a fetch wakes when a record arrives.
     fetch_max_wait_ms: int = Field(200, ge=1, le=10_000, validation_alias="CANCELFLOW_FETCH_MAX_WAIT_MS")
     # A fetch that skips offsets (the embedded broker does under concurrent produces) is read again; a
     # hole that stays this long is accepted (Apache Kafka has real ones next to transaction markers and
