@@ -15,7 +15,7 @@ from cancelflow_tools.ops import sample_subscription
 from cancelflow_tools.services import SERVICES
 from tests.e2e.test_cancellation_flow import _finish, _read_topic
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.broker_agnostic]
 
 CANARY_EMAIL = "zebulon.canary.7f3e@pii-canary.example"
 CANARY_NAME = "Zebulon Canarywood"

@@ -15,7 +15,7 @@ from cancelflow_tools.ops import StackClient, sample_subscription
 from cancelflow_tools.testing.stack import StackProcess
 from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.broker_agnostic]
 
 ALICE = "alice-operator-token-4f9c2e7b"
 VERA = "vera-viewer-token-81d3a6c0"

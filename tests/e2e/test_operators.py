@@ -17,7 +17,7 @@ import pytest
 from cancelflow_tools.ops import sample_subscription
 from tests.e2e.test_cancellation_flow import _effects, _ledger
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.broker_agnostic]
 
 
 async def _act(client, path: str, body: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]

@@ -31,7 +31,7 @@ from cancelflow_tools.upstream import UpstreamPublisher
 from tests.e2e.conftest import _pg_urls
 from tests.e2e.test_cancellation_flow import _effects, _finish, _ledger, _read_topic
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.broker_agnostic]
 
 KEYS = "storefront:new-key,storefront:old-key,bss:bss-key,platform:platform-key"
 
