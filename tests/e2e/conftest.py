@@ -3,6 +3,7 @@ PostgreSQL stores, with a recording SMTP server standing in for the mail server.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -67,6 +68,33 @@ async def gateway_answers(client: StackClient, gateway_charge_id: str, respond: 
     """The gateway sandbox answers `respond` to the next `times` calls about one charge."""
     await client.post_json(f"{client.endpoints.gateway}/_sandbox/rules", {
         "match": {"gateway_charge_id": gateway_charge_id}, "respond": respond, "times": times})
+
+
+async def service_back(stack: StackProcess, client: StackClient, service: str, killed: int) -> None:
+    """Until `service`, restarted after a kill (another pid), is ready: consuming again."""
+    deadline = asyncio.get_running_loop().time() + 90
+    while asyncio.get_running_loop().time() < deadline:
+        pid = stack.service_pid(service)
+        if pid is not None and pid != killed:
+            try:
+                code, _ = await client.get_json(f"{getattr(client.endpoints, service)}/readyz")
+            except OSError:
+                code = 0
+            if code == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{service} did not come back")
+
+
+async def publish_with_charges(client: StackClient, sample: SampleSubscription) -> None:
+    """A subscription's facts and its charges, each captured at the gateway sandbox first (unflushed)."""
+    await client.publisher.publish(sample.facts, correlation_id=sample.facts.subscription_id, wait=False)
+    for charge in sample.charges:
+        await client.post_json(f"{client.endpoints.gateway}/v1/charges", {
+            "amount": f"{charge.amount:.2f}", "currency": charge.currency,
+            "account_id": charge.account_id, "subscription_id": charge.subscription_id,
+            "gateway_charge_id": charge.gateway_charge_id, "captured_at": charge.captured_at.isoformat()})
+        await client.publisher.publish(charge, correlation_id=charge.charge_id, wait=False)
 
 
 def _pg_urls(pg_server, tag: str) -> dict[str, str]:  # type: ignore[no-untyped-def]

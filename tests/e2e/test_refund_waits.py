@@ -14,26 +14,12 @@ from decimal import Decimal
 import pytest
 
 from cancelflow_tools.ops import sample_subscription
+from tests.e2e.conftest import publish_with_charges, service_back
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 FILLER = 8000
 
-
-async def _payment_gateway_back(stack, client, killed: int) -> None:  # type: ignore[no-untyped-def]
-    """Until the restarted payment-gateway (another pid) is ready: consuming again."""
-    deadline = asyncio.get_running_loop().time() + 90
-    while asyncio.get_running_loop().time() < deadline:
-        pid = stack.service_pid("payment_gateway")
-        if pid is not None and pid != killed:
-            try:
-                code, _ = await client.get_json(f"{client.endpoints.payment_gateway}/readyz")
-            except OSError:
-                code = 0
-            if code == 200:
-                return
-        await asyncio.sleep(0.2)
-    raise AssertionError("payment-gateway did not come back")
 
 
 async def test_refunds_committed_while_payment_gateway_restarts_are_paid_in_full(
@@ -56,20 +42,14 @@ async def test_refunds_committed_while_payment_gateway_restarts_are_paid_in_full
             await client.publisher.publish(filler.model_copy(update={"charge_id": f"ch-other-{round_}-{n}"}),
                                            correlation_id=f"ch-other-{round_}-{n}", wait=False)
         for sample in samples:
-            await client.publisher.publish(sample.facts, correlation_id=sample.facts.subscription_id, wait=False)
-            for charge in sample.charges:
-                await client.post_json(f"{client.endpoints.gateway}/v1/charges", {
-                    "amount": f"{charge.amount:.2f}", "currency": charge.currency,
-                    "account_id": charge.account_id, "subscription_id": charge.subscription_id,
-                    "gateway_charge_id": charge.gateway_charge_id, "captured_at": charge.captured_at.isoformat()})
-                await client.publisher.publish(charge, correlation_id=charge.charge_id, wait=False)
+            await publish_with_charges(client, sample)
         await client.publisher.flush()
         await asyncio.sleep(1)  # the cancellations follow their subscriptions a second later
         for sample in samples:
             request_ids.append(await client.request_cancellation(
                 account_id=ids["account"], subscription_id=sample.facts.subscription_id, wait=False))
         await client.publisher.flush()
-        await _payment_gateway_back(stack, client, killed)
+        await service_back(stack, client, "payment_gateway", killed)
 
     outcomes = Counter()
     for rid in request_ids:

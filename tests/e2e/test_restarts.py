@@ -22,25 +22,10 @@ from cancelflow_tools.ops import (
 )
 from cancelflow_tools.services import SERVICES
 from cancelflow_tools.testing.stack import StackProcess
-from tests.e2e.conftest import SUPPORT, _pg_urls
+from tests.e2e.conftest import SUPPORT, _pg_urls, publish_with_charges, service_back
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-
-async def _billing_back(stack, client, killed: int) -> None:  # type: ignore[no-untyped-def]
-    """Until the restarted billing (another pid) is ready: consuming again."""
-    deadline = asyncio.get_running_loop().time() + 90
-    while asyncio.get_running_loop().time() < deadline:
-        pid = stack.service_pid("billing")
-        if pid is not None and pid != killed:
-            try:
-                code, _ = await client.get_json(f"{client.endpoints.billing}/readyz")
-            except OSError:
-                code = 0
-            if code == 200:
-                return
-        await asyncio.sleep(0.2)
-    raise AssertionError("billing did not come back")
 
 
 async def test_requests_published_while_billing_restarts_are_not_rejected_as_unknown(
@@ -56,20 +41,14 @@ async def test_requests_published_while_billing_restarts_are_not_rejected_as_unk
         samples = [sample_subscription(account_id=ids["account"], subscription_id=f"sub-r{round_}-{i}-{ids['tag']}",
                                        today=today) for i in range(10)]
         for sample in samples:
-            await client.publisher.publish(sample.facts, correlation_id=sample.facts.subscription_id, wait=False)
-            for charge in sample.charges:
-                await client.post_json(f"{client.endpoints.gateway}/v1/charges", {
-                    "amount": f"{charge.amount:.2f}", "currency": charge.currency,
-                    "account_id": charge.account_id, "subscription_id": charge.subscription_id,
-                    "gateway_charge_id": charge.gateway_charge_id, "captured_at": charge.captured_at.isoformat()})
-                await client.publisher.publish(charge, correlation_id=charge.charge_id, wait=False)
+            await publish_with_charges(client, sample)
         await client.publisher.flush()
         await asyncio.sleep(1)  # the scenario: the cancellations follow their subscriptions a second later
         for sample in samples:
             request_ids.append(await client.request_cancellation(
                 account_id=ids["account"], subscription_id=sample.facts.subscription_id, wait=False))
         await client.publisher.flush()
-        await _billing_back(stack, client, killed)
+        await service_back(stack, client, "billing", killed)
 
     outcomes = {}
     for rid in request_ids:

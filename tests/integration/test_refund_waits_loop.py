@@ -7,17 +7,14 @@ service's routes as bootstrap builds them (charges: a facts batch route; the sag
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
-import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cancelflow import topics
-from cancelflow.db import create_schema, make_engine, transactions
+from cancelflow.db import transactions
 from cancelflow.events import ChargeCaptured, Payload, PlatformCommitted, envelope_for
 from cancelflow.messaging.codec import EVENT_TYPE_HEADER, Message, encode
 from cancelflow.messaging.consumer import ConsumeLoop
@@ -31,7 +28,9 @@ from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.retries import RefundRetryHandlers
 from payment_gateway.waits import AWAITING_FACTS, RefundWaits
 from tests.unit.test_handlers import outbox
-from tests.unit.test_refund_per_charge import PERIOD_END, PERIOD_START, committed
+from tests.unit.test_refund_per_charge import PERIOD_END, PERIOD_START, committed, engine
+
+__all__ = ["engine"]  # the fixture, used by name
 
 SAGA = TopicPartition(topics.SAGA, 0)
 CHARGES = TopicPartition(topics.PAYMENTS_CHARGES, 0)
@@ -78,14 +77,6 @@ class Backlog:
 
     async def committed(self, tp: TopicPartition) -> int:
         return 0
-
-
-@pytest.fixture
-async def engine(store: Any) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(store("payment_gateway"))
-    await create_schema(engine, orm.metadata)
-    yield engine
-    await engine.dispose()
 
 
 async def test_a_refund_met_a_poll_before_its_charge_waits_for_it_and_is_paid_in_full(engine: AsyncEngine) -> None:
