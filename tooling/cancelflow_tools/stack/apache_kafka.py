@@ -88,6 +88,14 @@ _NEEDS = ("Apache Kafka needs {what}: install it (Debian/Ubuntu: apt-get install
           "for the embedded broker")
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes one (`Uuid.randomUuid`): 22 base64url characters, never starting
+    with "-", which `kafka-storage format -t` would read as an option (one id in 64 did)."""
+    while (cluster_id := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return cluster_id
+
+
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
@@ -302,7 +310,7 @@ class KafkaBroker:
                               "use another data dir")
         if not saved:
             ports = free_ports(2 * self.node_count)
-            saved = {"cluster_id": base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
+            saved = {"cluster_id": new_cluster_id(),
                      "nodes": [{"node_id": i + 1, "port": ports[2 * i], "controller_port": ports[2 * i + 1]}
                                for i in range(self.node_count)]}
             self.root.mkdir(parents=True, exist_ok=True)
