@@ -175,3 +175,37 @@ async def test_a_waiting_request_trusts_the_facts_only_once_their_poll_is_handle
     facts.handled_up_to = lambda at: False  # type: ignore[method-assign]
     assert await waiter(billing).settle_round() == 1
     assert await state_of(billing, request.request_id) == AWAITING_FACTS
+
+
+async def test_a_waiter_that_missed_its_wake_up_still_looks_within_its_look_interval() -> None:
+    """A wake-up lost (the round that cleared the flag read before the request's commit) delays the
+    wait by at most LOOK_EVERY_S; it never keeps it waiting for good."""
+    from cancelflow.messaging.facts import FactsWaiter
+
+    waiting: list[str] = []
+    settled: list[str] = []
+
+    class NoUow:
+        async def __aenter__(self) -> NoUow:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def commit(self, **_: object) -> None:
+            return None
+
+    async def read(_uow: object) -> list[str]:
+        return list(waiting)
+
+    async def settle(_uow: object, request_id: str) -> bool:
+        settled.append(request_id)
+        waiting.remove(request_id)
+        return True
+
+    waiter = FactsWaiter(NoUow, read, settle)  # type: ignore[arg-type]
+    assert await waiter.settle_round() == 0  # found none: it stops looking until told
+    waiting.append("r-1")  # committed, but its notify was lost
+    assert await waiter.settle_round() == 0 and settled == []
+    waiter._next_look = 0.0  # the look interval has passed
+    assert await waiter.settle_round() == 0 and settled == ["r-1"]

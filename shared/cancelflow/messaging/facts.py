@@ -14,6 +14,7 @@ its time, or after a bound whatever they say.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,6 +96,8 @@ class FactsWaiter:
     usually leaves the wait when its facts are handled (in that transaction); this covers the rest.
     Durable: the wait is a row in the service's database, so a restart finds it again."""
 
+    LOOK_EVERY_S = 10.0
+
     def __init__(self, new_uow: Callable[[], UnitOfWork], waiting: Waiting, settle: Settle, *,
                  interval_s: float = 0.5) -> None:
         self.new_uow = new_uow
@@ -102,6 +105,7 @@ class FactsWaiter:
         self.settle = settle
         self.interval_s = interval_s
         self._maybe_waiting = True  # until a round finds none (a restart may find some)
+        self._next_look = 0.0  # when a round looks even if nobody said a request waits
         self._wakeup = asyncio.Event()
 
     def notify(self) -> None:
@@ -115,8 +119,13 @@ class FactsWaiter:
 
     async def settle_round(self) -> int:
         """Settle what can be; the number of requests that still wait."""
-        if not self._maybe_waiting:
+        now = time.monotonic()
+        if not self._maybe_waiting and now < self._next_look:
             return 0
+        # Cleared before the read: a request that starts waiting from here on notifies again. And a look
+        # every LOOK_EVERY_S even without one, so a wake-up lost any other way delays a wait, never keeps it.
+        self._maybe_waiting = False
+        self._next_look = now + self.LOOK_EVERY_S
         async with self.new_uow() as uow:
             waiting = await self.waiting(uow)
         left = 0
@@ -127,5 +136,6 @@ class FactsWaiter:
                         await uow.commit(mark_processed=None)
                     else:
                         left += 1
-        self._maybe_waiting = left > 0
+        if left:
+            self._maybe_waiting = True
         return left
