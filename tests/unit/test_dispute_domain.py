@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from cancelflow.contract import GuardCode, dispute_refund_key
 from cancelflow.events import ChargeVerification, ValidationCode
 from dispute.domain import (
     Charge,
@@ -16,11 +17,9 @@ from dispute.domain import (
     detect,
     human_delta,
     refund_failure_reason,
-    refund_key,
     unique,
     validate,
 )
-from payment_gateway.domain import INSUFFICIENT_BALANCE, dispute_refund_key
 
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 WINDOW = timedelta(hours=72)
@@ -182,11 +181,12 @@ def test_what_the_gateway_says_can_send_a_duplicate_to_review(values, reason):
 
 
 def test_refund_keys_agree_between_dispute_and_payment_gateway():
-    assert refund_key("r-1", "ch-2") == dispute_refund_key("r-1", "ch-2") == "cf-dispute-r-1-ch-2"
-    assert refund_key("r-1", "ch-2") != refund_key("r-1", "ch-3")
+    # One builder in cancelflow.contract serves both services.
+    assert dispute_refund_key("r-1", "ch-2") == "cf-dispute-r-1-ch-2"
+    assert dispute_refund_key("r-1", "ch-2") != dispute_refund_key("r-1", "ch-3")
 
 
 def test_refund_failures_read_as_already_refunded_only_when_the_guard_refused():
-    assert refund_failure_reason(f"{INSUFFICIENT_BALANCE}: 0.00 USD left") is Reason.already_refunded
+    assert refund_failure_reason(f"{GuardCode.insufficient_refundable_balance}: 0.00 USD left") is Reason.already_refunded
     assert refund_failure_reason("charge_disputed: The charge is disputed") is Reason.refund_refused
     assert refund_failure_reason(None) is Reason.refund_refused

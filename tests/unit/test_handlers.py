@@ -21,6 +21,7 @@ from billing.bootstrap import routes as billing_routes
 from billing.handlers import BillingHandlers
 from billing.repository import BillingRepository
 from billing.scheduler import EndOfTermScheduler
+from cancelflow.contract import cancellation_refund_key as refund_key
 from cancelflow.db import create_schema, make_engine, session_factory, transactions
 from cancelflow.events import (
     CancellationRequested,
@@ -43,7 +44,6 @@ from cancelflow_tools.fakes.vendor import FakeVendorClient
 from cancelflow_tools.testing.messages import handle, handle_in_rounds, message
 from payment_gateway import orm as payment_orm
 from payment_gateway.adapters.gateway import GatewayOutcome, RefundOutcome
-from payment_gateway.domain import refund_key
 from payment_gateway.handlers import PaymentHandlers
 from payment_gateway.ledger import Ledger
 from provisioning import orm as provisioning_orm

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from payment_gateway.domain import ChargeTerms, EarlierRefunds, fair_share, refund_key, unused_days
+from cancelflow.contract import cancellation_refund_key as refund_key
+from payment_gateway.domain import ChargeTerms, EarlierRefunds, fair_share, unused_days
 
 START = date(2026, 11, 1)
 END = date(2026, 12, 1)  # 30 days

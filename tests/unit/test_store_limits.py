@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import String
 
+from cancelflow.contract import cancellation_refund_key as refund_key
+from cancelflow.contract import dispute_refund_key
 from cancelflow.events import ACTOR_CHARS, ID_CHARS, NAME_CHARS, REGISTRY, RequestedBy
 from cancelflow.messaging.store import KEY_CHARS
 from cancelflow_tools.services import SERVICES
 from dispute.domain import requester
-from payment_gateway.domain import dispute_refund_key, refund_key
 
 # Columns whose name an event field shares with another meaning: (model, field) -> the columns it is
 # not kept in.

@@ -210,7 +210,6 @@ def confirm(charge: Charge, seen: ChargeVerification) -> Confirmation:
 
 
 # The idempotency key of a duplicate's refund: derived, so a redelivery or a retry reuses it.
-refund_key = contract.dispute_refund_key
 
 
 def refund_failure_reason(error: str | None) -> Reason:
@@ -475,7 +474,7 @@ class Case:
             self._conclude()
             return
         for line in confirmed:
-            key = line.idempotency_key = refund_key(self.request_id, line.charge_id)
+            key = line.idempotency_key = contract.dispute_refund_key(self.request_id, line.charge_id)
             self._record(Step("refund_requested", f"Refund of {line.money} requested for charge {line.charge_id} "
                                                   f"(idempotency key {key})",
                               charge_id=line.charge_id,

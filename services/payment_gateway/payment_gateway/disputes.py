@@ -13,7 +13,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from cancelflow import metrics
+from cancelflow import contract, metrics
 from cancelflow.contract import GuardCode
 from cancelflow.events import (
     ChargesVerificationRequested,
@@ -29,7 +29,6 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging.codec import Message
 from cancelflow.messaging.deadletter import TransientError
 from cancelflow.messaging.dispatch import HandlerContext
-from payment_gateway import domain
 from payment_gateway.adapters.gateway import AbstractGatewayClient, GatewayError
 from payment_gateway.domain import ChargeBalance
 from payment_gateway.ledger import Ledger
@@ -77,7 +76,7 @@ class DisputeRefundHandlers:
         records: list[dict[str, Any]] = []
         planned = False
         for line in event.lines:
-            key = domain.dispute_refund_key(request_id, line.charge_id)
+            key = contract.dispute_refund_key(request_id, line.charge_id)
             record = await books.refund_record(key)
             if record is None:
                 record = await self._plan(uow, books, key, request_id, line)

@@ -13,8 +13,6 @@ from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 
-from cancelflow import contract
-
 ZERO = Decimal("0.00")
 
 
@@ -92,8 +90,3 @@ def short_of_charges(quantities: list[int | None], *, period_quantity: int | Non
     return sum(q or whole for q in quantities) < max(whole, quantity_before)
 
 
-# The keys and the guard's codes are the contract's, shared with the dispute service; the names are ours.
-refund_key = contract.cancellation_refund_key
-dispute_refund_key = contract.dispute_refund_key
-CANCELLATION_KEY_PREFIX = contract.CANCELLATION_REFUND_PREFIX
-INSUFFICIENT_BALANCE = contract.GuardCode.insufficient_refundable_balance

@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from cancelflow import metrics
+from cancelflow import contract, metrics
 from cancelflow.crashpoints import crash_point
 from cancelflow.events import (
     AutoRenewStopped,
@@ -229,7 +229,7 @@ class PaymentHandlers:
                 continue
             if amount > 0 and not await ledger.reserve(charge.charge_id, amount):
                 raise TransientError(f"charge {charge.charge_id} balance changed while planning; replanning")
-            key = domain.refund_key(request_id, charge.charge_id)
+            key = contract.cancellation_refund_key(request_id, charge.charge_id)
             await ledger.add_refund(key=key, request_id=request_id, charge=charge, amount=max(amount, domain.ZERO),
                                     licenses=share.licenses, licenses_paid=licenses_paid,
                                     effective_date=event.effective_date)

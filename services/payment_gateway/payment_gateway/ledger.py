@@ -9,10 +9,11 @@ from typing import Any
 from sqlalchemy import Numeric, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql
 
+from cancelflow.contract import CANCELLATION_REFUND_PREFIX
 from cancelflow.events import ChargeCaptured, utcnow
 from cancelflow.sql import Db, Query
 from payment_gateway import orm
-from payment_gateway.domain import CANCELLATION_KEY_PREFIX, ChargeBalance, EarlierRefunds, unused_days
+from payment_gateway.domain import ChargeBalance, EarlierRefunds, unused_days
 
 charges, refunds = orm.charges, orm.refunds
 CENT = Decimal("0.01")
@@ -32,7 +33,7 @@ GATEWAY_CHARGE_FOR_UPDATE = Query(select(charges.c.amount, charges.c.refunded_am
 EARLIER_CANCELLATION_REFUNDS = Query(select(refunds.c.licenses, refunds.c.licenses_paid, refunds.c.effective_date,
                                             refunds.c.amount).where(
     (refunds.c.gateway_charge_id == bindparam("gateway_charge_id"))
-    & refunds.c.idempotency_key.startswith(CANCELLATION_KEY_PREFIX, autoescape=True)
+    & refunds.c.idempotency_key.startswith(CANCELLATION_REFUND_PREFIX, autoescape=True)
     & (refunds.c.status != "failed") & refunds.c.licenses.is_not(None)
 ).order_by(refunds.c.created_at, refunds.c.idempotency_key))
 SET_REFUNDED = Query(update(charges).where(charges.c.charge_id == bindparam("match_charge_id")))
